@@ -1,0 +1,59 @@
+"""kvflash.attn_common: what every kvflash kernel package shares.
+
+- :class:`KVFlashDType` and :class:`QKVTypePair`: element types and the (q, kv) pair trait.
+- checks (:func:`check_tensor`, :func:`check_kv_cache`, ...): argument validation with named errors.
+- :func:`normalize_descale`: ``k_descale`` / ``v_descale`` in every accepted form to ``[num_seqs, Hkv]``.
+- :func:`reference_attention`: the plain PyTorch oracle.
+- :mod:`kvflash.attn_common.platform`: GPU / interpreter / SM-count probe.
+- :mod:`kvflash.attn_common.jit_helpers`: shared ``@triton.jit`` functions (imported by kernels only).
+"""
+
+from kvflash.attn_common.checks import (
+    check_block_size,
+    check_gqa,
+    check_head_size,
+    check_index_tensor,
+    check_same_device,
+    check_tensor,
+)
+from kvflash.attn_common.descale import normalize_descale
+from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES, QUERY_TORCH_DTYPES, KVFlashDType
+from kvflash.attn_common.feature_args import (
+    UNBOUNDED_WINDOW,
+    check_softcap,
+    kernel_window,
+    normalize_alibi_slopes,
+    normalize_sinks,
+    normalize_window,
+    resolve_softmax_scale,
+)
+from kvflash.attn_common.kv_layout import KVLayout, check_kv_cache
+from kvflash.attn_common.reference import gather_sequence_kv, reference_attention
+from kvflash.attn_common.type_pair import QKVTypePair
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FP8_TORCH_DTYPES",
+    "KVFlashDType",
+    "KVLayout",
+    "QKVTypePair",
+    "QUERY_TORCH_DTYPES",
+    "UNBOUNDED_WINDOW",
+    "check_block_size",
+    "check_gqa",
+    "check_head_size",
+    "check_index_tensor",
+    "check_kv_cache",
+    "check_same_device",
+    "check_softcap",
+    "check_tensor",
+    "gather_sequence_kv",
+    "kernel_window",
+    "normalize_alibi_slopes",
+    "normalize_descale",
+    "normalize_sinks",
+    "normalize_window",
+    "reference_attention",
+    "resolve_softmax_scale",
+]

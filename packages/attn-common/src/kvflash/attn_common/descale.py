@@ -1,0 +1,73 @@
+"""Descale normalisation: every accepted form of ``k_descale`` / ``v_descale`` becomes one float32
+``[num_seqs, Hkv]`` tensor that the kernels index as ``ptr + seq * stride_seq + kv_head * stride_head``.
+
+Accepted forms: ``None`` (1.0), a Python float, or a float32/fp16/bf16 tensor broadcastable to
+``[num_seqs, Hkv]``: one element, ``[Hkv]``, ``[1, Hkv]``, ``[num_seqs, 1]``, ``[num_seqs, Hkv]``, and
+expanded stride-0 views of those. A float32 tensor is returned as a view (stride 0 on broadcast axes):
+no copy, and no host synchronisation ever (values are never read on the host).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["normalize_descale", "DESCALE_TORCH_DTYPES"]
+
+DESCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def normalize_descale(
+    name: str,
+    descale: torch.Tensor | float | None,
+    num_seqs: int,
+    num_kv_heads: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Return ``descale`` as a float32 ``[num_seqs, num_kv_heads]`` tensor (possibly a stride-0 view).
+
+    Parameters
+    ----------
+    name : str
+        ``"k_descale"`` or ``"v_descale"``, for error messages.
+    descale : None, float or torch.Tensor
+        The real value of a stored cache element is ``stored * descale``.
+    num_seqs, num_kv_heads : int
+        The broadcast target ``[num_seqs, Hkv]``.
+    device : torch.device
+        The query's device; tensors must already live there.
+
+    Raises
+    ------
+    TypeError
+        For a non-float, non-tensor value or a tensor of another dtype.
+    ValueError
+        For a shape not broadcastable to ``[num_seqs, Hkv]``, or a tensor on another device.
+    """
+    if descale is None or isinstance(descale, (int, float)) and not isinstance(descale, bool):
+        value = 1.0 if descale is None else float(descale)
+        return torch.full((1, 1), value, dtype=torch.float32, device=device).expand(num_seqs, num_kv_heads)
+    if not isinstance(descale, torch.Tensor):
+        raise TypeError(f"{name}: expected None, a float or a tensor, got {type(descale).__name__}")
+    if descale.dtype not in DESCALE_TORCH_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {descale.dtype}")
+    if descale.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the query's device), got one on {descale.device}")
+    target = (num_seqs, num_kv_heads)
+    shape = tuple(descale.shape)
+    if descale.numel() == 1:
+        scale_2d = descale.reshape(1, 1)
+    elif descale.dim() <= 2 and _broadcasts(shape, target):
+        scale_2d = descale if descale.dim() == 2 else descale.reshape(1, -1)
+    else:
+        raise ValueError(
+            f"{name}: expected 1 element, [Hkv]=[{num_kv_heads}] or a shape broadcastable to "
+            f"[num_seqs, Hkv]=[{num_seqs}, {num_kv_heads}], got shape {list(shape)}"
+        )
+    if scale_2d.dtype != torch.float32:
+        scale_2d = scale_2d.float()
+    return scale_2d.expand(num_seqs, num_kv_heads)
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, int]) -> bool:
+    padded = (1,) * (2 - len(shape)) + shape
+    return all(s in (1, t) for s, t in zip(padded, target))

@@ -1,0 +1,73 @@
+"""The element types kvflash kernels take, and what each one is in torch and in Triton.
+
+One enum, :class:`KVFlashDType`, is the single place where a torch dtype is mapped to a Triton dtype
+and where the FP8 formats' finite ranges are known. Kernels never hard-code ``448.0`` or ``57344.0``.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+__all__ = ["KVFlashDType", "FP8_TORCH_DTYPES", "QUERY_TORCH_DTYPES"]
+
+
+class KVFlashDType(enum.Enum):
+    """Element types accepted by the kvflash kernels.
+
+    Values are the torch dtype names. ``FLOAT8_E4M3FNUZ`` exists for the AMD targets (MI300) whose FP8
+    hardware format it is; elsewhere ``FLOAT8_E4M3FN`` is the e4m3 format.
+    """
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT8_E4M3FN = "float8_e4m3fn"
+    FLOAT8_E4M3FNUZ = "float8_e4m3fnuz"
+    FLOAT8_E5M2 = "float8_e5m2"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype, e.g. ``torch.float8_e4m3fn``."""
+        return getattr(torch, self.value)
+
+    @property
+    def triton_dtype(self):
+        """The Triton element type (``tl.float16``, ``tl.float8e4nv``, ...); imports Triton lazily."""
+        import triton.language as tl
+
+        return {
+            KVFlashDType.FLOAT16: tl.float16,
+            KVFlashDType.BFLOAT16: tl.bfloat16,
+            KVFlashDType.FLOAT8_E4M3FN: tl.float8e4nv,
+            KVFlashDType.FLOAT8_E4M3FNUZ: tl.float8e4b8,
+            KVFlashDType.FLOAT8_E5M2: tl.float8e5,
+        }[self]
+
+    @property
+    def is_fp8(self) -> bool:
+        """True for the three FP8 formats."""
+        return self.value.startswith("float8")
+
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element."""
+        return 1 if self.is_fp8 else 2
+
+    @property
+    def finite_max(self) -> float:
+        """Largest finite value of the format (448 for e4m3fn, 240 for e4m3fnuz, 57344 for e5m2)."""
+        return float(torch.finfo(self.torch_dtype).max)
+
+    @classmethod
+    def from_torch(cls, dtype: torch.dtype, name: str = "tensor") -> "KVFlashDType":
+        """Map a torch dtype to the enum; ``TypeError`` naming ``name`` for a dtype kvflash does not take."""
+        for member in cls:
+            if getattr(torch, member.value, None) == dtype:
+                return member
+        valid = ", ".join(m.value for m in cls)
+        raise TypeError(f"{name}: dtype {dtype} is not supported by kvflash; expected one of {valid}")
+
+
+QUERY_TORCH_DTYPES = (torch.float16, torch.bfloat16)
+FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)

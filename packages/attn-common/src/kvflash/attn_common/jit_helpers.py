@@ -1,0 +1,106 @@
+"""Shared ``@triton.jit`` helpers for the attention kernels (online softmax, masks, softcap, ALiBi,
+LSE merge). This module holds only jit code; Triton inlines these into the calling kernels.
+
+Conventions
+-----------
+- Scores are kept in the *log2 domain* inside the kernels: ``s2 = (q . k) * softmax_scale * log2(e)``,
+  so the softmax uses ``exp2``. LSE values leaving a kernel are natural logs.
+- Row vectors are ``[BLOCK_M]``, key vectors ``[BLOCK_N]``, score tiles ``[BLOCK_M, BLOCK_N]``.
+- An unbounded window edge is passed as :data:`kvflash.attn_common.feature_args.UNBOUNDED_WINDOW`
+  (a large positive int), so the window test needs no branch.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def softcap_scores(scores, softcap):
+    """``softcap * tanh(scores / softcap)`` elementwise, stable for any magnitude (natural-scale scores)."""
+    x = scores / softcap
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def alibi_bias(slopes, q_pos, k_pos):
+    """ALiBi bias ``-slope * |p - j|``: ``slopes [BLOCK_M]`` fp32, ``q_pos [BLOCK_M]``, ``k_pos [BLOCK_N]``."""
+    distance = tl.abs(q_pos[:, None] - k_pos[None, :]).to(tl.float32)
+    return -slopes[:, None] * distance
+
+
+@triton.jit
+def key_visibility(q_pos, k_pos, kv_len, window_left, window_right):
+    """``[BLOCK_M, BLOCK_N]`` bool: key ``j`` is in range and inside ``[p - left, p + right]``.
+
+    ``q_pos [BLOCK_M]`` are bottom-right aligned positions ``kv_len - q_len + i``; causal masking is
+    ``window_right == 0``. Unbounded edges are large ints, never -1.
+    """
+    k = k_pos[None, :]
+    p = q_pos[:, None]
+    return (k < kv_len) & (k >= p - window_left) & (k <= p + window_right)
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, scores_log2):
+    """One step of the streaming softmax over a ``[BLOCK_M, BLOCK_N]`` tile of log2-domain scores.
+
+    Masked entries are ``-inf``. Returns ``(m_new, l_new, p, alpha)``: the running max and denominator,
+    the tile's unnormalised probabilities (fp32) and the factor to rescale the accumulator by. Rows that
+    have seen no visible key keep ``m = -inf`` and produce ``p = 0``, ``alpha = 1`` (never NaN).
+    """
+    m_new = tl.maximum(m_i, tl.max(scores_log2, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(scores_log2 - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_new, p, alpha
+
+
+@triton.jit
+def add_sink_to_denominator(m_i, l_i, sink_log2):
+    """Add one extra logit (a sink, log2 domain) per row to the softmax denominator.
+
+    Returns ``(m_new, l_new, alpha)``; the accumulator must be scaled by ``alpha``. The sink adds to the
+    denominator only: it has no value row.
+    """
+    m_new = tl.maximum(m_i, sink_log2)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_new = l_i * alpha + tl.math.exp2(sink_log2 - m_new)
+    return m_new, l_new, alpha
+
+
+@triton.jit
+def finalize_softmax(acc, m_i, l_i):
+    """Normalise the accumulator ``[BLOCK_M, D]`` and return ``(out, lse)``.
+
+    ``lse`` is the natural log of the denominator; rows with an empty denominator give ``out = 0`` and
+    ``lse = -inf``.
+    """
+    LN2: tl.constexpr = 0.6931471805599453
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    return out, lse
+
+
+@triton.jit
+def merge_lse_pair(out_a, lse_a, out_b, lse_b):
+    """Merge two partial attentions over disjoint key sets.
+
+    ``out_* [BLOCK_M, D]`` fp32 (each normalised by its own denominator), ``lse_* [BLOCK_M]`` natural
+    log, ``-inf`` for an empty part. Returns ``(out, lse)``; both parts empty gives ``out = 0``,
+    ``lse = -inf``.
+    """
+    m = tl.maximum(lse_a, lse_b)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w_a = tl.exp(lse_a - m_safe)
+    w_b = tl.exp(lse_b - m_safe)
+    denom = w_a + w_b
+    empty = denom == 0.0
+    denom_safe = tl.where(empty, 1.0, denom)
+    out = (out_a * w_a[:, None] + out_b * w_b[:, None]) / denom_safe[:, None]
+    lse = tl.where(empty, float("-inf"), m_safe + tl.log(denom_safe))
+    return out, lse

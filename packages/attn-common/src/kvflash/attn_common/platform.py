@@ -1,0 +1,77 @@
+"""Platform probe: is there a GPU, is the Triton interpreter on, how many multiprocessors.
+
+Launchers ask this module instead of touching ``torch.cuda`` or Triton's driver, so the same launcher
+code runs on NVIDIA, AMD (ROCm builds of torch also answer through ``torch.cuda``), Intel XPU, and the
+CPU under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "interpreter_enabled",
+    "gpu_available",
+    "runs_triton",
+    "multiprocessor_count",
+    "is_rocm",
+    "INTERPRETER_MULTIPROCESSORS",
+]
+
+# A fixed, small "SM count" for the interpreter so split heuristics are deterministic on the CPU.
+INTERPRETER_MULTIPROCESSORS = 4
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET`` is set to a true value (kernels then run on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def gpu_available() -> bool:
+    """True when torch sees a GPU (CUDA, ROCm or XPU)."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
+
+
+def is_rocm() -> bool:
+    """True on a ROCm build of torch."""
+    return getattr(torch.version, "hip", None) is not None
+
+
+def runs_triton(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of ``device``.
+
+    GPU devices always can; CPU tensors only under the interpreter. Launchers send CPU tensors to the
+    plain PyTorch reference when this is False.
+    """
+    if device.type in ("cuda", "xpu"):
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_count(device_type: str, index: int) -> int:
+    if device_type == "cuda":
+        return int(torch.cuda.get_device_properties(index).multi_processor_count)
+    if device_type == "xpu":
+        props = torch.xpu.get_device_properties(index)
+        return int(getattr(props, "gpu_subslice_count", 0) or getattr(props, "max_compute_units", 64))
+    return INTERPRETER_MULTIPROCESSORS
+
+
+def multiprocessor_count(device: torch.device) -> int:
+    """Streaming multiprocessors (CUDA/ROCm compute units, XPU subslices) of ``device``; cached.
+
+    For CPU tensors (the interpreter) a fixed :data:`INTERPRETER_MULTIPROCESSORS`.
+    """
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    if device.type == "xpu" and index is None:
+        index = torch.xpu.current_device()
+    return _multiprocessor_count(device.type, 0 if index is None else index)

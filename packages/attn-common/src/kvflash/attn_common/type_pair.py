@@ -1,0 +1,62 @@
+"""The Q/KV type pair: which (query dtype, KV-cache dtype) combinations a kernel accepts.
+
+This plays the role ``CutlassQKType`` plays in the Intel XPU kernels: it is built once from the
+tensors, validates them together, and every later decision (dequantise K/V tiles or not, output dtype)
+reads from it instead of re-inspecting dtypes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kvflash.attn_common.dtypes import KVFlashDType, QUERY_TORCH_DTYPES
+
+__all__ = ["QKVTypePair"]
+
+
+@dataclasses.dataclass(frozen=True)
+class QKVTypePair:
+    """A validated (q, kv) element-type pair.
+
+    Attributes
+    ----------
+    q_dtype : KVFlashDType
+        fp16 or bf16.
+    kv_dtype : KVFlashDType
+        K and V share it: ``q_dtype`` itself, or one of the FP8 formats.
+    """
+
+    q_dtype: KVFlashDType
+    kv_dtype: KVFlashDType
+
+    @property
+    def kv_is_fp8(self) -> bool:
+        """True when the cache is stored in FP8 and tiles must be dequantised after loading."""
+        return self.kv_dtype.is_fp8
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The output dtype: always the query's."""
+        return self.q_dtype.torch_dtype
+
+    @classmethod
+    def from_dtypes(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> "QKVTypePair":
+        """Validate a dtype triple; ``TypeError`` naming the dtypes on an invalid combination."""
+        if q_dtype not in QUERY_TORCH_DTYPES:
+            raise TypeError(f"q: expected dtype float16 or bfloat16, got {q_dtype}")
+        if k_dtype != v_dtype:
+            raise TypeError(f"k and v must share one dtype, got k {k_dtype} and v {v_dtype}")
+        kv = KVFlashDType.from_torch(k_dtype, "k")
+        if not kv.is_fp8 and k_dtype != q_dtype:
+            raise TypeError(
+                f"k/v dtype {k_dtype} does not pair with q dtype {q_dtype}: the KV cache must have q's dtype "
+                "or be float8_e4m3fn / float8_e5m2"
+            )
+        return cls(KVFlashDType.from_torch(q_dtype, "q"), kv)
+
+    @classmethod
+    def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "QKVTypePair":
+        """Validate the dtypes of ``(q, k, v)``."""
+        return cls.from_dtypes(q.dtype, k.dtype, v.dtype)
