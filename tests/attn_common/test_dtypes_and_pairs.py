@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from kvflash.attn_common import KVFlashDType, QKVTypePair
+
+
+def test_enum_maps_to_torch_and_triton():
+    import triton.language as tl
+
+    assert KVFlashDType.FLOAT16.torch_dtype == torch.float16
+    assert KVFlashDType.BFLOAT16.triton_dtype == tl.bfloat16
+    assert KVFlashDType.FLOAT8_E4M3FN.triton_dtype == tl.float8e4nv
+    assert KVFlashDType.FLOAT8_E5M2.triton_dtype == tl.float8e5
+    assert KVFlashDType.FLOAT8_E4M3FNUZ.triton_dtype == tl.float8e4b8
+    for member in KVFlashDType:
+        assert KVFlashDType.from_torch(member.torch_dtype) is member
+
+
+def test_fp8_finite_max_and_sizes():
+    assert KVFlashDType.FLOAT8_E4M3FN.finite_max == 448.0
+    assert KVFlashDType.FLOAT8_E5M2.finite_max == 57344.0
+    assert KVFlashDType.FLOAT8_E4M3FNUZ.finite_max == 240.0
+    assert KVFlashDType.FLOAT8_E5M2.is_fp8 and not KVFlashDType.BFLOAT16.is_fp8
+    assert KVFlashDType.FLOAT8_E5M2.itemsize == 1 and KVFlashDType.FLOAT16.itemsize == 2
+
+
+def test_from_torch_rejects_unknown_dtype_naming_it():
+    with pytest.raises(TypeError, match=r"k: dtype torch.float32 is not supported"):
+        KVFlashDType.from_torch(torch.float32, "k")
+
+
+@pytest.mark.parametrize("q_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_valid_pairs(q_dtype, kv_dtype):
+    kv_dtype = kv_dtype or q_dtype
+    pair = QKVTypePair.from_dtypes(q_dtype, kv_dtype, kv_dtype)
+    assert pair.out_dtype == q_dtype
+    assert pair.kv_is_fp8 == (kv_dtype != q_dtype)
+
+
+@pytest.mark.parametrize(
+    "q_dtype, k_dtype, v_dtype, match",
+    [
+        (torch.float32, torch.float32, torch.float32, r"q: expected dtype float16 or bfloat16, got torch.float32"),
+        (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2, r"k torch.float8_e4m3fn and v torch.float8_e5m2"),
+        (torch.bfloat16, torch.float16, torch.float16, r"k/v dtype torch.float16 does not pair with q dtype torch.bfloat16"),
+        (torch.float16, torch.int8, torch.int8, r"k: dtype torch.int8 is not supported"),
+    ],
+)
+def test_invalid_pairs_name_both_dtypes(q_dtype, k_dtype, v_dtype, match):
+    with pytest.raises(TypeError, match=match):
+        QKVTypePair.from_dtypes(q_dtype, k_dtype, v_dtype)
+
+
+def test_from_tensors():
+    q = torch.zeros(2, 4, 64, dtype=torch.bfloat16)
+    k = torch.zeros(3, 16, 2, 64, dtype=torch.float8_e5m2)
+    pair = QKVTypePair.from_tensors(q, k, k)
+    assert pair.kv_dtype is KVFlashDType.FLOAT8_E5M2 and pair.kv_is_fp8
