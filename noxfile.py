@@ -1,0 +1,153 @@
+"""nox sessions for the kvflash monorepo.
+
+Every session's virtual environment sees the interpreter's site-packages (``--system-site-packages``), so
+one torch + Triton install (the README's set-up command) serves them all instead of a download per session.
+The kvflash packages themselves are never installed there: each session installs exactly the packages it
+tests, so ``tests(package='paged-decode')`` proves that paged-decode works with attn-common alone.
+
+    nox -s tests                       # every package in its own environment (+ cross-package tests)
+    nox -s "tests(package='paged-decode')"
+    nox -s lint build demo
+    nox -s bench                       # GPU only
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import zipfile
+
+import nox
+
+ROOT = pathlib.Path(__file__).parent
+PACKAGES = ["attn-common", "chunk-prefill", "paged-decode", "fp8-utils", "kvflash"]
+# Which kvflash packages each package needs (its own sibling pins), in install order.
+SIBLINGS = {
+    "attn-common": [],
+    "chunk-prefill": ["attn-common"],
+    "paged-decode": ["attn-common"],
+    "fp8-utils": ["attn-common"],
+    "kvflash": ["attn-common", "chunk-prefill", "paged-decode", "fp8-utils"],
+}
+# The test folders each package's session runs (the meta-package's also holds the cross-package tests).
+TEST_DIRS = {
+    "attn-common": ["tests/attn_common"],
+    "chunk-prefill": ["tests/chunk_prefill"],
+    "paged-decode": ["tests/paged_decode"],
+    "fp8-utils": ["tests/fp8_utils"],
+    "kvflash": ["tests/kvflash", "tests/tools"],
+}
+IMPORT_NAMES = {
+    "attn-common": "kvflash.attn_common",
+    "chunk-prefill": "kvflash.chunk_prefill",
+    "paged-decode": "kvflash.paged_decode",
+    "fp8-utils": "kvflash.fp8_utils",
+    "kvflash": "kvflash.flash_attn_interface",
+}
+VENV = ["--system-site-packages"]
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = False
+
+
+def _install_local(session: nox.Session, packages: list[str]) -> None:
+    """Install local packages without touching the index for them; torch/Triton come from the system site."""
+    paths = [str(ROOT / "packages" / p) for p in packages]
+    session.install("--no-deps", "--no-build-isolation", *paths)
+    session.run("python", "-m", "pip", "check")  # every declared dependency is satisfied
+
+
+def _absent(package: str) -> str:
+    return f"import importlib.util as u; assert u.find_spec('{IMPORT_NAMES[package]}') is None, '{package} present'"
+
+
+@nox.session(venv_params=VENV)
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """One package's tests in a fresh environment holding only that package and its kvflash dependencies."""
+    session.install("pytest", "numpy", "hatchling")
+    _install_local(session, SIBLINGS[package] + [package])
+    for other in set(PACKAGES) - set(SIBLINGS[package]) - {package}:
+        session.run("python", "-c", _absent(other))
+    dirs = [d for d in TEST_DIRS[package] if (ROOT / d).is_dir()]
+    session.run("python", "-m", "pytest", *dirs, *session.posargs, env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for p in PACKAGES:
+        text = (ROOT / "packages" / p / "pyproject.toml").read_text()
+        found[p] = re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+    return found
+
+
+@nox.session(venv_params=VENV)
+def lint(session: nox.Session) -> None:
+    """ruff, plus the lock-step check: one version everywhere and exact sibling pins to it."""
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+    versions = _versions()
+    if len(set(versions.values())) != 1:
+        session.error(f"package versions differ: {versions}")
+    version = next(iter(versions.values()))
+    for p in PACKAGES:
+        text = (ROOT / "packages" / p / "pyproject.toml").read_text()
+        pins = dict(re.findall(r'"(kvflash-[a-z0-9-]+|kvflash)(==[^";]*)?[";]', text.split("dependencies", 1)[1]))
+        for dep in SIBLINGS[p]:
+            dist = "kvflash" if dep == "kvflash" else f"kvflash-{dep}"
+            if pins.get(dist) != f"=={version}":
+                session.error(f"packages/{p}: {dist} must be pinned as =={version}, found {pins.get(dist)!r}")
+        if (ROOT / "packages" / p / "src" / "kvflash" / "__init__.py").exists():
+            session.error(f"packages/{p}/src/kvflash/__init__.py breaks the PEP 420 namespace")
+    session.log(f"versions in lock-step at {version}; sibling pins exact")
+
+
+@nox.session(venv_params=VENV)
+def build(session: nox.Session) -> None:
+    """Build the five wheels, check the namespace, and install each kernel wheel alone in a fresh venv."""
+    session.install("hatchling", "build")
+    dist = ROOT / "dist"
+    for old in dist.glob("*.whl"):
+        old.unlink()
+    for p in PACKAGES:
+        session.run(
+            "python", "-m", "build", "--wheel", "--no-isolation", "--outdir", str(dist), str(ROOT / "packages" / p)
+        )
+    wheels = sorted(dist.glob("*.whl"))
+    if len(wheels) != len(PACKAGES):
+        session.error(f"expected {len(PACKAGES)} wheels, got {[w.name for w in wheels]}")
+    for wheel in wheels:
+        names = zipfile.ZipFile(wheel).namelist()
+        if "kvflash/__init__.py" in names:
+            session.error(f"{wheel.name} ships kvflash/__init__.py: the namespace would break")
+        session.log(f"{wheel.name}: {sum(n.endswith('.py') for n in names)} modules, namespace intact")
+    tmp = pathlib.Path(session.create_tmp())
+    for p in ["chunk-prefill", "paged-decode", "fp8-utils"]:
+        env_dir = tmp / f"alone-{p}"
+        session.run("python", "-m", "venv", "--system-site-packages", "--clear", str(env_dir))
+        py = str(env_dir / "bin" / "python")
+        dist_name = f"kvflash-{p}"
+        # --no-index: the wheel's kvflash dependency must come from dist/, torch/Triton from the system site.
+        session.run(py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), dist_name, external=True)
+        session.run(
+            py, "-c", f"import {IMPORT_NAMES[p]}, kvflash.attn_common; print('{dist_name}: imports')", external=True
+        )
+        for other in set(PACKAGES) - {p, "attn-common"}:
+            session.run(py, "-c", _absent(other), external=True)
+        session.log(f"{dist_name} alone: {IMPORT_NAMES[p]} + kvflash.attn_common, no siblings")
+
+
+@nox.session(venv_params=VENV)
+def demo(session: nox.Session) -> None:
+    """The main job: a small serving loop over a paged FP8 cache (tools/demo.py)."""
+    session.install("hatchling")
+    _install_local(session, PACKAGES)
+    session.run("python", str(ROOT / "tools" / "demo.py"), *session.posargs)
+
+
+@nox.session(venv_params=VENV)
+def bench(session: nox.Session) -> None:
+    """The benchmark suite (needs a GPU): tools/bench/bench.py."""
+    session.install("hatchling")
+    _install_local(session, PACKAGES)
+    session.run("python", str(ROOT / "tools" / "bench" / "bench.py"), *session.posargs)

@@ -1,0 +1,99 @@
+"""Run kvflash's GPU test tier (and optionally the benchmark) on the device machine, in one call.
+
+The device machine has torch and Triton but no network and no pip, so nothing is installed: the packages'
+``src/`` folders go on ``PYTHONPATH``. Prints a short summary table last (the device tool returns the tail).
+
+    python3 tools/gpu_check.py                     # every test (GPU tier included), then a summary
+    python3 tools/gpu_check.py --bench quick       # ... then tools/bench/bench.py --quick
+    python3 tools/gpu_check.py -k decode --bench none
+
+Logs and result files go to ``$OUT`` when it is set (the device tool brings that folder back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SRC_DIRS = [
+    ROOT / "packages" / p / "src" for p in ("attn-common", "chunk-prefill", "paged-decode", "fp8-utils", "kvflash")
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(p) for p in SRC_DIRS] + [env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("TRITON_INTERPRET", None)  # real kernels on the GPU
+    return env
+
+
+def _run(cmd: list[str], log: pathlib.Path, timeout: float) -> tuple[int, float]:
+    print("+", " ".join(cmd), flush=True)
+    start = time.time()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                fh.write(line)
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = 124
+    return rc, time.time() - start
+
+
+def _junit_counts(path: pathlib.Path) -> dict[str, int]:
+    if not path.exists():
+        return {}
+    root = ET.parse(path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bench", choices=["none", "quick", "full"], default="none")
+    parser.add_argument("-k", default=None, help="pytest -k expression")
+    parser.add_argument("--tests", nargs="*", default=["tests"], help="test paths (default: tests)")
+    parser.add_argument("--test-timeout", type=float, default=420.0, help="seconds for the whole pytest run")
+    args = parser.parse_args()
+    out = pathlib.Path(os.environ.get("OUT", ROOT / "bench-out"))
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch  # noqa: PLC0415 - only to print what the machine is
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    import triton
+
+    print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
+    rows = []
+    junit = out / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", *args.tests, "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    if args.k:
+        cmd += ["-k", args.k]
+    rc, secs = _run(cmd, out / "pytest.log", args.test_timeout)
+    counts = _junit_counts(junit)
+    rows.append(("tests", rc, secs, ", ".join(f"{k} {v}" for k, v in counts.items()) or "no junit"))
+    if args.bench != "none":
+        bench = [sys.executable, str(ROOT / "tools" / "bench" / "bench.py"), "--out", str(out)]
+        if args.bench == "quick":
+            bench.append("--quick")
+        rc, secs = _run(bench, out / "bench.log", 540.0)
+        rows.append((f"bench --{args.bench}", rc, secs, f"results in {out}"))
+    print(f"\n=== gpu_check summary on {device} ===")
+    for name, rc, secs, what in rows:
+        print(f"{name:<14} {'ok' if rc == 0 else f'FAILED rc={rc}':<14} {secs:7.1f} s  {what}")
+    return 0 if all(r[1] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
