@@ -1,0 +1,174 @@
+"""``flash_attn_varlen_func``: FlashAttention's varlen entry point over kvflash's kernels.
+
+The signature and argument names are those of FlashAttention's varlen function as vLLM's fork and the
+Intel XPU kernels expose it, so an engine switches by changing one import. This module checks what is
+its own (unsupported arguments, the query offsets, the Python ints) and routes:
+
+- ``max_seqlen_q == 1`` and one query per sequence (``total_q == num_seqs``, known from shapes alone) ->
+  :func:`kvflash.paged_decode.paged_decode_attention` (split-KV decode);
+- everything else, mixed batches of prefill and decode rows included ->
+  :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
+
+The kernel packages check the KV cache, descales and feature arguments themselves (via attn_common).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvflash.attn_common import QUERY_TORCH_DTYPES, check_index_tensor, check_tensor
+from kvflash.chunk_prefill import chunk_prefill_attention
+from kvflash.paged_decode import paged_decode_attention
+
+__all__ = ["flash_attn_varlen_func"]
+
+SUPPORTED_FA_VERSIONS = (2, 3)
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version) -> None:
+    if dropout_p != 0.0:
+        raise NotImplementedError(
+            f"dropout_p: kvflash kernels are inference kernels; only 0.0 is supported, got {dropout_p}"
+        )
+    if return_attn_probs:
+        raise NotImplementedError("return_attn_probs: returning the attention probabilities is not supported")
+    if q_v is not None:
+        raise NotImplementedError("q_v: a separate query for the value head (MLA) is not supported")
+    if scheduler_metadata is not None:
+        raise NotImplementedError(
+            "scheduler_metadata: kvflash schedules from shapes; precomputed metadata is not supported"
+        )
+    if q_descale is not None:
+        raise NotImplementedError("q_descale: queries are fp16/bf16 in kvflash; FP8 queries are not supported")
+    if fa_version not in SUPPORTED_FA_VERSIONS:
+        raise ValueError(f"fa_version: expected 2 or 3 (it selects nothing in kvflash), got {fa_version!r}")
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    max_seqlen_q: int,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_k: int,
+    cu_seqlens_k: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    q_v: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] | list[int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
+    return_softmax_lse: bool = False,
+    out: torch.Tensor | None = None,
+    scheduler_metadata: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
+    k_descale: torch.Tensor | float | None = None,
+    v_descale: torch.Tensor | float | None = None,
+    num_splits: int = 0,
+    fa_version: int = 2,
+    s_aux: torch.Tensor | None = None,
+):
+    """Variable-length attention of ``q`` over a paged or contiguous KV cache (FP8 allowed).
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``.
+    k, v : torch.Tensor
+        Paged ``[num_blocks, block_size, Hkv, D]`` (NHD pages; strided views such as slices of a joint
+        ``[num_blocks, 2, block_size, Hkv, D]`` cache are fine) with ``block_table`` and ``seqused_k``; or
+        contiguous ``[total_k, Hkv, D]`` with ``cu_seqlens_k``. dtype: ``q``'s, or ``float8_e4m3fn`` /
+        ``float8_e5m2`` (K and V share it).
+    max_seqlen_q, max_seqlen_k : int
+        Upper bounds of the per-sequence query and key lengths (Python ints; launch settings come from them).
+    cu_seqlens_q : torch.Tensor
+        ``[num_seqs + 1]`` int32 query offsets.
+    cu_seqlens_k : torch.Tensor, optional
+        ``[num_seqs + 1]`` int32 key offsets, contiguous layout only.
+    seqused_k : torch.Tensor, optional
+        ``[num_seqs]`` int32 KV length of each sequence (new tokens included); required with ``block_table``.
+        With ``cu_seqlens_k`` it caps each sequence's length.
+    softmax_scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    causal : bool
+        Bottom-right aligned: query ``i`` of ``Lq`` queries over ``Lk`` keys sits at ``p = Lk - Lq + i`` and sees
+        keys ``j <= p``.
+    window_size : (int, int), optional
+        ``(left, right)``, ``-1`` unbounded: key ``j`` visible iff ``p - left <= j <= p + right``.
+    softcap : float
+        ``> 0``: ``score = softcap * tanh(score / softcap)`` on the scaled score.
+    alibi_slopes : torch.Tensor, optional
+        ``[Hq]`` or ``[num_seqs, Hq]`` float32: ``score += -slope * |p - j|``.
+    deterministic : bool
+        Accepted for compatibility; kvflash kernels are always deterministic.
+    block_table : torch.Tensor, optional
+        ``[num_seqs, max_blocks]`` int32 page ids.
+    return_softmax_lse : bool
+        Also return ``lse [Hq, total_q]`` float32 (natural log of the full softmax denominator).
+    out : torch.Tensor, optional
+        ``[total_q, Hq, D]`` in ``q``'s dtype; may be a strided view.
+    k_descale, v_descale : torch.Tensor or float, optional
+        The real value of a stored element is ``stored * descale``: a float, or a float32/fp16/bf16 tensor
+        broadcastable to ``[num_seqs, Hkv]`` (1 element, ``[Hkv]``, ``[num_seqs, Hkv]``, stride-0 views).
+    num_splits : int
+        Split-KV for decode: 0 automatic, 1 none, ``n > 1`` at most ``n``. The prefill path does not split
+        (one split is within any bound).
+    fa_version : int
+        2 or 3; accepted for compatibility, selects nothing.
+    s_aux : torch.Tensor, optional
+        Sinks ``[Hq]``: one extra logit per head in the softmax denominator (scaled-score domain, not softcapped).
+    dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale
+        Not supported: anything but the defaults raises ``NotImplementedError`` naming the argument.
+
+    Returns
+    -------
+    out : torch.Tensor
+        ``[total_q, Hq, D]`` in ``q``'s dtype; rows with no visible key are 0.
+    lse : torch.Tensor
+        Only with ``return_softmax_lse``: ``[Hq, total_q]`` float32; ``-inf`` for rows with no visible key.
+    """
+    _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    if num_seqs < 1:
+        raise ValueError(
+            f"cu_seqlens_q: expected at least 2 entries (num_seqs + 1), got shape {tuple(cu_seqlens_q.shape)}"
+        )
+    _check_int("max_seqlen_q", max_seqlen_q, 0)
+    _check_int("max_seqlen_k", max_seqlen_k, 0)
+    _check_int("num_splits", num_splits, 0)
+    features = dict(
+        block_table=block_table,
+        seqused_k=seqused_k,
+        cu_seqlens_k=cu_seqlens_k,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=window_size,
+        softcap=softcap,
+        alibi_slopes=alibi_slopes,
+        s_aux=s_aux,
+        k_descale=k_descale,
+        v_descale=v_descale,
+        out=out,
+        return_lse=return_softmax_lse,
+    )
+    if max_seqlen_q == 1 and q.shape[0] == num_seqs:
+        # Every sequence has exactly one query (num_seqs rows, none longer than 1): the decode kernel.
+        return paged_decode_attention(q, k, v, max_seqlen_k, num_splits=num_splits, **features)
+    return chunk_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, **features)
