@@ -21,9 +21,19 @@ def test_check_tensor_accepts_and_returns():
     "kwargs, value, error, match",
     [
         ({}, [1, 2], TypeError, r"q: expected a torch.Tensor, got list"),
-        ({"dtypes": (torch.float16, torch.bfloat16)}, torch.zeros(2), TypeError, r"q: expected dtype float16 or bfloat16, got float32"),
+        (
+            {"dtypes": (torch.float16, torch.bfloat16)},
+            torch.zeros(2),
+            TypeError,
+            r"q: expected dtype float16 or bfloat16, got float32",
+        ),
         ({"ndim": 3}, torch.zeros(2, 2), ValueError, r"q: expected a 3-D tensor, got 2-D with shape \(2, 2\)"),
-        ({"shape": (2, None, 4)}, torch.zeros(2, 3, 5), ValueError, r"q: expected shape \(2, '\*', 4\), got \(2, 3, 5\)"),
+        (
+            {"shape": (2, None, 4)},
+            torch.zeros(2, 3, 5),
+            ValueError,
+            r"q: expected shape \(2, '\*', 4\), got \(2, 3, 5\)",
+        ),
         ({}, torch.zeros(4, 6)[:, ::2], ValueError, r"q: the last dimension must be contiguous"),
         ({"device": torch.device("meta")}, torch.zeros(2), ValueError, r"q: expected a tensor on meta"),
     ],
@@ -89,15 +99,44 @@ def test_kv_layout_strided_joint_cache_view_is_accepted():
     "mutate, error, match",
     [
         (lambda a: a.update(seqused_k=None), ValueError, r"seqused_k: required with block_table"),
-        (lambda a: a.update(cu_seqlens_k=torch.zeros(3, dtype=torch.int32)), ValueError, r"cu_seqlens_k: must be None when block_table"),
+        (
+            lambda a: a.update(cu_seqlens_k=torch.zeros(3, dtype=torch.int32)),
+            ValueError,
+            r"cu_seqlens_k: must be None when block_table",
+        ),
         (lambda a: a.update(block_table=None), ValueError, r"cu_seqlens_k: required for a contiguous KV cache"),
-        (lambda a: a.update(block_table=torch.zeros(2, 3, dtype=torch.int64)), TypeError, r"block_table: expected dtype int32, got int64"),
-        (lambda a: a.update(block_table=torch.zeros(3, 3, dtype=torch.int32)), ValueError, r"block_table: expected shape \(2, '\*'\)"),
-        (lambda a: a.update(seqused_k=torch.zeros(3, dtype=torch.int32)), ValueError, r"seqused_k: expected shape \(2,\)"),
-        (lambda a: a.update(v=torch.zeros(6, 16, 2, 32, dtype=torch.float16)), ValueError, r"v: expected shape \(6, 16, 2, 64\)"),
-        (lambda a: a.update(k=torch.zeros(6, 16, 3, 64, dtype=torch.float16), v=torch.zeros(6, 16, 3, 64, dtype=torch.float16)),
-         ValueError, r"query heads \(4\) must be a multiple of the number of KV heads \(3\)"),
-        (lambda a: a.update(k=torch.zeros(6, 16, 2, 64, dtype=torch.bfloat16)), TypeError, r"k and v must share one dtype"),
+        (
+            lambda a: a.update(block_table=torch.zeros(2, 3, dtype=torch.int64)),
+            TypeError,
+            r"block_table: expected dtype int32, got int64",
+        ),
+        (
+            lambda a: a.update(block_table=torch.zeros(3, 3, dtype=torch.int32)),
+            ValueError,
+            r"block_table: expected shape \(2, '\*'\)",
+        ),
+        (
+            lambda a: a.update(seqused_k=torch.zeros(3, dtype=torch.int32)),
+            ValueError,
+            r"seqused_k: expected shape \(2,\)",
+        ),
+        (
+            lambda a: a.update(v=torch.zeros(6, 16, 2, 32, dtype=torch.float16)),
+            ValueError,
+            r"v: expected shape \(6, 16, 2, 64\)",
+        ),
+        (
+            lambda a: a.update(
+                k=torch.zeros(6, 16, 3, 64, dtype=torch.float16), v=torch.zeros(6, 16, 3, 64, dtype=torch.float16)
+            ),
+            ValueError,
+            r"query heads \(4\) must be a multiple of the number of KV heads \(3\)",
+        ),
+        (
+            lambda a: a.update(k=torch.zeros(6, 16, 2, 64, dtype=torch.bfloat16)),
+            TypeError,
+            r"k and v must share one dtype",
+        ),
         (lambda a: a.update(k=torch.zeros(16, 2, 64, dtype=torch.float16)), ValueError, r"k: expected a 4-D tensor"),
     ],
 )

@@ -55,7 +55,11 @@ def test_descale_half_tensors_become_float32(dtype):
         (torch.ones(3), ValueError, r"k_descale: expected 1 element, \[Hkv\]=\[2\] .* got shape \[3\]"),
         (torch.ones(2, 3), ValueError, r"got shape \[2, 3\]"),
         (torch.ones(1, 3, 2), ValueError, r"got shape \[1, 3, 2\]"),
-        (torch.ones(2, dtype=torch.int32), TypeError, r"k_descale: expected dtype float32, float16 or bfloat16, got torch.int32"),
+        (
+            torch.ones(2, dtype=torch.int32),
+            TypeError,
+            r"k_descale: expected dtype float32, float16 or bfloat16, got torch.int32",
+        ),
         ("1.0", TypeError, r"k_descale: expected None, a float or a tensor, got str"),
         (torch.ones(2, device="meta"), ValueError, r"k_descale: expected a tensor on cpu"),
     ],
@@ -88,7 +92,9 @@ def test_alibi_and_sinks():
     assert out.shape == (3, 4) and out.stride() == (0, 1)
     per_seq = torch.rand(3, 4)
     assert normalize_alibi_slopes(per_seq, 3, 4, CPU) is per_seq
-    with pytest.raises(ValueError, match=r"alibi_slopes: expected shape \[Hq\]=\[4\] or \[num_seqs, Hq\]=\[3, 4\], got \[5\]"):
+    with pytest.raises(
+        ValueError, match=r"alibi_slopes: expected shape \[Hq\]=\[4\] or \[num_seqs, Hq\]=\[3, 4\], got \[5\]"
+    ):
         normalize_alibi_slopes(torch.rand(5), 3, 4, CPU)
     with pytest.raises(TypeError, match=r"alibi_slopes: expected dtype float32"):
         normalize_alibi_slopes(torch.rand(4).half(), 3, 4, CPU)

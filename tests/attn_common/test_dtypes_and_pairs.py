@@ -43,7 +43,12 @@ def test_valid_pairs(q_dtype, kv_dtype):
     [
         (torch.float32, torch.float32, torch.float32, r"q: expected dtype float16 or bfloat16, got torch.float32"),
         (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2, r"k torch.float8_e4m3fn and v torch.float8_e5m2"),
-        (torch.bfloat16, torch.float16, torch.float16, r"k/v dtype torch.float16 does not pair with q dtype torch.bfloat16"),
+        (
+            torch.bfloat16,
+            torch.float16,
+            torch.float16,
+            r"k/v dtype torch.float16 does not pair with q dtype torch.bfloat16",
+        ),
         (torch.float16, torch.int8, torch.int8, r"k: dtype torch.int8 is not supported"),
     ],
 )

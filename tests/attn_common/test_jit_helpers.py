@@ -46,8 +46,22 @@ def test_streaming_softmax_helpers_match_torch(device, kv_len, left, right, soft
     out = torch.full((m, d), float("nan"), device=device)
     lse = torch.full((m,), float("nan"), device=device)
     streaming_softmax_kernel[(1,)](
-        scores, values, sinks, out, lse, kv_len, left, right, softcap, slope,
-        M=m, N=n, D=d, BLOCK_N=8, USE_SOFTCAP=softcap > 0, USE_SINK=use_sink,
+        scores,
+        values,
+        sinks,
+        out,
+        lse,
+        kv_len,
+        left,
+        right,
+        softcap,
+        slope,
+        M=m,
+        N=n,
+        D=d,
+        BLOCK_N=8,
+        USE_SOFTCAP=softcap > 0,
+        USE_SINK=use_sink,
     )
     want_out, want_lse = torch_softmax_attention(
         scores.cpu(), values.cpu(), kv_len, left, right, softcap, slope, sinks.cpu() if use_sink else None

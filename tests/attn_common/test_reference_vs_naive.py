@@ -87,20 +87,36 @@ def test_reference_matches_naive_loop(paged, features, kv_dtype):
     softcap = features.get("softcap", 0.0)
     cu_q = torch.tensor([0] + list(torch.tensor(q_lens).cumsum(0)), dtype=torch.int32)
     kwargs = dict(
-        causal=features["causal"], window_size=window, softcap=softcap, alibi_slopes=slopes, s_aux=sinks,
-        k_descale=k_scale, v_descale=v_scale, compute_dtype=torch.float64,
+        causal=features["causal"],
+        window_size=window,
+        softcap=softcap,
+        alibi_slopes=slopes,
+        s_aux=sinks,
+        k_descale=k_scale,
+        v_descale=v_scale,
+        compute_dtype=torch.float64,
     )
     if paged:
         cache = make_paged_kv(stored_k, stored_v, block, generator=g)
-        out, lse = reference_attention(q, cache.k_cache, cache.v_cache, cu_q, block_table=cache.block_table,
-                                       seqused_k=cache.seqused_k, **kwargs)
+        out, lse = reference_attention(
+            q, cache.k_cache, cache.v_cache, cu_q, block_table=cache.block_table, seqused_k=cache.seqused_k, **kwargs
+        )
     else:
         cu_k = torch.tensor([0] + list(torch.tensor(kv_lens).cumsum(0)), dtype=torch.int32)
         out, lse = reference_attention(q, torch.cat(stored_k), torch.cat(stored_v), cu_q, cu_seqlens_k=cu_k, **kwargs)
     want_out, want_lse = naive_attention(
-        q.double(), [x.double() for x in stored_k], [x.double() for x in stored_v], q_lens,
-        scale=1 / math.sqrt(d), causal=features["causal"], window=window, softcap=softcap, slopes=slopes,
-        sinks=sinks, k_scale=k_scale.double(), v_scale=v_scale.double(),
+        q.double(),
+        [x.double() for x in stored_k],
+        [x.double() for x in stored_v],
+        q_lens,
+        scale=1 / math.sqrt(d),
+        causal=features["causal"],
+        window=window,
+        softcap=softcap,
+        slopes=slopes,
+        sinks=sinks,
+        k_scale=k_scale.double(),
+        v_scale=v_scale.double(),
     )
     torch.testing.assert_close(out, want_out, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(lse, want_lse, rtol=1e-9, atol=1e-9)

@@ -60,7 +60,7 @@ class KVFlashDType(enum.Enum):
         return float(torch.finfo(self.torch_dtype).max)
 
     @classmethod
-    def from_torch(cls, dtype: torch.dtype, name: str = "tensor") -> "KVFlashDType":
+    def from_torch(cls, dtype: torch.dtype, name: str = "tensor") -> KVFlashDType:
         """Map a torch dtype to the enum; ``TypeError`` naming ``name`` for a dtype kvflash does not take."""
         for member in cls:
             if getattr(torch, member.value, None) == dtype:

@@ -54,7 +54,7 @@ def runs_triton(device: torch.device) -> bool:
     return device.type == "cpu" and interpreter_enabled()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _multiprocessor_count(device_type: str, index: int) -> int:
     if device_type == "cuda":
         return int(torch.cuda.get_device_properties(index).multi_processor_count)

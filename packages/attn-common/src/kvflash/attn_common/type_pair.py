@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from kvflash.attn_common.dtypes import KVFlashDType, QUERY_TORCH_DTYPES
+from kvflash.attn_common.dtypes import QUERY_TORCH_DTYPES, KVFlashDType
 
 __all__ = ["QKVTypePair"]
 
@@ -42,7 +42,7 @@ class QKVTypePair:
         return self.q_dtype.torch_dtype
 
     @classmethod
-    def from_dtypes(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> "QKVTypePair":
+    def from_dtypes(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> QKVTypePair:
         """Validate a dtype triple; ``TypeError`` naming the dtypes on an invalid combination."""
         if q_dtype not in QUERY_TORCH_DTYPES:
             raise TypeError(f"q: expected dtype float16 or bfloat16, got {q_dtype}")
@@ -57,6 +57,6 @@ class QKVTypePair:
         return cls(KVFlashDType.from_torch(q_dtype, "q"), kv)
 
     @classmethod
-    def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "QKVTypePair":
+    def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QKVTypePair:
         """Validate the dtypes of ``(q, k, v)``."""
         return cls.from_dtypes(q.dtype, k.dtype, v.dtype)

@@ -1,0 +1,158 @@
+"""A table of bad calls to flash_attn_varlen_func: each must raise the right exception type with a message
+that names the argument. Shapes only: nothing here needs a kernel to run."""
+
+import pytest
+import torch
+
+from kvflash.flash_attn_interface import flash_attn_varlen_func
+
+from .varlen_cases import make_case
+
+MIX = [(1, 20), (4, 9)]
+
+
+def _good_paged():
+    case = make_case(MIX, hq=4, hkv=2, d=64, kv_dtype=torch.float8_e4m3fn, seed=1)
+    return dict(
+        q=case.q,
+        k=case.k,
+        v=case.v,
+        max_seqlen_q=case.max_seqlen_q,
+        cu_seqlens_q=case.cu_seqlens_q,
+        max_seqlen_k=case.max_seqlen_k,
+        k_descale=case.k_descale,
+        v_descale=case.v_descale,
+        **case.kv_args,
+    )
+
+
+def _contiguous_k():
+    return torch.randn(29, 2, 64).half()
+
+
+BAD_CALLS = [
+    # (id, change to a good paged call, exception, message pattern)
+    ("dropout", dict(dropout_p=0.1), NotImplementedError, r"dropout_p"),
+    ("attn_probs", dict(return_attn_probs=True), NotImplementedError, r"return_attn_probs"),
+    ("q_v", dict(q_v=torch.zeros(5, 4, 64).half()), NotImplementedError, r"q_v"),
+    (
+        "scheduler_metadata",
+        dict(scheduler_metadata=torch.zeros(4, dtype=torch.int32)),
+        NotImplementedError,
+        r"scheduler_metadata",
+    ),
+    ("q_descale", dict(q_descale=torch.ones(1)), NotImplementedError, r"q_descale"),
+    ("fa_version", dict(fa_version=7), ValueError, r"fa_version: expected 2 or 3"),
+    ("q_fp32", dict(q=torch.randn(5, 4, 64)), TypeError, r"q: expected dtype float16 or bfloat16, got float32"),
+    ("q_rank", dict(q=torch.randn(5, 256).half()), ValueError, r"q: expected a 3-D tensor"),
+    (
+        "q_stride",
+        dict(q=torch.randn(5, 4, 128).half()[..., ::2]),
+        ValueError,
+        r"q: the last dimension must be contiguous",
+    ),
+    (
+        "cu_q_int64",
+        dict(cu_seqlens_q=torch.tensor([0, 1, 5])),
+        TypeError,
+        r"cu_seqlens_q: expected dtype int32, got int64",
+    ),
+    (
+        "cu_q_short",
+        dict(cu_seqlens_q=torch.tensor([0], dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens_q: expected at least 2",
+    ),
+    ("max_seqlen_q_type", dict(max_seqlen_q=4.0), TypeError, r"max_seqlen_q: expected a Python int, got float"),
+    ("max_seqlen_k_neg", dict(max_seqlen_k=-1), ValueError, r"max_seqlen_k: expected an int >= 0, got -1"),
+    ("num_splits_neg", dict(num_splits=-2), ValueError, r"num_splits: expected an int >= 0, got -2"),
+    (
+        "kv_dtype_mismatch",
+        lambda a: a.update(v=a["v"].view(torch.float8_e5m2)),
+        TypeError,
+        r"k and v must share one dtype",
+    ),
+    (
+        "kv_dtype_vs_q",
+        lambda a: a.update(k=a["k"].to(torch.bfloat16), v=a["v"].to(torch.bfloat16)),
+        TypeError,
+        r"k/v dtype torch.bfloat16 does not pair with q dtype torch.float16",
+    ),
+    ("gqa", lambda a: a.update(q=torch.randn(5, 3, 64).half()), ValueError, r"query heads \(3\) must be a multiple"),
+    ("head_size", lambda a: a.update(q=torch.randn(5, 4, 32).half()), ValueError, r"k: expected shape"),
+    ("k_rank", lambda a: a.update(k=a["k"][0], v=a["v"][0]), ValueError, r"k: expected a 4-D tensor"),
+    (
+        "block_table_int64",
+        lambda a: a.update(block_table=a["block_table"].long()),
+        TypeError,
+        r"block_table: expected dtype int32",
+    ),
+    ("seqused_missing", dict(seqused_k=None), ValueError, r"seqused_k: required with block_table"),
+    (
+        "seqused_int64",
+        lambda a: a.update(seqused_k=a["seqused_k"].long()),
+        TypeError,
+        r"seqused_k: expected dtype int32",
+    ),
+    (
+        "both_cu_and_table",
+        dict(cu_seqlens_k=torch.tensor([0, 20, 29], dtype=torch.int32)),
+        ValueError,
+        r"cu_seqlens_k: must be None when block_table",
+    ),
+    ("neither_cu_nor_table", dict(block_table=None, seqused_k=None), ValueError, r"cu_seqlens_k: required"),
+    (
+        "cu_k_int64",
+        lambda a: a.update(
+            block_table=None,
+            seqused_k=None,
+            k=_contiguous_k(),
+            v=_contiguous_k(),
+            k_descale=None,
+            v_descale=None,
+            cu_seqlens_k=torch.tensor([0, 20, 29]),
+        ),
+        TypeError,
+        r"cu_seqlens_k: expected dtype int32, got int64",
+    ),
+    ("k_descale_shape", dict(k_descale=torch.ones(3)), ValueError, r"k_descale: expected 1 element"),
+    (
+        "v_descale_dtype",
+        dict(v_descale=torch.ones(2, dtype=torch.int32)),
+        TypeError,
+        r"v_descale: expected dtype float32",
+    ),
+    ("window_type", dict(window_size=4), TypeError, r"window_size: expected None or a pair"),
+    ("window_value", dict(window_size=(-3, 0)), ValueError, r"window_size: entries must be >= -1"),
+    ("softcap_negative", dict(softcap=-1.0), ValueError, r"softcap: expected 0 \(off\) or a finite positive float"),
+    ("alibi_shape", dict(alibi_slopes=torch.rand(3)), ValueError, r"alibi_slopes: expected shape \[Hq\]"),
+    ("sinks_shape", dict(s_aux=torch.rand(2)), ValueError, r"s_aux: expected shape \(4,\)"),
+    ("out_dtype", dict(out=torch.empty(5, 4, 64)), TypeError, r"out: expected dtype float16"),
+    ("out_shape", dict(out=torch.empty(5, 4, 32).half()), ValueError, r"out: expected shape"),
+    ("softmax_scale", dict(softmax_scale=0.0), ValueError, r"softmax_scale: expected a finite positive float"),
+    (
+        "device",
+        lambda a: a.update(block_table=a["block_table"].to("meta")),
+        ValueError,
+        r"block_table: expected a tensor on cpu",
+    ),
+]
+
+
+@pytest.mark.parametrize("change, error, match", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_bad_call_raises_naming_the_argument(change, error, match):
+    args = _good_paged()
+    if callable(change):
+        change(args)
+    else:
+        args.update(change)
+    with pytest.raises(error, match=match):
+        flash_attn_varlen_func(**args)
+
+
+def test_decode_route_rejects_bad_calls_too():
+    args = _good_paged()
+    case = make_case([(1, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
+    args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=1, k_descale=torch.ones(5))
+    with pytest.raises(ValueError, match=r"k_descale: expected 1 element"):
+        flash_attn_varlen_func(**args)

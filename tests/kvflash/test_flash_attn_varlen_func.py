@@ -1,0 +1,122 @@
+"""flash_attn_varlen_func end to end: both routes (decode, prefill/mixed), paged and contiguous, FP8 with
+distinct per-(sequence, head) descales, LSE, out=, against the float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+from kvflash.attn_common import reference_attention
+from kvflash.attn_common.testing import assert_close_fa_rule, poison
+from kvflash.flash_attn_interface import flash_attn_varlen_func
+
+from .varlen_cases import make_case
+
+DECODE_MIX = [(1, 37), (1, 1), (1, 70), (1, 0)]
+MIXED_MIX = [(1, 37), (9, 9), (5, 41), (1, 1), (3, 0)]
+
+
+def _check_against_reference(case, out, lse, **features):
+    kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, **features)
+    exact, exact_lse = reference_attention(
+        case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.float64, **kwargs
+    )
+    lowp, _ = reference_attention(case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=case.q.dtype, **kwargs)
+    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where no key is visible"
+    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("mix", [DECODE_MIX, MIXED_MIX], ids=["decode", "mixed"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn, torch.float8_e5m2], ids=["fp16", "e4m3", "e5m2"])
+@pytest.mark.parametrize("block_size", [16, None], ids=["paged", "contiguous"])
+def test_matches_reference(device, mix, kv_dtype, block_size):
+    case = make_case(mix, hq=6, hkv=2, kv_dtype=kv_dtype, block_size=block_size, device=device, seed=len(mix))
+    features = dict(causal=True, softcap=5.0, s_aux=torch.randn(6, device=device))
+    out = poison(torch.empty_like(case.q))
+    result, lse = flash_attn_varlen_func(
+        case.q,
+        case.k,
+        case.v,
+        case.max_seqlen_q,
+        case.cu_seqlens_q,
+        case.max_seqlen_k,
+        out=out,
+        k_descale=case.k_descale,
+        v_descale=case.v_descale,
+        return_softmax_lse=True,
+        **case.kv_args,
+        **features,
+    )
+    assert result.data_ptr() == out.data_ptr() and lse.shape == (6, case.q.shape[0]) and lse.dtype == torch.float32
+    _check_against_reference(case, out, lse, **features)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mix", [DECODE_MIX, MIXED_MIX], ids=["decode", "mixed"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["bf16", "e4m3"])
+def test_bf16_on_gpu(mix, kv_dtype):
+    case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, device="cuda", seed=3)
+    out, lse = flash_attn_varlen_func(
+        case.q,
+        case.k,
+        case.v,
+        case.max_seqlen_q,
+        case.cu_seqlens_q,
+        case.max_seqlen_k,
+        causal=True,
+        window_size=(20, -1),
+        k_descale=case.k_descale,
+        v_descale=case.v_descale,
+        return_softmax_lse=True,
+        **case.kv_args,
+    )
+    _check_against_reference(case, out, lse, causal=True, window_size=(20, -1))
+
+
+def test_features_window_alibi_and_splits(device):
+    case = make_case(DECODE_MIX, hq=4, hkv=1, device=device, seed=7)
+    slopes = torch.rand(4, device=device)
+    for num_splits in (1, 3):
+        out, lse = flash_attn_varlen_func(
+            case.q,
+            case.k,
+            case.v,
+            1,
+            case.cu_seqlens_q,
+            case.max_seqlen_k,
+            window_size=(10, 0),
+            alibi_slopes=slopes,
+            num_splits=num_splits,
+            return_softmax_lse=True,
+            **case.kv_args,
+        )
+        _check_against_reference(case, out, lse, window_size=(10, 0), alibi_slopes=slopes)
+
+
+def test_deterministic_and_fa_version_change_nothing(device):
+    case = make_case(MIXED_MIX, device=device, seed=11)
+    args = (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k)
+    base = flash_attn_varlen_func(*args, causal=True, **case.kv_args)
+    other = flash_attn_varlen_func(*args, causal=True, deterministic=True, fa_version=3, **case.kv_args)
+    assert torch.equal(base, other)
+
+
+def test_float_descales_accepted(device):
+    case = make_case(DECODE_MIX, kv_dtype=torch.float8_e4m3fn, device=device, seed=5)
+    out = flash_attn_varlen_func(
+        case.q, case.k, case.v, 1, case.cu_seqlens_q, case.max_seqlen_k, k_descale=0.5, v_descale=1.5, **case.kv_args
+    )
+    exact, _ = reference_attention(
+        case.q,
+        case.k,
+        case.v,
+        case.cu_seqlens_q,
+        k_descale=0.5,
+        v_descale=1.5,
+        compute_dtype=torch.float64,
+        **case.kv_args,
+    )
+    assert math.isfinite(float(out.float().abs().max()))
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=2e-2)
