@@ -66,6 +66,8 @@ def _absent(package: str) -> str:
 def tests(session: nox.Session, package: str) -> None:
     """One package's tests in a fresh environment holding only that package and its kvflash dependencies."""
     session.install("pytest", "numpy", "hatchling")
+    if package == "kvflash":
+        session.install("matplotlib")  # tests/tools checks the benchmark report's plot
     _install_local(session, SIBLINGS[package] + [package])
     for other in set(PACKAGES) - set(SIBLINGS[package]) - {package}:
         session.run("python", "-c", _absent(other))

@@ -1,0 +1,260 @@
+"""From raw rows (times and work counts) to rates, fractions of ceilings, comparisons, and the DESIGN.md
+targets with met / not met. Pure Python on the results JSON: no torch, no GPU, so the report can be
+regenerated anywhere and tested on the CPU.
+
+Comparisons ("speedup", > 1 means kvflash is faster):
+- a ``flash_attn_varlen_func`` row against the same case through the op it routes to: time ratio;
+- an FP8-KV kvflash row against the same kvflash case with bf16 KV: time ratio (same attention, half the bytes);
+- a bf16-KV kvflash prefill row against the faster SDPA cuDNN row of its shape: TFLOP/s ratio, since the
+  square-causal cuDNN row computes more pairs than kvflash (both count only the pairs they compute);
+- a kvflash cache-writer row against eager torch doing the same write: time ratio.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+__all__ = ["derive", "evaluate_targets", "TargetResult", "CHECK_TOL", "LARGE_BATCH", "SMALL_BATCH", "DENSE_PREFILL"]
+
+# A spot check with a larger relative error than this means the output is wrong: its speed does not count.
+CHECK_TOL = 2e-2
+LARGE_BATCH = ("64x4096", "128x8192")
+SMALL_BATCH = ("1x131072", "4x32768")
+DENSE_PREFILL = ("4x(2048+2048)", "1x16384")
+FP8 = ("e4m3", "e5m2")
+_KEY = ("group", "impl", "shape", "kv_dtype", "hq", "hkv", "d", "block")
+
+
+def _key(row: dict, **override) -> tuple:
+    return tuple(override.get(k, row.get(k)) for k in _KEY)
+
+
+def ok(row: dict) -> bool:
+    """The row ran and its spot check (if any) passed."""
+    if row.get("error") or row.get("ms") is None:
+        return False
+    return row.get("rel_err") is None or row["rel_err"] <= CHECK_TOL
+
+
+def derive(data: dict) -> list[dict]:
+    """Rows with ``rate`` (GB/s or TFLOP/s), ``frac`` (of the copy / bf16 matmul ceiling), ``ref`` and ``speedup``."""
+    ceil = {name: c.get("value") for name, c in data.get("ceilings", {}).items()}
+    rows = [dict(r) for r in data["results"]]
+    for r in rows:
+        r["rate"] = r["frac"] = r["ref"] = r["speedup"] = None
+        if r.get("error") or not r.get("ms"):
+            continue
+        if r["metric"] == "bytes":
+            r["rate"] = r["work"] / (r["ms"] * 1e-3) / 1e9
+            r["frac"] = r["rate"] / ceil["copy"] if ceil.get("copy") else None
+        else:
+            r["rate"] = r["work"] / (r["ms"] * 1e-3) / 1e12
+            r["frac"] = r["rate"] / ceil["bf16_matmul"] if ceil.get("bf16_matmul") else None
+    index = {_key(r): r for r in rows if r["rate"] is not None}
+    for r in rows:
+        if r["rate"] is None or not r["impl"].startswith("kvflash"):
+            continue
+        if r["impl"] == "kvflash-varlen":
+            ref = index.get(_key(r, impl="kvflash"))
+            if ref:
+                r["ref"], r["speedup"] = ref["name"], ref["ms"] / r["ms"]
+        elif r["group"] == "cache":
+            ref = index.get(_key(r, impl="torch"))
+            if ref:
+                r["ref"], r["speedup"] = ref["name"], ref["ms"] / r["ms"]
+        elif r["kv_dtype"] in FP8:
+            ref = index.get(_key(r, kv_dtype="bf16"))
+            if ref:
+                r["ref"], r["speedup"] = ref["name"], ref["ms"] / r["ms"]
+        elif r["group"] == "prefill":
+            ref = best_cudnn(rows, r["shape"])
+            if ref:
+                r["ref"], r["speedup"] = ref["name"], r["rate"] / ref["rate"]
+    return rows
+
+
+def best_cudnn(rows: list[dict], shape: str) -> dict | None:
+    """The fastest (TFLOP/s) SDPA cuDNN row of ``shape``, any variant."""
+    found = [r for r in rows if r["impl"].startswith("sdpa-cudnn") and r["shape"] == shape and r["rate"]]
+    return max(found, key=lambda r: r["rate"]) if found else None
+
+
+@dataclasses.dataclass
+class TargetResult:
+    key: str
+    what: str
+    threshold: str
+    measured: str
+    status: str  # "met", "not met", "not measured"
+
+
+@dataclasses.dataclass
+class _Target:
+    key: str
+    what: str
+    threshold: str
+    select: Callable[[dict], bool]
+    value: Callable[[dict, list[dict]], float | None]  # per row
+    fmt: Callable[[float], str]
+    passes: Callable[[float], bool]
+    worst: Callable  # min or max: the row that decides
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _times(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def _decode(shapes, dtypes) -> Callable[[dict], bool]:
+    return lambda r: (
+        r["group"] == "decode"
+        and r["impl"] == "kvflash"
+        and r.get("primary")
+        and r["shape"] in shapes
+        and r["kv_dtype"] in dtypes
+    )
+
+
+def _frac(r: dict, rows: list[dict]) -> float | None:
+    return r["frac"]
+
+
+def _time_vs_bf16(r: dict, rows: list[dict]) -> float | None:
+    return 1 / r["speedup"] if r["speedup"] else None
+
+
+def _vs_cudnn(r: dict, rows: list[dict]) -> float | None:
+    ref = best_cudnn(rows, r["shape"])
+    return r["rate"] / ref["rate"] if ref else None
+
+
+def _prefill(shapes: tuple[str, ...] | None, dtypes) -> Callable[[dict], bool]:
+    """kvflash prefill rows of the primary configuration; ``shapes=None``: every shape."""
+    return lambda r: (
+        r["group"] == "prefill"
+        and r["impl"] == "kvflash"
+        and r.get("primary")
+        and (shapes is None or r["shape"] in shapes)
+        and r["kv_dtype"] in dtypes
+    )
+
+
+def _small_batch(threshold: float, source: str) -> _Target:
+    return _Target(
+        f"decode-small-batch-{round(100 * threshold)}",
+        "Decode, small batch over long context (1x131072, 4x32768), every KV dtype, through split-KV",
+        f">= {round(100 * threshold)} % of copy ({source})",
+        _decode(SMALL_BATCH, ("bf16",) + FP8),
+        _frac,
+        _pct,
+        lambda v: v >= threshold,
+        min,
+    )
+
+
+TARGETS = [
+    _Target(
+        "decode-bf16",
+        "Decode, bf16 KV, large batch (64x4096, 128x8192)",
+        ">= 90 % of copy",
+        _decode(LARGE_BATCH, ("bf16",)),
+        _frac,
+        _pct,
+        lambda v: v >= 0.90,
+        min,
+    ),
+    _Target(
+        "decode-fp8",
+        "Decode, FP8 KV (e4m3, e5m2), large batch",
+        ">= 85 % of copy",
+        _decode(LARGE_BATCH, FP8),
+        _frac,
+        _pct,
+        lambda v: v >= 0.85,
+        min,
+    ),
+    _Target(
+        "decode-fp8-time",
+        "Decode, FP8 KV time / bf16 KV time, large batch",
+        "<= 0.55x",
+        _decode(LARGE_BATCH, FP8),
+        _time_vs_bf16,
+        _times,
+        lambda v: v <= 0.55,
+        max,
+    ),
+    _small_batch(0.80, "DESIGN.md"),
+    _small_batch(0.75, "issue 4"),
+    _Target(
+        "prefill-vs-cudnn",
+        "Chunked prefill (paged, block 16), bf16 and FP8 KV, 4x(2048+2048) and 1x16384",
+        ">= 1.0x SDPA cuDNN (TFLOP/s)",
+        _prefill(DENSE_PREFILL, ("bf16",) + FP8),
+        _vs_cudnn,
+        _times,
+        lambda v: v >= 1.0,
+        min,
+    ),
+    _Target(
+        "prefill-fp8",
+        "Chunked prefill, FP8 KV time / bf16 KV time (every prefill shape, block 16)",
+        "<= 1.05x (within 5 %)",
+        _prefill(None, FP8),
+        _time_vs_bf16,
+        _times,
+        lambda v: v <= 1.05,
+        max,
+    ),
+    _Target(
+        "cache-writer",
+        "Cache writer (reshape_and_cache_flash), 16384 x 8 x 128, bf16 -> auto and e4m3",
+        ">= 80 % of copy",
+        lambda r: r["group"] == "cache" and r["impl"] == "kvflash",
+        _frac,
+        _pct,
+        lambda v: v >= 0.80,
+        min,
+    ),
+]
+
+
+def _why_not(r: dict) -> str:
+    if r.get("error"):
+        return r["error"]
+    if not ok(r):
+        return f"wrong output (rel. error {r['rel_err']:.2e} > {CHECK_TOL})"
+    return "its comparison is missing"
+
+
+def evaluate_targets(rows: list[dict]) -> list[TargetResult]:
+    """One :class:`TargetResult` per DESIGN.md target, from derived rows.
+
+    The deciding value is the worst selected row. A selected row that failed (error, wrong output, or
+    its comparison missing) makes the target "not met"; no selected row at all makes it "not measured".
+    """
+    results = []
+    for t in TARGETS:
+        chosen = [r for r in rows if t.select(r)]
+        values, problems = [], []
+        for r in chosen:
+            v = t.value(r, rows) if ok(r) else None
+            if v is None:
+                problems.append(f"{r['name']}: {_why_not(r)}"[:160])
+            else:
+                values.append((v, r))
+        if not chosen:
+            results.append(TargetResult(t.key, t.what, t.threshold, "-", "not measured"))
+            continue
+        parts = [f"{r['shape']} {r['kv_dtype']} {t.fmt(v)}" for v, r in values] + problems
+        if values:
+            worst = t.worst(v for v, _ in values)
+            measured = f"{t.fmt(worst)} (worst of: {'; '.join(parts)})"
+        else:
+            worst, measured = None, "; ".join(parts)
+        met = worst is not None and not problems and t.passes(worst)
+        results.append(TargetResult(t.key, t.what, t.threshold, measured, "met" if met else "not met"))
+    return results

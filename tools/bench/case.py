@@ -1,0 +1,73 @@
+"""One benchmark case: what it measures (its labels) and how (a ``run`` callable), and its result row.
+
+A case's ``run`` imports the kernel, builds inputs on the GPU, checks one slice of the output against the
+reference, times it, and returns a :class:`Measurement`. :func:`run_case` turns any exception into an
+error row, so one broken kernel never stops the run. Labels are plain data so that ``--dry-run`` can list
+cases without a GPU and ``report.py`` can derive ratios and targets from the JSON alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Case", "Measurement", "run_case"]
+
+
+@dataclasses.dataclass
+class Measurement:
+    """What a case's ``run`` returns.
+
+    ``work`` is bytes (``metric == "bytes"``) or FLOPs (``"flops"``), counted as DESIGN.md says: decode
+    bytes = KV read once (tokens used) + q + out; prefill FLOPs = 4 * Hq * D * visible (query, key) pairs.
+    ``rel_err`` is ||out - ref|| / ||ref|| on a checked slice (None if not checked).
+    """
+
+    ms: float
+    p10: float
+    p90: float
+    reps: int
+    sets: int
+    work: float
+    rel_err: float | None = None
+    note: str = ""
+
+
+@dataclasses.dataclass
+class Case:
+    """A row of the benchmark. ``labels`` holds: group ("decode" / "prefill" / "cache"), impl ("kvflash",
+    "sdpa-cudnn", "sdpa-cudnn-mask", "sdpa-flash", "torch"), shape (a string), kv_dtype, hq, hkv, d, block,
+    primary (the configuration the targets use), metric ("bytes" / "flops")."""
+
+    name: str
+    labels: dict[str, Any]
+    run: Callable[[], Measurement]
+
+
+def run_case(case: Case) -> dict[str, Any]:
+    """Run ``case`` and return its JSON row; an exception becomes ``error`` (its first line), not a crash."""
+    row: dict[str, Any] = {"name": case.name, **case.labels}
+    start = time.perf_counter()
+    try:
+        row.update(dataclasses.asdict(case.run()))
+        row["error"] = None
+    except Exception as exc:  # a broken kernel must become a row, whatever it raises
+        lines = str(exc).strip().splitlines()
+        row["error"] = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+        row["traceback"] = traceback.format_exc(limit=6)
+    row["wall_s"] = round(time.perf_counter() - start, 2)
+    _free_gpu_memory()
+    return row
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,133 @@
+"""Paged decode cases: one query token per sequence over a paged bf16 / FP8 cache.
+
+Full mode runs the primary configuration (Hq/Hkv 32/8, D 128, block 16) for every KV dtype and shape, and
+secondary variants (64/8 heads, D 64, block 64) on 64 x 4096, plus block 64 on 1 x 131072. Quick mode:
+64 x 4096 and 1 x 131072, bf16 and e4m3, block 16.
+
+Work = KV bytes of the tokens used (read once) + q + out; its ceiling is the device-to-device copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+from case import Case, Measurement
+from inputs import kv_bytes, make_paged_cache, spot_check
+from timing import rotation_sets, time_calls
+
+__all__ = ["DecodeSpec", "decode_cases"]
+
+SHAPES = [(64, 4096), (128, 8192), (1, 131072), (4, 32768)]
+DTYPES = ["bf16", "e4m3", "e5m2"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    num_seqs: int
+    ctx: int
+    hq: int = 32
+    hkv: int = 8
+    d: int = 128
+    block: int = 16
+    kv_dtype: str = "bf16"
+    varlen: bool = False  # through flash_attn_varlen_func instead of the op: measures the routing layer
+
+    @property
+    def primary(self) -> bool:
+        return (self.hq, self.hkv, self.d, self.block, self.varlen) == (32, 8, 128, 16, False)
+
+    @property
+    def shape(self) -> str:
+        return f"{self.num_seqs}x{self.ctx}"
+
+    def work_bytes(self) -> int:
+        q_and_out = 2 * self.num_seqs * self.hq * self.d * 2  # bf16 q read + bf16 out written
+        return kv_bytes(self.num_seqs * self.ctx, self.hkv, self.d, self.kv_dtype) + q_and_out
+
+
+def _specs(quick: bool) -> list[DecodeSpec]:
+    if quick:
+        return [DecodeSpec(b, c, kv_dtype=t) for b, c in [(64, 4096), (1, 131072)] for t in ["bf16", "e4m3"]]
+    specs = [DecodeSpec(b, c, kv_dtype=t) for b, c in SHAPES for t in DTYPES]
+    for variant in [{"hq": 64}, {"d": 64}, {"block": 64}]:
+        specs += [DecodeSpec(64, 4096, kv_dtype=t, **variant) for t in DTYPES]
+    specs += [DecodeSpec(1, 131072, block=64, kv_dtype=t) for t in ["bf16", "e4m3"]]
+    specs += [DecodeSpec(64, 4096, kv_dtype=t, varlen=True) for t in ["bf16", "e4m3"]]
+    return specs
+
+
+def _run(spec: DecodeSpec) -> Measurement:
+    if spec.varlen:
+        from kvflash.flash_attn_interface import flash_attn_varlen_func
+    else:
+        from kvflash.paged_decode import paged_decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    cache_bytes = kv_bytes(spec.num_seqs * spec.ctx, spec.hkv, spec.d, spec.kv_dtype)
+    sets = []
+    for _ in range(rotation_sets(cache_bytes)):
+        cache = make_paged_cache([spec.ctx] * spec.num_seqs, spec.hkv, spec.d, spec.block, spec.kv_dtype, gen)
+        q = torch.randn(spec.num_seqs, spec.hq, spec.d, dtype=torch.bfloat16, device="cuda", generator=gen)
+        out = torch.full_like(q, float("nan"))
+        sets.append((cache, q, out))
+    cu_q = torch.arange(spec.num_seqs + 1, dtype=torch.int32, device="cuda")
+
+    def call(cache, q, out):
+        if spec.varlen:
+            flash_attn_varlen_func(
+                q,
+                cache.k,
+                cache.v,
+                1,
+                cu_q,
+                spec.ctx,
+                seqused_k=cache.seqused_k,
+                causal=True,
+                block_table=cache.block_table,
+                out=out,
+                k_descale=cache.k_descale,
+                v_descale=cache.v_descale,
+            )
+            return
+        paged_decode_attention(
+            q,
+            cache.k,
+            cache.v,
+            spec.ctx,
+            block_table=cache.block_table,
+            seqused_k=cache.seqused_k,
+            causal=True,
+            k_descale=cache.k_descale,
+            v_descale=cache.v_descale,
+            out=out,
+        )
+
+    calls = [functools.partial(call, *s) for s in sets]
+    calls[0]()
+    cache, q, out = sets[0]
+    last = spec.num_seqs - 1
+    err, note = spot_check(out, q, cache, [(0, 1, 0), (last, last + 1, last)])
+    t = time_calls(calls)
+    return Measurement(t.ms, t.p10, t.p90, t.reps, t.sets, spec.work_bytes(), rel_err=err, note=note)
+
+
+def decode_cases(quick: bool) -> list[Case]:
+    cases = []
+    for s in _specs(quick):
+        labels = {
+            "group": "decode",
+            "impl": "kvflash-varlen" if s.varlen else "kvflash",
+            "shape": s.shape,
+            "kv_dtype": s.kv_dtype,
+            "hq": s.hq,
+            "hkv": s.hkv,
+            "d": s.d,
+            "block": s.block,
+            "primary": s.primary,
+            "metric": "bytes",
+        }
+        name = f"decode {s.shape} {s.hq}/{s.hkv} D{s.d} b{s.block} {s.kv_dtype}" + " varlen" * s.varlen
+        cases.append(Case(name, labels, functools.partial(_run, s)))
+    return cases

@@ -1,0 +1,123 @@
+"""Benchmark inputs built on the GPU: a fragmented paged KV cache (bf16 or FP8 with per-(sequence, head)
+descales), the work counts DESIGN.md asks for, and a spot check of one output slice against the oracle.
+
+The cache is filled with random values (never zeros: they can run faster than real data) and its block
+table is a random permutation of the pool, as a long-running server's cache is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = [
+    "KV_DTYPES",
+    "PagedCache",
+    "make_paged_cache",
+    "visible_pairs",
+    "kv_bytes",
+    "spot_check",
+]
+
+KV_DTYPES = {"bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+# Random fill is done in slices so an FP8 cache never needs a bf16 copy of itself.
+_FILL_ELEMENTS = 1 << 28
+
+
+@dataclasses.dataclass
+class PagedCache:
+    """``k, v [num_blocks, block_size, Hkv, D]``; ``block_table [num_seqs, max_blocks]`` int32;
+    ``seqused_k [num_seqs]`` int32; ``k_descale, v_descale [num_seqs, Hkv]`` float32 (None for bf16)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    block_table: torch.Tensor
+    seqused_k: torch.Tensor
+    k_descale: torch.Tensor | None
+    v_descale: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+
+def _fill_random(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flat = t.view(-1)
+    for start in range(0, flat.numel(), _FILL_ELEMENTS):
+        part = flat[start : start + _FILL_ELEMENTS]
+        part.copy_(torch.randn(part.shape, dtype=torch.bfloat16, device=t.device, generator=gen))
+    return t
+
+
+def make_paged_cache(
+    kv_lens: list[int], hkv: int, d: int, block: int, kv_dtype: str, gen: torch.Generator
+) -> PagedCache:
+    """A paged cache holding ``kv_lens[s]`` tokens for sequence ``s``, pages scattered over the pool.
+
+    FP8 caches get different, non-unit K and V descales per (sequence, KV head), as engines pass them.
+    """
+    device = gen.device
+    num_seqs = len(kv_lens)
+    max_blocks = max(1, -(-max(kv_lens) // block))
+    num_blocks = num_seqs * max_blocks + 1
+    dtype = KV_DTYPES[kv_dtype]
+    k = _fill_random(torch.empty(num_blocks, block, hkv, d, dtype=dtype, device=device), gen)
+    v = _fill_random(torch.empty(num_blocks, block, hkv, d, dtype=dtype, device=device), gen)
+    pool = torch.randperm(num_blocks, device=device, generator=gen)
+    block_table = pool[: num_seqs * max_blocks].view(num_seqs, max_blocks).to(torch.int32)
+    seqused_k = torch.tensor(kv_lens, dtype=torch.int32, device=device)
+    k_descale = v_descale = None
+    if kv_dtype != "bf16":
+        k_descale = 0.5 + torch.rand(num_seqs, hkv, device=device, generator=gen)
+        v_descale = 0.25 + 0.5 * torch.rand(num_seqs, hkv, device=device, generator=gen)
+    return PagedCache(k, v, block_table, seqused_k, k_descale, v_descale)
+
+
+def visible_pairs(q_len: int, kv_len: int) -> int:
+    """(query, key) pairs a bottom-right causal sequence computes: query ``i`` sees ``kv_len - q_len + i + 1`` keys."""
+    return q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
+
+
+def kv_bytes(tokens: int, hkv: int, d: int, kv_dtype: str) -> int:
+    """Bytes of K and V for ``tokens`` tokens (read once)."""
+    return 2 * tokens * hkv * d * KV_DTYPES[kv_dtype].itemsize
+
+
+def spot_check(
+    out: torch.Tensor, q: torch.Tensor, cache: PagedCache, slices: list[tuple[int, int, int]], rows: int = 64
+) -> tuple[float | None, str]:
+    """Largest ||out - ref|| / ||ref|| over the last ``rows`` queries of each ``(q_start, q_end, seq)``.
+
+    The last queries of a bottom-right causal sequence are themselves a valid sub-problem (same key
+    positions), so the float32 oracle runs on that slice only and stays cheap at 131072 keys. A check
+    that cannot run returns ``(None, why)``: the timing still counts, the row says it was not checked.
+    """
+    try:
+        return max(_slice_error(out, q, cache, *s, rows) for s in slices), ""
+    except Exception as exc:  # the oracle is not what is measured: report, do not lose the timing
+        return None, f"not checked ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
+
+
+def _slice_error(out: torch.Tensor, q: torch.Tensor, cache: PagedCache, q_start: int, q_end: int, seq: int, rows: int):
+    from kvflash.attn_common import reference_attention
+
+    n = min(rows, q_end - q_start)
+    sl = slice(q_end - n, q_end)
+    one = slice(seq, seq + 1)
+    ref, _ = reference_attention(
+        q[sl],
+        cache.k,
+        cache.v,
+        torch.tensor([0, n], dtype=torch.int32, device=q.device),
+        block_table=cache.block_table[one],
+        seqused_k=cache.seqused_k[one],
+        causal=True,
+        k_descale=None if cache.k_descale is None else cache.k_descale[one],
+        v_descale=None if cache.v_descale is None else cache.v_descale[one],
+        compute_dtype=torch.float32,
+    )
+    got = out[sl].float()
+    if not torch.isfinite(got).all():
+        return float("inf")
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
