@@ -104,3 +104,22 @@ def merge_lse_pair(out_a, lse_a, out_b, lse_b):
     out = (out_a * w_a[:, None] + out_b * w_b[:, None]) / denom_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_safe + tl.log(denom_safe))
     return out, lse
+
+
+@triton.jit
+def online_softmax_step_scaled(m_i, l_i, scores, scale_log2):
+    """:func:`online_softmax_step` on *unscaled* scores, with the scale applied inside ``exp2``.
+
+    ``scores [BLOCK_M, BLOCK_N]`` are raw dot products, ``-inf`` where masked; ``scale_log2 [BLOCK_M]``
+    is a strictly positive per-row factor to the log2 domain (softmax scale times log2(e); pass 1.0 for
+    scores already in the log2 domain). The factor goes into the ``exp2`` argument as one FMA per element
+    instead of a multiply and a subtract; the row max is scaled after the reduction, which is exact for a
+    positive factor. Rows that have seen no visible key keep ``m = -inf`` and get ``p = 0``, ``alpha = 1``.
+    Returns ``(m_new, l_new, p, alpha)`` like :func:`online_softmax_step`.
+    """
+    m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_safe)
+    p = tl.math.exp2(scores * scale_log2[:, None] - m_safe[:, None])
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return m_new, l_new, p, alpha

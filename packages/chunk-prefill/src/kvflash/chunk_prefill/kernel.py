@@ -1,0 +1,346 @@
+"""The varlen chunked-prefill attention kernel (``@triton.jit`` code only; launched by ``launcher.py``).
+
+One program computes one *query tile* of one KV head: ``BLOCK_M`` rows, each a (query token, query head)
+pair. The ``G_PACK`` query heads that share a KV head are packed into the rows (row ``m`` is token
+``m // G_PACK``, head ``m % G_PACK`` of the group), so every K/V tile loaded serves all of them: decode rows
+of a mixed batch fill ``G_PACK`` rows instead of one, and prefill tiles read each K/V tile once per group.
+
+The grid is 1-D and depends only on shapes: ``(cdiv(total_q, BLOCK_Q) + num_seqs) * Hkv * NUM_HEAD_GROUPS``
+programs. Sequence ``s`` owns the tiles ``cu_seqlens_q[s] // BLOCK_Q + s + (0, 1, ...)``; a program finds
+its sequence by a binary search over ``cu_seqlens_q`` and leaves at once if its tile is past the sequence's
+end. Tiles are visited in reverse so the longest (last, causal) tiles start first.
+
+The key range of a tile is split into three loops: masked tiles at the window's left edge, full tiles that
+need no mask at all (the hot loop), and masked tiles at the causal diagonal / right edge / end of the
+sequence. Tiles no row can see are never loaded.
+
+FP8 caches: K/V tiles are converted to fp16 in registers (one exact instruction per pair on sm_90; bf16 takes
+three) and both dots run in fp16; a bf16 q is moved to fp16 once per program with a per-row power of two.
+K's descale folds into the score scale, V's into the output, once per program.
+"""
+
+import triton
+import triton.language as tl
+
+from kvflash.attn_common.jit_helpers import (
+    add_sink_to_denominator,
+    alibi_bias,
+    finalize_softmax,
+    key_visibility,
+    online_softmax_step_scaled,
+    softcap_scores,
+)
+
+
+@triton.jit
+def _find_sequence(
+    cu_seqlens_q_ptr,  # [num_seqs + 1] int32
+    tile,
+    num_seqs,
+    BLOCK_Q: tl.constexpr,
+):
+    """The last sequence ``s`` whose first tile ``cu_seqlens_q[s] // BLOCK_Q + s`` is ``<= tile``."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if first_tile <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _kv_row_offsets(
+    block_table_row_ptr,  # [max_blocks] int32: this sequence's pages
+    kv_start,
+    offs_n,
+    kv_len,
+    stride_block,
+    stride_token,
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """int64 element offsets ``[BLOCK_N]`` of the cache rows for key positions ``offs_n``.
+
+    Paged: each row's page comes from the block table (one gathered load per tile; with pages of
+    ``BLOCK_N`` or more every row reads the same entry). ``block_id * stride`` is int64 so caches over
+    4 GiB work. Masked tiles do not read table entries past the sequence's length.
+    """
+    if IS_PAGED:
+        if MASKED:
+            pages = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
+        else:
+            pages = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE)
+        return pages.to(tl.int64) * stride_block + (offs_n % PAGE_SIZE).to(tl.int64) * stride_token
+    return (kv_start + offs_n).to(tl.int64) * stride_token
+
+
+@triton.jit
+def _attend_tile(
+    acc,  # [BLOCK_M, HEAD_PAD] fp32
+    m_i,  # [BLOCK_M] fp32, log2 domain
+    l_i,  # [BLOCK_M] fp32
+    q,  # [BLOCK_M, HEAD_PAD] DOT_DTYPE
+    k_head_ptr,  # cache base + kv_head * stride_k_head
+    v_head_ptr,  # cache base + kv_head * stride_v_head
+    block_table_row_ptr,  # [max_blocks] int32
+    kv_start,
+    start_n,
+    kv_len,
+    q_pos,  # [BLOCK_M] int32 bottom-right aligned positions
+    slopes_log2,  # [BLOCK_M] fp32 ALiBi slopes times log2(e)
+    qk_scale,  # [BLOCK_M] fp32 > 0: q . k to the natural-log score domain
+    softcap,
+    window_left,
+    window_right,
+    stride_k_block,
+    stride_k_token,
+    stride_v_block,
+    stride_v_token,
+    BLOCK_N: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SAME_KV_STRIDES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    MASKED: tl.constexpr,
+    MASK_LEFT: tl.constexpr,
+):
+    """Attend one ``BLOCK_N`` key tile.
+
+    ``MASKED`` tiles apply the length / window / causal mask; without ``MASK_LEFT`` the tile is known to lie
+    right of every row's left window edge (the diagonal tiles) and that comparison is skipped.
+    """
+    LOG2E: tl.constexpr = 1.4426950408889634
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_PAD)
+    k_rows = _kv_row_offsets(
+        block_table_row_ptr, kv_start, offs_n, kv_len, stride_k_block, stride_k_token, IS_PAGED, PAGE_SIZE, MASKED
+    )
+    if SAME_KV_STRIDES:  # one gather serves K and V (the usual case: equal shapes or a joint cache)
+        v_rows = k_rows
+    else:
+        v_rows = _kv_row_offsets(
+            block_table_row_ptr, kv_start, offs_n, kv_len, stride_v_block, stride_v_token, IS_PAGED, PAGE_SIZE, MASKED
+        )
+    k_ptrs = k_head_ptr + k_rows[:, None] + offs_d[None, :]
+    v_ptrs = v_head_ptr + v_rows[:, None] + offs_d[None, :]
+    # Out-of-range rows are never read: the cache may hold anything there (NaN bit patterns in FP8).
+    if MASKED:
+        kv_mask = (offs_n < kv_len)[:, None] & (offs_d < HEAD_SIZE)[None, :]
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    elif HEAD_PAD != HEAD_SIZE:
+        k = tl.load(k_ptrs, mask=(offs_d < HEAD_SIZE)[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=(offs_d < HEAD_SIZE)[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+
+    qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
+    if USE_SOFTCAP or USE_ALIBI:  # scores in the log2 domain, scale 1
+        if USE_SOFTCAP:
+            scores = softcap_scores(qk * qk_scale[:, None], softcap) * LOG2E
+        else:
+            scores = qk * (qk_scale * LOG2E)[:, None]
+        if USE_ALIBI:
+            scores += alibi_bias(slopes_log2, q_pos, offs_n)
+        scale_log2 = tl.zeros_like(qk_scale) + 1.0
+    else:  # raw scores: the scale goes into the exp2 argument as one FMA
+        scores = qk
+        scale_log2 = qk_scale * LOG2E
+    if MASKED:
+        if MASK_LEFT:
+            visible = key_visibility(q_pos, offs_n, kv_len, window_left, window_right)
+        else:
+            visible = (offs_n < kv_len)[None, :] & (offs_n[None, :] <= (q_pos + window_right)[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_i, l_i, p, alpha = online_softmax_step_scaled(m_i, l_i, scores, scale_log2)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def chunk_prefill_kernel(
+    q_ptr,  # [total_q, Hq, D] fp16/bf16
+    k_ptr,  # paged [num_blocks, block_size, Hkv, D] or contiguous [total_k, Hkv, D]; q dtype or fp8
+    v_ptr,  # like k_ptr
+    out_ptr,  # [total_q, Hq, D] q dtype
+    lse_ptr,  # [Hq, total_q] fp32 (written when RETURN_LSE)
+    cu_seqlens_q_ptr,  # [num_seqs + 1] int32
+    seqused_k_ptr,  # [num_seqs] int32 (paged, or contiguous with USE_SEQUSED)
+    cu_seqlens_k_ptr,  # [num_seqs + 1] int32 (contiguous only)
+    block_table_ptr,  # [num_seqs, max_blocks] int32 (paged only)
+    k_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0)
+    v_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0)
+    alibi_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
+    sinks_ptr,  # [Hq] fp32 (USE_SINKS)
+    num_seqs,
+    num_q_tiles,
+    num_kv_heads,
+    softmax_scale,
+    softcap,
+    window_left,  # UNBOUNDED_WINDOW when unbounded
+    window_right,  # 0 when causal
+    stride_q_token,
+    stride_q_head,
+    stride_k_block,  # paged only
+    stride_k_token,
+    stride_k_head,
+    stride_v_block,
+    stride_v_token,
+    stride_v_head,
+    stride_o_token,
+    stride_o_head,
+    stride_lse_head,
+    stride_bt_seq,
+    stride_kd_seq,
+    stride_kd_head,
+    stride_vd_seq,
+    stride_vd_head,
+    stride_alibi_seq,
+    stride_alibi_head,
+    GROUP: tl.constexpr,  # Hq // Hkv
+    G_PACK: tl.constexpr,  # query heads per program (<= GROUP)
+    NUM_HEAD_GROUPS: tl.constexpr,  # cdiv(GROUP, G_PACK)
+    BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q tokens x G_PACK heads (+ unused rows)
+    BLOCK_N: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    SAME_KV_STRIDES: tl.constexpr,  # K and V share block/token strides
+    KV_FP8: tl.constexpr,  # FP8 cache: both dots run in fp16 (exact FP8 -> fp16 conversion)
+    USE_SEQUSED: tl.constexpr,  # contiguous layout capped by seqused_k
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    RETURN_LSE: tl.constexpr,
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
+    # FP8 tiles convert to fp16 in one instruction per pair (to bf16 it takes three on sm_90), exactly.
+    DOT_DTYPE: tl.constexpr = tl.float16 if KV_FP8 else q_ptr.dtype.element_ty
+
+    # ---- which (tile, KV head, head group) this program computes ----
+    pid = tl.program_id(0)
+    num_head_programs = num_kv_heads * NUM_HEAD_GROUPS
+    head_program = pid % num_head_programs
+    tile = num_q_tiles - 1 - pid // num_head_programs
+    kv_head = head_program // NUM_HEAD_GROUPS
+    head_group = head_program % NUM_HEAD_GROUPS
+
+    seq = _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
+    if seq < 0:
+        return
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    tok0 = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q
+    if tok0 >= q_len:
+        return
+
+    if IS_PAGED:
+        kv_start = 0
+        kv_len = tl.load(seqused_k_ptr + seq)
+    else:
+        kv_start = tl.load(cu_seqlens_k_ptr + seq)
+        kv_len = tl.load(cu_seqlens_k_ptr + seq + 1) - kv_start
+        if USE_SEQUSED:
+            kv_len = tl.minimum(kv_len, tl.load(seqused_k_ptr + seq))
+
+    # ---- rows: (token, head) pairs ----
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    tok = tok0 + offs_m // G_PACK
+    head_in_group = head_group * G_PACK + offs_m % G_PACK
+    head = kv_head * GROUP + head_in_group
+    row_valid = (offs_m < BLOCK_Q * G_PACK) & (tok < q_len) & (head_in_group < GROUP)
+    q_pos = kv_len - q_len + tok
+
+    q_rows = (q_start + tok).to(tl.int64) * stride_q_token + head.to(tl.int64) * stride_q_head
+    q_mask = row_valid[:, None] & (offs_d < HEAD_SIZE)[None, :]
+    q = tl.load(q_ptr + q_rows[:, None] + offs_d[None, :], mask=q_mask, other=0.0)
+
+    # Descales are per (sequence, KV head): K's folds into the score scale, V's into the output, once each.
+    # K's sign moves into q so that the score scale is >= 0 (the hot loop scales the row max after it).
+    k_scale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
+    v_scale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+    q_mult = tl.where(k_scale < 0, -1.0, 1.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
+    if KV_FP8:
+        # q goes to fp16 with a per-row power of two that puts its largest element in [2^13, 2^15]: exact for
+        # bf16 values (8 significant bits) down to 2^-31 of the row's largest, and no overflow.
+        q_max = tl.max(tl.abs(q.to(tl.float32)), 1)
+        q_exp = tl.floor(tl.math.log2(tl.where(q_max > 0, q_max, 1.0)))
+        q_mult = q_mult * tl.math.exp2(tl.minimum(14.0 - q_exp, 126.0))
+    q = (q.to(tl.float32) * q_mult[:, None]).to(DOT_DTYPE)
+    # Strictly positive so that masked (-inf) scores stay -inf after scaling; a zero descale becomes 1e-30,
+    # which still makes every visible key equally likely.
+    qk_scale = tl.maximum(softmax_scale * tl.abs(k_scale) / tl.abs(q_mult), 1e-30)
+    if USE_ALIBI:
+        slopes = tl.load(alibi_ptr + seq * stride_alibi_seq + head * stride_alibi_head, mask=row_valid, other=0.0)
+        slopes_log2 = slopes * LOG2E
+    else:
+        slopes_log2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
+    block_table_row_ptr = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+
+    # ---- key range of this tile (see the module docstring) ----
+    last_tok = tl.minimum(tok0 + BLOCK_Q, q_len) - 1
+    p_first = kv_len - q_len + tok0
+    p_last = kv_len - q_len + last_tok
+    lo = tl.maximum(p_first - window_left, 0) // BLOCK_N * BLOCK_N
+    hi = tl.minimum(p_last + window_right + 1, kv_len)
+    full_lo = tl.cdiv(tl.maximum(p_last - window_left, 0), BLOCK_N) * BLOCK_N
+    full_hi = tl.maximum(tl.minimum(p_first + window_right + 1, kv_len), 0) // BLOCK_N * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+
+    for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, q_pos,
+            slopes_log2, qk_scale, softcap, window_left, window_right,
+            stride_k_block, stride_k_token, stride_v_block, stride_v_token,
+            BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
+            MASKED=True, MASK_LEFT=True,
+        )  # fmt: skip
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, q_pos,
+            slopes_log2, qk_scale, softcap, window_left, window_right,
+            stride_k_block, stride_k_token, stride_v_block, stride_v_token,
+            BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
+            MASKED=False, MASK_LEFT=False,
+        )  # fmt: skip
+    for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, q_pos,
+            slopes_log2, qk_scale, softcap, window_left, window_right,
+            stride_k_block, stride_k_token, stride_v_block, stride_v_token,
+            BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
+            MASKED=True, MASK_LEFT=False,
+        )  # fmt: skip
+
+    if USE_SINKS:
+        sinks = tl.load(sinks_ptr + head, mask=row_valid, other=0.0)
+        m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks * LOG2E)
+        acc = acc * alpha[:, None]
+    out, lse = finalize_softmax(acc, m_i, l_i)
+    out = out * v_scale
+
+    o_rows = (q_start + tok).to(tl.int64) * stride_o_token + head.to(tl.int64) * stride_o_head
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    if RETURN_LSE:
+        lse_ptrs = lse_ptr + head.to(tl.int64) * stride_lse_head + (q_start + tok)
+        tl.store(lse_ptrs, lse, mask=row_valid)

@@ -1,0 +1,91 @@
+"""Launch settings for the chunked-prefill kernel: a deterministic function of shapes and Python ints.
+
+Nothing here reads tensor values, so the choice is the same at every call with the same shapes (CUDA-graph
+capturable, no host synchronisation). The table was tuned on an H100 with ``tools/time_chunk_prefill.py``;
+under the Triton interpreter one small configuration keeps CPU tests fast and still crosses tile edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+
+__all__ = ["LaunchConfig", "choose_launch_config", "pack_heads"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Tile shape and compiler settings of one launch.
+
+    Attributes
+    ----------
+    block_m : int
+        Rows per program: ``block_m // g_pack`` query tokens times ``g_pack`` query heads.
+    block_n : int
+        Keys per inner-loop step.
+    num_warps, num_stages : int
+        Triton's warps per program and software-pipelining depth.
+    """
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (padded head size, fp8 KV) -> (block_m, block_n, num_warps, num_stages) for prefill-sized tiles: the fastest
+# settings measured on an H100 among those that compile without (or, for 128 x 128 bf16, with few) register
+# spills. FP8 tiles take a shared-memory round trip for their conversion and gain nothing from a third stage.
+# Head size 512 spills whatever the tile.
+_PREFILL_TABLE = {
+    (64, False): (128, 128, 8, 3),
+    (64, True): (128, 128, 8, 2),
+    (128, False): (128, 128, 8, 3),
+    (128, True): (128, 128, 8, 2),
+    (256, False): (64, 64, 8, 2),
+    (256, True): (64, 64, 8, 2),
+    (512, False): (64, 32, 8, 2),
+    (512, True): (64, 32, 8, 2),
+}
+
+_INTERPRETER_CONFIG = LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+
+
+def pack_heads(group: int, block_m: int) -> tuple[int, int]:
+    """How many query heads of a KV group share one program's rows, and how many head groups that makes.
+
+    All of a group when it fits (``g_pack = group``), else ``block_m`` heads per program, one token each.
+    """
+    g_pack = min(group, block_m)
+    return g_pack, triton.cdiv(group, g_pack)
+
+
+def choose_launch_config(
+    head_size: int, kv_is_fp8: bool, group: int, max_seqlen_q: int, *, interpreter: bool
+) -> LaunchConfig:
+    """Pick the launch settings.
+
+    Parameters
+    ----------
+    head_size : int
+        ``D`` (16..512, a multiple of 16); tiles use the next power of two.
+    kv_is_fp8 : bool
+        The cache is FP8 (tiles are converted in registers).
+    group : int
+        ``Hq // Hkv``: query heads packed per KV head.
+    max_seqlen_q : int
+        The caller's bound on query tokens per sequence; small values (decode-heavy batches) get a
+        smaller ``block_m`` so that one query token's packed heads do not leave most rows empty.
+    interpreter : bool
+        Running under ``TRITON_INTERPRET=1``.
+    """
+    if interpreter:
+        return _INTERPRETER_CONFIG
+    head_pad = max(triton.next_power_of_2(head_size), 64)
+    block_m, block_n, num_warps, num_stages = _PREFILL_TABLE[(head_pad, kv_is_fp8)]
+    rows_needed = max(1, max_seqlen_q) * min(group, block_m)
+    if rows_needed < block_m:
+        block_m = max(16, triton.next_power_of_2(rows_needed))
+        num_warps = 4
+    return LaunchConfig(block_m, block_n, num_warps, num_stages)

@@ -1,0 +1,210 @@
+"""Argument checks and the kernel launch for chunked prefill.
+
+:func:`check_chunk_prefill_args` validates and normalises what a caller passes (through ``attn_common``);
+:func:`launch_chunk_prefill` launches the kernel on already-normalised arguments. Neither reads tensor
+values on the host: every decision comes from shapes and Python ints, so launches are CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from kvflash.attn_common import (
+    QUERY_TORCH_DTYPES,
+    check_index_tensor,
+    check_kv_cache,
+    check_softcap,
+    check_tensor,
+    kernel_window,
+    normalize_alibi_slopes,
+    normalize_descale,
+    normalize_sinks,
+    normalize_window,
+    resolve_softmax_scale,
+)
+from kvflash.attn_common.platform import interpreter_enabled
+from kvflash.chunk_prefill.kernel import chunk_prefill_kernel
+from kvflash.chunk_prefill.launch_config import LaunchConfig, choose_launch_config, pack_heads
+
+__all__ = ["ChunkPrefillArgs", "check_chunk_prefill_args", "launch_chunk_prefill"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPrefillArgs:
+    """Validated, normalised feature arguments (tensors already on ``q``'s device)."""
+
+    softmax_scale: float
+    window_left: int  # -1 = unbounded
+    window_right: int  # -1 = unbounded; 0 with causal
+    softcap: float
+    alibi_slopes: torch.Tensor | None  # [num_seqs, Hq] fp32 view
+    s_aux: torch.Tensor | None  # [Hq] fp32
+    k_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
+    v_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: expected a non-negative int, got {value}")
+    return value
+
+
+def check_chunk_prefill_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    s_aux: torch.Tensor | None,
+    k_descale,
+    v_descale,
+    out: torch.Tensor | None,
+) -> ChunkPrefillArgs:
+    """Validate every argument of :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
+
+    Raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came.
+    """
+    check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
+    if cu_seqlens_q.shape[0] < 2:
+        raise ValueError(f"cu_seqlens_q: expected [num_seqs + 1] with num_seqs >= 1, got {tuple(cu_seqlens_q.shape)}")
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    _check_int("max_seqlen_q", max_seqlen_q)
+    _check_int("max_seqlen_k", max_seqlen_k)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    layout = check_kv_cache(q, k, v, num_seqs, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
+    left, right = normalize_window(window_size, causal)
+    return ChunkPrefillArgs(
+        softmax_scale=resolve_softmax_scale(softmax_scale, layout.head_size),
+        window_left=left,
+        window_right=right,
+        softcap=check_softcap(softcap),
+        alibi_slopes=normalize_alibi_slopes(alibi_slopes, num_seqs, q.shape[1], q.device),
+        s_aux=normalize_sinks(s_aux, q.shape[1], q.device),
+        k_descale=normalize_descale("k_descale", k_descale, num_seqs, layout.num_kv_heads, q.device),
+        v_descale=normalize_descale("v_descale", v_descale, num_seqs, layout.num_kv_heads, q.device),
+    )
+
+
+def launch_chunk_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    *,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    s_aux: torch.Tensor | None,
+    k_descale: torch.Tensor,
+    v_descale: torch.Tensor,
+    config: LaunchConfig | None = None,
+) -> None:
+    """Launch the kernel: writes ``out [total_q, Hq, D]`` and, when given, ``lse [Hq, total_q]`` fp32.
+
+    Arguments are the normalised ones of :class:`ChunkPrefillArgs` (``-1`` window edges = unbounded).
+    ``config`` overrides :func:`choose_launch_config` (tuning tools only).
+    """
+    total_q, num_q_heads, head_size = q.shape
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    is_paged = block_table is not None
+    num_kv_heads = k.shape[-2]
+    group = num_q_heads // num_kv_heads
+    kv_is_fp8 = k.dtype not in QUERY_TORCH_DTYPES
+    if config is None:
+        config = choose_launch_config(head_size, kv_is_fp8, group, max_seqlen_q, interpreter=interpreter_enabled())
+    if total_q == 0:
+        return
+    g_pack, num_head_groups = pack_heads(group, config.block_m)
+    # Each sequence adds at most one partial tile to cdiv(total_q, block_q); spare programs exit at once.
+    num_q_tiles = triton.cdiv(total_q, config.block_m // g_pack) + num_seqs
+    grid = (num_q_tiles * num_kv_heads * num_head_groups,)
+    left, right = kernel_window(window_left, window_right)
+    # Unused pointer arguments get a valid tensor of the right kind; their constexpr flags keep them unread.
+    seqused = seqused_k if seqused_k is not None else cu_seqlens_q
+    alibi = alibi_slopes if alibi_slopes is not None else k_descale
+    sinks = s_aux if s_aux is not None else k_descale
+    chunk_prefill_kernel[grid](
+        q_ptr=q,
+        k_ptr=k,
+        v_ptr=v,
+        out_ptr=out,
+        lse_ptr=lse if lse is not None else out,
+        cu_seqlens_q_ptr=cu_seqlens_q,
+        seqused_k_ptr=seqused,
+        cu_seqlens_k_ptr=cu_seqlens_k if cu_seqlens_k is not None else cu_seqlens_q,
+        block_table_ptr=block_table if is_paged else cu_seqlens_q,
+        k_descale_ptr=k_descale,
+        v_descale_ptr=v_descale,
+        alibi_ptr=alibi,
+        sinks_ptr=sinks,
+        num_seqs=num_seqs,
+        num_q_tiles=num_q_tiles,
+        num_kv_heads=num_kv_heads,
+        softmax_scale=softmax_scale,
+        softcap=softcap,
+        window_left=left,
+        window_right=right,
+        stride_q_token=q.stride(0),
+        stride_q_head=q.stride(1),
+        stride_k_block=k.stride(0) if is_paged else 0,
+        stride_k_token=k.stride(1) if is_paged else k.stride(0),
+        stride_k_head=k.stride(-2),
+        stride_v_block=v.stride(0) if is_paged else 0,
+        stride_v_token=v.stride(1) if is_paged else v.stride(0),
+        stride_v_head=v.stride(-2),
+        stride_o_token=out.stride(0),
+        stride_o_head=out.stride(1),
+        stride_lse_head=lse.stride(0) if lse is not None else 0,
+        stride_bt_seq=block_table.stride(0) if is_paged else 0,
+        stride_kd_seq=k_descale.stride(0),
+        stride_kd_head=k_descale.stride(1),
+        stride_vd_seq=v_descale.stride(0),
+        stride_vd_head=v_descale.stride(1),
+        stride_alibi_seq=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+        stride_alibi_head=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+        GROUP=group,
+        G_PACK=g_pack,
+        NUM_HEAD_GROUPS=num_head_groups,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        HEAD_SIZE=head_size,
+        HEAD_PAD=triton.next_power_of_2(head_size),
+        IS_PAGED=is_paged,
+        PAGE_SIZE=k.shape[1] if is_paged else 1,
+        SAME_KV_STRIDES=k.stride()[:-2] == v.stride()[:-2],
+        KV_FP8=kv_is_fp8,
+        USE_SEQUSED=seqused_k is not None,
+        USE_SOFTCAP=softcap > 0,
+        USE_ALIBI=alibi_slopes is not None,
+        USE_SINKS=s_aux is not None,
+        RETURN_LSE=lse is not None,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )

@@ -1,0 +1,162 @@
+"""The public entry point and its custom op ``torch.ops.kvflash.chunk_prefill``.
+
+:func:`chunk_prefill_attention` checks and normalises its arguments, then calls the custom op, which takes
+only tensors, ints, floats and bools (descales already ``[num_seqs, Hkv]`` fp32 tensors), writes ``out`` in
+place and returns the LSE. The op has a fake implementation, so it traces under ``torch.compile`` and is
+captured by CUDA graphs like any other op. CPU tensors without the Triton interpreter take the PyTorch
+reference path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvflash.attn_common import reference_attention
+from kvflash.attn_common.platform import runs_triton
+from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
+
+__all__ = ["chunk_prefill_attention"]
+
+
+@torch.library.custom_op("kvflash::chunk_prefill", mutates_args=("out",))
+def _chunk_prefill_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    alibi_slopes: torch.Tensor | None,
+    s_aux: torch.Tensor | None,
+    k_descale: torch.Tensor,
+    v_descale: torch.Tensor,
+    return_lse: bool,
+) -> torch.Tensor:
+    """Write attention into ``out [total_q, Hq, D]``; return ``lse [Hq, total_q]`` fp32 (``[Hq, 0]`` when
+    ``return_lse`` is False). Arguments are normalised: window edges ``-1`` = unbounded, causal folded
+    into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32."""
+    total_q, num_q_heads, _ = q.shape
+    lse = torch.empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32, device=q.device)
+    if not runs_triton(q.device):
+        ref_out, ref_lse = reference_attention(
+            q, k, v, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
+            softmax_scale=softmax_scale, window_size=(window_left, window_right), softcap=softcap,
+            alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+        )  # fmt: skip
+        out.copy_(ref_out)
+        if return_lse:
+            lse.copy_(ref_lse)
+        return lse
+    launch_chunk_prefill(
+        q, k, v, out, lse if return_lse else None, cu_seqlens_q, max_seqlen_q,
+        block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
+        window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
+        s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+    )  # fmt: skip
+    return lse
+
+
+@_chunk_prefill_op.register_fake
+def _(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale, window_left,
+      window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse):  # fmt: skip
+    total_q, num_q_heads, _ = q.shape
+    return q.new_empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32)
+
+
+def chunk_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    s_aux: torch.Tensor | None = None,
+    k_descale: torch.Tensor | float | None = None,
+    v_descale: torch.Tensor | float | None = None,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Varlen attention of new query tokens over a paged or contiguous (possibly FP8) KV cache.
+
+    Handles chunked prefill and mixed batches (decode rows with one query beside prefill rows) in one
+    launch, with no host synchronisation.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``. ``D`` is 16..512, a
+        multiple of 16.
+    k, v : torch.Tensor
+        Paged ``[num_blocks, block_size, Hkv, D]`` (strided views allowed, e.g. ``[:, 0]`` / ``[:, 1]`` of a
+        joint ``[num_blocks, 2, block_size, Hkv, D]`` cache) with ``block_table`` and ``seqused_k``, or
+        contiguous ``[total_k, Hkv, D]`` with ``cu_seqlens_k``. Dtype: ``q``'s, or ``float8_e4m3fn`` /
+        ``float8_e5m2`` (real value = ``stored * descale``). ``Hq % Hkv == 0``.
+    cu_seqlens_q : torch.Tensor
+        ``[num_seqs + 1]`` int32 query offsets.
+    max_seqlen_q, max_seqlen_k : int
+        Upper bounds of the per-sequence query and key lengths (launch heuristics only; never trusted for
+        memory safety).
+    block_table : torch.Tensor, optional
+        ``[num_seqs, max_blocks]`` int32 page ids (paged layout).
+    seqused_k : torch.Tensor, optional
+        ``[num_seqs]`` int32 KV lengths, new tokens included (required when paged; with ``cu_seqlens_k``
+        it caps each sequence's length).
+    cu_seqlens_k : torch.Tensor, optional
+        ``[num_seqs + 1]`` int32 key offsets (contiguous layout).
+    softmax_scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    causal : bool
+        Bottom-right aligned: query ``i`` of a sequence with ``Lq`` queries and ``Lk`` keys sits at
+        ``p = Lk - Lq + i`` and sees keys ``j <= p``.
+    window_size : (int, int), optional
+        ``(left, right)``, ``-1`` = unbounded: key ``j`` is visible iff ``p - left <= j <= p + right``.
+    softcap : float
+        ``> 0``: ``score = softcap * tanh(score / softcap)`` on the scaled score.
+    alibi_slopes : torch.Tensor, optional
+        ``[Hq]`` or ``[num_seqs, Hq]`` fp32: ``score += -slope * |p - j|``.
+    s_aux : torch.Tensor, optional
+        Sinks ``[Hq]``: one extra logit per head in the denominator (scaled-score domain, not softcapped).
+    k_descale, v_descale : torch.Tensor or float, optional
+        ``None`` (1.0), a float, or a tensor broadcastable to ``[num_seqs, Hkv]`` (fp32/fp16/bf16).
+    out : torch.Tensor, optional
+        ``[total_q, Hq, D]`` in ``q``'s dtype (may be a strided view); written in place.
+    return_lse : bool
+        Also return the natural-log softmax denominator.
+
+    Returns
+    -------
+    out : torch.Tensor
+        ``[total_q, Hq, D]`` in ``q``'s dtype. Rows with no visible key are 0.
+    lse : torch.Tensor
+        Only with ``return_lse``: ``[Hq, total_q]`` float32, the sink included; ``-inf`` for rows with no
+        visible key and no sink.
+    """
+    args = check_chunk_prefill_args(
+        q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table=block_table, seqused_k=seqused_k,
+        cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, out=out,
+    )  # fmt: skip
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = _chunk_prefill_op(
+        q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, args.softmax_scale,
+        args.window_left, args.window_right, args.softcap, args.alibi_slopes, args.s_aux, args.k_descale,
+        args.v_descale, return_lse,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
