@@ -11,6 +11,14 @@ def test_interpreter_flag(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not platform.interpreter_enabled() and not platform.runs_triton(torch.device("cpu"))
     assert platform.runs_triton(torch.device("cuda"))
+    assert not platform.compiles_to_ptx(torch.device("cpu"))
+
+
+def test_compiles_to_ptx_on_nvidia_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert platform.compiles_to_ptx(torch.device("cuda")) == (not platform.is_rocm())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not platform.compiles_to_ptx(torch.device("cuda"))
 
 
 def test_multiprocessor_count():

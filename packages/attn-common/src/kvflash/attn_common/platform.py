@@ -18,6 +18,7 @@ __all__ = [
     "runs_triton",
     "multiprocessor_count",
     "is_rocm",
+    "compiles_to_ptx",
     "INTERPRETER_MULTIPROCESSORS",
 ]
 
@@ -52,6 +53,12 @@ def runs_triton(device: torch.device) -> bool:
     if device.type in ("cuda", "xpu"):
         return True
     return device.type == "cpu" and interpreter_enabled()
+
+
+def compiles_to_ptx(device: torch.device) -> bool:
+    """True where Triton compiles to NVIDIA PTX (so a kernel may use inline PTX): CUDA devices of a
+    non-ROCm torch, outside the interpreter."""
+    return device.type == "cuda" and not is_rocm() and not interpreter_enabled()
 
 
 @functools.cache

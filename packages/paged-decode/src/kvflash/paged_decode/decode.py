@@ -1,0 +1,304 @@
+"""``paged_decode_attention``: split-KV decode over a paged (or contiguous) KV cache, FP8 included.
+
+The public function checks and normalises the arguments (through ``kvflash.attn_common``), then calls
+the ``kvflash::paged_decode_attention`` custom op, which picks launch settings from shapes, launches the
+decode kernel and, when the keys are split, the split-merge kernel. No tensor value is read on the host.
+"""
+
+import torch
+
+from kvflash.attn_common import (
+    QUERY_TORCH_DTYPES,
+    check_kv_cache,
+    check_softcap,
+    check_tensor,
+    kernel_window,
+    normalize_alibi_slopes,
+    normalize_descale,
+    normalize_sinks,
+    normalize_window,
+    platform,
+    reference_attention,
+    resolve_softmax_scale,
+)
+from kvflash.paged_decode.decode_kernel import paged_decode_kernel
+from kvflash.paged_decode.launch_config import choose_decode_config
+from kvflash.paged_decode.split_merge_kernel import split_merge_kernel
+
+__all__ = ["paged_decode_attention"]
+
+# Partial-output elements the split-merge kernel loads per step: all splits at once up to 64 x 128, so the
+# merge of a long single sequence (few programs, many splits) is not a chain of dependent loads.
+MERGE_TILE_ELEMENTS = 8192
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    max_seqlen_k: int,
+    *,
+    block_table: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] | None = None,
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    s_aux: torch.Tensor | None = None,
+    k_descale: torch.Tensor | float | None = None,
+    v_descale: torch.Tensor | float | None = None,
+    num_splits: int = 0,
+    out: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of one query token per sequence over its KV cache (decode), split over the keys.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``[num_seqs, Hq, D]`` fp16/bf16, ``stride(-1) == 1``. The query of a sequence with ``kv_len``
+        keys sits at position ``p = kv_len - 1`` (bottom-right aligned).
+    k, v : torch.Tensor
+        Paged ``[num_blocks, block_size, Hkv, D]`` (strided views allowed) with ``block_table`` and
+        ``seqused_k``, or contiguous ``[total_k, Hkv, D]`` with ``cu_seqlens_k``. Dtype: ``q``'s, or
+        ``float8_e4m3fn`` / ``float8_e5m2`` (real value = stored * descale). With an FP8 cache both dots run
+        in fp16 (exact for FP8 values): a bf16 ``q`` must satisfy ``|q| < 65504`` (values under 6.1e-5 round
+        to fp16 subnormals, negligible in a dot product).
+    max_seqlen_k : int
+        An upper bound on the KV length of any sequence; it sizes the split-KV (never read from tensors).
+    block_table : torch.Tensor, optional
+        ``[num_seqs, max_blocks]`` int32 page ids.
+    seqused_k : torch.Tensor, optional
+        ``[num_seqs]`` int32 KV lengths (paged); with ``cu_seqlens_k`` it caps each length.
+    cu_seqlens_k : torch.Tensor, optional
+        ``[num_seqs + 1]`` int32 key offsets of the contiguous layout.
+    softmax_scale : float, optional
+        Defaults to ``1 / sqrt(D)``.
+    causal : bool
+        Accepted for interface parity; a no-op (the single query sees every earlier key).
+    window_size : (int, int), optional
+        ``(left, right)``, ``-1`` unbounded: key ``j`` visible iff ``p - left <= j <= p + right``.
+    softcap : float
+        ``> 0``: ``score = softcap * tanh(score / softcap)``.
+    alibi_slopes : torch.Tensor, optional
+        ``[Hq]`` or ``[num_seqs, Hq]`` fp32: ``score -= slope * |p - j|``.
+    s_aux : torch.Tensor, optional
+        ``[Hq]`` sink logits (counted once in the denominator, no value row).
+    k_descale, v_descale : torch.Tensor or float, optional
+        Broadcastable to ``[num_seqs, Hkv]``; per (sequence, KV head).
+    num_splits : int
+        0 = automatic split-KV (from shapes and the SM count), 1 = no split, ``n > 1`` = at most ``n``.
+    out : torch.Tensor, optional
+        ``[num_seqs, Hq, D]`` in ``q``'s dtype, ``stride(-1) == 1``; written in place.
+    return_lse : bool
+        Also return ``lse [Hq, num_seqs]`` float32 (natural log; ``-inf`` for a sequence without keys
+        and sinks).
+
+    Returns
+    -------
+    torch.Tensor or (torch.Tensor, torch.Tensor)
+        ``out [num_seqs, Hq, D]`` in ``q``'s dtype, and ``lse`` when ``return_lse``.
+    """
+    check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    if block_table is not None:
+        check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2)
+        num_seqs = block_table.shape[0]
+    elif cu_seqlens_k is not None:
+        check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndim=1)
+        num_seqs = cu_seqlens_k.shape[0] - 1
+    else:
+        raise ValueError("block_table: pass block_table and seqused_k (paged KV) or cu_seqlens_k (contiguous KV)")
+    if q.shape[0] != num_seqs:
+        raise ValueError(
+            f"q: expected shape [num_seqs, Hq, D] with num_seqs={num_seqs} (one query token per sequence), "
+            f"got {tuple(q.shape)}"
+        )
+    layout = check_kv_cache(q, k, v, num_seqs, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
+    if not isinstance(max_seqlen_k, int) or isinstance(max_seqlen_k, bool) or max_seqlen_k < 0:
+        raise ValueError(f"max_seqlen_k: expected a non-negative int, got {max_seqlen_k!r}")
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"num_splits: expected an int >= 0 (0 = automatic, 1 = no split), got {num_splits!r}")
+    num_q_heads, head_size = q.shape[1], q.shape[2]
+    scale = resolve_softmax_scale(softmax_scale, head_size)
+    window_left, _ = normalize_window(window_size, bool(causal))
+    softcap = check_softcap(softcap)
+    slopes = normalize_alibi_slopes(alibi_slopes, num_seqs, num_q_heads, q.device)
+    sinks = normalize_sinks(s_aux, num_q_heads, q.device)
+    k_scale = normalize_descale("k_descale", k_descale, num_seqs, layout.num_kv_heads, q.device)
+    v_scale = normalize_descale("v_descale", v_descale, num_seqs, layout.num_kv_heads, q.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    else:
+        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
+    lse = torch.empty((num_q_heads, num_seqs), dtype=torch.float32, device=q.device)
+    torch.ops.kvflash.paged_decode_attention(
+        q, k, v, block_table, seqused_k, cu_seqlens_k, k_scale, v_scale, slopes, sinks, out, lse,
+        max_seqlen_k, scale, window_left, softcap, num_splits,
+    )  # fmt: skip
+    return (out, lse) if return_lse else out
+
+
+@torch.library.custom_op("kvflash::paged_decode_attention", mutates_args=("out", "lse"))
+def _paged_decode_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    k_descale: torch.Tensor,
+    v_descale: torch.Tensor,
+    alibi_slopes: torch.Tensor | None,
+    s_aux: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    softcap: float,
+    num_splits: int,
+) -> None:
+    """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edge ``-1`` = unbounded)."""
+    if not platform.runs_triton(q.device):
+        _reference_decode(
+            q, k, v, block_table, seqused_k, cu_seqlens_k, k_descale, v_descale, alibi_slopes, s_aux, out, lse,
+            softmax_scale, window_left, softcap,
+        )  # fmt: skip
+        return
+    num_seqs, num_q_heads, head_size = q.shape
+    num_kv_heads = k.shape[-2]
+    group = num_q_heads // num_kv_heads
+    is_paged = block_table is not None
+    cfg = choose_decode_config(
+        num_seqs=num_seqs,
+        num_kv_heads=num_kv_heads,
+        group=group,
+        head_size=head_size,
+        kv_itemsize=k.element_size(),
+        max_seqlen_k=max_seqlen_k,
+        window_left=window_left,
+        num_splits=num_splits,
+        multiprocessor_count=platform.multiprocessor_count(q.device),
+        interpreter=platform.interpreter_enabled(),
+    )
+    is_split = cfg.num_splits > 1
+    if is_split:
+        part_out = torch.empty((cfg.num_splits, num_seqs, num_q_heads, head_size), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((num_seqs, num_q_heads, cfg.num_splits), dtype=torch.float32, device=q.device)
+        dst_out, dst_lse = part_out, part_lse
+        o_strides = part_out.stride()[:3]
+        lse_strides = (part_lse.stride(2), part_lse.stride(0), part_lse.stride(1))
+    else:
+        dst_out, dst_lse = out, lse
+        o_strides = (0, out.stride(0), out.stride(1))
+        lse_strides = (0, lse.stride(1), lse.stride(0))
+    # Unused pointers get a valid tensor of the right kind; the constexpr flags keep them unread.
+    k_strides = (k.stride(0), k.stride(1), k.stride(2)) if is_paged else (0, k.stride(0), k.stride(1))
+    v_strides = (v.stride(0), v.stride(1), v.stride(2)) if is_paged else (0, v.stride(0), v.stride(1))
+    index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
+    grid = (num_seqs * num_kv_heads * cfg.head_chunks, cfg.num_splits)
+    if grid[0] > 0:
+        paged_decode_kernel[grid](
+            q_ptr=q,
+            k_ptr=k,
+            v_ptr=v,
+            block_table_ptr=block_table if is_paged else index_dummy,
+            seqused_k_ptr=index_dummy,
+            cu_seqlens_k_ptr=index_dummy if is_paged else cu_seqlens_k,
+            k_descale_ptr=k_descale,
+            v_descale_ptr=v_descale,
+            alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else k_descale,
+            sinks_ptr=s_aux if s_aux is not None else k_descale,
+            out_ptr=dst_out,
+            lse_ptr=dst_lse,
+            num_kv_heads=num_kv_heads,
+            num_splits=cfg.num_splits,
+            stride_q_seq=q.stride(0),
+            stride_q_head=q.stride(1),
+            stride_k_block=k_strides[0],
+            stride_k_tok=k_strides[1],
+            stride_k_head=k_strides[2],
+            stride_v_block=v_strides[0],
+            stride_v_tok=v_strides[1],
+            stride_v_head=v_strides[2],
+            stride_bt_seq=block_table.stride(0) if is_paged else 0,
+            stride_kd_seq=k_descale.stride(0),
+            stride_kd_head=k_descale.stride(1),
+            stride_vd_seq=v_descale.stride(0),
+            stride_vd_head=v_descale.stride(1),
+            stride_alibi_seq=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
+            stride_alibi_head=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+            stride_o_split=o_strides[0],
+            stride_o_seq=o_strides[1],
+            stride_o_head=o_strides[2],
+            stride_lse_split=lse_strides[0],
+            stride_lse_seq=lse_strides[1],
+            stride_lse_head=lse_strides[2],
+            softmax_scale=softmax_scale,
+            softcap=softcap,
+            window_left=kernel_window(window_left, -1)[0],
+            GROUP=group,
+            HEAD_CHUNKS=cfg.head_chunks,
+            BLOCK_H=cfg.block_h,
+            HEAD_SIZE=head_size,
+            HEAD_PAD=cfg.head_pad,
+            BLOCK_N=cfg.block_n,
+            PAGE_SIZE=k.shape[1] if is_paged else 1,
+            IS_PAGED=is_paged,
+            HAS_SEQUSED=seqused_k is not None,
+            IS_FP8=k.dtype != q.dtype,
+            IS_SPLIT=is_split,
+            USE_SOFTCAP=softcap > 0,
+            USE_ALIBI=alibi_slopes is not None,
+            USE_SINKS=s_aux is not None,
+            FP8_V_FENCE=k.dtype != q.dtype and platform.compiles_to_ptx(q.device),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )
+    if is_split and num_seqs > 0:
+        splits_pad = max(2, 1 << (cfg.num_splits - 1).bit_length())
+        split_merge_kernel[(num_seqs, num_q_heads)](
+            partial_out_ptr=part_out,
+            partial_lse_ptr=part_lse,
+            sinks_ptr=s_aux if s_aux is not None else part_lse,
+            out_ptr=out,
+            lse_ptr=lse,
+            num_q_heads=num_q_heads,
+            num_splits=cfg.num_splits,
+            stride_po_split=part_out.stride(0),
+            stride_o_seq=out.stride(0),
+            stride_o_head=out.stride(1),
+            stride_lse_head=lse.stride(0),
+            stride_lse_seq=lse.stride(1),
+            HEAD_SIZE=head_size,
+            HEAD_PAD=cfg.head_pad,
+            SPLITS_PAD=splits_pad,
+            SPLIT_CHUNK=max(1, min(splits_pad, MERGE_TILE_ELEMENTS // cfg.head_pad)),
+            USE_SINKS=s_aux is not None,
+            num_warps=4,
+        )
+
+
+@_paged_decode_op.register_fake
+def _(q, k, v, block_table, seqused_k, cu_seqlens_k, k_descale, v_descale, alibi_slopes, s_aux, out, lse,
+      max_seqlen_k, softmax_scale, window_left, softcap, num_splits) -> None:  # fmt: skip
+    return None
+
+
+def _reference_decode(
+    q, k, v, block_table, seqused_k, cu_seqlens_k, k_descale, v_descale, alibi_slopes, s_aux, out, lse,
+    softmax_scale, window_left, softcap,
+) -> None:  # fmt: skip
+    """CPU tensors without the interpreter: the plain PyTorch reference (reads lengths on the host)."""
+    num_seqs = q.shape[0]
+    cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
+    ref_out, ref_lse = reference_attention(
+        q, k, v, cu_seqlens_q,
+        block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
+        window_size=(window_left, -1), softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
+        k_descale=k_descale, v_descale=v_descale,
+    )  # fmt: skip
+    out.copy_(ref_out)
+    lse.copy_(ref_lse)

@@ -1,0 +1,191 @@
+"""The split-KV decode kernel: one query token per sequence over a paged or contiguous KV cache.
+
+One program handles one (sequence, KV head, split): the ``GROUP`` query heads that share the KV head are
+stacked as the rows of one ``[BLOCK_H, HEAD_PAD]`` tile, so every K/V element the split covers is read
+from memory once and feeds all of them through ``tl.dot``. The split's keys are walked in tiles of
+``BLOCK_N`` tokens that may span several pages: the block-table entries of the tile are gathered per
+token, so page size and tile size are independent.
+
+The query sits at position ``p = kv_len - 1``: every key ``j < kv_len`` satisfies ``j <= p + right`` for
+any right window edge, so only the left edge narrows the key range (to ``[p - left, kv_len)``).
+
+FP8 caches are loaded as 1-byte tiles and converted to fp16 in registers, and both dots then run in fp16
+whatever the query's dtype: every FP8 value is exact in fp16, the conversion is one instruction per two
+elements, and 16-bit V tiles transpose for the dot with ``ldmatrix`` (converting to bf16 instead costs about
+three times the instructions plus byte-wise shared-memory reads, and leaves FP8 decode instruction-bound;
+on NVIDIA ``FP8_V_FENCE`` keeps Triton from folding V's conversion into a byte-wise transposed load).
+A bf16 query converts to fp16 exactly while ``|q| < 65504``. The K descale is folded into the score scale
+and the V descale is applied to the output once, so dequantisation costs no per-element multiply.
+"""
+
+import triton
+import triton.language as tl
+
+from kvflash.attn_common.jit_helpers import (
+    add_sink_to_denominator,
+    alibi_bias,
+    finalize_softmax,
+    online_softmax_step,
+    softcap_scores,
+)
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr,  # [num_seqs, Hq, HEAD_SIZE] fp16/bf16
+    k_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; q dtype or fp8
+    v_ptr,  # same layout and dtype as k_ptr (strides may differ)
+    block_table_ptr,  # [num_seqs, max_blocks] int32 (IS_PAGED)
+    seqused_k_ptr,  # [num_seqs] int32 (HAS_SEQUSED)
+    cu_seqlens_k_ptr,  # [num_seqs + 1] int32 (not IS_PAGED)
+    k_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
+    v_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
+    alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
+    sinks_ptr,  # [Hq] fp32 (USE_SINKS)
+    out_ptr,  # [num_seqs, Hq, HEAD_SIZE] q dtype, or [num_splits, num_seqs, Hq, HEAD_SIZE] fp32 (IS_SPLIT)
+    lse_ptr,  # [Hq, num_seqs] fp32, or [num_seqs, Hq, num_splits] fp32 (IS_SPLIT); natural log
+    num_kv_heads,
+    num_splits,
+    stride_q_seq,
+    stride_q_head,
+    stride_k_block,
+    stride_k_tok,
+    stride_k_head,
+    stride_v_block,
+    stride_v_tok,
+    stride_v_head,
+    stride_bt_seq,
+    stride_kd_seq,
+    stride_kd_head,
+    stride_vd_seq,
+    stride_vd_head,
+    stride_alibi_seq,
+    stride_alibi_head,
+    stride_o_split,
+    stride_o_seq,
+    stride_o_head,
+    stride_lse_split,
+    stride_lse_seq,
+    stride_lse_head,
+    softmax_scale,
+    softcap,
+    window_left,  # UNBOUNDED_WINDOW when unbounded
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_CHUNKS: tl.constexpr,  # programs per KV head (cdiv(GROUP, BLOCK_H); 1 unless GROUP > 64)
+    BLOCK_H: tl.constexpr,  # query-head rows per program (power of two >= 16, for tl.dot)
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE
+    BLOCK_N: tl.constexpr,  # tokens per tile
+    PAGE_SIZE: tl.constexpr,  # tokens per page (IS_PAGED)
+    IS_PAGED: tl.constexpr,
+    HAS_SEQUSED: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    IS_SPLIT: tl.constexpr,  # write fp32 partials for the split-merge kernel (sinks are added there)
+    USE_SOFTCAP: tl.constexpr,
+    USE_ALIBI: tl.constexpr,
+    USE_SINKS: tl.constexpr,
+    FP8_V_FENCE: tl.constexpr,  # NVIDIA only: keep the fp8 -> fp16 conversion of V ahead of its relayout
+):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    chunk = pid % HEAD_CHUNKS
+    kv_head = (pid // HEAD_CHUNKS) % num_kv_heads
+    seq = pid // (HEAD_CHUNKS * num_kv_heads)
+    seq64 = seq.to(tl.int64)
+
+    # Key range of this sequence, then of this split: splits divide the visible keys evenly, in whole tiles.
+    if IS_PAGED:
+        kv_len = tl.load(seqused_k_ptr + seq)
+        k_start = 0
+    else:
+        k_start = tl.load(cu_seqlens_k_ptr + seq)
+        kv_len = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
+        if HAS_SEQUSED:
+            kv_len = tl.minimum(kv_len, tl.load(seqused_k_ptr + seq))
+    first_key = tl.maximum(kv_len - 1 - window_left, 0)
+    num_keys = kv_len - first_key
+    keys_per_split = tl.cdiv(tl.cdiv(num_keys, num_splits), BLOCK_N) * BLOCK_N
+    split_start = first_key + split * keys_per_split
+    split_end = tl.minimum(split_start + keys_per_split, kv_len)
+
+    rows = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
+    row_mask = rows < GROUP
+    q_heads = kv_head * GROUP + rows
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_mask = offs_d < HEAD_SIZE
+    offs_n = tl.arange(0, BLOCK_N)
+
+    q_offs = seq64 * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+    # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
+    k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
+    score_scale = softmax_scale * k_descale
+    if USE_ALIBI:
+        slopes = tl.load(alibi_slopes_ptr + seq * stride_alibi_seq + q_heads * stride_alibi_head, mask=row_mask)
+        q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (kv_len - 1)
+
+    k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
+    v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
+    block_row_ptr = block_table_ptr + seq64 * stride_bt_seq
+
+    if IS_FP8:
+        q = q.to(tl.float16)
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
+    for tile_start in range(split_start, split_end, BLOCK_N):
+        pos = tile_start + offs_n
+        valid = pos < split_end
+        if IS_PAGED:
+            page = tl.load(block_row_ptr + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+            in_page = (pos % PAGE_SIZE).to(tl.int64)
+            k_rows = page * stride_k_block + in_page * stride_k_tok
+            v_rows = page * stride_v_block + in_page * stride_v_tok
+        else:
+            token = (k_start + pos).to(tl.int64)
+            k_rows = token * stride_k_tok
+            v_rows = token * stride_v_tok
+        if HEAD_PAD == HEAD_SIZE:
+            kv_mask = valid[:, None]
+        else:
+            kv_mask = valid[:, None] & d_mask[None, :]
+        k = tl.load(k_head_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_head_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IS_FP8:
+            k = k.to(tl.float16)
+            v = v.to(tl.float16)
+            if FP8_V_FENCE:
+                # An identity move with side effects: Triton cannot hoist the conversion above it, so V is
+                # re-laid out as fp16 (ldmatrix.trans) instead of read from shared memory byte by byte.
+                v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float16, is_pure=False, pack=2)
+
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
+        if USE_SOFTCAP or USE_ALIBI:
+            scores = qk * score_scale
+            if USE_SOFTCAP:
+                scores = softcap_scores(scores, softcap)
+            if USE_ALIBI:
+                scores += alibi_bias(slopes, q_pos, pos)
+            scores = scores * LOG2E
+        else:
+            scores = qk * (score_scale * LOG2E)
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    if USE_SINKS and not IS_SPLIT:
+        sinks = tl.load(sinks_ptr + q_heads, mask=row_mask, other=0.0) * LOG2E
+        m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks)
+        acc = acc * alpha[:, None]
+    out, lse = finalize_softmax(acc, m_i, l_i)
+    # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
+    out = out * tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+
+    o_offs = split.to(tl.int64) * stride_o_split + seq64 * stride_o_seq + q_heads[:, None] * stride_o_head
+    tl.store(
+        out_ptr + o_offs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :]
+    )
+    lse_offs = split.to(tl.int64) * stride_lse_split + seq64 * stride_lse_seq + q_heads * stride_lse_head
+    tl.store(lse_ptr + lse_offs, lse, mask=row_mask)

@@ -1,0 +1,144 @@
+"""Launch settings of the decode kernel: a deterministic function of shapes and Python ints.
+
+Nothing here reads a tensor value, so the same call always launches the same grid with the same
+buffers: the decode is CUDA-graph capturable and its split buffers are sized from shapes alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import triton
+
+__all__ = ["DecodeLaunchConfig", "choose_decode_config", "resolve_num_splits", "MAX_SPLITS"]
+
+# Query-head rows per program: tl.dot needs at least 16 rows; above 64 a KV head's group is cut into chunks
+# so that the accumulator stays in registers.
+MIN_BLOCK_H = 16
+MAX_BLOCK_H = 64
+# Tokens per tile: a [BLOCK_N, HEAD_PAD] tile of 16-bit values (FP8 tiles are converted to fp16 in registers)
+# of 16 KiB: 64 tokens at D = 128. Larger tiles cost registers, hence programs per SM.
+TILE_BYTES_16BIT = 16384
+MAX_BLOCK_N = 128
+# Automatic split-KV: no split when the (sequence, KV head) programs alone give NO_SPLIT_PROGRAMS_PER_SM per
+# SM (64 x 4096 at Hkv 8 measured faster unsplit); otherwise as many splits as fit in one wave of
+# PROGRAMS_PER_SM programs per SM (the resident programs of an H100 SM at D = 128), rounded down: a few
+# programs past a full wave leave a tail (FP8 4 x 32768 on 132 SMs: 512 programs 80 % of copy bandwidth,
+# 544 62 %, 640-768 56-64 %), and at least MIN_KEYS_PER_SPLIT keys per split (below that the merge costs
+# more than the parallelism gains).
+NO_SPLIT_PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 4
+MIN_KEYS_PER_SPLIT = 512
+MAX_SPLITS = 256
+# The interpreter runs programs one after another: small tiles keep the CPU tests short.
+INTERPRETER_BLOCK_N = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunchConfig:
+    """Launch settings of one decode call.
+
+    Attributes
+    ----------
+    block_h : int
+        Query-head rows per program (power of two, >= 16).
+    head_chunks : int
+        Programs per KV head (``cdiv(group, block_h)``).
+    head_pad : int
+        Head size rounded up to a power of two.
+    block_n : int
+        Tokens per K/V tile.
+    num_splits : int
+        Splits per (sequence, KV head); 1 means no split buffers and no merge kernel.
+    num_warps, num_stages : int
+        Triton launch settings.
+    """
+
+    block_h: int
+    head_chunks: int
+    head_pad: int
+    block_n: int
+    num_splits: int
+    num_warps: int
+    num_stages: int
+
+
+def resolve_num_splits(
+    num_splits: int,
+    *,
+    num_programs: int,
+    max_keys: int,
+    block_n: int,
+    multiprocessor_count: int,
+) -> int:
+    """The split count: ``num_splits`` 1 = none, ``n > 1`` = at most ``n``, 0 = automatic.
+
+    A split always gets at least one tile of keys, so ``n`` is capped by the tiles of the longest
+    sequence. Automatic: split only when ``num_programs`` (sequences x KV-head programs) give fewer than
+    ``NO_SPLIT_PROGRAMS_PER_SM`` per SM, then into as many splits as fill one wave of ``PROGRAMS_PER_SM``
+    programs per SM without passing it, never below ``MIN_KEYS_PER_SPLIT`` keys per split.
+    """
+    max_tiles = max(1, triton.cdiv(max_keys, block_n))
+    if num_splits == 1:
+        return 1
+    if num_splits > 1:
+        return min(num_splits, max_tiles, MAX_SPLITS)
+    if num_programs >= multiprocessor_count * NO_SPLIT_PROGRAMS_PER_SM:
+        return 1
+    wanted = (multiprocessor_count * PROGRAMS_PER_SM) // max(num_programs, 1)
+    return max(1, min(wanted, triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
+
+
+def choose_decode_config(
+    *,
+    num_seqs: int,
+    num_kv_heads: int,
+    group: int,
+    head_size: int,
+    kv_itemsize: int,
+    max_seqlen_k: int,
+    window_left: int,
+    num_splits: int,
+    multiprocessor_count: int,
+    interpreter: bool,
+) -> DecodeLaunchConfig:
+    """Pick the decode launch settings from shapes and Python ints.
+
+    Parameters
+    ----------
+    num_seqs, num_kv_heads, group, head_size : int
+        Batch and head shapes (``group = Hq // Hkv``).
+    kv_itemsize : int
+        Bytes per cached element (2 for fp16/bf16, 1 for FP8).
+    max_seqlen_k : int
+        The caller's bound on the KV length of any sequence.
+    window_left : int
+        Normalised left window edge, ``-1`` = unbounded (a window caps the keys a query sees).
+    num_splits : int
+        The caller's ``num_splits`` (0 automatic, 1 none, ``n > 1`` at most ``n``).
+    multiprocessor_count : int
+        SMs of the device (a fixed small number under the interpreter).
+    interpreter : bool
+        Running under ``TRITON_INTERPRET=1``.
+    """
+    block_h = min(max(MIN_BLOCK_H, triton.next_power_of_2(group)), MAX_BLOCK_H)
+    head_chunks = triton.cdiv(group, block_h)
+    head_pad = triton.next_power_of_2(head_size)
+    if interpreter:
+        block_n = INTERPRETER_BLOCK_N
+    else:
+        block_n = max(16, min(MAX_BLOCK_N, TILE_BYTES_16BIT // (head_pad * 2)))
+    max_keys = max_seqlen_k if window_left < 0 else min(max_seqlen_k, window_left + 1)
+    splits = resolve_num_splits(
+        num_splits,
+        num_programs=num_seqs * num_kv_heads * head_chunks,
+        max_keys=max_keys,
+        block_n=block_n,
+        multiprocessor_count=multiprocessor_count,
+    )
+    num_warps = 4 if block_h * head_pad <= 32 * 128 else 8
+    if kv_itemsize == 1 and block_h * head_pad <= 16 * 128:
+        num_warps = 2  # FP8 at D <= 128 measured fastest with two warps (same programs per SM, fewer instructions)
+    # FP8: a third stage costs ~40 registers per thread (fewer programs per SM) and measured slower.
+    num_stages = 1 if interpreter else (2 if kv_itemsize == 1 else 3)
+    return DecodeLaunchConfig(block_h, head_chunks, head_pad, block_n, splits, num_warps, num_stages)

@@ -1,0 +1,110 @@
+"""merge_attn_states against the torch formula (and against attention over the union of the key sets);
+-inf / +inf rows, strided views, dtypes, out_lse, bad arguments."""
+
+import pytest
+import torch
+
+from kvflash.attn_common.testing import poison
+from kvflash.paged_decode import merge_attn_states, paged_decode_attention
+
+
+def torch_merge(out_p, lse_p, out_s, lse_s):
+    """Float64 reference: weights exp(lse - logsumexp) per (token, head); empty parts weigh 0."""
+    lse_p = lse_p.double().masked_fill(lse_p == float("inf"), float("-inf"))
+    lse_s = lse_s.double().masked_fill(lse_s == float("inf"), float("-inf"))
+    lse = torch.logaddexp(lse_p, lse_s)
+    safe = lse.masked_fill(torch.isneginf(lse), 0.0)
+    w_p = torch.exp(lse_p - safe).t()[:, :, None]
+    w_s = torch.exp(lse_s - safe).t()[:, :, None]
+    out_p = out_p.double().masked_fill(torch.isneginf(lse_p).t()[:, :, None], 0.0)
+    out_s = out_s.double().masked_fill(torch.isneginf(lse_s).t()[:, :, None], 0.0)
+    return out_p * w_p + out_s * w_s, lse
+
+
+def make_parts(device, tokens, heads, head_size, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    parts = []
+    for _ in range(2):
+        out = torch.randn(tokens, heads, head_size, generator=gen).to(dtype).to(device)
+        lse = (torch.randn(heads, tokens, generator=gen) * 4).to(device)
+        parts += [out, lse]
+    return parts
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("head_size", [64, 80])
+def test_matches_formula_with_empty_rows(device, dtype, head_size):
+    out_p, lse_p, out_s, lse_s = make_parts(device, 7, 5, head_size, dtype, seed=head_size)
+    lse_p[1, 2] = float("-inf")  # prefix empty
+    out_p[2, 1] = float("nan")  # an empty part's output is ignored, even NaN
+    lse_s[3, 4] = float("-inf")  # suffix empty
+    lse_p[0, 5] = lse_s[0, 5] = float("-inf")  # both empty
+    lse_s[4, 6] = float("inf")  # some FlashAttention builds mark an empty row with +inf
+    out = poison(torch.empty_like(out_p))
+    out_lse = poison(torch.empty_like(lse_p))
+    got, got_lse = merge_attn_states(out_p, lse_p, out_s, lse_s, out=out, out_lse=out_lse)
+    assert got is out and got_lse is out_lse
+    ref, ref_lse = torch_merge(out_p, lse_p, out_s, lse_s)
+    tol = 2e-3 if dtype == torch.float16 else 1e-5
+    torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.all(got[5, 0] == 0) and torch.isneginf(got_lse[0, 5])
+
+
+def test_default_out_and_strided_inputs(device):
+    out_p, lse_p, out_s, lse_s = make_parts(device, 6, 16, 64, torch.float16, seed=1)
+    wide = torch.randn(6, 32, 64, device=device).half()
+    out_s = wide[:, 1::2]  # a strided view
+    lse_p = lse_p.t().contiguous().t()  # [Hq, T] with transposed strides
+    got = merge_attn_states(out_p, lse_p, out_s, lse_s)
+    assert got.dtype == torch.float16 and got.shape == out_p.shape
+    ref, _ = torch_merge(out_p, lse_p, out_s, lse_s)
+    torch.testing.assert_close(got.double(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_merge_of_two_key_ranges_equals_attention_over_both(device, decode_case):
+    """Attention over keys [0, 40) merged with keys [40, 100) equals attention over [0, 100)."""
+    case = decode_case(device, [100], num_q_heads=4, num_kv_heads=2, contiguous=True, seed=3)
+    q, k, v = case.q, case.k, case.v
+    full, full_lse = paged_decode_attention(q, k, v, 100, cu_seqlens_k=case.kwargs["cu_seqlens_k"], return_lse=True)
+    # The suffix (keys 40..99) is the last 60 keys: a window of 59 keys to the left of the query.
+    suf, suf_lse = paged_decode_attention(q, k, v, 100, cu_seqlens_k=case.kwargs["cu_seqlens_k"],
+                                          window_size=(59, -1), return_lse=True)  # fmt: skip
+    cu40 = torch.tensor([0, 40], dtype=torch.int32, device=device)
+    pre, pre_lse = paged_decode_attention(q, k[:40], v[:40], 40, cu_seqlens_k=cu40, return_lse=True)
+    merged, merged_lse = merge_attn_states(pre, pre_lse, suf, suf_lse, out_lse=torch.empty_like(pre_lse))
+    torch.testing.assert_close(merged, full, atol=2e-3, rtol=0)
+    torch.testing.assert_close(merged_lse, full_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_fallback_matches_kernel(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("the fallback is for CPU tensors")
+    parts = make_parts(device, 4, 3, 32, torch.float32, seed=4)
+    parts[1][0, 0] = float("-inf")
+    kernel, kernel_lse = merge_attn_states(*parts, out_lse=torch.empty_like(parts[1]))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fallback, fallback_lse = merge_attn_states(*parts, out_lse=torch.empty_like(parts[1]))
+    torch.testing.assert_close(kernel, fallback, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel_lse, fallback_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_arguments(device):
+    out_p, lse_p, out_s, lse_s = make_parts(device, 4, 2, 32, torch.float16, seed=5)
+    with pytest.raises(ValueError, match="suffix_out"):
+        merge_attn_states(out_p, lse_p, out_s[:3], lse_s)
+    with pytest.raises(TypeError, match="prefix_lse"):
+        merge_attn_states(out_p, lse_p.half(), out_s, lse_s)
+    with pytest.raises(ValueError, match="suffix_lse"):
+        merge_attn_states(out_p, lse_p, out_s, lse_s.t())
+    with pytest.raises(TypeError, match="out"):
+        merge_attn_states(out_p, lse_p, out_s, lse_s, out=torch.empty_like(out_p, dtype=torch.int32))
+    with pytest.raises(ValueError, match="out_lse"):
+        merge_attn_states(out_p, lse_p, out_s, lse_s, out_lse=torch.empty(3, 3, device=device))
+
+
+def test_custom_op_opcheck(device):
+    parts = make_parts(device, 3, 2, 32, torch.float16, seed=6)
+    args = (*parts, torch.empty_like(parts[0]), torch.empty_like(parts[1]))
+    torch.library.opcheck(torch.ops.kvflash.merge_attn_states.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
