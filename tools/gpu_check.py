@@ -64,6 +64,9 @@ def main() -> int:
     parser.add_argument("--bench", choices=["none", "quick", "full"], default="none")
     parser.add_argument("-k", default=None, help="pytest -k expression")
     parser.add_argument("--tests", nargs="*", default=["tests"], help="test paths (default: tests)")
+    parser.add_argument(
+        "--workers", type=int, default=8, help="pytest-xdist workers (0: none); Triton compiles in each"
+    )
     parser.add_argument("--test-timeout", type=float, default=420.0, help="seconds for the whole pytest run")
     args = parser.parse_args()
     out = pathlib.Path(os.environ.get("OUT", ROOT / "bench-out"))
@@ -80,6 +83,11 @@ def main() -> int:
     cmd = [sys.executable, "-m", "pytest", *args.tests, "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     if args.k:
         cmd += ["-k", args.k]
+    if args.workers > 0:
+        import importlib.util
+
+        if importlib.util.find_spec("xdist") is not None:
+            cmd += ["-n", str(args.workers)]
     rc, secs = _run(cmd, out / "pytest.log", args.test_timeout)
     counts = _junit_counts(junit)
     rows.append(("tests", rc, secs, ", ".join(f"{k} {v}" for k, v in counts.items()) or "no junit"))
