@@ -56,7 +56,7 @@ def check_tensor(
     shape : sequence of int or None, optional
         Required sizes; ``None`` entries are free. Implies ``ndim``.
     device : torch.device, optional
-        Required device (the query's, usually).
+        Required device (the query's for attention, the key's for the cache writer).
     last_dim_contiguous : bool
         Require ``stride(-1) == 1`` (kernels vectorise along the last dimension).
     """
@@ -74,7 +74,7 @@ def check_tensor(
                 expected = tuple("*" if s is None else s for s in shape)
                 raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)} (dimension {axis} differs)")
     if device is not None and t.device != device:
-        raise ValueError(f"{name}: expected a tensor on {device} (the query's device), got one on {t.device}")
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
     if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{name}: the last dimension must be contiguous (stride(-1) == 1), got strides {tuple(t.stride())}"

@@ -62,12 +62,15 @@ class KVFlashDType(enum.Enum):
     @classmethod
     def from_torch(cls, dtype: torch.dtype, name: str = "tensor") -> KVFlashDType:
         """Map a torch dtype to the enum; ``TypeError`` naming ``name`` for a dtype kvflash does not take."""
-        for member in cls:
-            if getattr(torch, member.value, None) == dtype:
-                return member
-        valid = ", ".join(m.value for m in cls)
-        raise TypeError(f"{name}: dtype {dtype} is not supported by kvflash; expected one of {valid}")
+        # A dict lookup, not a loop over the enum: torch.compile traces dict lookups but not enum iteration.
+        member = _FROM_TORCH.get(dtype)
+        if member is None:
+            valid = ", ".join(m.value for m in cls)
+            raise TypeError(f"{name}: dtype {dtype} is not supported by kvflash; expected one of {valid}")
+        return member
 
+
+_FROM_TORCH = {member.torch_dtype: member for member in KVFlashDType}
 
 QUERY_TORCH_DTYPES = (torch.float16, torch.bfloat16)
 FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)

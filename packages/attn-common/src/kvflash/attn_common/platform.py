@@ -19,6 +19,7 @@ __all__ = [
     "multiprocessor_count",
     "is_rocm",
     "compiles_to_ptx",
+    "prefers_fp8_e4m3fnuz",
     "INTERPRETER_MULTIPROCESSORS",
 ]
 
@@ -59,6 +60,15 @@ def compiles_to_ptx(device: torch.device) -> bool:
     """True where Triton compiles to NVIDIA PTX (so a kernel may use inline PTX): CUDA devices of a
     non-ROCm torch, outside the interpreter."""
     return device.type == "cuda" and not is_rocm() and not interpreter_enabled()
+
+
+@functools.cache
+def prefers_fp8_e4m3fnuz() -> bool:
+    """True on MI300-class AMD GPUs (gfx94x), whose FP8 hardware format is e4m3 "fnuz"; every other
+    target uses OCP ``float8_e4m3fn``. Read from device 0 once."""
+    if not (is_rocm() and torch.cuda.is_available()):
+        return False
+    return getattr(torch.cuda.get_device_properties(0), "gcnArchName", "").startswith("gfx94")
 
 
 @functools.cache

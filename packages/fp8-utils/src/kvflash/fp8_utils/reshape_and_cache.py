@@ -1,0 +1,262 @@
+"""``reshape_and_cache_flash``: write new keys and values into the paged KV cache, quantising to FP8.
+
+The launcher checks arguments (shapes, dtypes, devices only: no tensor value is read on the host, so the
+op is CUDA-graph capturable), picks the launch shape from sizes alone, and launches
+:func:`~kvflash.fp8_utils.reshape_and_cache_kernel.reshape_and_cache_kernel`. CPU tensors with the Triton
+interpreter off take a plain PyTorch path with the same results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+
+from kvflash.attn_common import FP8_TORCH_DTYPES, check_head_size, check_same_device, check_tensor, platform
+from kvflash.fp8_utils.cache_dtype import resolve_cache_storage_dtype
+from kvflash.fp8_utils.reshape_and_cache_kernel import reshape_and_cache_kernel
+from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, split_cache_scale
+
+__all__ = ["reshape_and_cache_flash", "write_cache", "LaunchConfig", "pick_launch_config"]
+
+# Elements of key (and as many of value) one program moves: 32 rows of D=128, 32 per thread with 4 warps.
+# Measured on H100 (tools/time_fp8_utils.py --sweep, 16k tokens x 8 x 128): 84-85 % of copy bandwidth for
+# FP8, 90 % for bf16; 8 to 32 rows with 2 to 8 warps are within 2 % of each other, 64+ rows lose 5-15 %.
+_ELEMENTS_PER_PROGRAM = 4096
+_NUM_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Rows (``(token, head)`` pairs) per program and warps per program."""
+
+    block_rows: int
+    num_warps: int
+
+
+def pick_launch_config(num_rows: int, head_size: int) -> LaunchConfig:
+    """The launch shape for ``num_rows = num_tokens * Hkv`` rows of ``head_size`` elements."""
+    block_rows = max(1, _ELEMENTS_PER_PROGRAM // triton.next_power_of_2(head_size))
+    return LaunchConfig(min(block_rows, triton.next_power_of_2(num_rows)), _NUM_WARPS)
+
+
+def _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> torch.dtype:
+    """Validate everything but Python-float scale values; return the element type the cache stores."""
+    check_tensor("key", key, dtypes=INPUT_TORCH_DTYPES, ndim=3)
+    num_tokens, num_kv_heads, head_size = key.shape
+    check_head_size(head_size, "head size (key.shape[-1])")
+    check_tensor("value", value, dtypes=(key.dtype,), shape=tuple(key.shape))
+    check_tensor("key_cache", key_cache, ndim=4)
+    check_tensor("key_cache", key_cache, shape=(None, None, num_kv_heads, head_size))
+    check_tensor("value_cache", value_cache, dtypes=(key_cache.dtype,), shape=tuple(key_cache.shape))
+    check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(num_tokens,))
+    check_same_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        split_cache_scale(name, scale, num_kv_heads, key.device)
+    return resolve_cache_storage_dtype(kv_cache_dtype, key_cache.dtype, key.dtype)
+
+
+@torch.library.custom_op("kvflash::reshape_and_cache_flash", mutates_args=("key_cache", "value_cache"))
+def _reshape_and_cache_flash_op(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+    k_scale_value: float,
+    v_scale_value: float,
+) -> None:
+    write_cache(
+        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k_scale_value, v_scale_value
+    )
+
+
+@_reshape_and_cache_flash_op.register_fake
+def _(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k_scale_value, v_scale_value):
+    _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+
+
+def write_cache(
+    key,
+    value,
+    key_cache,
+    value_cache,
+    slot_mapping,
+    kv_cache_dtype,
+    k_scale,
+    v_scale,
+    k_scale_value,
+    v_scale_value,
+    config: LaunchConfig | None = None,
+) -> None:
+    """The op's body: check, then launch (``config`` overrides the heuristic, for tuning) or fall back."""
+    storage = _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+    if key.shape[0] == 0 or key_cache.shape[0] * key_cache.shape[1] == 0:
+        return
+    # A uint8 cache is reinterpreted (no copy) as the format the string names.
+    key_cache, value_cache = key_cache.view(storage), value_cache.view(storage)
+    if storage not in FP8_TORCH_DTYPES:
+        k_scale = v_scale = None  # "auto": documented as unused
+    elif (k_scale is None) != (v_scale is None):
+        # One path for both: the float one becomes a one-element tensor (rare; costs a fill kernel).
+        if k_scale is None:
+            k_scale = torch.full((1,), k_scale_value, dtype=torch.float32, device=key.device)
+        else:
+            v_scale = torch.full((1,), v_scale_value, dtype=torch.float32, device=key.device)
+    if not platform.runs_triton(key.device):
+        _write_with_torch(
+            key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value
+        )
+        return
+    config = config or pick_launch_config(key.shape[0] * key.shape[1], key.shape[2])
+    _launch(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value, config)
+
+
+def _launch(
+    key,
+    value,
+    key_cache,
+    value_cache,
+    slot_mapping,
+    k_scale,
+    v_scale,
+    k_scale_value,
+    v_scale_value,
+    config: LaunchConfig,
+) -> None:
+    """Launch the kernel on checked arguments (caches already viewed as the format they store)."""
+    num_tokens, num_kv_heads, head_size = key.shape
+    is_fp8 = key_cache.dtype in FP8_TORCH_DTYPES
+    finfo = torch.finfo(key_cache.dtype)
+    num_rows = num_tokens * num_kv_heads
+    scale_in_tensor = k_scale is not None
+    grid = (triton.cdiv(num_rows, config.block_rows),)
+    reshape_and_cache_kernel[grid](
+        key_ptr=key,
+        value_ptr=value,
+        key_cache_ptr=key_cache,
+        value_cache_ptr=value_cache,
+        slot_mapping_ptr=slot_mapping,
+        # Never read without SCALE_IN_TENSOR; any pointer will do.
+        k_scale_ptr=k_scale if scale_in_tensor else slot_mapping,
+        v_scale_ptr=v_scale if scale_in_tensor else slot_mapping,
+        k_scale_value=k_scale_value,
+        v_scale_value=v_scale_value,
+        stride_k_scale=_scale_stride(k_scale),
+        stride_v_scale=_scale_stride(v_scale),
+        num_rows=num_rows,
+        num_kv_heads=num_kv_heads,
+        num_slots=key_cache.shape[0] * key_cache.shape[1],
+        block_size=key_cache.shape[1],
+        stride_key_tok=key.stride(0),
+        stride_key_head=key.stride(1),
+        stride_value_tok=value.stride(0),
+        stride_value_head=value.stride(1),
+        stride_kc_block=key_cache.stride(0),
+        stride_kc_slot=key_cache.stride(1),
+        stride_kc_head=key_cache.stride(2),
+        stride_vc_block=value_cache.stride(0),
+        stride_vc_slot=value_cache.stride(1),
+        stride_vc_head=value_cache.stride(2),
+        HEAD_SIZE=head_size,
+        BLOCK_D=triton.next_power_of_2(head_size),
+        BLOCK_ROWS=config.block_rows,
+        IS_FP8=is_fp8,
+        SCALE_IN_TENSOR=scale_in_tensor,
+        FP8_MAX=float(finfo.max) if is_fp8 else 0.0,
+        FP8_MANTISSA_BITS=-round(math.log2(finfo.eps)) if is_fp8 else 0,
+        FP8_MIN_NORMAL=float(finfo.tiny) if is_fp8 else 0.0,
+        # The interpreter's fp32 -> fp8 cast rounds wrongly (see _round_to_fp8_grid); GPUs round in the cast.
+        ROUND_IN_SOFTWARE=is_fp8 and key.device.type == "cpu",
+        num_warps=config.num_warps,
+    )
+
+
+def _scale_stride(scale: torch.Tensor | None) -> int:
+    return 0 if scale is None or scale.numel() == 1 else scale.stride(0)
+
+
+def _write_with_torch(
+    key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value
+) -> None:
+    """The same writes in plain PyTorch (CPU tensors without the interpreter); reads slots on the host."""
+    is_fp8 = key_cache.dtype in FP8_TORCH_DTYPES
+    fp8_max = float(torch.finfo(key_cache.dtype).max)
+    num_blocks, block_size = key_cache.shape[:2]
+    valid = (slot_mapping >= 0) & (slot_mapping < num_blocks * block_size)
+    slots = slot_mapping[valid]
+    blocks, offsets = slots // block_size, slots % block_size
+    for src, cache, scale, scale_value in (
+        (key, key_cache, k_scale, k_scale_value),
+        (value, value_cache, v_scale, v_scale_value),
+    ):
+        rows = src[valid]
+        if is_fp8:
+            if scale is None:
+                scale = torch.full((1,), scale_value, dtype=torch.float32, device=src.device)
+            # A tensor divisor (not a Python scalar): true division, as the kernel does.
+            rows = (rows.float() / scale.float().reshape(-1, 1)).clamp(-fp8_max, fp8_max)
+        rows = rows.to(cache.dtype)
+        if is_fp8:  # index_put_ on float8 dtypes is missing from older torch releases; bytes always work
+            cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+        cache[blocks, offsets] = rows
+
+
+def reshape_and_cache_flash(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    k_scale: torch.Tensor | float | None = None,
+    v_scale: torch.Tensor | float | None = None,
+) -> None:
+    """Write ``key`` and ``value`` into the paged cache at ``slot_mapping``, in place.
+
+    Parameters
+    ----------
+    key, value : torch.Tensor
+        ``[num_tokens, Hkv, D]``, float16, bfloat16 or float32 (one dtype), ``stride(-1) == 1``, other
+        strides free (e.g. slices of a fused QKV projection).
+    key_cache, value_cache : torch.Tensor
+        ``[num_blocks, block_size, Hkv, D]``, ``stride(-1) == 1``; strided views allowed (``[:, 0]`` and
+        ``[:, 1]`` of a joint ``[num_blocks, 2, block_size, Hkv, D]`` cache). Dtype: key's for ``"auto"``;
+        the string's FP8 format otherwise, or ``uint8`` (then the string alone decides the format).
+    slot_mapping : torch.Tensor
+        ``[num_tokens]`` int64, contiguous: token ``t`` goes to block ``slot // block_size``, position
+        ``slot % block_size``. Negative slots (padding) are skipped. Slots ``>= num_blocks * block_size``
+        cannot be rejected without a host synchronisation: they are skipped as well, never written out of
+        bounds. Two tokens with one slot: one of them wins, which one is unspecified.
+    kv_cache_dtype : str
+        ``"auto"``, ``"fp8"`` / ``"fp8_e4m3"`` (e4m3fn, or e4m3fnuz on gfx94x) or ``"fp8_e5m2"``.
+    k_scale, v_scale : None, float or torch.Tensor
+        FP8 only: ``stored = saturate(x / scale)``, clamped to the format's finite range (never NaN or inf);
+        the real value of a stored element is ``stored * scale``. ``None`` (1.0), a positive float, or a
+        float32 (float16, bfloat16) tensor with one element (per tensor) or of shape ``[Hkv]`` (per KV head).
+        For ``"auto"``, float scales must be ``None`` or ``1.0``; tensors are accepted (engines always pass
+        them) and unused, since checking their values would need a host synchronisation.
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument: wrong dtypes, ranks, shapes (head size or Hkv differing from the cache),
+        devices, non-int64 ``slot_mapping``, an unknown ``kv_cache_dtype`` (the message lists the valid
+        ones), an FP8 cache whose format differs from the string, a scale of another shape.
+    """
+    check_tensor("key", key, dtypes=INPUT_TORCH_DTYPES, ndim=3)
+    k_tensor, k_value = split_cache_scale("k_scale", k_scale, key.shape[1], key.device)
+    v_tensor, v_value = split_cache_scale("v_scale", v_scale, key.shape[1], key.device)
+    if kv_cache_dtype == "auto" and (k_value != 1.0 or v_value != 1.0):
+        raise ValueError(
+            f"k_scale/v_scale: kv_cache_dtype='auto' stores values unscaled; got k_scale={k_scale!r}, "
+            f"v_scale={v_scale!r} (use an FP8 kv_cache_dtype to scale)"
+        )
+    _reshape_and_cache_flash_op(
+        key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_tensor, v_tensor, k_value, v_value
+    )

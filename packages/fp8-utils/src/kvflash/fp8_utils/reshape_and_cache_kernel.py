@@ -1,0 +1,176 @@
+"""``@triton.jit`` kernel that writes new keys and values into the paged KV cache (optionally as FP8).
+
+Work is split over *rows*: row ``r = token * Hkv + head`` is one ``[D]`` vector of keys and one of values.
+A program handles ``BLOCK_ROWS`` consecutive rows, so no lanes are wasted on a head count that is not a
+power of two, and both the input and the cache are touched in long contiguous runs (the heads of one
+token are adjacent in both).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round_to_fp8_grid(x, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_NORMAL: tl.constexpr):
+    """Round fp32 ``x`` (finite, inside the FP8 range) to the nearest FP8 value, ties to even; result in fp32.
+
+    Only for the Triton interpreter, whose fp32 -> fp8 cast drops the carry of its rounding (31.6 becomes
+    16 in e4m3): casting a value already on the FP8 grid is exact there. GPUs round in the cast itself.
+    """
+    DROP: tl.constexpr = 23 - FP8_MANTISSA_BITS
+    HALF_MINUS_ONE: tl.constexpr = (1 << (DROP - 1)) - 1
+    KEEP: tl.constexpr = 0xFFFFFFFF - ((1 << DROP) - 1)
+    bits = x.to(tl.uint32, bitcast=True)
+    # Normal range: round the fp32 mantissa to FP8_MANTISSA_BITS bits; a carry moves into the exponent.
+    normal = (bits + HALF_MINUS_ONE + ((bits >> DROP) & 1)) & KEEP
+    # Subnormal range: adding C makes the fp32 ulp equal the FP8 subnormal spacing, so the add rounds;
+    # the sign bit is put back as a bit so that -0.0 stays -0.0.
+    C: tl.constexpr = FP8_MIN_NORMAL * (1 << DROP)
+    magnitude = (tl.abs(x) + C) - C
+    subnormal = magnitude.to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    rounded = tl.where(tl.abs(x) < FP8_MIN_NORMAL, subnormal, normal)
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _write_rows(
+    src_ptr,  # [num_tokens, Hkv, D] key or value
+    cache_ptr,  # [num_blocks, block_size, Hkv, D] cache (fp8 or the input's dtype)
+    scale_ptr,  # [1] or [Hkv] float (read only when SCALE_IN_TENSOR)
+    scale_value,  # float32 scalar scale (used when not SCALE_IN_TENSOR)
+    stride_scale,  # 0 (per tensor) or the [Hkv] tensor's stride
+    token,  # [BLOCK_ROWS] int64
+    head,  # [BLOCK_ROWS] int64
+    block,  # [BLOCK_ROWS] int64 cache block of each row
+    offset,  # [BLOCK_ROWS] int64 position inside the block
+    valid,  # [BLOCK_ROWS] bool: row exists and its slot is inside the cache
+    dims,  # [BLOCK_D] int32
+    stride_src_tok,
+    stride_src_head,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_head,
+    HEAD_SIZE: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    SCALE_IN_TENSOR: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    FP8_MANTISSA_BITS: tl.constexpr,
+    FP8_MIN_NORMAL: tl.constexpr,
+    ROUND_IN_SOFTWARE: tl.constexpr,
+):
+    mask = valid[:, None] & (dims[None, :] < HEAD_SIZE)
+    src_rows = token * stride_src_tok + head * stride_src_head
+    x = tl.load(src_ptr + src_rows[:, None] + dims[None, :], mask=mask, other=0.0)
+    if IS_FP8:
+        if SCALE_IN_TENSOR:
+            scale = tl.load(scale_ptr + head * stride_scale, mask=valid, other=1.0).to(tl.float32)[:, None]
+        else:
+            scale = scale_value
+        # div_rn: IEEE division, so stored bytes equal torch's (x / scale).clamp(...).to(fp8) exactly.
+        x = tl.math.div_rn(x.to(tl.float32), scale)
+        # Saturate before the cast: a plain cast turns out-of-range values into NaN (e4m3) or inf (e5m2).
+        x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+        if ROUND_IN_SOFTWARE:
+            x = _round_to_fp8_grid(x, FP8_MANTISSA_BITS, FP8_MIN_NORMAL)
+    cache_rows = block * stride_cache_block + offset * stride_cache_slot + head * stride_cache_head
+    tl.store(cache_ptr + cache_rows[:, None] + dims[None, :], x.to(cache_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def reshape_and_cache_kernel(
+    key_ptr,  # [num_tokens, Hkv, D] fp16/bf16/fp32, stride(-1) == 1
+    value_ptr,  # [num_tokens, Hkv, D] key's dtype
+    key_cache_ptr,  # [num_blocks, block_size, Hkv, D] fp8 or key's dtype, stride(-1) == 1
+    value_cache_ptr,  # [num_blocks, block_size, Hkv, D] key_cache's dtype
+    slot_mapping_ptr,  # [num_tokens] int64: block * block_size + offset; < 0 = padding
+    k_scale_ptr,  # [1] or [Hkv] float (SCALE_IN_TENSOR only)
+    v_scale_ptr,  # [1] or [Hkv] float (SCALE_IN_TENSOR only)
+    k_scale_value,  # float32 scalar (not SCALE_IN_TENSOR)
+    v_scale_value,  # float32 scalar (not SCALE_IN_TENSOR)
+    stride_k_scale,
+    stride_v_scale,
+    num_rows,  # num_tokens * Hkv
+    num_kv_heads,
+    num_slots,  # num_blocks * block_size: slots at or beyond it are skipped, never written
+    block_size,
+    stride_key_tok,
+    stride_key_head,
+    stride_value_tok,
+    stride_value_head,
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_vc_block,
+    stride_vc_slot,
+    stride_vc_head,
+    HEAD_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    IS_FP8: tl.constexpr,
+    SCALE_IN_TENSOR: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    FP8_MANTISSA_BITS: tl.constexpr,
+    FP8_MIN_NORMAL: tl.constexpr,
+    ROUND_IN_SOFTWARE: tl.constexpr,
+):
+    # num_tokens * Hkv fits in int32; everything that addresses memory below is int64.
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    in_range = rows < num_rows
+    token = (rows // num_kv_heads).to(tl.int64)
+    head = (rows % num_kv_heads).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token, mask=in_range, other=-1)
+    # Out-of-range slots cannot be rejected on the host without a sync: they are skipped like padding.
+    valid = in_range & (slot >= 0) & (slot < num_slots)
+    block = slot // block_size
+    offset = slot % block_size
+    dims = tl.arange(0, BLOCK_D)
+    _write_rows(
+        key_ptr,
+        key_cache_ptr,
+        k_scale_ptr,
+        k_scale_value,
+        stride_k_scale,
+        token,
+        head,
+        block,
+        offset,
+        valid,
+        dims,
+        stride_key_tok,
+        stride_key_head,
+        stride_kc_block,
+        stride_kc_slot,
+        stride_kc_head,
+        HEAD_SIZE,
+        IS_FP8,
+        SCALE_IN_TENSOR,
+        FP8_MAX,
+        FP8_MANTISSA_BITS,
+        FP8_MIN_NORMAL,
+        ROUND_IN_SOFTWARE,
+    )
+    _write_rows(
+        value_ptr,
+        value_cache_ptr,
+        v_scale_ptr,
+        v_scale_value,
+        stride_v_scale,
+        token,
+        head,
+        block,
+        offset,
+        valid,
+        dims,
+        stride_value_tok,
+        stride_value_head,
+        stride_vc_block,
+        stride_vc_slot,
+        stride_vc_head,
+        HEAD_SIZE,
+        IS_FP8,
+        SCALE_IN_TENSOR,
+        FP8_MAX,
+        FP8_MANTISSA_BITS,
+        FP8_MIN_NORMAL,
+        ROUND_IN_SOFTWARE,
+    )
