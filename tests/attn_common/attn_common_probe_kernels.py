@@ -50,7 +50,8 @@ def streaming_softmax_kernel(
         s = tl.where(visible, s * LOG2E, float("-inf"))
         m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, s)
         v = tl.load(values_ptr + k_pos[:, None] * D + cols_d[None, :])
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
+        # An fp32 dot in full precision: a broadcast-multiply-sum may be lowered to a TF32 dot on the GPU.
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
     if USE_SINK:
         sink = tl.load(sinks_ptr + rows) * LOG2E
         m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sink)

@@ -59,7 +59,7 @@ def test_streaming_softmax_helpers_match_torch(device, kv_len, left, right, soft
         M=m,
         N=n,
         D=d,
-        BLOCK_N=8,
+        BLOCK_N=16,
         USE_SOFTCAP=softcap > 0,
         USE_SINK=use_sink,
     )

@@ -75,8 +75,9 @@ def test_reshape_and_cache_gpu_cache_over_4gib(cache_dtype):
     key_cache = torch.zeros(num_blocks, block_size, num_kv_heads, head_size, dtype=cache_dtype, device="cuda")
     value_cache = torch.zeros_like(key_cache)
     num_tokens = 3 * block_size
-    key = torch.randn(num_tokens, num_kv_heads, head_size, device="cuda").bfloat16() + 4.0
-    value = torch.randn(num_tokens, num_kv_heads, head_size, device="cuda").bfloat16() - 4.0
+    # Strictly nonzero (|x| >= 1) so the count of nonzero cache bytes below is exactly the written elements.
+    key = (torch.randn(num_tokens, num_kv_heads, head_size, device="cuda").abs() + 1.0).bfloat16()
+    value = -(torch.randn(num_tokens, num_kv_heads, head_size, device="cuda").abs() + 1.0).bfloat16()
     slots = torch.cat(
         [
             torch.arange(block_size),
