@@ -126,7 +126,8 @@ def build(session: nox.Session) -> None:
     tmp = pathlib.Path(session.create_tmp())
     for p in ["chunk-prefill", "paged-decode", "fp8-utils"]:
         env_dir = tmp / f"alone-{p}"
-        session.run("python", "-m", "venv", "--system-site-packages", "--clear", str(env_dir))
+        # --without-pip: pip comes from the shared site; a seeded (older) setuptools would shadow the one torch needs.
+        session.run("python", "-m", "venv", "--system-site-packages", "--without-pip", "--clear", str(env_dir))
         py = str(env_dir / "bin" / "python")
         dist_name = f"kvflash-{p}"
         # --no-index: the wheel's kvflash dependency must come from dist/, torch/Triton from the system site.
