@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sysconfig
 import zipfile
 
 import nox
@@ -45,9 +46,22 @@ IMPORT_NAMES = {
     "kvflash": "kvflash.flash_attn_interface",
 }
 VENV = ["--system-site-packages"]
+# The site-packages of the interpreter running nox (where the README's command put torch and Triton). A
+# session venv sees it through a .pth file; --system-site-packages alone would miss it when nox itself runs
+# inside a virtual environment (it points at the base interpreter's site-packages instead).
+SHARED_SITE = sysconfig.get_paths()["purelib"]
 
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = False
+
+
+def _share_site(python: str, session: nox.Session) -> None:
+    """Put SHARED_SITE on the path of the environment of ``python`` (a .pth file in its site-packages)."""
+    purelib = session.run(
+        python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True, external=True
+    ).strip()
+    if pathlib.Path(purelib).resolve() != pathlib.Path(SHARED_SITE).resolve():
+        (pathlib.Path(purelib) / "kvflash_shared_site.pth").write_text(SHARED_SITE + "\n")
 
 
 def _install_local(session: nox.Session, packages: list[str]) -> None:
@@ -65,6 +79,7 @@ def _absent(package: str) -> str:
 @nox.parametrize("package", PACKAGES)
 def tests(session: nox.Session, package: str) -> None:
     """One package's tests in a fresh environment holding only that package and its kvflash dependencies."""
+    _share_site("python", session)
     session.install("pytest", "numpy", "hatchling")
     if package == "kvflash":
         session.install("matplotlib")  # tests/tools checks the benchmark report's plot
@@ -86,6 +101,7 @@ def _versions() -> dict[str, str]:
 @nox.session(venv_params=VENV)
 def lint(session: nox.Session) -> None:
     """ruff, plus the lock-step check: one version everywhere and exact sibling pins to it."""
+    _share_site("python", session)
     session.install("ruff")
     session.run("ruff", "check", ".")
     versions = _versions()
@@ -107,6 +123,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(venv_params=VENV)
 def build(session: nox.Session) -> None:
     """Build the five wheels, check the namespace, and install each kernel wheel alone in a fresh venv."""
+    _share_site("python", session)
     session.install("hatchling", "build")
     dist = ROOT / "dist"
     for old in dist.glob("*.whl"):
@@ -129,6 +146,7 @@ def build(session: nox.Session) -> None:
         # --without-pip: pip comes from the shared site; a seeded (older) setuptools would shadow the one torch needs.
         session.run("python", "-m", "venv", "--system-site-packages", "--without-pip", "--clear", str(env_dir))
         py = str(env_dir / "bin" / "python")
+        _share_site(py, session)
         dist_name = f"kvflash-{p}"
         # --no-index: the wheel's kvflash dependency must come from dist/, torch/Triton from the system site.
         session.run(py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), dist_name, external=True)
@@ -143,6 +161,7 @@ def build(session: nox.Session) -> None:
 @nox.session(venv_params=VENV)
 def demo(session: nox.Session) -> None:
     """The main job: a small serving loop over a paged FP8 cache (tools/demo.py)."""
+    _share_site("python", session)
     session.install("hatchling")
     _install_local(session, PACKAGES)
     session.run("python", str(ROOT / "tools" / "demo.py"), *session.posargs)
@@ -151,6 +170,7 @@ def demo(session: nox.Session) -> None:
 @nox.session(venv_params=VENV)
 def bench(session: nox.Session) -> None:
     """The benchmark suite (needs a GPU): tools/bench/bench.py."""
+    _share_site("python", session)
     session.install("hatchling")
     _install_local(session, PACKAGES)
     session.run("python", str(ROOT / "tools" / "bench" / "bench.py"), *session.posargs)

@@ -56,6 +56,29 @@ def test_same_device():
         check_same_device(a=torch.zeros(1), b=torch.zeros(1, device="meta"))
 
 
+def test_scalar_checks_reject_tensors_and_wrong_types():
+    from kvflash.attn_common import check_bool, check_int, check_real
+
+    assert check_int("n", 3) == 3 and check_real("x", 2) == 2.0 and check_bool("b", False) is False
+    with pytest.raises(TypeError, match=r"n: expected a Python int, got Tensor"):
+        check_int("n", torch.tensor(3))
+    with pytest.raises(TypeError, match=r"n: expected a Python int, got bool"):
+        check_int("n", True)
+    with pytest.raises(ValueError, match=r"n: expected an int >= -1, got -2"):
+        check_int("n", -2, minimum=-1)
+    with pytest.raises(TypeError, match=r"x: expected a Python float, got Tensor"):
+        check_real("x", torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"b: expected a bool, got int"):
+        check_bool("b", 1)
+
+
+def test_kv_layout_checks_max_seqlen_k_against_capacity():
+    q, k, table, used = _paged()  # 3 pages of 16 per sequence
+    check_kv_cache(q, k, k, 2, block_table=table, seqused_k=used, cu_seqlens_k=None, max_seqlen_k=48)
+    with pytest.raises(ValueError, match=r"max_seqlen_k: 49 keys do not fit: block_table addresses 3 pages x 16 48"):
+        check_kv_cache(q, k, k, 2, block_table=table, seqused_k=used, cu_seqlens_k=None, max_seqlen_k=49)
+
+
 def test_gqa_head_size_block_size():
     assert check_gqa(12, 2) == 6 and check_gqa(7, 1) == 7
     with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of the number of KV heads \(4\)"):

@@ -100,5 +100,8 @@ def test_alibi_and_sinks():
         normalize_alibi_slopes(torch.rand(4).half(), 3, 4, CPU)
     assert normalize_sinks(None, 4, CPU) is None
     assert normalize_sinks(torch.rand(4).bfloat16(), 4, CPU).dtype == torch.float32
+    strided = torch.arange(8.0)[::2]
+    assert normalize_sinks(strided, 4, CPU).is_contiguous() and torch.equal(normalize_sinks(strided, 4, CPU), strided)
+    assert normalize_sinks(torch.tensor([2.0]).expand(4), 4, CPU).stride() == (1,)
     with pytest.raises(ValueError, match=r"s_aux: expected shape \(4,\), got \(2,\)"):
         normalize_sinks(torch.rand(2), 4, CPU)

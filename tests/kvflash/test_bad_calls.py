@@ -130,6 +130,32 @@ BAD_CALLS = [
     ("out_dtype", dict(out=torch.empty(5, 4, 64)), TypeError, r"out: expected dtype float16"),
     ("out_shape", dict(out=torch.empty(5, 4, 32).half()), ValueError, r"out: expected shape"),
     ("softmax_scale", dict(softmax_scale=0.0), ValueError, r"softmax_scale: expected a finite positive float"),
+    ("softcap_tensor", dict(softcap=torch.tensor(5.0)), TypeError, r"softcap: expected a Python float, got Tensor"),
+    ("scale_tensor", dict(softmax_scale=torch.tensor(0.1)), TypeError, r"softmax_scale: expected a Python float"),
+    ("window_float", dict(window_size=(4.5, 0)), TypeError, r"window_size: expected None or a pair"),
+    ("causal_int", dict(causal=1), TypeError, r"causal: expected a bool, got int"),
+    ("deterministic_str", dict(deterministic="yes"), TypeError, r"deterministic: expected a bool"),
+    (
+        "max_seqlen_k_past_table",
+        dict(max_seqlen_k=10_000),
+        ValueError,
+        r"max_seqlen_k: 10000 keys do not fit: block_table addresses \d+ pages x 16 \d+ tokens",
+    ),
+    (
+        "max_seqlen_k_past_k",
+        lambda a: a.update(
+            block_table=None,
+            seqused_k=None,
+            k=_contiguous_k(),
+            v=_contiguous_k(),
+            k_descale=None,
+            v_descale=None,
+            max_seqlen_k=30,
+            cu_seqlens_k=torch.tensor([0, 20, 29], dtype=torch.int32),
+        ),
+        ValueError,
+        r"max_seqlen_k: 30 keys do not fit: k holds 29 tokens",
+    ),
     (
         "device",
         lambda a: a.update(block_table=a["block_table"].to("meta")),
@@ -147,6 +173,15 @@ def test_bad_call_raises_naming_the_argument(change, error, match):
     else:
         args.update(change)
     with pytest.raises(error, match=match):
+        flash_attn_varlen_func(**args)
+
+
+@pytest.mark.parametrize("max_seqlen_q", [1, 9])
+def test_causal_must_be_bool_on_both_routes(max_seqlen_q):
+    args = _good_paged()
+    case = make_case([(1, 20), (1, 9)] if max_seqlen_q == 1 else [(9, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
+    args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=max_seqlen_q, causal=1)
+    with pytest.raises(TypeError, match=r"causal: expected a bool, got int"):
         flash_attn_varlen_func(**args)
 
 

@@ -95,6 +95,17 @@ def test_features_window_alibi_and_splits(device):
         _check_against_reference(case, out, lse, window_size=(10, 0), alibi_slopes=slopes)
 
 
+@pytest.mark.parametrize("mix", [DECODE_MIX, MIXED_MIX], ids=["decode", "mixed"])
+def test_strided_and_expanded_sinks(device, mix):
+    """Sinks given as a strided view or a stride-0 expanded tensor are read per head, on both routes."""
+    case = make_case(mix, hq=4, hkv=2, device=device, seed=9)
+    args = (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k)
+    base = torch.randn(8, device=device)
+    for sinks in (base[::2], torch.tensor([0.7], device=device).expand(4)):
+        out, lse = flash_attn_varlen_func(*args, causal=True, s_aux=sinks, return_softmax_lse=True, **case.kv_args)
+        _check_against_reference(case, out, lse, causal=True, s_aux=sinks.contiguous())
+
+
 def test_deterministic_and_fa_version_change_nothing(device):
     case = make_case(MIXED_MIX, device=device, seed=11)
     args = (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k)

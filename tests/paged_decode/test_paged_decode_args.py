@@ -41,7 +41,7 @@ def test_strided_query(small):
     "overrides,error,match",
     [
         ({"num_splits": -1}, ValueError, "num_splits"),
-        ({"num_splits": 1.5}, ValueError, "num_splits"),
+        ({"num_splits": 1.5}, TypeError, "num_splits"),
         ({"max_seqlen_k": -3}, ValueError, "max_seqlen_k"),
         ({"q": "first"}, TypeError, "q"),
         ({"softcap": -1.0}, ValueError, "softcap"),

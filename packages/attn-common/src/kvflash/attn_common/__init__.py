@@ -10,9 +10,12 @@
 
 from kvflash.attn_common.checks import (
     check_block_size,
+    check_bool,
     check_gqa,
     check_head_size,
     check_index_tensor,
+    check_int,
+    check_real,
     check_same_device,
     check_tensor,
 )
@@ -41,9 +44,12 @@ __all__ = [
     "QUERY_TORCH_DTYPES",
     "UNBOUNDED_WINDOW",
     "check_block_size",
+    "check_bool",
     "check_gqa",
     "check_head_size",
     "check_index_tensor",
+    "check_int",
+    "check_real",
     "check_kv_cache",
     "check_same_device",
     "check_softcap",

@@ -19,6 +19,9 @@ __all__ = [
     "check_gqa",
     "check_head_size",
     "check_block_size",
+    "check_int",
+    "check_bool",
+    "check_real",
     "MIN_HEAD_SIZE",
     "MAX_HEAD_SIZE",
 ]
@@ -102,6 +105,29 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     for name, t in items[1:]:
         if t.device != first.device:
             raise ValueError(f"{name}: expected a tensor on {first.device} (like {first_name}), got one on {t.device}")
+
+
+def check_int(name: str, value: object, minimum: int = 0) -> int:
+    """A Python int (not a bool, not a tensor: reading a tensor would synchronise) that is ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    """A Python bool (a tensor would need a host synchronisation to read)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def check_real(name: str, value: object) -> float:
+    """A Python int or float (not a bool, not a tensor), returned as float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a Python float, got {type(value).__name__}")
+    return float(value)
 
 
 def check_gqa(num_q_heads: int, num_kv_heads: int) -> int:

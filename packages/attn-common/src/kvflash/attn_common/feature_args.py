@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from kvflash.attn_common.checks import check_tensor
+from kvflash.attn_common.checks import check_real, check_tensor
 
 # An unbounded window edge as the kernels see it: larger than any position difference, small enough
 # that ``position +/- UNBOUNDED_WINDOW`` stays inside int32.
@@ -31,7 +31,7 @@ def resolve_softmax_scale(softmax_scale: float | None, head_size: int) -> float:
     """``None`` becomes ``1 / sqrt(head_size)``; otherwise a finite positive float."""
     if softmax_scale is None:
         return 1.0 / math.sqrt(head_size)
-    scale = float(softmax_scale)
+    scale = check_real("softmax_scale", softmax_scale)
     if not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"softmax_scale: expected a finite positive float, got {softmax_scale}")
     return scale
@@ -45,12 +45,13 @@ def normalize_window(window_size, causal: bool) -> tuple[int, int]:
     if window_size is None:
         left, right = -1, -1
     else:
-        try:
-            left, right = (int(w) for w in window_size)
-        except (TypeError, ValueError):
-            raise TypeError(
-                f"window_size: expected None or a pair (left, right) of ints, got {window_size!r}"
-            ) from None
+        # Python ints only: int() of a tensor would synchronise, int() of a float would truncate.
+        if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+            raise TypeError(f"window_size: expected None or a pair (left, right) of ints, got {window_size!r}")
+        left, right = window_size
+        for edge in (left, right):
+            if isinstance(edge, bool) or not isinstance(edge, int):
+                raise TypeError(f"window_size: expected None or a pair (left, right) of ints, got {window_size!r}")
         if left < -1 or right < -1:
             raise ValueError(f"window_size: entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
     if causal:
@@ -65,7 +66,7 @@ def kernel_window(left: int, right: int) -> tuple[int, int]:
 
 def check_softcap(softcap: float) -> float:
     """``0`` disables it; otherwise a finite positive float."""
-    value = float(softcap)
+    value = check_real("softcap", softcap)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"softcap: expected 0 (off) or a finite positive float, got {softcap}")
     return value
@@ -93,4 +94,5 @@ def normalize_sinks(s_aux: torch.Tensor | None, num_q_heads: int, device: torch.
     if s_aux is None:
         return None
     check_tensor("s_aux", s_aux, dtypes=_FLOAT_TYPES, shape=(num_q_heads,), device=device, last_dim_contiguous=False)
-    return s_aux if s_aux.dtype == torch.float32 else s_aux.float()
+    # The kernels read sinks[h] at offset h: make a strided or stride-0 (expanded) view contiguous.
+    return s_aux.to(torch.float32).contiguous()

@@ -54,6 +54,7 @@ def check_kv_cache(
     block_table: torch.Tensor | None,
     seqused_k: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
+    max_seqlen_k: int | None = None,
 ) -> KVLayout:
     """Validate a KV cache against the query ``q [total_q, Hq, D]``.
 
@@ -61,6 +62,11 @@ def check_kv_cache(
     [num_seqs, max_blocks]`` int32 and ``seqused_k [num_seqs]`` int32; ``cu_seqlens_k`` must be None.
     Contiguous: ``k, v [total_k, Hkv, D]`` and ``cu_seqlens_k [num_seqs + 1]`` int32; ``seqused_k`` may
     additionally cap each sequence's length (FlashAttention's meaning), ``block_table`` must be None.
+
+    With ``max_seqlen_k`` (the caller's bound on every sequence's KV length) the cache must be able to hold
+    that many tokens: ``max_blocks * block_size`` for a block table, ``total_k`` for the contiguous layout.
+    That is the cheap check against reading past a table row; the lengths themselves are device values
+    and are not read (no host synchronisation), so ``seqused_k <= max_seqlen_k`` is the caller's promise.
     """
     types = QKVTypePair.from_tensors(q, k, v)
     device = q.device
@@ -93,5 +99,10 @@ def check_kv_cache(
             check_index_tensor("seqused_k", seqused_k, shape=(num_seqs,), device=device)
         block_size = max(int(total_k), 1)
         is_paged = False
+    if max_seqlen_k is not None:
+        capacity = block_table.shape[1] * block_size if is_paged else int(k.shape[0])
+        where = f"block_table addresses {block_table.shape[1]} pages x {block_size}" if is_paged else "k holds"
+        if max_seqlen_k > capacity:
+            raise ValueError(f"max_seqlen_k: {max_seqlen_k} keys do not fit: {where} {capacity} tokens")
     check_gqa(num_q_heads, num_kv_heads)
     return KVLayout(is_paged, num_seqs, int(num_kv_heads), int(head_size), int(block_size), types)

@@ -14,7 +14,9 @@ import triton
 
 from kvflash.attn_common import (
     QUERY_TORCH_DTYPES,
+    check_bool,
     check_index_tensor,
+    check_int,
     check_kv_cache,
     check_softcap,
     check_tensor,
@@ -44,14 +46,6 @@ class ChunkPrefillArgs:
     s_aux: torch.Tensor | None  # [Hq] fp32
     k_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
     v_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
-
-
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name}: expected a non-negative int, got {value}")
-    return value
 
 
 def check_chunk_prefill_args(
@@ -84,11 +78,19 @@ def check_chunk_prefill_args(
     if cu_seqlens_q.shape[0] < 2:
         raise ValueError(f"cu_seqlens_q: expected [num_seqs + 1] with num_seqs >= 1, got {tuple(cu_seqlens_q.shape)}")
     num_seqs = cu_seqlens_q.shape[0] - 1
-    _check_int("max_seqlen_q", max_seqlen_q)
-    _check_int("max_seqlen_k", max_seqlen_k)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    layout = check_kv_cache(q, k, v, num_seqs, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
+    check_int("max_seqlen_q", max_seqlen_q)
+    check_int("max_seqlen_k", max_seqlen_k)
+    check_bool("causal", causal)
+    layout = check_kv_cache(
+        q,
+        k,
+        v,
+        num_seqs,
+        block_table=block_table,
+        seqused_k=seqused_k,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_k=max_seqlen_k,
+    )
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
     left, right = normalize_window(window_size, causal)

@@ -16,21 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import QUERY_TORCH_DTYPES, check_index_tensor, check_tensor
+from kvflash.attn_common import QUERY_TORCH_DTYPES, check_bool, check_index_tensor, check_int, check_tensor
 from kvflash.chunk_prefill import chunk_prefill_attention
 from kvflash.paged_decode import paged_decode_attention
 
 __all__ = ["flash_attn_varlen_func"]
 
 SUPPORTED_FA_VERSIONS = (2, 3)
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
-    return value
 
 
 def _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version) -> None:
@@ -141,8 +133,7 @@ def flash_attn_varlen_func(
         Only with ``return_softmax_lse``: ``[Hq, total_q]`` float32; ``-inf`` for rows with no visible key.
     """
     _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    check_bool("deterministic", deterministic)
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
     check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
     num_seqs = cu_seqlens_q.shape[0] - 1
@@ -150,9 +141,9 @@ def flash_attn_varlen_func(
         raise ValueError(
             f"cu_seqlens_q: expected at least 2 entries (num_seqs + 1), got shape {tuple(cu_seqlens_q.shape)}"
         )
-    _check_int("max_seqlen_q", max_seqlen_q, 0)
-    _check_int("max_seqlen_k", max_seqlen_k, 0)
-    _check_int("num_splits", num_splits, 0)
+    check_int("max_seqlen_q", max_seqlen_q, 0)
+    check_int("max_seqlen_k", max_seqlen_k, 0)
+    check_int("num_splits", num_splits, 0)
     features = dict(
         block_table=block_table,
         seqused_k=seqused_k,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from kvflash.attn_common import check_tensor
 from kvflash.paged_decode import merge_attn_states, paged_decode_attention
 
 __all__ = ["context_parallel_decode", "merge_partial_attention"]
@@ -107,6 +108,8 @@ def context_parallel_decode(
         raise NotImplementedError("window_size: context-parallel decode does not know each shard's global positions")
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: context-parallel decode does not know each shard's global positions")
+    if out is not None:
+        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     local_out, local_lse = paged_decode_attention(

@@ -9,6 +9,8 @@ import torch
 
 from kvflash.attn_common import (
     QUERY_TORCH_DTYPES,
+    check_bool,
+    check_int,
     check_kv_cache,
     check_softcap,
     check_tensor,
@@ -115,14 +117,22 @@ def paged_decode_attention(
             f"q: expected shape [num_seqs, Hq, D] with num_seqs={num_seqs} (one query token per sequence), "
             f"got {tuple(q.shape)}"
         )
-    layout = check_kv_cache(q, k, v, num_seqs, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
-    if not isinstance(max_seqlen_k, int) or isinstance(max_seqlen_k, bool) or max_seqlen_k < 0:
-        raise ValueError(f"max_seqlen_k: expected a non-negative int, got {max_seqlen_k!r}")
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
-        raise ValueError(f"num_splits: expected an int >= 0 (0 = automatic, 1 = no split), got {num_splits!r}")
+    check_int("max_seqlen_k", max_seqlen_k)
+    check_int("num_splits", num_splits)  # 0 = automatic, 1 = no split, n = at most n
+    check_bool("causal", causal)
+    layout = check_kv_cache(
+        q,
+        k,
+        v,
+        num_seqs,
+        block_table=block_table,
+        seqused_k=seqused_k,
+        cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_k=max_seqlen_k,
+    )
     num_q_heads, head_size = q.shape[1], q.shape[2]
     scale = resolve_softmax_scale(softmax_scale, head_size)
-    window_left, _ = normalize_window(window_size, bool(causal))
+    window_left, _ = normalize_window(window_size, causal)
     softcap = check_softcap(softcap)
     slopes = normalize_alibi_slopes(alibi_slopes, num_seqs, num_q_heads, q.device)
     sinks = normalize_sinks(s_aux, num_q_heads, q.device)
