@@ -31,7 +31,7 @@ from kvflash.attn_common.feature_args import (
     resolve_softmax_scale,
 )
 from kvflash.attn_common.kv_layout import KVLayout, check_kv_cache
-from kvflash.attn_common.reference import gather_sequence_kv, reference_attention
+from kvflash.attn_common.reference import gather_sequence_kv, reference_attention, reference_attention_into
 from kvflash.attn_common.type_pair import QKVTypePair
 
 __version__ = "0.1.0"
@@ -61,5 +61,6 @@ __all__ = [
     "normalize_sinks",
     "normalize_window",
     "reference_attention",
+    "reference_attention_into",
     "resolve_softmax_scale",
 ]

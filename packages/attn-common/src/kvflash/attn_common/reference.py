@@ -19,7 +19,7 @@ from kvflash.attn_common.feature_args import (
     resolve_softmax_scale,
 )
 
-__all__ = ["reference_attention", "gather_sequence_kv"]
+__all__ = ["reference_attention", "reference_attention_into", "gather_sequence_kv"]
 
 
 def gather_sequence_kv(
@@ -150,3 +150,15 @@ def reference_attention(
         out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1)
         lse[:, q0:q1] = row_lse.to(lse_dtype)
     return out, lse
+
+
+def reference_attention_into(
+    out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, **features,
+) -> None:  # fmt: skip
+    """The kernels' CPU fallback (interpreter off): :func:`reference_attention` in float32, written into the
+    op's ``out [total_q, Hq, D]`` and, if given, ``lse [Hq, total_q]``. Reads lengths on the host."""
+    ref_out, ref_lse = reference_attention(q, k, v, cu_seqlens_q, **features)
+    out.copy_(ref_out)
+    if lse is not None:
+        lse.copy_(ref_lse)

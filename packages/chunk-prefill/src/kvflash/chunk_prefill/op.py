@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import reference_attention
+from kvflash.attn_common import reference_attention_into
 from kvflash.attn_common.platform import runs_triton
 from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
 
@@ -45,14 +45,11 @@ def _chunk_prefill_op(
     total_q, num_q_heads, _ = q.shape
     lse = torch.empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32, device=q.device)
     if not runs_triton(q.device):
-        ref_out, ref_lse = reference_attention(
-            q, k, v, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
-            softmax_scale=softmax_scale, window_size=(window_left, window_right), softcap=softcap,
-            alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+        reference_attention_into(
+            out, lse if return_lse else None, q, k, v, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k,
+            cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, window_size=(window_left, window_right),
+            softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
         )  # fmt: skip
-        out.copy_(ref_out)
-        if return_lse:
-            lse.copy_(ref_lse)
         return lse
     launch_chunk_prefill(
         q, k, v, out, lse if return_lse else None, cu_seqlens_q, max_seqlen_q,

@@ -20,7 +20,7 @@ from kvflash.attn_common import (
     normalize_sinks,
     normalize_window,
     platform,
-    reference_attention,
+    reference_attention_into,
     resolve_softmax_scale,
 )
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
@@ -304,11 +304,9 @@ def _reference_decode(
     """CPU tensors without the interpreter: the plain PyTorch reference (reads lengths on the host)."""
     num_seqs = q.shape[0]
     cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
-    ref_out, ref_lse = reference_attention(
-        q, k, v, cu_seqlens_q,
+    reference_attention_into(
+        out, lse, q, k, v, cu_seqlens_q,
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         window_size=(window_left, -1), softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
         k_descale=k_descale, v_descale=v_descale,
     )  # fmt: skip
-    out.copy_(ref_out)
-    lse.copy_(ref_lse)
