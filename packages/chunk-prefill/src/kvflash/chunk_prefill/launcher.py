@@ -14,6 +14,7 @@ import triton
 
 from kvflash.attn_common import (
     QUERY_TORCH_DTYPES,
+    QKVTypePair,
     check_bool,
     check_index_tensor,
     check_int,
@@ -138,7 +139,7 @@ def launch_chunk_prefill(
     is_paged = block_table is not None
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
-    kv_is_fp8 = k.dtype not in QUERY_TORCH_DTYPES
+    kv_is_fp8 = QKVTypePair.from_tensors(q, k, v).kv_is_fp8
     if config is None:
         config = choose_launch_config(head_size, kv_is_fp8, group, max_seqlen_q, interpreter=interpreter_enabled())
     if total_q == 0:

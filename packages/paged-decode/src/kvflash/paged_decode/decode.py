@@ -9,6 +9,7 @@ import torch
 
 from kvflash.attn_common import (
     QUERY_TORCH_DTYPES,
+    QKVTypePair,
     check_bool,
     check_int,
     check_kv_cache,
@@ -181,6 +182,7 @@ def _paged_decode_op(
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
     is_paged = block_table is not None
+    kv_is_fp8 = QKVTypePair.from_tensors(q, k, v).kv_is_fp8
     cfg = choose_decode_config(
         num_seqs=num_seqs,
         num_kv_heads=num_kv_heads,
@@ -258,12 +260,12 @@ def _paged_decode_op(
             PAGE_SIZE=k.shape[1] if is_paged else 1,
             IS_PAGED=is_paged,
             HAS_SEQUSED=seqused_k is not None,
-            IS_FP8=k.dtype != q.dtype,
+            IS_FP8=kv_is_fp8,
             IS_SPLIT=is_split,
             USE_SOFTCAP=softcap > 0,
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
-            FP8_V_FENCE=k.dtype != q.dtype and platform.compiles_to_ptx(q.device),
+            FP8_V_FENCE=kv_is_fp8 and platform.compiles_to_ptx(q.device),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
