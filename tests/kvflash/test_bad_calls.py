@@ -26,8 +26,13 @@ def _good_paged():
     )
 
 
-def _contiguous_k():
-    return torch.randn(29, 2, 64).half()
+def _to_contiguous(args: dict, **changes) -> None:
+    """Turn a good paged call into a contiguous-KV one (29 keys over 2 sequences), then apply ``changes``."""
+    args.update(
+        block_table=None, seqused_k=None, k=torch.randn(29, 2, 64).half(), v=torch.randn(29, 2, 64).half(),
+        k_descale=None, v_descale=None, cu_seqlens_k=torch.tensor([0, 20, 29], dtype=torch.int32),
+    )  # fmt: skip
+    args.update(changes)
 
 
 BAD_CALLS = [
@@ -103,15 +108,7 @@ BAD_CALLS = [
     ("neither_cu_nor_table", dict(block_table=None, seqused_k=None), ValueError, r"cu_seqlens_k: required"),
     (
         "cu_k_int64",
-        lambda a: a.update(
-            block_table=None,
-            seqused_k=None,
-            k=_contiguous_k(),
-            v=_contiguous_k(),
-            k_descale=None,
-            v_descale=None,
-            cu_seqlens_k=torch.tensor([0, 20, 29]),
-        ),
+        lambda a: _to_contiguous(a, cu_seqlens_k=torch.tensor([0, 20, 29])),
         TypeError,
         r"cu_seqlens_k: expected dtype int32, got int64",
     ),
@@ -143,16 +140,7 @@ BAD_CALLS = [
     ),
     (
         "max_seqlen_k_past_k",
-        lambda a: a.update(
-            block_table=None,
-            seqused_k=None,
-            k=_contiguous_k(),
-            v=_contiguous_k(),
-            k_descale=None,
-            v_descale=None,
-            max_seqlen_k=30,
-            cu_seqlens_k=torch.tensor([0, 20, 29], dtype=torch.int32),
-        ),
+        lambda a: _to_contiguous(a, max_seqlen_k=30),
         ValueError,
         r"max_seqlen_k: 30 keys do not fit: k holds 29 tokens",
     ),
