@@ -105,3 +105,28 @@ def test_alibi_and_sinks():
     assert normalize_sinks(torch.tensor([2.0]).expand(4), 4, CPU).stride() == (1,)
     with pytest.raises(ValueError, match=r"s_aux: expected shape \(4,\), got \(2,\)"):
         normalize_sinks(torch.rand(2), 4, CPU)
+
+
+def test_normalize_attention_features_combines_every_feature():
+    from kvflash.attn_common import check_kv_cache, normalize_attention_features
+
+    q = torch.zeros(5, 4, 64, dtype=torch.float16)
+    k = torch.zeros(6, 16, 2, 64, dtype=torch.float8_e5m2)
+    table, used = torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
+    layout = check_kv_cache(q, k, k, 3, block_table=table, seqused_k=used, cu_seqlens_k=None)
+    f = normalize_attention_features(
+        q, layout, softmax_scale=None, causal=True, window_size=(7, -1), softcap=30.0,
+        alibi_slopes=torch.rand(4), s_aux=torch.arange(8.0)[::2], k_descale=0.5, v_descale=torch.tensor([1.0, 2.0]),
+    )  # fmt: skip
+    assert f.softmax_scale == pytest.approx(1 / 8) and (f.window_left, f.window_right) == (7, 0) and f.softcap == 30.0
+    assert f.alibi_slopes.shape == (3, 4) and f.s_aux.is_contiguous() and torch.equal(f.s_aux, torch.arange(0.0, 8, 2))
+    assert (
+        f.k_descale.shape == (3, 2)
+        and torch.all(f.k_descale == 0.5)
+        and torch.equal(f.v_descale[2], torch.tensor([1.0, 2.0]))
+    )
+    with pytest.raises(TypeError, match=r"softcap: expected a Python float, got Tensor"):
+        normalize_attention_features(
+            q, layout, softmax_scale=None, causal=False, window_size=None, softcap=torch.tensor(1.0),
+            alibi_slopes=None, s_aux=None, k_descale=None, v_descale=None,
+        )  # fmt: skip

@@ -30,6 +30,7 @@ from kvflash.attn_common.feature_args import (
     normalize_window,
     resolve_softmax_scale,
 )
+from kvflash.attn_common.features import AttentionFeatures, normalize_attention_features
 from kvflash.attn_common.kv_layout import KVLayout, check_kv_cache
 from kvflash.attn_common.reference import gather_sequence_kv, reference_attention, reference_attention_into
 from kvflash.attn_common.type_pair import QKVTypePair
@@ -37,6 +38,7 @@ from kvflash.attn_common.type_pair import QKVTypePair
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionFeatures",
     "FP8_TORCH_DTYPES",
     "KVFlashDType",
     "KVLayout",
@@ -57,6 +59,7 @@ __all__ = [
     "gather_sequence_kv",
     "kernel_window",
     "normalize_alibi_slopes",
+    "normalize_attention_features",
     "normalize_descale",
     "normalize_sinks",
     "normalize_window",

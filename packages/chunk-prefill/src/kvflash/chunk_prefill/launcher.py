@@ -7,46 +7,26 @@ values on the host: every decision comes from shapes and Python ints, so launche
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 
 from kvflash.attn_common import (
     QUERY_TORCH_DTYPES,
+    AttentionFeatures,
     QKVTypePair,
     check_bool,
     check_index_tensor,
     check_int,
     check_kv_cache,
-    check_softcap,
     check_tensor,
     kernel_window,
-    normalize_alibi_slopes,
-    normalize_descale,
-    normalize_sinks,
-    normalize_window,
-    resolve_softmax_scale,
+    normalize_attention_features,
 )
 from kvflash.attn_common.platform import interpreter_enabled
 from kvflash.chunk_prefill.kernel import chunk_prefill_kernel
 from kvflash.chunk_prefill.launch_config import LaunchConfig, choose_launch_config, pack_heads
 
-__all__ = ["ChunkPrefillArgs", "check_chunk_prefill_args", "launch_chunk_prefill"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkPrefillArgs:
-    """Validated, normalised feature arguments (tensors already on ``q``'s device)."""
-
-    softmax_scale: float
-    window_left: int  # -1 = unbounded
-    window_right: int  # -1 = unbounded; 0 with causal
-    softcap: float
-    alibi_slopes: torch.Tensor | None  # [num_seqs, Hq] fp32 view
-    s_aux: torch.Tensor | None  # [Hq] fp32
-    k_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
-    v_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
+__all__ = ["check_chunk_prefill_args", "launch_chunk_prefill"]
 
 
 def check_chunk_prefill_args(
@@ -69,7 +49,7 @@ def check_chunk_prefill_args(
     k_descale,
     v_descale,
     out: torch.Tensor | None,
-) -> ChunkPrefillArgs:
+) -> AttentionFeatures:
     """Validate every argument of :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
 
     Raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came.
@@ -94,17 +74,10 @@ def check_chunk_prefill_args(
     )
     if out is not None:
         check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
-    left, right = normalize_window(window_size, causal)
-    return ChunkPrefillArgs(
-        softmax_scale=resolve_softmax_scale(softmax_scale, layout.head_size),
-        window_left=left,
-        window_right=right,
-        softcap=check_softcap(softcap),
-        alibi_slopes=normalize_alibi_slopes(alibi_slopes, num_seqs, q.shape[1], q.device),
-        s_aux=normalize_sinks(s_aux, q.shape[1], q.device),
-        k_descale=normalize_descale("k_descale", k_descale, num_seqs, layout.num_kv_heads, q.device),
-        v_descale=normalize_descale("v_descale", v_descale, num_seqs, layout.num_kv_heads, q.device),
-    )
+    return normalize_attention_features(
+        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+    )  # fmt: skip
 
 
 def launch_chunk_prefill(
@@ -131,7 +104,8 @@ def launch_chunk_prefill(
 ) -> None:
     """Launch the kernel: writes ``out [total_q, Hq, D]`` and, when given, ``lse [Hq, total_q]`` fp32.
 
-    Arguments are the normalised ones of :class:`ChunkPrefillArgs` (``-1`` window edges = unbounded).
+    Arguments are the normalised ones of :class:`kvflash.attn_common.AttentionFeatures` (``-1`` window edges =
+    unbounded).
     ``config`` overrides :func:`choose_launch_config` (tuning tools only).
     """
     total_q, num_q_heads, head_size = q.shape

@@ -13,16 +13,11 @@ from kvflash.attn_common import (
     check_bool,
     check_int,
     check_kv_cache,
-    check_softcap,
     check_tensor,
     kernel_window,
-    normalize_alibi_slopes,
-    normalize_descale,
-    normalize_sinks,
-    normalize_window,
+    normalize_attention_features,
     platform,
     reference_attention_into,
-    resolve_softmax_scale,
 )
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
 from kvflash.paged_decode.launch_config import choose_decode_config
@@ -131,22 +126,19 @@ def paged_decode_attention(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_k=max_seqlen_k,
     )
-    num_q_heads, head_size = q.shape[1], q.shape[2]
-    scale = resolve_softmax_scale(softmax_scale, head_size)
-    window_left, _ = normalize_window(window_size, causal)
-    softcap = check_softcap(softcap)
-    slopes = normalize_alibi_slopes(alibi_slopes, num_seqs, num_q_heads, q.device)
-    sinks = normalize_sinks(s_aux, num_q_heads, q.device)
-    k_scale = normalize_descale("k_descale", k_descale, num_seqs, layout.num_kv_heads, q.device)
-    v_scale = normalize_descale("v_descale", v_descale, num_seqs, layout.num_kv_heads, q.device)
+    num_q_heads = q.shape[1]
+    f = normalize_attention_features(
+        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+    )  # fmt: skip
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
         check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
     lse = torch.empty((num_q_heads, num_seqs), dtype=torch.float32, device=q.device)
     torch.ops.kvflash.paged_decode_attention(
-        q, k, v, block_table, seqused_k, cu_seqlens_k, k_scale, v_scale, slopes, sinks, out, lse,
-        max_seqlen_k, scale, window_left, softcap, num_splits,
+        q, k, v, block_table, seqused_k, cu_seqlens_k, f.k_descale, f.v_descale, f.alibi_slopes, f.s_aux, out, lse,
+        max_seqlen_k, f.softmax_scale, f.window_left, f.softcap, num_splits,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
