@@ -8,7 +8,6 @@ import torch
 
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
-from kvflash.flash_attn_interface import flash_attn_varlen_func
 
 from .varlen_cases import make_case
 
@@ -35,20 +34,7 @@ def test_matches_reference(device, mix, kv_dtype, block_size):
     case = make_case(mix, hq=6, hkv=2, kv_dtype=kv_dtype, block_size=block_size, device=device, seed=len(mix))
     features = dict(causal=True, softcap=5.0, s_aux=torch.randn(6, device=device))
     out = poison(torch.empty_like(case.q))
-    result, lse = flash_attn_varlen_func(
-        case.q,
-        case.k,
-        case.v,
-        case.max_seqlen_q,
-        case.cu_seqlens_q,
-        case.max_seqlen_k,
-        out=out,
-        k_descale=case.k_descale,
-        v_descale=case.v_descale,
-        return_softmax_lse=True,
-        **case.kv_args,
-        **features,
-    )
+    result, lse = case.attend(out=out, return_softmax_lse=True, **features)
     assert result.data_ptr() == out.data_ptr() and lse.shape == (6, case.q.shape[0]) and lse.dtype == torch.float32
     _check_against_reference(case, out, lse, **features)
 
@@ -58,20 +44,7 @@ def test_matches_reference(device, mix, kv_dtype, block_size):
 @pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["bf16", "e4m3"])
 def test_bf16_on_gpu(mix, kv_dtype):
     case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, device="cuda", seed=3)
-    out, lse = flash_attn_varlen_func(
-        case.q,
-        case.k,
-        case.v,
-        case.max_seqlen_q,
-        case.cu_seqlens_q,
-        case.max_seqlen_k,
-        causal=True,
-        window_size=(20, -1),
-        k_descale=case.k_descale,
-        v_descale=case.v_descale,
-        return_softmax_lse=True,
-        **case.kv_args,
-    )
+    out, lse = case.attend(causal=True, window_size=(20, -1), return_softmax_lse=True)
     _check_against_reference(case, out, lse, causal=True, window_size=(20, -1))
 
 
@@ -79,19 +52,7 @@ def test_features_window_alibi_and_splits(device):
     case = make_case(DECODE_MIX, hq=4, hkv=1, device=device, seed=7)
     slopes = torch.rand(4, device=device)
     for num_splits in (1, 3):
-        out, lse = flash_attn_varlen_func(
-            case.q,
-            case.k,
-            case.v,
-            1,
-            case.cu_seqlens_q,
-            case.max_seqlen_k,
-            window_size=(10, 0),
-            alibi_slopes=slopes,
-            num_splits=num_splits,
-            return_softmax_lse=True,
-            **case.kv_args,
-        )
+        out, lse = case.attend(window_size=(10, 0), alibi_slopes=slopes, num_splits=num_splits, return_softmax_lse=True)
         _check_against_reference(case, out, lse, window_size=(10, 0), alibi_slopes=slopes)
 
 
@@ -99,26 +60,22 @@ def test_features_window_alibi_and_splits(device):
 def test_strided_and_expanded_sinks(device, mix):
     """Sinks given as a strided view or a stride-0 expanded tensor are read per head, on both routes."""
     case = make_case(mix, hq=4, hkv=2, device=device, seed=9)
-    args = (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k)
     base = torch.randn(8, device=device)
     for sinks in (base[::2], torch.tensor([0.7], device=device).expand(4)):
-        out, lse = flash_attn_varlen_func(*args, causal=True, s_aux=sinks, return_softmax_lse=True, **case.kv_args)
+        out, lse = case.attend(causal=True, s_aux=sinks, return_softmax_lse=True)
         _check_against_reference(case, out, lse, causal=True, s_aux=sinks.contiguous())
 
 
 def test_deterministic_and_fa_version_change_nothing(device):
     case = make_case(MIXED_MIX, device=device, seed=11)
-    args = (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k)
-    base = flash_attn_varlen_func(*args, causal=True, **case.kv_args)
-    other = flash_attn_varlen_func(*args, causal=True, deterministic=True, fa_version=3, **case.kv_args)
+    base = case.attend(causal=True)
+    other = case.attend(causal=True, deterministic=True, fa_version=3)
     assert torch.equal(base, other)
 
 
 def test_float_descales_accepted(device):
     case = make_case(DECODE_MIX, kv_dtype=torch.float8_e4m3fn, device=device, seed=5)
-    out = flash_attn_varlen_func(
-        case.q, case.k, case.v, 1, case.cu_seqlens_q, case.max_seqlen_k, k_descale=0.5, v_descale=1.5, **case.kv_args
-    )
+    out = case.attend(k_descale=0.5, v_descale=1.5)
     exact, _ = reference_attention(
         case.q,
         case.k,

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from kvflash.attn_common.testing import encode_fp8, make_paged_kv
+from kvflash.flash_attn_interface import flash_attn_varlen_func
 
 
 @dataclasses.dataclass
@@ -20,6 +21,15 @@ class VarlenCase:
     kv_args: dict  # block_table + seqused_k, or cu_seqlens_k
     k_descale: torch.Tensor | None
     v_descale: torch.Tensor | None
+
+    def attend(self, **features):
+        """``flash_attn_varlen_func`` on this case (its tensors, lengths, KV layout and descales); ``features``
+        add arguments or override the descales."""
+        args = dict(self.kv_args, k_descale=self.k_descale, v_descale=self.v_descale)
+        args.update(features)
+        return flash_attn_varlen_func(
+            self.q, self.k, self.v, self.max_seqlen_q, self.cu_seqlens_q, self.max_seqlen_k, **args
+        )
 
 
 def cumulative(lengths: list[int], device) -> torch.Tensor:
