@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvflash.paged_decode import paged_decode_attention
-from kvflash.paged_decode.launch_config import choose_decode_config, resolve_num_splits
+from kvflash.paged_decode.launch_config import RESIDENT_PROGRAMS_PER_SM, choose_decode_config, resolve_num_splits
 
 
 @pytest.mark.parametrize("with_sinks", [False, True])
@@ -43,11 +43,12 @@ def test_automatic_splits_from_shapes_only():
     assert long_one == choose_decode_config(num_seqs=1, max_seqlen_k=131072, **common)
     # Splits fill one wave of programs without passing it (a partial second wave leaves a slow tail).
     four = choose_decode_config(num_seqs=4, max_seqlen_k=32768, **common)
-    assert 4 * 8 * four.num_splits <= 132 * 4 < 4 * 8 * (four.num_splits + 1)
+    per_sm = RESIDENT_PROGRAMS_PER_SM[2]
+    assert 4 * 8 * four.num_splits <= 132 * per_sm < 4 * 8 * (four.num_splits + 1)
 
 
 def test_forced_split_count_is_an_upper_bound():
-    kw = dict(num_programs=8, block_n=64, multiprocessor_count=132)
+    kw = dict(num_programs=8, block_n=64, multiprocessor_count=132, programs_per_sm=4)
     assert resolve_num_splits(1, max_keys=10**6, **kw) == 1
     assert resolve_num_splits(5, max_keys=10**6, **kw) == 5
     assert resolve_num_splits(16, max_keys=100, **kw) == 2  # only two tiles of keys

@@ -135,11 +135,20 @@ def paged_decode_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
+    if IS_PAGED:
+        # Page ids run one tile ahead of K/V, carried through the loop: when a tile's K/V addresses come
+        # from a load in the same iteration, Triton's pipeliner treats K/V as indirect loads and waits for
+        # every outstanding copy at the top of each iteration (cp.async.wait_group 0), so no K/V copy
+        # overlaps the dots. With the page ids carried, num_stages = s keeps s - 2 tiles in flight.
+        first_pos = split_start + offs_n
+        next_page = tl.load(block_row_ptr + first_pos // PAGE_SIZE, mask=first_pos < split_end, other=0)
     for tile_start in range(split_start, split_end, BLOCK_N):
         pos = tile_start + offs_n
         valid = pos < split_end
         if IS_PAGED:
-            page = tl.load(block_row_ptr + pos // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+            page = next_page.to(tl.int64)
+            ahead = pos + BLOCK_N
+            next_page = tl.load(block_row_ptr + ahead // PAGE_SIZE, mask=ahead < split_end, other=0)
             in_page = (pos % PAGE_SIZE).to(tl.int64)
             k_rows = page * stride_k_block + in_page * stride_k_tok
             v_rows = page * stride_v_block + in_page * stride_v_tok

@@ -21,13 +21,15 @@ MAX_BLOCK_H = 64
 TILE_BYTES_16BIT = 16384
 MAX_BLOCK_N = 128
 # Automatic split-KV: no split when the (sequence, KV head) programs alone give NO_SPLIT_PROGRAMS_PER_SM per
-# SM (64 x 4096 at Hkv 8 measured faster unsplit); otherwise as many splits as fit in one wave of
-# PROGRAMS_PER_SM programs per SM (the resident programs of an H100 SM at D = 128), rounded down: a few
-# programs past a full wave leave a tail (FP8 4 x 32768 on 132 SMs: 512 programs 80 % of copy bandwidth,
-# 544 62 %, 640-768 56-64 %), and at least MIN_KEYS_PER_SPLIT keys per split (below that the merge costs
-# more than the parallelism gains).
+# SM (64 x 4096 at Hkv 8 measured faster unsplit); otherwise as many splits as fit in one wave of the
+# config's resident programs per SM, rounded down: a few programs past a full wave leave a tail (FP8
+# 4 x 32768 on 132 SMs: 512 programs 80 % of copy bandwidth, 544 62 %, 640-768 56-64 %), and at least
+# MIN_KEYS_PER_SPLIT keys per split (below that the merge costs more than the parallelism gains).
+# Resident programs per SM at D = 128 (registers and shared memory of the sm_90 build, 228 KiB per SM):
+# 16-bit KV, 4 warps, 4 stages: 160 registers, 102 KiB -> 2; FP8 KV, 2 warps, 3 stages: 194 registers,
+# 54 KiB -> 4. H200: bf16 1 x 131072 with 33 splits (one wave of 2) 93 % of copy, with 66 (two waves) 89 %.
 NO_SPLIT_PROGRAMS_PER_SM = 2
-PROGRAMS_PER_SM = 4
+RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM
 MIN_KEYS_PER_SPLIT = 512
 MAX_SPLITS = 256
 # The interpreter runs programs one after another: small tiles keep the CPU tests short.
@@ -70,13 +72,14 @@ def resolve_num_splits(
     max_keys: int,
     block_n: int,
     multiprocessor_count: int,
+    programs_per_sm: int,
 ) -> int:
     """The split count: ``num_splits`` 1 = none, ``n > 1`` = at most ``n``, 0 = automatic.
 
     A split always gets at least one tile of keys, so ``n`` is capped by the tiles of the longest
     sequence. Automatic: split only when ``num_programs`` (sequences x KV-head programs) give fewer than
-    ``NO_SPLIT_PROGRAMS_PER_SM`` per SM, then into as many splits as fill one wave of ``PROGRAMS_PER_SM``
-    programs per SM without passing it, never below ``MIN_KEYS_PER_SPLIT`` keys per split.
+    ``NO_SPLIT_PROGRAMS_PER_SM`` per SM, then into as many splits as fill one wave of ``programs_per_sm``
+    resident programs per SM without passing it, never below ``MIN_KEYS_PER_SPLIT`` keys per split.
     """
     max_tiles = max(1, triton.cdiv(max_keys, block_n))
     if num_splits == 1:
@@ -85,7 +88,7 @@ def resolve_num_splits(
         return min(num_splits, max_tiles, MAX_SPLITS)
     if num_programs >= multiprocessor_count * NO_SPLIT_PROGRAMS_PER_SM:
         return 1
-    wanted = (multiprocessor_count * PROGRAMS_PER_SM) // max(num_programs, 1)
+    wanted = (multiprocessor_count * programs_per_sm) // max(num_programs, 1)
     return max(1, min(wanted, triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
 
 
@@ -135,10 +138,13 @@ def choose_decode_config(
         max_keys=max_keys,
         block_n=block_n,
         multiprocessor_count=multiprocessor_count,
+        programs_per_sm=RESIDENT_PROGRAMS_PER_SM[1 if kv_itemsize == 1 else 2],
     )
     num_warps = 4 if block_h * head_pad <= 32 * 128 else 8
     if kv_itemsize == 1 and block_h * head_pad <= 16 * 128:
         num_warps = 2  # FP8 at D <= 128 measured fastest with two warps (same programs per SM, fewer instructions)
-    # FP8: a third stage costs ~40 registers per thread (fewer programs per SM) and measured slower.
-    num_stages = 1 if interpreter else (2 if kv_itemsize == 1 else 3)
+    # With the page ids carried one tile ahead (see the kernel), s stages keep s - 2 K/V tiles in flight.
+    # H200, 64 x 4096 and 128 x 8192: FP8 (2 warps) 2 stages 67-69 % of copy, 3 stages 76-78 %, 4 stages 57-67 %
+    # (3 programs per SM instead of 4); bf16 (4 warps) 3 stages 83-97 %, 4 stages 98-101 %.
+    num_stages = 1 if interpreter else (3 if kv_itemsize == 1 else 4)
     return DecodeLaunchConfig(block_h, head_chunks, head_pad, block_n, splits, num_warps, num_stages)
