@@ -1,5 +1,5 @@
 """The benchmark report's logic on SYNTHETIC results (no GPU, no timing): rates, comparisons, and the
-DESIGN.md target rows of the generated BENCHMARKS.md saying met / not met / not measured correctly.
+performance-target rows of the generated BENCHMARKS.md saying met / not met / not measured correctly.
 
 The numbers below are invented to sit on either side of each threshold; they are not measurements.
 """
@@ -30,8 +30,9 @@ TARGET_KEYS = [
     "decode-bf16",
     "decode-fp8",
     "decode-fp8-time",
-    "decode-small-batch-80",
-    "decode-small-batch-75",
+    "decode-small-batch-bf16",
+    "decode-small-batch-fp8",
+    "decode-variants",
     "prefill-vs-cudnn",
     "prefill-fp8",
     "cache-writer",
@@ -50,19 +51,24 @@ def _row(name, group, impl, shape, kv_dtype, metric, work, rate, **extra):
     return row
 
 
-def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.85, fp8_work=0.5) -> dict:
+def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None) -> dict:
     """All targets met unless an override says otherwise. ``decode``: {(shape, dtype): frac of copy};
     ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer."""
-    fracs = {(s, t): (0.95 if t == "bf16" else 0.90) for s in ("64x4096", "128x8192") for t in ("bf16", "e4m3", "e5m2")}
-    fracs |= {(s, t): 0.85 for s in ("1x131072", "4x32768") for t in ("bf16", "e4m3", "e5m2")}
+    fracs = {(s, t): (0.95 if t == "bf16" else 0.93) for s in ("64x4096", "128x8192") for t in ("bf16", "e4m3", "e5m2")}
+    fracs |= {(s, t): (0.90 if t == "bf16" else 0.86) for s in ("1x131072", "4x32768") for t in ("bf16", "e4m3", "e5m2")}
     fracs |= decode or {}
     rates = {(s, "bf16"): 650.0 for s in ("4x(2048+2048)", "1x16384", "mixed")}
-    rates |= {(s, "e4m3"): 640.0 for s in ("4x(2048+2048)", "1x16384", "mixed")}
+    rates |= {(s, "e4m3"): 660.0 for s in ("4x(2048+2048)", "1x16384", "mixed")}
     rates |= prefill or {}
     rows = []
     for (shape, t), frac in fracs.items():
         work = DECODE_WORK * (1 if t == "bf16" else fp8_work)
         rows.append(_row(f"decode {shape} {t}", "decode", "kvflash", shape, t, "bytes", work, frac * COPY_GBPS))
+    for t in ("bf16", "e4m3"):  # a GQA-8 variant row (64/8 heads): off the primary heads, in decode-variants
+        work = DECODE_WORK * (1 if t == "bf16" else fp8_work)
+        frac = (variant or {}).get(t, 0.85)
+        rows.append(_row(f"decode 64x4096 64/8 {t}", "decode", "kvflash", "64x4096", t, "bytes", work,
+                         frac * COPY_GBPS, hq=64, primary=False))  # fmt: skip
     for (shape, t), rate in rates.items():
         rows.append(_row(f"prefill {shape} {t}", "prefill", "kvflash", shape, t, "flops", 1e13, rate))
     for shape in ("4x(2048+2048)", "1x16384"):
@@ -110,15 +116,18 @@ def test_all_targets_met(tmp_path):
     "override, not_met",
     [
         ({"decode": {("128x8192", "bf16"): 0.85}}, {"decode-bf16"}),
-        # e5m2 at 80 % of copy: below 85 %, and 0.5 * 0.95 / 0.80 = 0.59x the bf16 time.
+        # e5m2 at 90 % of copy: below 92 %, and 0.5 * 0.95 / 0.90 = 0.53x the bf16 time (met, just).
+        ({"decode": {("64x4096", "e5m2"): 0.90}}, {"decode-fp8"}),
+        # e5m2 at 80 %: 0.5 * 0.95 / 0.80 = 0.59x the bf16 time too.
         ({"decode": {("64x4096", "e5m2"): 0.80}}, {"decode-fp8", "decode-fp8-time"}),
-        # FP8 moving 0.6x the bytes at 90 %: fraction fine, time 0.6 * 0.95 / 0.90 = 0.63x.
+        # FP8 moving 0.6x the bytes at 93 %: fraction fine, time 0.6 * 0.95 / 0.93 = 0.61x.
         ({"fp8_work": 0.6}, {"decode-fp8-time"}),
-        # 78 % at small batch: misses DESIGN's 80 %, meets issue 4's 75 %.
-        ({"decode": {("4x32768", "e4m3"): 0.78}}, {"decode-small-batch-80"}),
-        ({"decode": {("1x131072", "bf16"): 0.70}}, {"decode-small-batch-80", "decode-small-batch-75"}),
-        ({"cudnn": 645.0}, {"prefill-vs-cudnn"}),  # e4m3 at 640 TFLOP/s is 0.99x cuDNN
+        ({"decode": {("4x32768", "e4m3"): 0.84}}, {"decode-small-batch-fp8"}),
+        ({"decode": {("1x131072", "bf16"): 0.87}}, {"decode-small-batch-bf16"}),
+        ({"variant": {"e4m3": 0.79}}, {"decode-variants"}),
+        ({"cudnn": 655.0}, {"prefill-vs-cudnn"}),  # bf16 at 650 TFLOP/s is 0.99x cuDNN
         ({"prefill": {("mixed", "e4m3"): 600.0}}, {"prefill-fp8"}),  # 650 / 600 = 1.083x the bf16 time
+        ({"prefill": {("mixed", "e4m3"): 640.0}}, {"prefill-fp8"}),  # 650 / 640 = 1.016x: over 1.0x
         ({"cache": 0.75}, {"cache-writer"}),
     ],
 )
@@ -156,7 +165,7 @@ def test_derived_rates_and_comparisons():
     assert prefill["frac"] == pytest.approx(650.0 / MATMUL_TFLOPS)
     # Compared by rate with the faster cuDNN row (the square causal one), not the slow mask row.
     assert prefill["ref"] == "prefill 1x16384 cudnn" and prefill["speedup"] == pytest.approx(650.0 / 600.0)
-    assert rows["cache e4m3 kvflash"]["speedup"] == pytest.approx(0.85 / 0.3)
+    assert rows["cache e4m3 kvflash"]["speedup"] == pytest.approx(0.87 / 0.3)
     # The flash_attn_varlen_func row is compared with the op it routes to, and stays out of the targets.
     data = _synthetic()
     varlen = dict(data["results"][0], name="decode 64x4096 bf16 varlen", impl="kvflash-varlen", primary=False)
