@@ -11,6 +11,7 @@
 from kvflash.attn_common.checks import (
     check_block_size,
     check_bool,
+    check_device_type,
     check_gqa,
     check_head_size,
     check_index_tensor,
@@ -47,6 +48,7 @@ __all__ = [
     "UNBOUNDED_WINDOW",
     "check_block_size",
     "check_bool",
+    "check_device_type",
     "check_gqa",
     "check_head_size",
     "check_index_tensor",

@@ -15,6 +15,7 @@ from kvflash.attn_common import (
     AttentionFeatures,
     QKVTypePair,
     check_bool,
+    check_device_type,
     check_index_tensor,
     check_int,
     check_kv_cache,
@@ -55,6 +56,7 @@ def check_chunk_prefill_args(
     Raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came.
     """
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_device_type("q", q)
     check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
     if cu_seqlens_q.shape[0] < 2:
         raise ValueError(f"cu_seqlens_q: expected [num_seqs + 1] with num_seqs >= 1, got {tuple(cu_seqlens_q.shape)}")

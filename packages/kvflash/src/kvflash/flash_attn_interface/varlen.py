@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import QUERY_TORCH_DTYPES, check_bool, check_index_tensor, check_int, check_tensor
+from kvflash.attn_common import (
+    QUERY_TORCH_DTYPES,
+    check_bool,
+    check_device_type,
+    check_index_tensor,
+    check_int,
+    check_tensor,
+)
 from kvflash.chunk_prefill import chunk_prefill_attention
 from kvflash.paged_decode import paged_decode_attention
 
@@ -135,6 +142,7 @@ def flash_attn_varlen_func(
     _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version)
     check_bool("deterministic", deterministic)
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_device_type("q", q)  # before the index tensors are compared with q's device
     check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if num_seqs < 1:

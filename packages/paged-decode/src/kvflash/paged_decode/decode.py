@@ -11,6 +11,7 @@ from kvflash.attn_common import (
     QUERY_TORCH_DTYPES,
     QKVTypePair,
     check_bool,
+    check_device_type,
     check_int,
     check_kv_cache,
     check_tensor,
@@ -89,7 +90,8 @@ def paged_decode_attention(
     num_splits : int
         0 = automatic split-KV (from shapes and the SM count), 1 = no split, ``n > 1`` = at most ``n``.
     out : torch.Tensor, optional
-        ``[num_seqs, Hq, D]`` in ``q``'s dtype, ``stride(-1) == 1``; written in place.
+        ``[num_seqs, Hq, D]`` in ``q``'s dtype or float32 (the unrounded result, for callers that merge
+        partial attentions themselves, such as context-parallel decode), ``stride(-1) == 1``; written in place.
     return_lse : bool
         Also return ``lse [Hq, num_seqs]`` float32 (natural log; ``-inf`` for a sequence without keys
         and sinks).
@@ -100,6 +102,7 @@ def paged_decode_attention(
         ``out [num_seqs, Hq, D]`` in ``q``'s dtype, and ``lse`` when ``return_lse``.
     """
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_device_type("q", q)
     if block_table is not None:
         check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2)
         num_seqs = block_table.shape[0]
@@ -134,7 +137,7 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
-        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
+        check_tensor("out", out, dtypes=(q.dtype, torch.float32), shape=tuple(q.shape), device=q.device)
     lse = torch.empty((num_q_heads, num_seqs), dtype=torch.float32, device=q.device)
     torch.ops.kvflash.paged_decode_attention(
         q, k, v, block_table, seqused_k, cu_seqlens_k, f.k_descale, f.v_descale, f.alibi_slopes, f.s_aux, out, lse,
