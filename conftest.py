@@ -1,10 +1,14 @@
 """Root conftest: without a GPU, kernels run under the Triton interpreter on the CPU.
 
 ``TRITON_INTERPRET`` must be set before any ``@triton.jit`` kernel module is imported, so this runs first.
-Also registers the ``gpu`` mark (tests that need a real GPU: bf16 ``tl.dot``, large caches, CUDA graphs).
+Also registers the ``gpu`` mark (tests that need a real GPU: bf16 ``tl.dot``, large caches, CUDA graphs),
+and seeds torch's global generators before every test from the test's id, so that a test drawing from
+them gets the same numbers alone, in a full run, in any order and in any xdist worker (a failure can be
+replayed with the test id alone).
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -25,6 +29,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_rng(request):
+    """``torch.manual_seed(crc32(test id))``: deterministic, unlike ``hash()`` (randomised per process)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture

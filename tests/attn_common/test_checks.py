@@ -83,10 +83,10 @@ def test_gqa_head_size_block_size():
     assert check_gqa(12, 2) == 6 and check_gqa(7, 1) == 7
     with pytest.raises(ValueError, match=r"query heads \(6\) must be a multiple of the number of KV heads \(4\)"):
         check_gqa(6, 4)
-    for d in (64, 80, 96, 112, 128, 192, 256, 512, 16):
+    for d in (8, 24, 40, 64, 72, 80, 96, 112, 120, 128, 192, 256, 504, 512, 16):
         assert check_head_size(d) == d
-    for d in (8, 72, 520, 100):
-        with pytest.raises(ValueError, match=rf"head size: expected a multiple of 16 between 16 and 512, got {d}"):
+    for d in (0, 4, 12, 520, 100):
+        with pytest.raises(ValueError, match=rf"head size: expected a multiple of 8 between 8 and 512, got {d}"):
             check_head_size(d)
     assert check_block_size(1) == 1
     with pytest.raises(ValueError, match=r"block_size \(k.shape\[1\]\): expected a positive page size, got 0"):

@@ -27,7 +27,7 @@ def _call(case, **overrides):
     "overrides, error, match",
     [
         (lambda c: dict(q=c.q.float()), TypeError, "q: expected dtype"),
-        (lambda c: dict(q=c.q[..., :40]), ValueError, "head size"),
+        (lambda c: dict(q=c.q[..., :36]), ValueError, "head size"),
         (lambda c: dict(k=c.k.to(torch.bfloat16), v=c.v.to(torch.bfloat16)), TypeError, "k/v dtype"),
         (lambda c: dict(v=c.v.to(torch.float8_e4m3fn)), TypeError, "k and v must share"),
         (lambda c: dict(cu_seqlens_q=c.cu_seqlens_q.long()), TypeError, "cu_seqlens_q"),

@@ -4,6 +4,8 @@ fp16 (and FP8 KV with fp16 q) so that the CPU tier runs them under the interpret
 as they are. Shapes are small: the interpreter runs every program in Python.
 """
 
+import zlib
+
 import pytest
 import torch
 
@@ -45,7 +47,7 @@ def _features(name: str, num_seqs: int, num_q_heads: int, device) -> dict:
     ],
 )  # fmt: skip
 def test_features_on_a_mixed_batch(device, feature):
-    case = make_case(MIX, device=device, seed=hash(feature) % 1000)
+    case = make_case(MIX, device=device, seed=zlib.crc32(feature.encode()) % 1000)
     run_and_check(case, **_features(feature, case.num_seqs, 8, device))
 
 
@@ -147,4 +149,5 @@ def test_negative_and_zero_k_descale(device):
     # The kernel moves K's descale sign into q (its hot loop needs a non-negative score scale); a zero
     # descale makes every visible key equally likely.
     case = make_case(MIX[:3], device=device, seed=37)
-    run_and_check(case, causal=True, k_descale=torch.tensor([-0.7, 0.0], device=device), v_descale=-1.5)
+    run_and_check(case, causal=True, k_descale=torch.tensor([-0.7, 0.0], device=device),
+                   v_descale=torch.tensor(-1.5, device=device))  # fmt: skip

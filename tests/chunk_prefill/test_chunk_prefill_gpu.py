@@ -16,7 +16,7 @@ pytestmark = pytest.mark.gpu
 LONG_MIX = [(1, 1000), (300, 700), (129, 129), (0, 5), (517, 1300), (1, 1), (64, 200), (7, 9)]
 
 
-@pytest.mark.parametrize("head_size", [16, 32, 64, 80, 96, 112, 128, 192, 256, 320, 512])
+@pytest.mark.parametrize("head_size", [8, 16, 24, 32, 40, 64, 72, 80, 96, 112, 120, 128, 192, 256, 320, 504, 512])
 def test_bf16_head_sizes(head_size):
     case = make_case(LONG_MIX, head_size=head_size, dtype=torch.bfloat16, device="cuda", seed=head_size)
     run_and_check(case, causal=True)

@@ -63,7 +63,10 @@ def _scales(kind: str, num_kv_heads: int, device, gen):
 
 @pytest.mark.parametrize("fp8_dtype", list(FP8_STRINGS))
 @pytest.mark.parametrize("scale_kind", ["float", "tensor", "per_head"])
-@pytest.mark.parametrize("in_dtype,head_size", [(torch.float16, 64), (torch.float32, 80)])
+@pytest.mark.parametrize(
+    "in_dtype,head_size",
+    [(torch.float16, 64), (torch.float32, 80), (torch.float16, 8), (torch.bfloat16, 40), (torch.float32, 120)],
+)
 def test_reshape_and_cache_fp8_round_trip(device, fp8_dtype, scale_kind, in_dtype, head_size):
     gen = torch.Generator().manual_seed(17 * len(scale_kind) + head_size)
     num_tokens, num_kv_heads, num_blocks, block_size = 37, 3, 9, 8

@@ -144,6 +144,17 @@ BAD_CALLS = [
         ValueError,
         r"max_seqlen_k: 30 keys do not fit: k holds 29 tokens",
     ),
+    ("k_descale_zero", dict(k_descale=0.0), ValueError, r"k_descale: expected a finite positive float.*got 0.0"),
+    ("v_descale_negative", dict(v_descale=-1.0), ValueError, r"v_descale: expected a finite positive float.*-1.0"),
+    ("k_descale_nan", dict(k_descale=float("nan")), ValueError, r"k_descale: expected a finite positive float.*nan"),
+    ("v_descale_inf", dict(v_descale=float("inf")), ValueError, r"v_descale: expected a finite positive float.*inf"),
+    ("k_descale_int_zero", dict(k_descale=0), ValueError, r"k_descale: expected a finite positive float"),
+    (
+        "q_meta",
+        lambda a: a.update(q=a["q"].to("meta")),
+        ValueError,
+        r"^q: expected a tensor on a CPU or GPU \(cuda, xpu\) device, got one on meta",
+    ),
     (
         "device",
         lambda a: a.update(block_table=a["block_table"].to("meta")),
@@ -178,4 +189,28 @@ def test_decode_route_rejects_bad_calls_too():
     case = make_case([(1, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
     args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=1, k_descale=torch.ones(5))
     with pytest.raises(ValueError, match=r"k_descale: expected 1 element"):
+        flash_attn_varlen_func(**args)
+
+
+@pytest.mark.parametrize("max_seqlen_q", [1, 9], ids=["decode", "prefill"])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(k_descale=0.0), r"k_descale: expected a finite positive float"),
+        (dict(v_descale=-2.0), r"v_descale: expected a finite positive float"),
+        (dict(q="meta"), r"^q: expected a tensor on a CPU or GPU"),
+    ],
+    ids=["k_descale_zero", "v_descale_negative", "q_meta"],
+)
+def test_float_descales_and_meta_q_on_both_routes(max_seqlen_q, change, match):
+    """Python-float descales <= 0 raise (as reshape_and_cache_flash does) and a meta q is named as q, on the
+    decode route and on the prefill route."""
+    args = _good_paged()
+    case = make_case([(1, 20), (1, 9)] if max_seqlen_q == 1 else [(9, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
+    args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=max_seqlen_q)
+    if change.get("q") == "meta":
+        args["q"] = args["q"].to("meta")
+    else:
+        args.update(change)
+    with pytest.raises(ValueError, match=match):
         flash_attn_varlen_func(**args)

@@ -133,3 +133,30 @@ def test_position_dependent_features_are_rejected():
         context_parallel_decode(q, None, None, None, None, 1, window_size=(4, 0))
     with pytest.raises(NotImplementedError, match="alibi_slopes"):
         context_parallel_decode(q, None, None, None, None, 1, alibi_slopes=torch.ones(HQ))
+
+
+def test_local_partials_stay_fp32_until_the_final_rounding(monkeypatch):
+    """The shard's decode writes a float32 partial (one rounding, after the merge). One process stands in for
+    a world of one: the gather copies, so the result must equal the float32 decode rounded once."""
+    import kvflash.parallel.context_parallel as cp
+    from kvflash.paged_decode import paged_decode_attention
+
+    q, ks, vs, sinks = _global_problem(5)
+    cache = make_paged_kv([k.half() for k in ks], [v.half() for v in vs], 4, generator=torch.Generator().manual_seed(5))
+    kv = dict(block_table=cache.block_table, seqused_k=cache.seqused_k, s_aux=sinks)
+    seen = []
+
+    def local_decode(*args, **kwargs):
+        seen.append(kwargs.get("out"))
+        return paged_decode_attention(*args, **kwargs)
+
+    monkeypatch.setattr(cp, "paged_decode_attention", local_decode)
+    monkeypatch.setattr(cp.dist, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(cp.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(cp, "_all_gather_flat", lambda output, tensor, group: output.copy_(tensor))
+    out = cp.context_parallel_decode(q, cache.k_cache, cache.v_cache, max_seqlen_k=max(SEQ_LENS), **kv)
+    assert seen[0] is not None and seen[0].dtype == torch.float32, "the local partial must be float32"
+    fp32 = paged_decode_attention(
+        q, cache.k_cache, cache.v_cache, max(SEQ_LENS), out=torch.empty(q.shape, dtype=torch.float32), **kv
+    )
+    assert out.dtype == q.dtype and torch.equal(out, fp32.to(q.dtype))

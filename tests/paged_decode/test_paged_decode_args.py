@@ -74,7 +74,7 @@ def test_wrong_query_shape(small):
 
 def test_wrong_out(small):
     with pytest.raises(TypeError, match="out"):
-        call(small, out=torch.empty_like(small.q, dtype=torch.float32))
+        call(small, out=torch.empty_like(small.q, dtype=torch.bfloat16))  # float32 is accepted (unrounded)
     with pytest.raises(ValueError, match="out"):
         call(small, out=torch.empty_like(small.q)[:, :2])
 
@@ -102,9 +102,9 @@ def test_custom_op_opcheck(small):
     device = small.q.device
     scale = torch.full((num_seqs, 2), 0.5, device=device)
     args = (
-        small.q, small.k, small.v, small.kwargs["block_table"], small.kwargs["seqused_k"], None, scale, scale,
-        None, None, torch.empty_like(small.q), torch.empty(num_q_heads, num_seqs, device=device), 20, 0.125, -1,
-        0.0, 2,
+        small.q, small.k, small.v, small.kwargs["block_table"], small.kwargs["seqused_k"], None,
+        torch.arange(num_seqs + 1, dtype=torch.int32, device=device), scale, scale, None, None,
+        torch.empty_like(small.q), torch.empty(num_q_heads, num_seqs, device=device), 20, 0.125, -1, 0, 0.0, 2,
     )  # fmt: skip
     torch.library.opcheck(
         torch.ops.kvflash.paged_decode_attention.default, args,

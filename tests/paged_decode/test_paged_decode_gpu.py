@@ -11,7 +11,7 @@ from kvflash.paged_decode import paged_decode_attention
 
 pytestmark = pytest.mark.gpu
 
-HEAD_SIZES = [64, 80, 96, 112, 128, 192, 256]
+HEAD_SIZES = [8, 40, 64, 72, 80, 96, 112, 120, 128, 192, 256]
 KV_DTYPES = [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2]
 PAGE_SIZES = [1, 16, 64, 256, 32]
 GQA = [(32, 8), (5, 1), (12, 2), (7, 7), (6, 1), (64, 4), (16, 2)]

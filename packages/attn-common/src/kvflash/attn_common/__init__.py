@@ -5,12 +5,14 @@
 - :func:`normalize_descale`: ``k_descale`` / ``v_descale`` in every accepted form to ``[num_seqs, Hkv]``.
 - :func:`reference_attention`: the plain PyTorch oracle.
 - :mod:`kvflash.attn_common.platform`: GPU / interpreter / SM-count probe.
+- :func:`validate_index_tensors`: the ``KVFLASH_VALIDATE=1`` debug checks of index values.
 - :mod:`kvflash.attn_common.jit_helpers`: shared ``@triton.jit`` functions (imported by kernels only).
 """
 
 from kvflash.attn_common.checks import (
     check_block_size,
     check_bool,
+    check_device_type,
     check_gqa,
     check_head_size,
     check_index_tensor,
@@ -34,6 +36,7 @@ from kvflash.attn_common.features import AttentionFeatures, normalize_attention_
 from kvflash.attn_common.kv_layout import KVLayout, check_kv_cache
 from kvflash.attn_common.reference import gather_sequence_kv, reference_attention, reference_attention_into
 from kvflash.attn_common.type_pair import QKVTypePair
+from kvflash.attn_common.validate import validate_index_tensors, validation_enabled
 
 __version__ = "0.1.0"
 
@@ -47,6 +50,7 @@ __all__ = [
     "UNBOUNDED_WINDOW",
     "check_block_size",
     "check_bool",
+    "check_device_type",
     "check_gqa",
     "check_head_size",
     "check_index_tensor",
@@ -66,4 +70,6 @@ __all__ = [
     "reference_attention",
     "reference_attention_into",
     "resolve_softmax_scale",
+    "validate_index_tensors",
+    "validation_enabled",
 ]

@@ -22,12 +22,17 @@ __all__ = [
     "check_int",
     "check_bool",
     "check_real",
+    "check_device_type",
+    "DEVICE_TYPES",
     "MIN_HEAD_SIZE",
     "MAX_HEAD_SIZE",
 ]
 
-MIN_HEAD_SIZE = 16
+MIN_HEAD_SIZE = 8
 MAX_HEAD_SIZE = 512
+HEAD_SIZE_STEP = 8
+# Devices the kernels run on: GPUs (ROCm answers as "cuda") and the CPU (Triton interpreter or the reference).
+DEVICE_TYPES = ("cpu", "cuda", "xpu")
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
@@ -96,6 +101,14 @@ def check_index_tensor(
     return check_tensor(name, t, dtypes=(torch.int32,), shape=shape, device=device)
 
 
+def check_device_type(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` lives on a device kvflash computes on (:data:`DEVICE_TYPES`); ``meta`` tensors and others are
+    rejected here, by their own name, before any other argument is compared with their device."""
+    if t.device.type not in DEVICE_TYPES:
+        raise ValueError(f"{name}: expected a tensor on a CPU or GPU (cuda, xpu) device, got one on {t.device}")
+    return t
+
+
 def check_same_device(**tensors: torch.Tensor | None) -> None:
     """All given tensors (``None`` skipped) live on one device; the message names the first odd one."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
@@ -143,10 +156,12 @@ def check_gqa(num_q_heads: int, num_kv_heads: int) -> int:
 
 
 def check_head_size(head_size: int, name: str = "head size") -> int:
-    """Head sizes from 16 to 512 in steps of 16 (64, 80, 96, 112, 128, 192, 256 are the tested set)."""
-    if head_size % 16 != 0 or not MIN_HEAD_SIZE <= head_size <= MAX_HEAD_SIZE:
+    """Head sizes from 8 to 512 in steps of 8, as FlashAttention accepts them (the kernels pad to a power of
+    two, at least 16 for ``tl.dot``, and mask the padding)."""
+    if head_size % HEAD_SIZE_STEP != 0 or not MIN_HEAD_SIZE <= head_size <= MAX_HEAD_SIZE:
         raise ValueError(
-            f"{name}: expected a multiple of 16 between {MIN_HEAD_SIZE} and {MAX_HEAD_SIZE}, got {head_size}"
+            f"{name}: expected a multiple of {HEAD_SIZE_STEP} between {MIN_HEAD_SIZE} and {MAX_HEAD_SIZE}, "
+            f"got {head_size}"
         )
     return head_size
 

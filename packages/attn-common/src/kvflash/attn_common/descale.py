@@ -9,6 +9,8 @@ no copy, and no host synchronisation ever (values are never read on the host).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["normalize_descale", "DESCALE_TORCH_DTYPES"]
@@ -41,10 +43,15 @@ def normalize_descale(
     TypeError
         For a non-float, non-tensor value or a tensor of another dtype.
     ValueError
-        For a shape not broadcastable to ``[num_seqs, Hkv]``, or a tensor on another device.
+        For a Python number that is not finite and positive, a shape not broadcastable to ``[num_seqs, Hkv]``,
+        or a tensor on another device.
     """
     if descale is None or isinstance(descale, (int, float)) and not isinstance(descale, bool):
         value = 1.0 if descale is None else float(descale)
+        # A Python number is checked here for free (a tensor's values are not read: that would synchronise).
+        # Zero, negative, NaN or infinite scales are mistakes the cache writer rejects too.
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected a finite positive float (or a tensor), got {descale!r}")
         return torch.full((1, 1), value, dtype=torch.float32, device=device).expand(num_seqs, num_kv_heads)
     if not isinstance(descale, torch.Tensor):
         raise TypeError(f"{name}: expected None, a float or a tensor, got {type(descale).__name__}")

@@ -20,6 +20,7 @@ __all__ = [
     "is_rocm",
     "compiles_to_ptx",
     "prefers_fp8_e4m3fnuz",
+    "stream_capturing",
     "INTERPRETER_MULTIPROCESSORS",
 ]
 
@@ -60,6 +61,12 @@ def compiles_to_ptx(device: torch.device) -> bool:
     """True where Triton compiles to NVIDIA PTX (so a kernel may use inline PTX): CUDA devices of a
     non-ROCm torch, outside the interpreter."""
     return device.type == "cuda" and not is_rocm() and not interpreter_enabled()
+
+
+def stream_capturing(device: torch.device) -> bool:
+    """True while the current stream of ``device`` is being captured into a CUDA graph (nothing may
+    synchronise then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @functools.cache

@@ -58,6 +58,7 @@ def _kv_row_offsets(
     kv_start,
     offs_n,
     kv_len,
+    num_blocks,
     stride_block,
     stride_token,
     IS_PAGED: tl.constexpr,
@@ -68,13 +69,15 @@ def _kv_row_offsets(
 
     Paged: each row's page comes from the block table (one gathered load per tile; with pages of
     ``BLOCK_N`` or more every row reads the same entry). ``block_id * stride`` is int64 so caches over
-    4 GiB work. Masked tiles do not read table entries past the sequence's length.
+    4 GiB work. Masked tiles do not read table entries past the sequence's length. Page ids are clamped to
+    ``[0, num_blocks)``: a bad id reads a wrong page of this cache, never memory outside it.
     """
     if IS_PAGED:
         if MASKED:
             pages = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
         else:
             pages = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE)
+        pages = tl.minimum(tl.maximum(pages, 0), num_blocks - 1)
         return pages.to(tl.int64) * stride_block + (offs_n % PAGE_SIZE).to(tl.int64) * stride_token
     return (kv_start + offs_n).to(tl.int64) * stride_token
 
@@ -91,6 +94,7 @@ def _attend_tile(
     kv_start,
     start_n,
     kv_len,
+    num_blocks,
     q_pos,  # [BLOCK_M] int32 bottom-right aligned positions
     slopes_log2,  # [BLOCK_M] fp32 ALiBi slopes times log2(e)
     qk_scale,  # [BLOCK_M] fp32 > 0: q . k to the natural-log score domain
@@ -122,14 +126,16 @@ def _attend_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
     k_rows = _kv_row_offsets(
-        block_table_row_ptr, kv_start, offs_n, kv_len, stride_k_block, stride_k_token, IS_PAGED, PAGE_SIZE, MASKED
-    )
+        block_table_row_ptr, kv_start, offs_n, kv_len, num_blocks, stride_k_block, stride_k_token, IS_PAGED,
+        PAGE_SIZE, MASKED,
+    )  # fmt: skip
     if SAME_KV_STRIDES:  # one gather serves K and V (the usual case: equal shapes or a joint cache)
         v_rows = k_rows
     else:
         v_rows = _kv_row_offsets(
-            block_table_row_ptr, kv_start, offs_n, kv_len, stride_v_block, stride_v_token, IS_PAGED, PAGE_SIZE, MASKED
-        )
+            block_table_row_ptr, kv_start, offs_n, kv_len, num_blocks, stride_v_block, stride_v_token, IS_PAGED,
+            PAGE_SIZE, MASKED,
+        )  # fmt: skip
     k_ptrs = k_head_ptr + k_rows[:, None] + offs_d[None, :]
     v_ptrs = v_head_ptr + v_rows[:, None] + offs_d[None, :]
     # Out-of-range rows are never read: the cache may hold anything there (NaN bit patterns in FP8).
@@ -186,6 +192,9 @@ def chunk_prefill_kernel(
     num_seqs,
     num_q_tiles,
     num_kv_heads,
+    total_q,  # q.shape[0]: query ranges are clamped to [0, total_q]
+    kv_capacity,  # max_blocks * PAGE_SIZE (paged) or total_k (contiguous): KV lengths are clamped to it
+    num_blocks,  # paged: page ids are clamped to [0, num_blocks)
     softmax_scale,
     softcap,
     window_left,  # UNBOUNDED_WINDOW when unbounded
@@ -219,6 +228,7 @@ def chunk_prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     SAME_KV_STRIDES: tl.constexpr,  # K and V share block/token strides
     KV_FP8: tl.constexpr,  # FP8 cache: both dots run in fp16 (exact FP8 -> fp16 conversion)
+    DOT_FP32: tl.constexpr,  # dots in fp32: the Triton interpreter's bf16 tl.dot is wrong (triton issue 11584)
     USE_SEQUSED: tl.constexpr,  # contiguous layout capped by seqused_k
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
@@ -228,7 +238,7 @@ def chunk_prefill_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
     # FP8 tiles convert to fp16 in one instruction per pair (to bf16 it takes three on sm_90), exactly.
-    DOT_DTYPE: tl.constexpr = tl.float16 if KV_FP8 else q_ptr.dtype.element_ty
+    DOT_DTYPE: tl.constexpr = tl.float32 if DOT_FP32 else (tl.float16 if KV_FP8 else q_ptr.dtype.element_ty)
 
     # ---- which (tile, KV head, head group) this program computes ----
     pid = tl.program_id(0)
@@ -241,20 +251,25 @@ def chunk_prefill_kernel(
     seq = _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
     if seq < 0:
         return
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
-    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    tok0 = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q
-    if tok0 >= q_len:
+    # Memory safety whatever the index tensors hold (their values are never checked on the host): the query
+    # range is clamped to [0, total_q] (a decreasing range is empty), the KV range to what the block table or
+    # the contiguous cache can address. Valid inputs pass through unchanged.
+    q_first = tl.load(cu_seqlens_q_ptr + seq)
+    q_start = tl.minimum(tl.maximum(q_first, 0), total_q)
+    q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_start), total_q) - q_start
+    tile_in_seq = tile - (q_first // BLOCK_Q + seq)
+    if (tile_in_seq < 0) | (tile_in_seq >= tl.cdiv(q_len, BLOCK_Q)):
         return
+    tok0 = tile_in_seq * BLOCK_Q
 
     if IS_PAGED:
         kv_start = 0
-        kv_len = tl.load(seqused_k_ptr + seq)
+        kv_len = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + seq), 0), kv_capacity)
     else:
-        kv_start = tl.load(cu_seqlens_k_ptr + seq)
-        kv_len = tl.load(cu_seqlens_k_ptr + seq + 1) - kv_start
+        kv_start = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq), 0), kv_capacity)
+        kv_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq + 1), kv_start), kv_capacity) - kv_start
         if USE_SEQUSED:
-            kv_len = tl.minimum(kv_len, tl.load(seqused_k_ptr + seq))
+            kv_len = tl.maximum(tl.minimum(kv_len, tl.load(seqused_k_ptr + seq)), 0)
 
     # ---- rows: (token, head) pairs ----
     offs_m = tl.arange(0, BLOCK_M)
@@ -309,7 +324,7 @@ def chunk_prefill_kernel(
 
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, q_pos,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, num_blocks, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
@@ -317,7 +332,7 @@ def chunk_prefill_kernel(
         )  # fmt: skip
     for start_n in range(full_lo, full_hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, q_pos,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, num_blocks, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
@@ -325,7 +340,7 @@ def chunk_prefill_kernel(
         )  # fmt: skip
     for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, q_pos,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, num_blocks, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,

@@ -69,7 +69,7 @@ def choose_launch_config(
     Parameters
     ----------
     head_size : int
-        ``D`` (16..512, a multiple of 16); tiles use the next power of two.
+        ``D`` (8..512, a multiple of 8); tiles use the next power of two.
     kv_is_fp8 : bool
         The cache is FP8 (tiles are converted in registers).
     group : int

@@ -15,6 +15,7 @@ from kvflash.attn_common import (
     AttentionFeatures,
     QKVTypePair,
     check_bool,
+    check_device_type,
     check_index_tensor,
     check_int,
     check_kv_cache,
@@ -55,6 +56,7 @@ def check_chunk_prefill_args(
     Raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came.
     """
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_device_type("q", q)
     check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
     if cu_seqlens_q.shape[0] < 2:
         raise ValueError(f"cu_seqlens_q: expected [num_seqs + 1] with num_seqs >= 1, got {tuple(cu_seqlens_q.shape)}")
@@ -144,6 +146,9 @@ def launch_chunk_prefill(
         num_seqs=num_seqs,
         num_q_tiles=num_q_tiles,
         num_kv_heads=num_kv_heads,
+        total_q=total_q,
+        kv_capacity=block_table.shape[1] * k.shape[1] if is_paged else k.shape[0],
+        num_blocks=k.shape[0] if is_paged else 1,
         softmax_scale=softmax_scale,
         softcap=softcap,
         window_left=left,
@@ -172,11 +177,14 @@ def launch_chunk_prefill(
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         HEAD_SIZE=head_size,
-        HEAD_PAD=triton.next_power_of_2(head_size),
+        # At least 16: tl.dot needs K >= 16 (D = 8); the padding is masked on every load and store.
+        HEAD_PAD=max(16, triton.next_power_of_2(head_size)),
         IS_PAGED=is_paged,
         PAGE_SIZE=k.shape[1] if is_paged else 1,
         SAME_KV_STRIDES=k.stride()[:-2] == v.stride()[:-2],
         KV_FP8=kv_is_fp8,
+        # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
+        DOT_FP32=interpreter_enabled() and not kv_is_fp8 and q.dtype == torch.bfloat16,
         USE_SEQUSED=seqused_k is not None,
         USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None,

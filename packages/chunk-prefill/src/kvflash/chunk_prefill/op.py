@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import reference_attention_into
+from kvflash.attn_common import reference_attention_into, validate_index_tensors
 from kvflash.attn_common.platform import runs_triton
 from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
 
@@ -97,15 +97,18 @@ def chunk_prefill_attention(
     Parameters
     ----------
     q : torch.Tensor
-        ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``. ``D`` is 16..512, a
-        multiple of 16.
+        ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``. ``D`` is 8..512, a
+        multiple of 8.
     k, v : torch.Tensor
         Paged ``[num_blocks, block_size, Hkv, D]`` (strided views allowed, e.g. ``[:, 0]`` / ``[:, 1]`` of a
         joint ``[num_blocks, 2, block_size, Hkv, D]`` cache) with ``block_table`` and ``seqused_k``, or
         contiguous ``[total_k, Hkv, D]`` with ``cu_seqlens_k``. Dtype: ``q``'s, or ``float8_e4m3fn`` /
         ``float8_e5m2`` (real value = ``stored * descale``). ``Hq % Hkv == 0``.
     cu_seqlens_q : torch.Tensor
-        ``[num_seqs + 1]`` int32 query offsets.
+        ``[num_seqs + 1]`` int32 query offsets: from 0, never decreasing, up to ``total_q``. Values are not
+        checked on the host (``KVFLASH_VALIDATE=1`` checks them); the kernel clamps every range to
+        ``[0, total_q]`` and treats a decreasing one as empty, so bad offsets never address memory outside
+        ``q`` / ``out`` (rows outside every range are then left unwritten).
     max_seqlen_q, max_seqlen_k : int
         Upper bounds of the per-sequence query and key lengths (launch heuristics only; never trusted for
         memory safety).
@@ -148,6 +151,10 @@ def chunk_prefill_attention(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table=block_table, seqused_k=seqused_k,
         cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, out=out,
+    )  # fmt: skip
+    validate_index_tensors(
+        q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)

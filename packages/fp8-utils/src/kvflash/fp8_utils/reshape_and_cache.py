@@ -14,7 +14,14 @@ import math
 import torch
 import triton
 
-from kvflash.attn_common import FP8_TORCH_DTYPES, check_head_size, check_same_device, check_tensor, platform
+from kvflash.attn_common import (
+    FP8_TORCH_DTYPES,
+    check_device_type,
+    check_head_size,
+    check_same_device,
+    check_tensor,
+    platform,
+)
 from kvflash.fp8_utils.cache_dtype import resolve_cache_storage_dtype
 from kvflash.fp8_utils.reshape_and_cache_kernel import reshape_and_cache_kernel
 from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, split_cache_scale
@@ -45,6 +52,7 @@ def pick_launch_config(num_rows: int, head_size: int) -> LaunchConfig:
 def _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> torch.dtype:
     """Validate everything but Python-float scale values; return the element type the cache stores."""
     check_tensor("key", key, dtypes=INPUT_TORCH_DTYPES, ndim=3)
+    check_device_type("key", key)
     num_tokens, num_kv_heads, head_size = key.shape
     check_head_size(head_size, "head size (key.shape[-1])")
     check_tensor("value", value, dtypes=(key.dtype,), shape=tuple(key.shape))

@@ -4,8 +4,8 @@ The signature and argument names are those of FlashAttention's varlen function a
 Intel XPU kernels expose it, so an engine switches by changing one import. This module checks what is
 its own (unsupported arguments, the query offsets, the Python ints) and routes:
 
-- ``max_seqlen_q == 1`` and one query per sequence (``total_q == num_seqs``, known from shapes alone) ->
-  :func:`kvflash.paged_decode.paged_decode_attention` (split-KV decode);
+- ``max_seqlen_q == 1`` and as many query rows as sequences (``total_q == num_seqs``, known from shapes
+  alone) -> :func:`kvflash.paged_decode.paged_decode_attention` (split-KV decode), given ``cu_seqlens_q``;
 - everything else, mixed batches of prefill and decode rows included ->
   :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
 
@@ -16,7 +16,15 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import QUERY_TORCH_DTYPES, check_bool, check_index_tensor, check_int, check_tensor
+from kvflash.attn_common import (
+    QUERY_TORCH_DTYPES,
+    check_bool,
+    check_device_type,
+    check_index_tensor,
+    check_int,
+    check_tensor,
+    validate_index_tensors,
+)
 from kvflash.chunk_prefill import chunk_prefill_attention
 from kvflash.paged_decode import paged_decode_attention
 
@@ -135,6 +143,7 @@ def flash_attn_varlen_func(
     _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version)
     check_bool("deterministic", deterministic)
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_device_type("q", q)  # before the index tensors are compared with q's device
     check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
     num_seqs = cu_seqlens_q.shape[0] - 1
     if num_seqs < 1:
@@ -160,6 +169,18 @@ def flash_attn_varlen_func(
         return_lse=return_softmax_lse,
     )
     if max_seqlen_q == 1 and q.shape[0] == num_seqs:
-        # Every sequence has exactly one query (num_seqs rows, none longer than 1): the decode kernel.
-        return paged_decode_attention(q, k, v, max_seqlen_k, num_splits=num_splits, **features)
+        # If max_seqlen_q is a true bound, every sequence has exactly one query. It is a Python int the caller
+        # may get wrong (query lengths [2, 0] also give total_q == num_seqs), and the lengths cannot be read
+        # without a host synchronisation. So the decode kernel gets cu_seqlens_q and maps each query row to its
+        # sequence and position itself: two index loads per program in the usual case, a binary search
+        # otherwise, and every row is right for any split of the rows among the sequences. (Sending such
+        # calls to the prefill kernel instead would cost decode its split-KV; NaN-filling the rows it cannot
+        # serve would still be garbage.) KVFLASH_VALIDATE=1 reports the wrong max_seqlen_q.
+        validate_index_tensors(  # KVFLASH_VALIDATE=1 only: the query lengths against max_seqlen_q
+            q, k, cu_seqlens_q=cu_seqlens_q, block_table=None, seqused_k=None, cu_seqlens_k=None,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        )  # fmt: skip
+        return paged_decode_attention(
+            q, k, v, max_seqlen_k, num_splits=num_splits, cu_seqlens_q=cu_seqlens_q, **features
+        )
     return chunk_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, **features)

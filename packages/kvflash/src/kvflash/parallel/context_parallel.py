@@ -3,8 +3,9 @@
 Each rank holds, for every sequence, a shard of its keys and values in its own paged cache (its own block
 table and lengths; a shard may be empty). A step is:
 
-1. local split-KV decode over the shard with ``return_lse=True`` -> ``out_r [num_seqs, Hq, D]``,
-   ``lse_r [Hq, num_seqs]`` (``-inf`` where the shard is empty);
+1. local split-KV decode over the shard with ``return_lse=True`` into a float32 ``out_r [num_seqs, Hq, D]``
+   (never rounded to q's dtype: the result is rounded once, after the merge), ``lse_r [Hq, num_seqs]``
+   (``-inf`` where the shard is empty);
 2. one ``all_gather_into_tensor`` of the packed ``(out_r, lse_r)`` (float32) over the group;
 3. an LSE merge of the ``world_size`` partials with :func:`kvflash.paged_decode.merge_attn_states`.
 
@@ -112,7 +113,10 @@ def context_parallel_decode(
         check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    local_out, local_lse = paged_decode_attention(
+    num_seqs, num_heads, head_size = q.shape
+    # The local partial stays float32: rounding it to q's dtype before the merge would round twice.
+    local_out = torch.empty((num_seqs, num_heads, head_size), dtype=torch.float32, device=q.device)
+    _, local_lse = paged_decode_attention(
         q,
         k_cache,
         v_cache,
@@ -125,12 +129,12 @@ def context_parallel_decode(
         k_descale=k_descale,
         v_descale=v_descale,
         num_splits=num_splits,
+        out=local_out,
         return_lse=True,
     )
-    num_seqs, num_heads, head_size = q.shape
     out_numel = local_out.numel()
     # One collective: out and lse of this rank packed into one float32 row.
-    packed = torch.cat([local_out.float().reshape(-1), local_lse.reshape(-1)])
+    packed = torch.cat([local_out.reshape(-1), local_lse.reshape(-1)])
     gathered = torch.empty(world * packed.numel(), dtype=torch.float32, device=q.device)
     _all_gather_flat(gathered, packed, group)
     gathered = gathered.view(world, packed.numel())

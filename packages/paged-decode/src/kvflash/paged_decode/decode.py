@@ -11,6 +11,8 @@ from kvflash.attn_common import (
     QUERY_TORCH_DTYPES,
     QKVTypePair,
     check_bool,
+    check_device_type,
+    check_index_tensor,
     check_int,
     check_kv_cache,
     check_tensor,
@@ -18,6 +20,7 @@ from kvflash.attn_common import (
     normalize_attention_features,
     platform,
     reference_attention_into,
+    validate_index_tensors,
 )
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
 from kvflash.paged_decode.launch_config import choose_decode_config
@@ -50,6 +53,7 @@ def paged_decode_attention(
     num_splits: int = 0,
     out: torch.Tensor | None = None,
     return_lse: bool = False,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of one query token per sequence over its KV cache (decode), split over the keys.
 
@@ -75,7 +79,8 @@ def paged_decode_attention(
     softmax_scale : float, optional
         Defaults to ``1 / sqrt(D)``.
     causal : bool
-        Accepted for interface parity; a no-op (the single query sees every earlier key).
+        Without ``cu_seqlens_q`` a no-op (the single query sees every earlier key); with it, rows that are not
+        their sequence's last query see no later key.
     window_size : (int, int), optional
         ``(left, right)``, ``-1`` unbounded: key ``j`` visible iff ``p - left <= j <= p + right``.
     softcap : float
@@ -89,10 +94,17 @@ def paged_decode_attention(
     num_splits : int
         0 = automatic split-KV (from shapes and the SM count), 1 = no split, ``n > 1`` = at most ``n``.
     out : torch.Tensor, optional
-        ``[num_seqs, Hq, D]`` in ``q``'s dtype, ``stride(-1) == 1``; written in place.
+        ``[num_seqs, Hq, D]`` in ``q``'s dtype or float32 (the unrounded result, for callers that merge
+        partial attentions themselves, such as context-parallel decode), ``stride(-1) == 1``; written in place.
     return_lse : bool
         Also return ``lse [Hq, num_seqs]`` float32 (natural log; ``-inf`` for a sequence without keys
         and sinks).
+    cu_seqlens_q : torch.Tensor, optional
+        ``[num_seqs + 1]`` int32 query offsets of a varlen call with ``total_q == num_seqs`` query rows
+        (how :func:`kvflash.flash_attn_interface.flash_attn_varlen_func` calls it). Row ``r`` is then the
+        query of the sequence whose range holds it, at its bottom-right aligned position: any split of the
+        rows among the sequences is served correctly (``[1, 1, ...]``, but also ``[2, 0]``), at the cost of
+        two index loads per program. Without it, row ``s`` is the one query of sequence ``s``.
 
     Returns
     -------
@@ -100,6 +112,7 @@ def paged_decode_attention(
         ``out [num_seqs, Hq, D]`` in ``q``'s dtype, and ``lse`` when ``return_lse``.
     """
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    check_device_type("q", q)
     if block_table is not None:
         check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2)
         num_seqs = block_table.shape[0]
@@ -116,6 +129,8 @@ def paged_decode_attention(
     check_int("max_seqlen_k", max_seqlen_k)
     check_int("num_splits", num_splits)  # 0 = automatic, 1 = no split, n = at most n
     check_bool("causal", causal)
+    if cu_seqlens_q is not None:
+        check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(num_seqs + 1,), device=q.device)
     layout = check_kv_cache(
         q,
         k,
@@ -134,11 +149,15 @@ def paged_decode_attention(
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
-        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
+        check_tensor("out", out, dtypes=(q.dtype, torch.float32), shape=tuple(q.shape), device=q.device)
     lse = torch.empty((num_q_heads, num_seqs), dtype=torch.float32, device=q.device)
+    validate_index_tensors(
+        q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_q=None, max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
     torch.ops.kvflash.paged_decode_attention(
-        q, k, v, block_table, seqused_k, cu_seqlens_k, f.k_descale, f.v_descale, f.alibi_slopes, f.s_aux, out, lse,
-        max_seqlen_k, f.softmax_scale, f.window_left, f.softcap, num_splits,
+        q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
+        f.s_aux, out, lse, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap, num_splits,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -151,6 +170,7 @@ def _paged_decode_op(
     block_table: torch.Tensor | None,
     seqused_k: torch.Tensor | None,
     cu_seqlens_k: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
     k_descale: torch.Tensor,
     v_descale: torch.Tensor,
     alibi_slopes: torch.Tensor | None,
@@ -160,14 +180,15 @@ def _paged_decode_op(
     max_seqlen_k: int,
     softmax_scale: float,
     window_left: int,
+    window_right: int,
     softcap: float,
     num_splits: int,
 ) -> None:
-    """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edge ``-1`` = unbounded)."""
+    """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded)."""
     if not platform.runs_triton(q.device):
         _reference_decode(
-            q, k, v, block_table, seqused_k, cu_seqlens_k, k_descale, v_descale, alibi_slopes, s_aux, out, lse,
-            softmax_scale, window_left, softcap,
+            q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
+            out, lse, softmax_scale, window_left, window_right, softcap,
         )  # fmt: skip
         return
     num_seqs, num_q_heads, head_size = q.shape
@@ -211,6 +232,7 @@ def _paged_decode_op(
             block_table_ptr=block_table if is_paged else index_dummy,
             seqused_k_ptr=index_dummy,
             cu_seqlens_k_ptr=index_dummy if is_paged else cu_seqlens_k,
+            cu_seqlens_q_ptr=cu_seqlens_q if cu_seqlens_q is not None else index_dummy,
             k_descale_ptr=k_descale,
             v_descale_ptr=v_descale,
             alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else k_descale,
@@ -219,6 +241,9 @@ def _paged_decode_op(
             lse_ptr=dst_lse,
             num_kv_heads=num_kv_heads,
             num_splits=cfg.num_splits,
+            num_seqs=num_seqs,
+            kv_capacity=block_table.shape[1] * k.shape[1] if is_paged else k.shape[0],
+            num_blocks=k.shape[0] if is_paged else 1,
             stride_q_seq=q.stride(0),
             stride_q_head=q.stride(1),
             stride_k_block=k_strides[0],
@@ -242,7 +267,8 @@ def _paged_decode_op(
             stride_lse_head=lse_strides[2],
             softmax_scale=softmax_scale,
             softcap=softcap,
-            window_left=kernel_window(window_left, -1)[0],
+            window_left=kernel_window(window_left, window_right)[0],
+            window_right=kernel_window(window_left, window_right)[1],
             GROUP=group,
             HEAD_CHUNKS=cfg.head_chunks,
             BLOCK_H=cfg.block_h,
@@ -254,6 +280,9 @@ def _paged_decode_op(
             HAS_SEQUSED=seqused_k is not None,
             IS_FP8=kv_is_fp8,
             IS_SPLIT=is_split,
+            USE_CU_Q=cu_seqlens_q is not None,
+            # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
+            DOT_FP32=platform.interpreter_enabled() and not kv_is_fp8 and q.dtype == torch.bfloat16,
             USE_SOFTCAP=softcap > 0,
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
@@ -286,21 +315,22 @@ def _paged_decode_op(
 
 
 @_paged_decode_op.register_fake
-def _(q, k, v, block_table, seqused_k, cu_seqlens_k, k_descale, v_descale, alibi_slopes, s_aux, out, lse,
-      max_seqlen_k, softmax_scale, window_left, softcap, num_splits) -> None:  # fmt: skip
+def _(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
+      lse, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits) -> None:  # fmt: skip
     return None
 
 
 def _reference_decode(
-    q, k, v, block_table, seqused_k, cu_seqlens_k, k_descale, v_descale, alibi_slopes, s_aux, out, lse,
-    softmax_scale, window_left, softcap,
+    q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
+    lse, softmax_scale, window_left, window_right, softcap,
 ) -> None:  # fmt: skip
     """CPU tensors without the interpreter: the plain PyTorch reference (reads lengths on the host)."""
     num_seqs = q.shape[0]
-    cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
+    if cu_seqlens_q is None:
+        cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
     reference_attention_into(
         out, lse, q, k, v, cu_seqlens_q,
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
-        window_size=(window_left, -1), softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
+        window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
         k_descale=k_descale, v_descale=v_descale,
     )  # fmt: skip

@@ -7,7 +7,15 @@ from memory once and feeds all of them through ``tl.dot``. The split's keys are 
 token, so page size and tile size are independent.
 
 The query sits at position ``p = kv_len - 1``: every key ``j < kv_len`` satisfies ``j <= p + right`` for
-any right window edge, so only the left edge narrows the key range (to ``[p - left, kv_len)``).
+any right window edge, so only the left edge narrows the key range (to ``[p - left, kv_len)``). With
+``USE_CU_Q`` (a varlen call shaped like decode, ``total_q == num_seqs``) program rows are query rows,
+mapped to their sequence through ``cu_seqlens_q``: a row that is query ``i`` of ``q_len`` sits at
+``p = kv_len - q_len + i`` and sees ``[p - left, p + right]``, so any split of the rows among the sequences
+(``[2, 0]`` included) is served correctly, whatever ``max_seqlen_q`` said.
+
+Every index value is clamped before it addresses memory (KV lengths to what the block table or the
+contiguous cache holds, page ids to ``[0, num_blocks)``): bad index tensors give wrong numbers at worst,
+never an out-of-bounds access (``KVFLASH_VALIDATE=1`` reports them).
 
 FP8 caches are loaded as 1-byte tiles and converted to fp16 in registers, and both dots then run in fp16
 whatever the query's dtype: every FP8 value is exact in fp16, the conversion is one instruction per two
@@ -26,18 +34,20 @@ from kvflash.attn_common.jit_helpers import (
     alibi_bias,
     finalize_softmax,
     online_softmax_step,
+    sequence_of_row,
     softcap_scores,
 )
 
 
 @triton.jit
 def paged_decode_kernel(
-    q_ptr,  # [num_seqs, Hq, HEAD_SIZE] fp16/bf16
+    q_ptr,  # [num_seqs, Hq, HEAD_SIZE] fp16/bf16 (with USE_CU_Q: [total_q == num_seqs, Hq, HEAD_SIZE])
     k_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; q dtype or fp8
     v_ptr,  # same layout and dtype as k_ptr (strides may differ)
     block_table_ptr,  # [num_seqs, max_blocks] int32 (IS_PAGED)
     seqused_k_ptr,  # [num_seqs] int32 (HAS_SEQUSED)
     cu_seqlens_k_ptr,  # [num_seqs + 1] int32 (not IS_PAGED)
+    cu_seqlens_q_ptr,  # [num_seqs + 1] int32 (USE_CU_Q)
     k_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
     v_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
@@ -46,6 +56,9 @@ def paged_decode_kernel(
     lse_ptr,  # [Hq, num_seqs] fp32, or [num_seqs, Hq, num_splits] fp32 (IS_SPLIT); natural log
     num_kv_heads,
     num_splits,
+    num_seqs,
+    kv_capacity,  # max_blocks * PAGE_SIZE (IS_PAGED) or total_k: KV lengths are clamped to it
+    num_blocks,  # IS_PAGED: page ids are clamped to [0, num_blocks)
     stride_q_seq,
     stride_q_head,
     stride_k_block,
@@ -70,6 +83,7 @@ def paged_decode_kernel(
     softmax_scale,
     softcap,
     window_left,  # UNBOUNDED_WINDOW when unbounded
+    window_right,  # UNBOUNDED_WINDOW when unbounded; 0 when causal (matters only with USE_CU_Q)
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_CHUNKS: tl.constexpr,  # programs per KV head (cdiv(GROUP, BLOCK_H); 1 unless GROUP > 64)
     BLOCK_H: tl.constexpr,  # query-head rows per program (power of two >= 16, for tl.dot)
@@ -81,6 +95,8 @@ def paged_decode_kernel(
     HAS_SEQUSED: tl.constexpr,
     IS_FP8: tl.constexpr,
     IS_SPLIT: tl.constexpr,  # write fp32 partials for the split-merge kernel (sinks are added there)
+    USE_CU_Q: tl.constexpr,  # rows are query rows mapped to sequences by cu_seqlens_q
+    DOT_FP32: tl.constexpr,  # dots in fp32: the Triton interpreter's bf16 tl.dot is wrong (triton issue 11584)
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr,
@@ -91,23 +107,37 @@ def paged_decode_kernel(
     split = tl.program_id(1)
     chunk = pid % HEAD_CHUNKS
     kv_head = (pid // HEAD_CHUNKS) % num_kv_heads
-    seq = pid // (HEAD_CHUNKS * num_kv_heads)
+    row = pid // (HEAD_CHUNKS * num_kv_heads)  # the query row: q, out and lse are indexed by it
+    row64 = row.to(tl.int64)
+    if USE_CU_Q:
+        seq = sequence_of_row(cu_seqlens_q_ptr, row, num_seqs)  # K/V, descales and ALiBi are per sequence
+        q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq), 0), num_seqs)
+        q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_first), num_seqs) - q_first
+        pos_shift = row - q_first - q_len + 1  # p = kv_len - 1 + pos_shift; 0 for a sequence's only query
+    else:
+        seq = row
+        pos_shift = 0
     seq64 = seq.to(tl.int64)
 
     # Key range of this sequence, then of this split: splits divide the visible keys evenly, in whole tiles.
+    # Lengths are clamped to the addressable keys (index values are never checked on the host).
     if IS_PAGED:
-        kv_len = tl.load(seqused_k_ptr + seq)
+        kv_len = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + seq), 0), kv_capacity)
         k_start = 0
     else:
-        k_start = tl.load(cu_seqlens_k_ptr + seq)
-        kv_len = tl.load(cu_seqlens_k_ptr + seq + 1) - k_start
+        k_start = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq), 0), kv_capacity)
+        kv_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq + 1), k_start), kv_capacity) - k_start
         if HAS_SEQUSED:
-            kv_len = tl.minimum(kv_len, tl.load(seqused_k_ptr + seq))
-    first_key = tl.maximum(kv_len - 1 - window_left, 0)
-    num_keys = kv_len - first_key
+            kv_len = tl.maximum(tl.minimum(kv_len, tl.load(seqused_k_ptr + seq)), 0)
+    q_position = kv_len - 1 + pos_shift
+    first_key = tl.maximum(q_position - window_left, 0)
+    key_end = kv_len
+    if USE_CU_Q:  # a row that is not its sequence's last query: its right window edge may come first
+        key_end = tl.minimum(kv_len, tl.maximum(q_position + 1 + window_right, 0))
+    num_keys = tl.maximum(key_end - first_key, 0)
     keys_per_split = tl.cdiv(tl.cdiv(num_keys, num_splits), BLOCK_N) * BLOCK_N
     split_start = first_key + split * keys_per_split
-    split_end = tl.minimum(split_start + keys_per_split, kv_len)
+    split_end = tl.minimum(split_start + keys_per_split, key_end)
 
     rows = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
     row_mask = rows < GROUP
@@ -116,7 +146,7 @@ def paged_decode_kernel(
     d_mask = offs_d < HEAD_SIZE
     offs_n = tl.arange(0, BLOCK_N)
 
-    q_offs = seq64 * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :]
+    q_offs = row64 * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
 
     # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
@@ -124,7 +154,7 @@ def paged_decode_kernel(
     score_scale = softmax_scale * k_descale
     if USE_ALIBI:
         slopes = tl.load(alibi_slopes_ptr + seq * stride_alibi_seq + q_heads * stride_alibi_head, mask=row_mask)
-        q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + (kv_len - 1)
+        q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + q_position
 
     k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
     v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
@@ -132,6 +162,8 @@ def paged_decode_kernel(
 
     if IS_FP8:
         q = q.to(tl.float16)
+    if DOT_FP32:
+        q = q.to(tl.float32)
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
@@ -146,7 +178,8 @@ def paged_decode_kernel(
         pos = tile_start + offs_n
         valid = pos < split_end
         if IS_PAGED:
-            page = next_page.to(tl.int64)
+            # A bad page id never leaves the cache.
+            page = tl.minimum(tl.maximum(next_page, 0), num_blocks - 1).to(tl.int64)
             ahead = pos + BLOCK_N
             next_page = tl.load(block_row_ptr + ahead // PAGE_SIZE, mask=ahead < split_end, other=0)
             in_page = (pos % PAGE_SIZE).to(tl.int64)
@@ -169,6 +202,9 @@ def paged_decode_kernel(
                 # An identity move with side effects: Triton cannot hoist the conversion above it, so V is
                 # re-laid out as fp16 (ldmatrix.trans) instead of read from shared memory byte by byte.
                 v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float16, is_pure=False, pack=2)
+        if DOT_FP32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
 
         qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
         if USE_SOFTCAP or USE_ALIBI:
@@ -192,9 +228,9 @@ def paged_decode_kernel(
     # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
     out = out * tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
 
-    o_offs = split.to(tl.int64) * stride_o_split + seq64 * stride_o_seq + q_heads[:, None] * stride_o_head
+    o_offs = split.to(tl.int64) * stride_o_split + row64 * stride_o_seq + q_heads[:, None] * stride_o_head
     tl.store(
         out_ptr + o_offs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :]
     )
-    lse_offs = split.to(tl.int64) * stride_lse_split + seq64 * stride_lse_seq + q_heads * stride_lse_head
+    lse_offs = split.to(tl.int64) * stride_lse_split + row64 * stride_lse_seq + q_heads * stride_lse_head
     tl.store(lse_ptr + lse_offs, lse, mask=row_mask)

@@ -126,7 +126,7 @@ def choose_decode_config(
     """
     block_h = min(max(MIN_BLOCK_H, triton.next_power_of_2(group)), MAX_BLOCK_H)
     head_chunks = triton.cdiv(group, block_h)
-    head_pad = triton.next_power_of_2(head_size)
+    head_pad = max(16, triton.next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
     if interpreter:
         block_n = INTERPRETER_BLOCK_N
     else:
