@@ -54,8 +54,9 @@ def _row(name, group, impl, shape, kv_dtype, metric, work, rate, **extra):
 def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None) -> dict:
     """All targets met unless an override says otherwise. ``decode``: {(shape, dtype): frac of copy};
     ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer."""
-    fracs = {(s, t): (0.95 if t == "bf16" else 0.93) for s in ("64x4096", "128x8192") for t in ("bf16", "e4m3", "e5m2")}
-    fracs |= {(s, t): (0.90 if t == "bf16" else 0.86) for s in ("1x131072", "4x32768") for t in ("bf16", "e4m3", "e5m2")}
+    dtypes = ("bf16", "e4m3", "e5m2")
+    fracs = {(s, t): (0.95 if t == "bf16" else 0.93) for s in ("64x4096", "128x8192") for t in dtypes}
+    fracs |= {(s, t): (0.90 if t == "bf16" else 0.86) for s in ("1x131072", "4x32768") for t in dtypes}
     fracs |= decode or {}
     rates = {(s, "bf16"): 650.0 for s in ("4x(2048+2048)", "1x16384", "mixed")}
     rates |= {(s, "e4m3"): 660.0 for s in ("4x(2048+2048)", "1x16384", "mixed")}
