@@ -69,7 +69,7 @@ def test_custom_op_passes_opcheck():
     args = (
         case.q, case.k, case.v, torch.empty_like(case.q), case.cu_seqlens_q, case.max_seqlen_q,
         case.kv_args["block_table"], case.kv_args["seqused_k"], None, 0.3, -1, 0, 0.0, None, None, descale,
-        descale, True,
+        descale, True, 0,
     )  # fmt: skip
     torch.library.opcheck(torch.ops.kvflash.chunk_prefill.default, args)
 

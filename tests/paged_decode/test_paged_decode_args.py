@@ -104,7 +104,8 @@ def test_custom_op_opcheck(small):
     args = (
         small.q, small.k, small.v, small.kwargs["block_table"], small.kwargs["seqused_k"], None,
         torch.arange(num_seqs + 1, dtype=torch.int32, device=device), scale, scale, None, None,
-        torch.empty_like(small.q), torch.empty(num_q_heads, num_seqs, device=device), 20, 0.125, -1, 0, 0.0, 2,
+        torch.empty_like(small.q), torch.empty(num_q_heads, num_seqs, device=device), 1, 20, 0.125, -1, 0, 0.0, 2,
+        False,
     )  # fmt: skip
     torch.library.opcheck(
         torch.ops.kvflash.paged_decode_attention.default, args,

@@ -195,6 +195,7 @@ def chunk_prefill_kernel(
     total_q,  # q.shape[0]: query ranges are clamped to [0, total_q]
     kv_capacity,  # max_blocks * PAGE_SIZE (paged) or total_k (contiguous): KV lengths are clamped to it
     num_blocks,  # paged: page ids are clamped to [0, num_blocks)
+    skip_q_len,  # sequences with at most this many queries are the decode kernel's (a mixed batch); 0 = none
     softmax_scale,
     softcap,
     window_left,  # UNBOUNDED_WINDOW when unbounded
@@ -258,7 +259,7 @@ def chunk_prefill_kernel(
     q_start = tl.minimum(tl.maximum(q_first, 0), total_q)
     q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_start), total_q) - q_start
     tile_in_seq = tile - (q_first // BLOCK_Q + seq)
-    if (tile_in_seq < 0) | (tile_in_seq >= tl.cdiv(q_len, BLOCK_Q)):
+    if (tile_in_seq < 0) | (tile_in_seq >= tl.cdiv(q_len, BLOCK_Q)) | (q_len <= skip_q_len):
         return
     tok0 = tile_in_seq * BLOCK_Q
 

@@ -102,12 +102,14 @@ def launch_chunk_prefill(
     s_aux: torch.Tensor | None,
     k_descale: torch.Tensor,
     v_descale: torch.Tensor,
+    skip_q_len: int = 0,
     config: LaunchConfig | None = None,
 ) -> None:
     """Launch the kernel: writes ``out [total_q, Hq, D]`` and, when given, ``lse [Hq, total_q]`` fp32.
 
     Arguments are the normalised ones of :class:`kvflash.attn_common.AttentionFeatures` (``-1`` window edges =
     unbounded).
+    Sequences with at most ``skip_q_len`` queries are left untouched (the decode kernel serves them).
     ``config`` overrides :func:`choose_launch_config` (tuning tools only).
     """
     total_q, num_q_heads, head_size = q.shape
@@ -149,6 +151,7 @@ def launch_chunk_prefill(
         total_q=total_q,
         kv_capacity=block_table.shape[1] * k.shape[1] if is_paged else k.shape[0],
         num_blocks=k.shape[0] if is_paged else 1,
+        skip_q_len=skip_q_len,
         softmax_scale=softmax_scale,
         softcap=softcap,
         window_left=left,

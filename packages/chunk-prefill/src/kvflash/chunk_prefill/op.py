@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import reference_attention_into, validate_index_tensors
+from kvflash.attn_common import check_int, reference_attention_into, validate_index_tensors
 from kvflash.attn_common.platform import runs_triton
 from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
 
@@ -38,6 +38,7 @@ def _chunk_prefill_op(
     k_descale: torch.Tensor,
     v_descale: torch.Tensor,
     return_lse: bool,
+    skip_q_len: int,
 ) -> torch.Tensor:
     """Write attention into ``out [total_q, Hq, D]``; return ``lse [Hq, total_q]`` fp32 (``[Hq, 0]`` when
     ``return_lse`` is False). Arguments are normalised: window edges ``-1`` = unbounded, causal folded
@@ -55,14 +56,14 @@ def _chunk_prefill_op(
         q, k, v, out, lse if return_lse else None, cu_seqlens_q, max_seqlen_q,
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
-        s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+        s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, skip_q_len=skip_q_len,
     )  # fmt: skip
     return lse
 
 
 @_chunk_prefill_op.register_fake
 def _(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale, window_left,
-      window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse):  # fmt: skip
+      window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse, skip_q_len):  # fmt: skip
     total_q, num_q_heads, _ = q.shape
     return q.new_empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32)
 
@@ -88,6 +89,7 @@ def chunk_prefill_attention(
     v_descale: torch.Tensor | float | None = None,
     out: torch.Tensor | None = None,
     return_lse: bool = False,
+    skip_q_len: int = 0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention of new query tokens over a paged or contiguous (possibly FP8) KV cache.
 
@@ -138,6 +140,10 @@ def chunk_prefill_attention(
         ``[total_q, Hq, D]`` in ``q``'s dtype (may be a strided view); written in place.
     return_lse : bool
         Also return the natural-log softmax denominator.
+    skip_q_len : int
+        Leave the ``out`` (and ``lse``) rows of sequences with at most this many queries untouched: in a mixed
+        batch :func:`kvflash.paged_decode.paged_decode_attention` (``defer_longer_sequences``) serves them at
+        decode speed. 0 (the default) serves every sequence.
 
     Returns
     -------
@@ -152,6 +158,7 @@ def chunk_prefill_attention(
         cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, out=out,
     )  # fmt: skip
+    check_int("skip_q_len", skip_q_len, 0)
     validate_index_tensors(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -161,6 +168,6 @@ def chunk_prefill_attention(
     lse = _chunk_prefill_op(
         q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, args.softmax_scale,
         args.window_left, args.window_right, args.softcap, args.alibi_slopes, args.s_aux, args.k_descale,
-        args.v_descale, return_lse,
+        args.v_descale, return_lse, skip_q_len,
     )  # fmt: skip
     return (out, lse) if return_lse else out

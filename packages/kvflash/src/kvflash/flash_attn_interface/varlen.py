@@ -4,10 +4,14 @@ The signature and argument names are those of FlashAttention's varlen function a
 Intel XPU kernels expose it, so an engine switches by changing one import. This module checks what is
 its own (unsupported arguments, the query offsets, the Python ints) and routes:
 
-- ``max_seqlen_q == 1`` and as many query rows as sequences (``total_q == num_seqs``, known from shapes
-  alone) -> :func:`kvflash.paged_decode.paged_decode_attention` (split-KV decode), given ``cu_seqlens_q``;
-- everything else, mixed batches of prefill and decode rows included ->
-  :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
+- few queries per sequence (``max_seqlen_q <= 16``: decode, speculative-decode verification) ->
+  :func:`kvflash.paged_decode.paged_decode_attention` (K/V read once per sequence for all its queries and
+  heads, split-KV over long contexts), given ``cu_seqlens_q``;
+- a batch that may hold both long and short sequences (a mixed prefill + decode step) -> two launches:
+  :func:`kvflash.chunk_prefill.chunk_prefill_attention` for the long sequences, then the decode kernel for
+  the short ones, each program reading its sequence's length on the device;
+- everything else -> :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
+See :mod:`kvflash.flash_attn_interface.routing`.
 
 The kernel packages check the KV cache, descales and feature arguments themselves (via attn_common).
 """
@@ -26,6 +30,7 @@ from kvflash.attn_common import (
     validate_index_tensors,
 )
 from kvflash.chunk_prefill import chunk_prefill_attention
+from kvflash.flash_attn_interface.routing import choose_route
 from kvflash.paged_decode import paged_decode_attention
 
 __all__ = ["flash_attn_varlen_func"]
@@ -153,6 +158,8 @@ def flash_attn_varlen_func(
     check_int("max_seqlen_q", max_seqlen_q, 0)
     check_int("max_seqlen_k", max_seqlen_k, 0)
     check_int("num_splits", num_splits, 0)
+    if out is not None:  # the contract's out is in q's dtype on every route (the decode op alone also takes fp32)
+        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
     features = dict(
         block_table=block_table,
         seqused_k=seqused_k,
@@ -168,19 +175,40 @@ def flash_attn_varlen_func(
         out=out,
         return_lse=return_softmax_lse,
     )
-    if max_seqlen_q == 1 and q.shape[0] == num_seqs:
-        # If max_seqlen_q is a true bound, every sequence has exactly one query. It is a Python int the caller
-        # may get wrong (query lengths [2, 0] also give total_q == num_seqs), and the lengths cannot be read
-        # without a host synchronisation. So the decode kernel gets cu_seqlens_q and maps each query row to its
-        # sequence and position itself: two index loads per program in the usual case, a binary search
-        # otherwise, and every row is right for any split of the rows among the sequences. (Sending such
-        # calls to the prefill kernel instead would cost decode its split-KV; NaN-filling the rows it cannot
-        # serve would still be garbage.) KVFLASH_VALIDATE=1 reports the wrong max_seqlen_q.
+    group = _query_heads_per_kv_head(q, k)
+    route = choose_route(q.shape[0], num_seqs, max_seqlen_q, group)
+    if route.decode_only:
+        # The decode kernel reads each sequence's query range from cu_seqlens_q: a caller whose max_seqlen_q
+        # undercounts (query lengths [2, 0] under max_seqlen_q = 1, say) is still served exactly, in more
+        # passes over the keys. KVFLASH_VALIDATE=1 reports the wrong max_seqlen_q.
         validate_index_tensors(  # KVFLASH_VALIDATE=1 only: the query lengths against max_seqlen_q
             q, k, cu_seqlens_q=cu_seqlens_q, block_table=None, seqused_k=None, cu_seqlens_k=None,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )  # fmt: skip
         return paged_decode_attention(
-            q, k, v, max_seqlen_k, num_splits=num_splits, cu_seqlens_q=cu_seqlens_q, **features
-        )
-    return chunk_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, **features)
+            q, k, v, max_seqlen_k, num_splits=num_splits, cu_seqlens_q=cu_seqlens_q,
+            max_seqlen_q=max(1, max_seqlen_q), **features,
+        )  # fmt: skip
+    if not route.decode_queries:
+        return chunk_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, **features)
+    # A mixed batch: the prefill kernel serves the sequences with more than route.decode_queries queries, the
+    # decode kernel the others (each program of both launches reads its sequence's length on the device).
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    features["out"] = out
+    result = chunk_prefill_attention(
+        q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, skip_q_len=route.decode_queries, **features
+    )
+    lse = result[1] if return_softmax_lse else None
+    paged_decode_attention(
+        q, k, v, max_seqlen_k, num_splits=1, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=route.decode_queries,
+        defer_longer_sequences=True, lse=lse, **features,
+    )  # fmt: skip
+    return result
+
+
+def _query_heads_per_kv_head(q: torch.Tensor, k: object) -> int:
+    """``Hq // Hkv`` when ``k`` looks like a cache (the kernel packages check it fully), else 0."""
+    if isinstance(k, torch.Tensor) and k.dim() >= 3 and k.shape[-2] > 0:
+        return max(1, q.shape[1] // k.shape[-2])
+    return 0

@@ -23,7 +23,7 @@ from kvflash.attn_common import (
     validate_index_tensors,
 )
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
-from kvflash.paged_decode.launch_config import choose_decode_config
+from kvflash.paged_decode.launch_config import MAX_BLOCK_H, choose_decode_config
 from kvflash.paged_decode.split_merge_kernel import split_merge_kernel
 
 __all__ = ["paged_decode_attention"]
@@ -54,14 +54,22 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     return_lse: bool = False,
     cu_seqlens_q: torch.Tensor | None = None,
+    max_seqlen_q: int = 1,
+    defer_longer_sequences: bool = False,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Attention of one query token per sequence over its KV cache (decode), split over the keys.
+    """Attention of the few query tokens of each sequence over its KV cache (decode), split over the keys.
+
+    Plain decode is one query per sequence; with ``cu_seqlens_q`` each sequence brings its own number of
+    queries (speculative-decode verification, the decode rows of a mixed batch), and the K/V of a sequence
+    is read once for up to ``max_seqlen_q`` of its queries and all heads of a GQA group.
 
     Parameters
     ----------
     q : torch.Tensor
-        ``[num_seqs, Hq, D]`` fp16/bf16, ``stride(-1) == 1``. The query of a sequence with ``kv_len``
-        keys sits at position ``p = kv_len - 1`` (bottom-right aligned).
+        ``[num_seqs, Hq, D]`` fp16/bf16, ``stride(-1) == 1``, or ``[total_q, Hq, D]`` with ``cu_seqlens_q``.
+        Query ``i`` of a sequence with ``q_len`` queries and ``kv_len`` keys sits at position
+        ``p = kv_len - q_len + i`` (bottom-right aligned; ``p = kv_len - 1`` for a single query).
     k, v : torch.Tensor
         Paged ``[num_blocks, block_size, Hkv, D]`` (strided views allowed) with ``block_table`` and
         ``seqused_k``, or contiguous ``[total_k, Hkv, D]`` with ``cu_seqlens_k``. Dtype: ``q``'s, or
@@ -79,8 +87,8 @@ def paged_decode_attention(
     softmax_scale : float, optional
         Defaults to ``1 / sqrt(D)``.
     causal : bool
-        Without ``cu_seqlens_q`` a no-op (the single query sees every earlier key); with it, rows that are not
-        their sequence's last query see no later key.
+        Queries see no later key (``window_size`` right edge 0). A no-op for a sequence's last query, which
+        sees every key.
     window_size : (int, int), optional
         ``(left, right)``, ``-1`` unbounded: key ``j`` visible iff ``p - left <= j <= p + right``.
     softcap : float
@@ -94,22 +102,31 @@ def paged_decode_attention(
     num_splits : int
         0 = automatic split-KV (from shapes and the SM count), 1 = no split, ``n > 1`` = at most ``n``.
     out : torch.Tensor, optional
-        ``[num_seqs, Hq, D]`` in ``q``'s dtype or float32 (the unrounded result, for callers that merge
+        Shaped like ``q``, in ``q``'s dtype or float32 (the unrounded result, for callers that merge
         partial attentions themselves, such as context-parallel decode), ``stride(-1) == 1``; written in place.
     return_lse : bool
-        Also return ``lse [Hq, num_seqs]`` float32 (natural log; ``-inf`` for a sequence without keys
-        and sinks).
+        Also return ``lse [Hq, q.shape[0]]`` float32 (natural log; ``-inf`` for a row without keys and
+        sinks).
     cu_seqlens_q : torch.Tensor, optional
-        ``[num_seqs + 1]`` int32 query offsets of a varlen call with ``total_q == num_seqs`` query rows
-        (how :func:`kvflash.flash_attn_interface.flash_attn_varlen_func` calls it). Row ``r`` is then the
-        query of the sequence whose range holds it, at its bottom-right aligned position: any split of the
-        rows among the sequences is served correctly (``[1, 1, ...]``, but also ``[2, 0]``), at the cost of
-        two index loads per program. Without it, row ``s`` is the one query of sequence ``s``.
+        ``[num_seqs + 1]`` int32 offsets of each sequence's query rows in ``q``. Without it, row ``s`` is the
+        one query of sequence ``s``.
+    max_seqlen_q : int
+        The caller's bound on queries per sequence (with ``cu_seqlens_q``): it sizes the rows of a program
+        (tokens x the group's heads, up to 64 rows). A sequence with more queries is still served exactly,
+        in several passes over its keys.
+    defer_longer_sequences : bool
+        With ``cu_seqlens_q``: leave the ``out`` and ``lse`` rows of sequences with more than
+        ``max_seqlen_q`` queries untouched, for :func:`kvflash.chunk_prefill.chunk_prefill_attention` with
+        ``skip_q_len=max_seqlen_q`` to serve (a mixed batch, two launches). No split-KV then, and
+        ``max_seqlen_q`` must fit one pass (``max_seqlen_q * Hq / Hkv <= 64``).
+    lse : torch.Tensor, optional
+        ``[Hq, q.shape[0]]`` float32 buffer the LSE rows are written into (returned with ``return_lse``):
+        with ``defer_longer_sequences``, the one the prefill kernel wrote the other rows of.
 
     Returns
     -------
     torch.Tensor or (torch.Tensor, torch.Tensor)
-        ``out [num_seqs, Hq, D]`` in ``q``'s dtype, and ``lse`` when ``return_lse``.
+        ``out`` shaped like ``q`` in ``q``'s dtype (or ``out``'s), and ``lse`` when ``return_lse``.
     """
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
     check_device_type("q", q)
@@ -120,13 +137,15 @@ def paged_decode_attention(
         check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,), ndim=1)
         num_seqs = cu_seqlens_k.shape[0] - 1
     else:
-        raise ValueError("block_table: pass block_table and seqused_k (paged KV) or cu_seqlens_k (contiguous KV)")
-    if q.shape[0] != num_seqs:
+        raise ValueError("cu_seqlens_k: required for a contiguous KV cache (or pass block_table and seqused_k)")
+    if cu_seqlens_q is None and q.shape[0] != num_seqs:
         raise ValueError(
-            f"q: expected shape [num_seqs, Hq, D] with num_seqs={num_seqs} (one query token per sequence), "
-            f"got {tuple(q.shape)}"
+            f"q: expected shape [num_seqs, Hq, D] with num_seqs={num_seqs} (one query token per sequence without "
+            f"cu_seqlens_q), got {tuple(q.shape)}"
         )
     check_int("max_seqlen_k", max_seqlen_k)
+    check_int("max_seqlen_q", max_seqlen_q, 1)
+    check_bool("defer_longer_sequences", defer_longer_sequences)
     check_int("num_splits", num_splits)  # 0 = automatic, 1 = no split, n = at most n
     check_bool("causal", causal)
     if cu_seqlens_q is not None:
@@ -142,6 +161,14 @@ def paged_decode_attention(
         max_seqlen_k=max_seqlen_k,
     )
     num_q_heads = q.shape[1]
+    if defer_longer_sequences:
+        if cu_seqlens_q is None:
+            raise ValueError("defer_longer_sequences: needs cu_seqlens_q (which sequences are longer is read there)")
+        if max_seqlen_q * num_q_heads > MAX_BLOCK_H * k.shape[-2]:
+            raise ValueError(
+                f"max_seqlen_q: with defer_longer_sequences, max_seqlen_q * Hq / Hkv must be <= {MAX_BLOCK_H} (one "
+                f"pass), got {max_seqlen_q} * {num_q_heads} / {k.shape[-2]}"
+            )
     f = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
@@ -150,14 +177,18 @@ def paged_decode_attention(
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
         check_tensor("out", out, dtypes=(q.dtype, torch.float32), shape=tuple(q.shape), device=q.device)
-    lse = torch.empty((num_q_heads, num_seqs), dtype=torch.float32, device=q.device)
+    if lse is None:
+        lse = torch.empty((num_q_heads, q.shape[0]), dtype=torch.float32, device=q.device)
+    else:
+        check_tensor("lse", lse, dtypes=(torch.float32,), shape=(num_q_heads, q.shape[0]), device=q.device)
     validate_index_tensors(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=None, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     torch.ops.kvflash.paged_decode_attention(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
-        f.s_aux, out, lse, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap, num_splits,
+        f.s_aux, out, lse, max_seqlen_q, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap,
+        1 if defer_longer_sequences else num_splits, defer_longer_sequences,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -177,12 +208,14 @@ def _paged_decode_op(
     s_aux: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
+    max_seqlen_q: int,
     max_seqlen_k: int,
     softmax_scale: float,
     window_left: int,
     window_right: int,
     softcap: float,
     num_splits: int,
+    defer_longer_sequences: bool,
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded)."""
     if not platform.runs_triton(q.device):
@@ -191,10 +224,11 @@ def _paged_decode_op(
             out, lse, softmax_scale, window_left, window_right, softcap,
         )  # fmt: skip
         return
-    num_seqs, num_q_heads, head_size = q.shape
+    total_q, num_q_heads, head_size = q.shape
+    is_paged = block_table is not None
+    num_seqs = block_table.shape[0] if is_paged else cu_seqlens_k.shape[0] - 1
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
-    is_paged = block_table is not None
     kv_is_fp8 = QKVTypePair.from_tensors(q, k, v).kv_is_fp8
     cfg = choose_decode_config(
         num_seqs=num_seqs,
@@ -207,11 +241,14 @@ def _paged_decode_op(
         num_splits=num_splits,
         multiprocessor_count=platform.multiprocessor_count(q.device),
         interpreter=platform.interpreter_enabled(),
+        max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
     )
+    if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
+        raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
     is_split = cfg.num_splits > 1
     if is_split:
-        part_out = torch.empty((cfg.num_splits, num_seqs, num_q_heads, head_size), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((num_seqs, num_q_heads, cfg.num_splits), dtype=torch.float32, device=q.device)
+        part_out = torch.empty((cfg.num_splits, total_q, num_q_heads, head_size), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((total_q, num_q_heads, cfg.num_splits), dtype=torch.float32, device=q.device)
         dst_out, dst_lse = part_out, part_lse
         o_strides = part_out.stride()[:3]
         lse_strides = (part_lse.stride(2), part_lse.stride(0), part_lse.stride(1))
@@ -241,7 +278,7 @@ def _paged_decode_op(
             lse_ptr=dst_lse,
             num_kv_heads=num_kv_heads,
             num_splits=cfg.num_splits,
-            num_seqs=num_seqs,
+            total_q=total_q,
             kv_capacity=block_table.shape[1] * k.shape[1] if is_paged else k.shape[0],
             num_blocks=k.shape[0] if is_paged else 1,
             stride_q_seq=q.stride(0),
@@ -271,6 +308,8 @@ def _paged_decode_op(
             window_right=kernel_window(window_left, window_right)[1],
             GROUP=group,
             HEAD_CHUNKS=cfg.head_chunks,
+            H_ROWS=cfg.h_rows,
+            Q_TOKENS=cfg.q_tokens,
             BLOCK_H=cfg.block_h,
             HEAD_SIZE=head_size,
             HEAD_PAD=cfg.head_pad,
@@ -281,6 +320,8 @@ def _paged_decode_op(
             IS_FP8=kv_is_fp8,
             IS_SPLIT=is_split,
             USE_CU_Q=cu_seqlens_q is not None,
+            SKIP_LONG=defer_longer_sequences,
+            ROW_MASK=cfg.q_tokens > 1,
             # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
             DOT_FP32=platform.interpreter_enabled() and not kv_is_fp8 and q.dtype == torch.bfloat16,
             USE_SOFTCAP=softcap > 0,
@@ -290,9 +331,9 @@ def _paged_decode_op(
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    if is_split and num_seqs > 0:
+    if is_split and total_q > 0:
         splits_pad = max(2, 1 << (cfg.num_splits - 1).bit_length())
-        split_merge_kernel[(num_seqs, num_q_heads)](
+        split_merge_kernel[(total_q, num_q_heads)](
             partial_out_ptr=part_out,
             partial_lse_ptr=part_lse,
             sinks_ptr=s_aux if s_aux is not None else part_lse,
@@ -316,7 +357,8 @@ def _paged_decode_op(
 
 @_paged_decode_op.register_fake
 def _(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
-      lse, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits) -> None:  # fmt: skip
+      lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
+      defer_longer_sequences) -> None:  # fmt: skip
     return None
 
 

@@ -1,21 +1,22 @@
-"""The split-KV decode kernel: one query token per sequence over a paged or contiguous KV cache.
+"""The split-KV decode kernel: the few query tokens of each sequence over a paged or contiguous KV cache.
 
-One program handles one (sequence, KV head, split): the ``GROUP`` query heads that share the KV head are
-stacked as the rows of one ``[BLOCK_H, HEAD_PAD]`` tile, so every K/V element the split covers is read
-from memory once and feeds all of them through ``tl.dot``. The split's keys are walked in tiles of
-``BLOCK_N`` tokens that may span several pages: the block-table entries of the tile are gathered per
-token, so page size and tile size are independent.
+One program handles one (sequence, KV head, split) and up to ``Q_TOKENS`` query tokens of the sequence:
+the tokens' ``GROUP`` query heads that share the KV head are stacked as the rows of one
+``[BLOCK_H, HEAD_PAD]`` tile (row ``r``: token ``r // H_ROWS``, head ``r % H_ROWS``), so every K/V element
+the split covers is read from memory once and feeds all of them through ``tl.dot``. That serves decode
+(one token), speculative-decode verification (a few draft tokens) and the decode rows of a mixed batch
+alike. A sequence with more than ``Q_TOKENS`` queries is walked in chunks of ``Q_TOKENS`` tokens (each
+chunk reads its keys again), unless ``SKIP_LONG``: then the chunked-prefill kernel serves it and this
+kernel leaves its rows alone. The split's keys are walked in tiles of ``BLOCK_N`` tokens that may span
+several pages: the block-table entries of the tile are gathered per token, one tile ahead of the K/V loads.
 
-The query sits at position ``p = kv_len - 1``: every key ``j < kv_len`` satisfies ``j <= p + right`` for
-any right window edge, so only the left edge narrows the key range (to ``[p - left, kv_len)``). With
-``USE_CU_Q`` (a varlen call shaped like decode, ``total_q == num_seqs``) program rows are query rows,
-mapped to their sequence through ``cu_seqlens_q``: a row that is query ``i`` of ``q_len`` sits at
-``p = kv_len - q_len + i`` and sees ``[p - left, p + right]``, so any split of the rows among the sequences
-(``[2, 0]`` included) is served correctly, whatever ``max_seqlen_q`` said.
+Query token ``t`` of ``q_len`` sits at ``p = kv_len - q_len + t`` (bottom-right aligned) and sees keys
+``p - left <= j <= p + right``. A chunk reads the union of its tokens' ranges; with one token per chunk
+that range is exactly the token's, so plain decode needs no per-row mask (``ROW_MASK`` is off).
 
-Every index value is clamped before it addresses memory (KV lengths to what the block table or the
-contiguous cache holds, page ids to ``[0, num_blocks)``): bad index tensors give wrong numbers at worst,
-never an out-of-bounds access (``KVFLASH_VALIDATE=1`` reports them).
+Every index value is clamped before it addresses memory (query ranges to ``[0, total_q]``, KV lengths to
+what the block table or the contiguous cache holds, page ids to ``[0, num_blocks)``): bad index tensors
+give wrong numbers at worst, never an out-of-bounds access (``KVFLASH_VALIDATE=1`` reports them).
 
 FP8 caches are loaded as 1-byte tiles and converted to fp16 in registers, and both dots then run in fp16
 whatever the query's dtype: every FP8 value is exact in fp16, the conversion is one instruction per two
@@ -34,14 +35,13 @@ from kvflash.attn_common.jit_helpers import (
     alibi_bias,
     finalize_softmax,
     online_softmax_step,
-    sequence_of_row,
     softcap_scores,
 )
 
 
 @triton.jit
 def paged_decode_kernel(
-    q_ptr,  # [num_seqs, Hq, HEAD_SIZE] fp16/bf16 (with USE_CU_Q: [total_q == num_seqs, Hq, HEAD_SIZE])
+    q_ptr,  # [total_q, Hq, HEAD_SIZE] fp16/bf16 (total_q == num_seqs without USE_CU_Q)
     k_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; q dtype or fp8
     v_ptr,  # same layout and dtype as k_ptr (strides may differ)
     block_table_ptr,  # [num_seqs, max_blocks] int32 (IS_PAGED)
@@ -52,11 +52,11 @@ def paged_decode_kernel(
     v_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
-    out_ptr,  # [num_seqs, Hq, HEAD_SIZE] q dtype, or [num_splits, num_seqs, Hq, HEAD_SIZE] fp32 (IS_SPLIT)
-    lse_ptr,  # [Hq, num_seqs] fp32, or [num_seqs, Hq, num_splits] fp32 (IS_SPLIT); natural log
+    out_ptr,  # [total_q, Hq, HEAD_SIZE] q dtype or fp32, or [num_splits, total_q, Hq, HEAD_SIZE] fp32 (IS_SPLIT)
+    lse_ptr,  # [Hq, total_q] fp32, or [total_q, Hq, num_splits] fp32 (IS_SPLIT); natural log
     num_kv_heads,
     num_splits,
-    num_seqs,
+    total_q,  # q.shape[0]: query ranges are clamped to [0, total_q]
     kv_capacity,  # max_blocks * PAGE_SIZE (IS_PAGED) or total_k: KV lengths are clamped to it
     num_blocks,  # IS_PAGED: page ids are clamped to [0, num_blocks)
     stride_q_seq,
@@ -83,10 +83,12 @@ def paged_decode_kernel(
     softmax_scale,
     softcap,
     window_left,  # UNBOUNDED_WINDOW when unbounded
-    window_right,  # UNBOUNDED_WINDOW when unbounded; 0 when causal (matters only with USE_CU_Q)
+    window_right,  # UNBOUNDED_WINDOW when unbounded; 0 when causal
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_CHUNKS: tl.constexpr,  # programs per KV head (cdiv(GROUP, BLOCK_H); 1 unless GROUP > 64)
-    BLOCK_H: tl.constexpr,  # query-head rows per program (power of two >= 16, for tl.dot)
+    H_ROWS: tl.constexpr,  # query heads per token in a program's rows: GROUP, or BLOCK_H when HEAD_CHUNKS > 1
+    Q_TOKENS: tl.constexpr,  # query tokens per chunk (1 when HEAD_CHUNKS > 1); Q_TOKENS * H_ROWS <= BLOCK_H
+    BLOCK_H: tl.constexpr,  # rows per program (power of two >= 16, for tl.dot)
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE
     BLOCK_N: tl.constexpr,  # tokens per tile
@@ -95,7 +97,9 @@ def paged_decode_kernel(
     HAS_SEQUSED: tl.constexpr,
     IS_FP8: tl.constexpr,
     IS_SPLIT: tl.constexpr,  # write fp32 partials for the split-merge kernel (sinks are added there)
-    USE_CU_Q: tl.constexpr,  # rows are query rows mapped to sequences by cu_seqlens_q
+    USE_CU_Q: tl.constexpr,  # query ranges from cu_seqlens_q (else query s of sequence s, one each)
+    SKIP_LONG: tl.constexpr,  # sequences with more than Q_TOKENS queries are the prefill kernel's
+    ROW_MASK: tl.constexpr,  # mask keys per row (Q_TOKENS > 1: causal order within a chunk)
     DOT_FP32: tl.constexpr,  # dots in fp32: the Triton interpreter's bf16 tl.dot is wrong (triton issue 11584)
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
@@ -107,19 +111,19 @@ def paged_decode_kernel(
     split = tl.program_id(1)
     chunk = pid % HEAD_CHUNKS
     kv_head = (pid // HEAD_CHUNKS) % num_kv_heads
-    row = pid // (HEAD_CHUNKS * num_kv_heads)  # the query row: q, out and lse are indexed by it
-    row64 = row.to(tl.int64)
-    if USE_CU_Q:
-        seq = sequence_of_row(cu_seqlens_q_ptr, row, num_seqs)  # K/V, descales and ALiBi are per sequence
-        q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq), 0), num_seqs)
-        q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_first), num_seqs) - q_first
-        pos_shift = row - q_first - q_len + 1  # p = kv_len - 1 + pos_shift; 0 for a sequence's only query
-    else:
-        seq = row
-        pos_shift = 0
+    seq = pid // (HEAD_CHUNKS * num_kv_heads)
     seq64 = seq.to(tl.int64)
+    # The sequence's query rows [q_first, q_first + q_len), clamped to [0, total_q] (decreasing: empty).
+    if USE_CU_Q:
+        q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq), 0), total_q)
+        q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_first), total_q) - q_first
+    else:
+        q_first = seq
+        q_len = 1
+    if SKIP_LONG:
+        if q_len > Q_TOKENS:
+            return
 
-    # Key range of this sequence, then of this split: splits divide the visible keys evenly, in whole tiles.
     # Lengths are clamped to the addressable keys (index values are never checked on the host).
     if IS_PAGED:
         kv_len = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + seq), 0), kv_capacity)
@@ -129,108 +133,127 @@ def paged_decode_kernel(
         kv_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq + 1), k_start), kv_capacity) - k_start
         if HAS_SEQUSED:
             kv_len = tl.maximum(tl.minimum(kv_len, tl.load(seqused_k_ptr + seq)), 0)
-    q_position = kv_len - 1 + pos_shift
-    first_key = tl.maximum(q_position - window_left, 0)
-    key_end = kv_len
-    if USE_CU_Q:  # a row that is not its sequence's last query: its right window edge may come first
-        key_end = tl.minimum(kv_len, tl.maximum(q_position + 1 + window_right, 0))
-    num_keys = tl.maximum(key_end - first_key, 0)
-    keys_per_split = tl.cdiv(tl.cdiv(num_keys, num_splits), BLOCK_N) * BLOCK_N
-    split_start = first_key + split * keys_per_split
-    split_end = tl.minimum(split_start + keys_per_split, key_end)
 
-    rows = chunk * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_mask = rows < GROUP
-    q_heads = kv_head * GROUP + rows
+    rows = tl.arange(0, BLOCK_H)
+    row_token = rows // H_ROWS  # [BLOCK_H] token of each row within a chunk
+    group_head = chunk * H_ROWS + rows % H_ROWS  # [BLOCK_H] query head within the KV head's group
+    q_heads = kv_head * GROUP + group_head
+    head_mask = (row_token < Q_TOKENS) & (group_head < GROUP)
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
     offs_n = tl.arange(0, BLOCK_N)
 
-    q_offs = row64 * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :]
-    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-
     # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
     k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
     score_scale = softmax_scale * k_descale
+    v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
     if USE_ALIBI:
-        slopes = tl.load(alibi_slopes_ptr + seq * stride_alibi_seq + q_heads * stride_alibi_head, mask=row_mask)
-        q_pos = tl.zeros([BLOCK_H], dtype=tl.int32) + q_position
+        slopes = tl.load(alibi_slopes_ptr + seq * stride_alibi_seq + q_heads * stride_alibi_head, mask=head_mask)
+    if USE_SINKS and not IS_SPLIT:
+        sinks = tl.load(sinks_ptr + q_heads, mask=head_mask, other=0.0) * LOG2E
 
     k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
     v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
     block_row_ptr = block_table_ptr + seq64 * stride_bt_seq
 
-    if IS_FP8:
-        q = q.to(tl.float16)
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
-    if IS_PAGED:
-        # Page ids run one tile ahead of K/V, carried through the loop: when a tile's K/V addresses come
-        # from a load in the same iteration, Triton's pipeliner treats K/V as indirect loads and waits for
-        # every outstanding copy at the top of each iteration (cp.async.wait_group 0), so no K/V copy
-        # overlaps the dots. With the page ids carried, num_stages = s keeps s - 2 tiles in flight.
-        first_pos = split_start + offs_n
-        next_page = tl.load(block_row_ptr + first_pos // PAGE_SIZE, mask=first_pos < split_end, other=0)
-    for tile_start in range(split_start, split_end, BLOCK_N):
-        pos = tile_start + offs_n
-        valid = pos < split_end
-        if IS_PAGED:
-            # A bad page id never leaves the cache.
-            page = tl.minimum(tl.maximum(next_page, 0), num_blocks - 1).to(tl.int64)
-            ahead = pos + BLOCK_N
-            next_page = tl.load(block_row_ptr + ahead // PAGE_SIZE, mask=ahead < split_end, other=0)
-            in_page = (pos % PAGE_SIZE).to(tl.int64)
-            k_rows = page * stride_k_block + in_page * stride_k_tok
-            v_rows = page * stride_v_block + in_page * stride_v_tok
-        else:
-            token = (k_start + pos).to(tl.int64)
-            k_rows = token * stride_k_tok
-            v_rows = token * stride_v_tok
-        if HEAD_PAD == HEAD_SIZE:
-            kv_mask = valid[:, None]
-        else:
-            kv_mask = valid[:, None] & d_mask[None, :]
-        k = tl.load(k_head_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_head_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    for t0 in range(0, q_len, Q_TOKENS):
+        token = t0 + row_token
+        row_mask = head_mask & (token < q_len)
+        q_rows = (q_first + token).to(tl.int64)  # [BLOCK_H] query rows of q, out and lse
+        q_pos = kv_len - q_len + token  # [BLOCK_H] bottom-right aligned positions
+        # Key range of the chunk (the union of its tokens' windows), then of this split: splits divide it
+        # evenly, in whole tiles.
+        pos_first = kv_len - q_len + t0
+        pos_last = kv_len - q_len + tl.minimum(t0 + Q_TOKENS, q_len) - 1
+        first_key = tl.maximum(pos_first - window_left, 0)
+        key_end = tl.minimum(kv_len, tl.maximum(pos_last + 1 + window_right, 0))
+        num_keys = tl.maximum(key_end - first_key, 0)
+        keys_per_split = tl.cdiv(tl.cdiv(num_keys, num_splits), BLOCK_N) * BLOCK_N
+        split_start = first_key + split * keys_per_split
+        split_end = tl.minimum(split_start + keys_per_split, key_end)
+
+        q_offs = q_rows[:, None] * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :]
+        q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         if IS_FP8:
-            k = k.to(tl.float16)
-            v = v.to(tl.float16)
-            if FP8_V_FENCE:
-                # An identity move with side effects: Triton cannot hoist the conversion above it, so V is
-                # re-laid out as fp16 (ldmatrix.trans) instead of read from shared memory byte by byte.
-                v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float16, is_pure=False, pack=2)
+            q = q.to(tl.float16)
         if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
+        if IS_PAGED:
+            # Page ids run one tile ahead of K/V, carried through the loop: when a tile's K/V addresses come
+            # from a load in the same iteration, Triton's pipeliner treats K/V as indirect loads and waits for
+            # every outstanding copy at the top of each iteration (cp.async.wait_group 0), so no K/V copy
+            # overlaps the dots. With the page ids carried, num_stages = s keeps s - 2 tiles in flight.
+            first_pos = split_start + offs_n
+            next_page = tl.load(block_row_ptr + first_pos // PAGE_SIZE, mask=first_pos < split_end, other=0)
+        for tile_start in range(split_start, split_end, BLOCK_N):
+            pos = tile_start + offs_n
+            valid = pos < split_end
+            if IS_PAGED:
+                # A bad page id never leaves the cache.
+                page = tl.minimum(tl.maximum(next_page, 0), num_blocks - 1).to(tl.int64)
+                ahead = pos + BLOCK_N
+                next_page = tl.load(block_row_ptr + ahead // PAGE_SIZE, mask=ahead < split_end, other=0)
+                in_page = (pos % PAGE_SIZE).to(tl.int64)
+                k_rows = page * stride_k_block + in_page * stride_k_tok
+                v_rows = page * stride_v_block + in_page * stride_v_tok
+            else:
+                key_token = (k_start + pos).to(tl.int64)
+                k_rows = key_token * stride_k_tok
+                v_rows = key_token * stride_v_tok
+            if HEAD_PAD == HEAD_SIZE:
+                kv_mask = valid[:, None]
+            else:
+                kv_mask = valid[:, None] & d_mask[None, :]
+            k = tl.load(k_head_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_head_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if IS_FP8:
+                k = k.to(tl.float16)
+                v = v.to(tl.float16)
+                if FP8_V_FENCE:
+                    # An identity move with side effects: Triton cannot hoist the conversion above it, so V is
+                    # re-laid out as fp16 (ldmatrix.trans) instead of read from shared memory byte by byte.
+                    v = tl.inline_asm_elementwise(
+                        "mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float16, is_pure=False, pack=2
+                    )
+            if DOT_FP32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
 
-        qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
-        if USE_SOFTCAP or USE_ALIBI:
-            scores = qk * score_scale
-            if USE_SOFTCAP:
-                scores = softcap_scores(scores, softcap)
-            if USE_ALIBI:
-                scores += alibi_bias(slopes, q_pos, pos)
-            scores = scores * LOG2E
-        else:
-            scores = qk * (score_scale * LOG2E)
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
+            if USE_SOFTCAP or USE_ALIBI:
+                scores = qk * score_scale
+                if USE_SOFTCAP:
+                    scores = softcap_scores(scores, softcap)
+                if USE_ALIBI:
+                    scores += alibi_bias(slopes, q_pos, pos)
+                scores = scores * LOG2E
+            else:
+                scores = qk * (score_scale * LOG2E)
+            if ROW_MASK:
+                key = pos[None, :]
+                visible = (key >= q_pos[:, None] - window_left) & (key <= q_pos[:, None] + window_right)
+                scores = tl.where(visible & valid[None, :], scores, float("-inf"))
+            else:
+                scores = tl.where(valid[None, :], scores, float("-inf"))
+            m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
-    if USE_SINKS and not IS_SPLIT:
-        sinks = tl.load(sinks_ptr + q_heads, mask=row_mask, other=0.0) * LOG2E
-        m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks)
-        acc = acc * alpha[:, None]
-    out, lse = finalize_softmax(acc, m_i, l_i)
-    # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
-    out = out * tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+        if USE_SINKS and not IS_SPLIT:
+            m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks)
+            acc = acc * alpha[:, None]
+        out, lse = finalize_softmax(acc, m_i, l_i)
+        # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
+        out = out * v_descale
 
-    o_offs = split.to(tl.int64) * stride_o_split + row64 * stride_o_seq + q_heads[:, None] * stride_o_head
-    tl.store(
-        out_ptr + o_offs + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :]
-    )
-    lse_offs = split.to(tl.int64) * stride_lse_split + row64 * stride_lse_seq + q_heads * stride_lse_head
-    tl.store(lse_ptr + lse_offs, lse, mask=row_mask)
+        o_offs = split.to(tl.int64) * stride_o_split + q_rows[:, None] * stride_o_seq
+        o_offs += q_heads[:, None] * stride_o_head
+        tl.store(
+            out_ptr + o_offs + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_mask[:, None] & d_mask[None, :],
+        )
+        lse_offs = split.to(tl.int64) * stride_lse_split + q_rows * stride_lse_seq + q_heads * stride_lse_head
+        tl.store(lse_ptr + lse_offs, lse, mask=row_mask)

@@ -12,8 +12,8 @@ import triton
 
 __all__ = ["DecodeLaunchConfig", "choose_decode_config", "resolve_num_splits", "MAX_SPLITS"]
 
-# Query-head rows per program: tl.dot needs at least 16 rows; above 64 a KV head's group is cut into chunks
-# so that the accumulator stays in registers.
+# Rows per program ((query token, query head) pairs): tl.dot needs at least 16; above 64 a KV head's group is
+# cut into chunks (and the tokens of a sequence into passes) so that the accumulator stays in registers.
 MIN_BLOCK_H = 16
 MAX_BLOCK_H = 64
 # Tokens per tile: a [BLOCK_N, HEAD_PAD] tile of 16-bit values (FP8 tiles are converted to fp16 in registers)
@@ -43,9 +43,13 @@ class DecodeLaunchConfig:
     Attributes
     ----------
     block_h : int
-        Query-head rows per program (power of two, >= 16).
+        Rows per program (power of two, >= 16): ``q_tokens`` tokens x ``h_rows`` query heads, padded.
     head_chunks : int
-        Programs per KV head (``cdiv(group, block_h)``).
+        Programs per KV head (``cdiv(group, block_h)``; more than 1 only for groups over 64 heads).
+    h_rows : int
+        Query heads per token in a program's rows (the group, or ``block_h`` when it is chunked).
+    q_tokens : int
+        Query tokens of a sequence per program pass (1 when the group is chunked).
     head_pad : int
         Head size rounded up to a power of two.
     block_n : int
@@ -58,6 +62,8 @@ class DecodeLaunchConfig:
 
     block_h: int
     head_chunks: int
+    h_rows: int
+    q_tokens: int
     head_pad: int
     block_n: int
     num_splits: int
@@ -104,6 +110,7 @@ def choose_decode_config(
     num_splits: int,
     multiprocessor_count: int,
     interpreter: bool,
+    max_seqlen_q: int = 1,
 ) -> DecodeLaunchConfig:
     """Pick the decode launch settings from shapes and Python ints.
 
@@ -123,9 +130,17 @@ def choose_decode_config(
         SMs of the device (a fixed small number under the interpreter).
     interpreter : bool
         Running under ``TRITON_INTERPRET=1``.
+    max_seqlen_q : int
+        Query tokens per sequence the program rows should hold (speculative decoding: the draft length);
+        as many as fit in ``MAX_BLOCK_H`` rows with their group's heads. Longer sequences take more passes.
     """
-    block_h = min(max(MIN_BLOCK_H, triton.next_power_of_2(group)), MAX_BLOCK_H)
-    head_chunks = triton.cdiv(group, block_h)
+    if group > MAX_BLOCK_H:
+        q_tokens, block_h = 1, MAX_BLOCK_H
+        head_chunks, h_rows = triton.cdiv(group, block_h), block_h
+    else:
+        q_tokens = max(1, min(max_seqlen_q, MAX_BLOCK_H // group))
+        block_h = max(MIN_BLOCK_H, triton.next_power_of_2(q_tokens * group))
+        head_chunks, h_rows = 1, group
     head_pad = max(16, triton.next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
     if interpreter:
         block_n = INTERPRETER_BLOCK_N
@@ -147,4 +162,4 @@ def choose_decode_config(
     # H200, 64 x 4096 and 128 x 8192: FP8 (2 warps) 2 stages 67-69 % of copy, 3 stages 76-78 %, 4 stages 57-67 %
     # (3 programs per SM instead of 4); bf16 (4 warps) 3 stages 83-97 %, 4 stages 98-101 %.
     num_stages = 1 if interpreter else (3 if kv_itemsize == 1 else 4)
-    return DecodeLaunchConfig(block_h, head_chunks, head_pad, block_n, splits, num_warps, num_stages)
+    return DecodeLaunchConfig(block_h, head_chunks, h_rows, q_tokens, head_pad, block_n, splits, num_warps, num_stages)
