@@ -103,7 +103,7 @@ def integrations(session: nox.Session) -> None:
     # psutil: transformers' continuous batching sizes its cache from it on a CPU-only machine.
     session.install("pytest", "numpy", "hatchling", TRANSFORMERS_PIN, "psutil")
     _install_local(session, PACKAGES)
-    session.run("python", "-m", "pytest", "tests/integrations", "-k", "transformers", *session.posargs)
+    session.run("python", "-m", "pytest", "tests/integrations/test_transformers_backend.py", *session.posargs)
 
 
 @nox.session(venv_params=VENV)
@@ -112,7 +112,7 @@ def vllm(session: nox.Session) -> None:
     _share_site("python", session)
     session.install("pytest", "numpy", "hatchling", VLLM_PIN)
     _install_local(session, PACKAGES)
-    session.run("python", "-m", "pytest", "tests/integrations", "-k", "vllm", *session.posargs)
+    session.run("python", "-m", "pytest", "tests/integrations/test_vllm_backend.py", *session.posargs)
 
 
 def _versions() -> dict[str, str]:

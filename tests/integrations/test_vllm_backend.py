@@ -145,3 +145,10 @@ def test_fused_output_quantisation_is_refused():
     impl = _impl("auto")
     with pytest.raises(NotImplementedError, match="output_scale"):
         impl.forward(None, None, None, None, None, None, None, output_scale=torch.ones(1))
+
+
+def test_full_cuda_graphs_for_single_token_decode_only():
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    builder = kvflash_vllm.KvflashMetadataBuilder
+    assert builder._cudagraph_support == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionType, MultipleOf
+from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, AttentionImpl, AttentionType, MultipleOf
 from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata, TritonAttentionMetadataBuilder
 
 from kvflash.flash_attn_interface import flash_attn_varlen_func
@@ -41,6 +41,11 @@ _OFF_BY_DEFAULT = {"use_alibi_sqrt": False, "chunk_lookback": -1}
 class KvflashMetadataBuilder(TritonAttentionMetadataBuilder):
     """vLLM's Triton metadata builder; kvflash reads ``query_start_loc``, ``seq_lens``, ``block_table``,
     ``slot_mapping``, ``max_query_len``, ``max_seq_len`` and ``causal`` from what it builds."""
+
+    # Full CUDA graphs for single-token decode batches only: the decode kernel divides each sequence's keys
+    # among its splits at run time, so a graph captured with any max_seq_len stays correct. The prefill
+    # kernel's grid follows max_query_len, which a replay could exceed; mixed batches stay piecewise.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
 
 class KvflashAttentionBackend(AttentionBackend):
