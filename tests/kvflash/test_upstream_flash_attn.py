@@ -65,12 +65,17 @@ def _expected_cache_after_append(k_seqs, new, descale, dtype):
     return [torch.cat([old, encode_fp8(n, descale, dtype) if fp8 else n.to(dtype)]) for old, n in zip(k_seqs, new)]
 
 
-@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float8_e4m3fn, torch.float8_e5m2], ids=str)
-def test_kvcache_paged_append(device, kv_dtype):
+@pytest.mark.parametrize(
+    "q_dtype, kv_dtype",
+    [(torch.float16, torch.float16), (torch.float16, torch.float8_e4m3fn), (torch.float16, torch.float8_e5m2),
+     pytest.param(torch.bfloat16, torch.float8_e4m3fn, marks=pytest.mark.gpu)],
+    ids=["fp16", "fp16-e4m3", "fp16-e5m2", "bf16-e4m3"],
+)  # fmt: skip
+def test_kvcache_paged_append(device, q_dtype, kv_dtype):
     g = torch.Generator().manual_seed(21)
     batch, hq, hkv, d, seqlen_new, block_size = 3, 6, 2, 32, 2, 16
     old_lens = [15, 0, 40]  # 15 + 2 crosses a page boundary
-    fp8 = kv_dtype != torch.float16
+    fp8 = kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     k_scale = torch.rand(hkv, generator=g) * 0.5 + 0.2 if fp8 else None
     v_scale = torch.rand(hkv, generator=g) * 2.0 + 1.5 if fp8 else None
     enc = lambda x, s: encode_fp8(x, s, kv_dtype) if fp8 else x.to(kv_dtype)  # noqa: E731
@@ -80,9 +85,9 @@ def test_kvcache_paged_append(device, kv_dtype):
     pad = [torch.zeros(seqlen_new, hkv, d, dtype=kv_dtype)] * batch
     paged = make_paged_kv([torch.cat(p) for p in zip(k_old, pad)], [torch.cat(p) for p in zip(v_old, pad)],
                           block_size, generator=g)  # fmt: skip
-    k_new = torch.randn(batch, seqlen_new, hkv, d, generator=g).half()
-    v_new = torch.randn(batch, seqlen_new, hkv, d, generator=g).half()
-    q = torch.randn(batch, seqlen_new, hq, d, generator=g).half()
+    k_new = torch.randn(batch, seqlen_new, hkv, d, generator=g).to(q_dtype)
+    v_new = torch.randn(batch, seqlen_new, hkv, d, generator=g).to(q_dtype)
+    q = torch.randn(batch, seqlen_new, hq, d, generator=g).to(q_dtype)
     k_cache, v_cache = paged.k_cache.to(device), paged.v_cache.to(device)
     table = paged.block_table.to(device)
     cache_seqlens = torch.tensor(old_lens, dtype=torch.int32, device=device)
