@@ -18,7 +18,13 @@ from kvflash.fp8_utils import reshape_and_cache_flash
 
 __all__ = ["flash_attn_with_kvcache"]
 
-_FP8_CACHE_DTYPE_NAMES = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
+# The writer's kv_cache_dtype string for each FP8 cache dtype ("fp8_e4m3" means e4m3fnuz where the platform
+# stores that variant; the writer checks the cache matches).
+_FP8_CACHE_DTYPE_NAMES = {
+    torch.float8_e4m3fn: "fp8_e4m3",
+    torch.float8_e4m3fnuz: "fp8_e4m3",
+    torch.float8_e5m2: "fp8_e5m2",
+}
 
 
 def _reject_unsupported(rotary_cos, rotary_sin, cache_leftpad, rotary_interleaved) -> None:
