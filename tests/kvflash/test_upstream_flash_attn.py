@@ -158,11 +158,17 @@ def test_kvcache_read_only_decode(device):
         (dict(k=torch.zeros(2, 1, 1, 16, dtype=torch.float16)), "k, v"),
         (dict(k=torch.zeros(2, 1, 1, 16, dtype=torch.float16), v=torch.zeros(2, 1, 1, 16, dtype=torch.float16)),
          "cache_seqlens"),
+        (dict(cache_seqlens=torch.zeros(2, dtype=torch.int64)), "cache_seqlens"),
+        (dict(cache_seqlens=True), "cache_seqlens"),
+        (dict(cache_batch_idx=torch.zeros(2, dtype=torch.int32), block_table=torch.zeros(2, 1, dtype=torch.int32)),
+         "cache_batch_idx"),
+        (dict(cache_batch_idx=torch.zeros(3, dtype=torch.int32)), "cache_batch_idx"),
+        (dict(rotary_interleaved=1), "rotary_interleaved"),
     ],
 )  # fmt: skip
 def test_kvcache_rejects_naming_the_argument(kwargs, name):
     cache = torch.zeros(2, 16, 1, 16, dtype=torch.float16)
-    with pytest.raises((NotImplementedError, ValueError), match=name):
+    with pytest.raises((NotImplementedError, ValueError, TypeError), match=name):
         flash_attn_with_kvcache(torch.zeros(2, 1, 2, 16, dtype=torch.float16), cache, cache.clone(), **kwargs)
 
 

@@ -49,7 +49,9 @@ def _cache_view(k_cache, v_cache, block_table, cache_batch_idx, batch, device):
     if cache_batch_idx is None:
         rows = torch.arange(batch, dtype=torch.int32, device=device)
     else:
-        check_tensor("cache_batch_idx", cache_batch_idx, dtypes=(torch.int32, torch.int64), shape=(batch,))
+        check_tensor(
+            "cache_batch_idx", cache_batch_idx, dtypes=(torch.int32, torch.int64), shape=(batch,), device=device
+        )
         rows = cache_batch_idx.to(torch.int32)
     return k_cache, v_cache, rows[:, None]
 
@@ -185,7 +187,7 @@ def flash_attn_with_kvcache(
     if isinstance(cache_seqlens, int):
         cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=q.device)
     else:
-        check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(batch,))
+        check_tensor("cache_seqlens", cache_seqlens, dtypes=(torch.int32,), shape=(batch,), device=q.device)
     seqlen_new = 0
     if k is not None:
         check_tensor("k", k, ndim=4)
