@@ -1,6 +1,7 @@
 """kvflash's vLLM backend against vLLM's real classes: registration as CUSTOM, the configuration vLLM validates,
-and a cache update + forward (mixed prefill/decode batch, FP8 with distinct per-tensor or per-head K and V
-scales, sinks, sliding window, softcap) against the float64 reference. Needs vLLM: ``nox -s vllm``."""
+metadata from the builder constructed on a real VllmConfig, and a cache update + forward (mixed prefill/decode
+batch, FP8 with distinct per-tensor or per-head K and V scales, sinks, sliding window, softcap) against the
+float64 reference. Needs vLLM: ``nox -s vllm``."""
 
 import importlib
 import importlib.metadata
@@ -13,8 +14,8 @@ import torch
 
 pytest.importorskip("vllm.v1.attention.backend")
 
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
 from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
-from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata  # noqa: E402
 
 import kvflash.integrations.vllm as kvflash_vllm  # noqa: E402
 from kvflash.attn_common import reference_attention  # noqa: E402
@@ -59,6 +60,31 @@ def test_plugin_entry_point():
     assert AttentionBackendEnum.CUSTOM.get_path() == kvflash_vllm.BACKEND_PATH
 
 
+# A Llama-shaped config with the test's heads (no weights: vLLM's config classes only read config.json).
+TINY_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HQ * D, "intermediate_size": 256,
+    "num_hidden_layers": 1, "num_attention_heads": HQ, "num_key_value_heads": HKV, "head_dim": D,
+    "vocab_size": 96, "max_position_embeddings": 256, "torch_dtype": "float16",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def builder(tmp_path_factory):
+    """kvflash's metadata builder (vLLM's Triton one) constructed from a real VllmConfig."""
+    import json
+
+    from vllm.config import CacheConfig, DeviceConfig, ModelConfig, VllmConfig
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    (folder / "config.json").write_text(json.dumps(TINY_CONFIG))
+    model = ModelConfig(model=str(folder), skip_tokenizer_init=True, dtype="float16")
+    config = VllmConfig(model_config=model, cache_config=CacheConfig(block_size=BLOCK),
+                        device_config=DeviceConfig(device="cpu"))  # fmt: skip
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HKV, head_size=D, dtype=torch.float16)
+    return kvflash_vllm.KvflashMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], config, torch.device("cpu"))
+
+
 def _impl(kv_cache_dtype, **kwargs):
     args = dict(num_heads=HQ, head_size=D, scale=0.3, num_kv_heads=HKV, alibi_slopes=None, sliding_window=12,
                 kv_cache_dtype=kv_cache_dtype, logits_soft_cap=6.0)  # fmt: skip
@@ -71,7 +97,7 @@ def _impl(kv_cache_dtype, **kwargs):
     [("auto", torch.float16, False), ("fp8_e4m3", torch.float8_e4m3fn, True), ("fp8", torch.uint8, False),
      ("fp8_e5m2", torch.uint8, True)],
 )  # fmt: skip
-def test_cache_update_and_forward_match_reference(device, kv_cache_dtype, storage, per_head):
+def test_cache_update_and_forward_match_reference(device, builder, kv_cache_dtype, storage, per_head):
     g = torch.Generator().manual_seed(31)
     fp8 = kv_cache_dtype != "auto"
     fp8_dtype = torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
@@ -102,13 +128,12 @@ def test_cache_update_and_forward_match_reference(device, kv_cache_dtype, storag
     output = poison(torch.empty(total_q + 2, HQ * D, dtype=torch.float16, device=device))
     cu_q = torch.tensor([0] + torch.tensor([q for q, _ in MIX]).cumsum(0).tolist(), dtype=torch.int32)
     seq_lens = torch.tensor([n for _, n in MIX], dtype=torch.int32)
-    metadata = TritonAttentionMetadata(
-        num_actual_tokens=total_q, max_query_len=max(q for q, _ in MIX), query_start_loc=cu_q.to(device),
-        max_seq_len=max(n for _, n in MIX), seq_lens=seq_lens.to(device), block_table=pages.to(device),
-        slot_mapping=torch.cat([s[c:] for s, c in zip(slots, ctx)]).to(device), seq_threshold_3D=0,
-        num_par_softmax_segments=0, softmax_segm_output=None, softmax_segm_max=None, softmax_segm_expsum=None,
-        causal=True,
+    common = CommonAttentionMetadata(
+        query_start_loc=cu_q.to(device), query_start_loc_cpu=cu_q, seq_lens=seq_lens.to(device), num_reqs=len(MIX),
+        num_actual_tokens=total_q, max_query_len=max(q for q, _ in MIX), max_seq_len=max(n for _, n in MIX),
+        block_table_tensor=pages.to(device), slot_mapping=torch.cat([s[c:] for s, c in zip(slots, ctx)]).to(device),
     )  # fmt: skip
+    metadata = builder.build(0, common)
     impl.forward(layer, query, None, None, kv_cache, metadata, output)
     assert torch.isnan(output[total_q:]).all(), "rows past num_actual_tokens are not written"
     # The stored cache holds exactly the quantised tokens; the reference reads them as a contiguous cache.
