@@ -77,6 +77,7 @@ def test_generate_matches_sdpa_with_left_padding(model, calls):
 
 
 def test_generate_rejects_right_padding(model):
+    # The model is on the CPU: there the device-side assertion raises at once (on a GPU it would be fatal).
     ids = torch.tensor([[5, 6, 7, 0]])
     with pytest.raises(RuntimeError, match="left padding"):
         _generate(model, "kvflash", ids, torch.tensor([[1, 1, 1, 0]]))
