@@ -8,6 +8,8 @@ tests, so ``tests(package='paged-decode')`` proves that paged-decode works with 
     nox -s tests                       # every package in its own environment (+ cross-package tests)
     nox -s "tests(package='paged-decode')"
     nox -s lint build demo
+    nox -s integrations                # kvflash inside transformers (pinned), CPU
+    nox -s vllm                        # the vLLM backend against vLLM's classes (optional; needs vLLM to install)
     nox -s bench                       # GPU only
 """
 
@@ -51,6 +53,10 @@ VENV = ["--system-site-packages"]
 # inside a virtual environment (it points at the base interpreter's site-packages instead).
 SHARED_SITE = sysconfig.get_paths()["purelib"]
 
+# The engine versions the integration tests pin (kvflash itself depends on neither).
+TRANSFORMERS_PIN = "transformers==5.17.0"
+VLLM_PIN = "vllm==0.33.0"
+
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = False
 
@@ -88,6 +94,25 @@ def tests(session: nox.Session, package: str) -> None:
         session.run("python", "-c", _absent(other))
     dirs = [d for d in TEST_DIRS[package] if (ROOT / d).is_dir()]
     session.run("python", "-m", "pytest", *dirs, *session.posargs, env={"PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@nox.session(venv_params=VENV)
+def integrations(session: nox.Session) -> None:
+    """kvflash as a transformers attention implementation: tiny random Llama, greedy tokens vs sdpa (CPU)."""
+    _share_site("python", session)
+    # psutil: transformers' continuous batching sizes its cache from it on a CPU-only machine.
+    session.install("pytest", "numpy", "hatchling", TRANSFORMERS_PIN, "psutil")
+    _install_local(session, PACKAGES)
+    session.run("python", "-m", "pytest", "tests/integrations/test_transformers_backend.py", *session.posargs)
+
+
+@nox.session(venv_params=VENV)
+def vllm(session: nox.Session) -> None:
+    """The vLLM attention backend against vLLM's real classes (installs vLLM: several GB with its CUDA wheels)."""
+    _share_site("python", session)
+    session.install("pytest", "numpy", "hatchling", VLLM_PIN)
+    _install_local(session, PACKAGES)
+    session.run("python", "-m", "pytest", "tests/integrations/test_vllm_backend.py", *session.posargs)
 
 
 def _versions() -> dict[str, str]:
