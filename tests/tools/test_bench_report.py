@@ -35,6 +35,8 @@ TARGET_KEYS = [
     "decode-variants",
     "prefill-vs-cudnn",
     "prefill-fp8",
+    "spec-decode",
+    "mixed-batch",
     "cache-writer",
 ]
 
@@ -51,7 +53,8 @@ def _row(name, group, impl, shape, kv_dtype, metric, work, rate, **extra):
     return row
 
 
-def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None) -> dict:
+def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None, spec=1.2,
+               mixed=1.1) -> dict:
     """All targets met unless an override says otherwise. ``decode``: {(shape, dtype): frac of copy};
     ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer."""
     dtypes = ("bf16", "e4m3", "e5m2")
@@ -75,6 +78,14 @@ def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5,
     for shape in ("4x(2048+2048)", "1x16384"):
         rows.append(_row(f"prefill {shape} cudnn", "prefill", "sdpa-cudnn", shape, "bf16", "flops", 2e13, cudnn))
         rows.append(_row(f"prefill {shape} mask", "prefill", "sdpa-cudnn-mask", shape, "bf16", "flops", 1e13, 100.0))
+    # Serving rows: q_len 4 takes ``spec`` times the q_len 1 time; the mixed call ``mixed`` times its parts' sum.
+    serving = dict(hq=32, hkv=8, d=128, block=16, primary=True)
+    for q_len, ms in ((1, 0.2), (4, 0.2 * spec)):
+        rows.append(_row(f"spec 64x4096 bf16 q_len {q_len}", "serving", "kvflash", "64x4096", "bf16", "bytes", 1e9,
+                         1e9 / (ms * 1e-3) / 1e9, kind="spec", q_len=q_len, part=None, **serving))  # fmt: skip
+    for part, ms in (("decode", 0.3), ("prefill", 0.2), ("all", 0.5 * mixed)):
+        rows.append(_row(f"mixed x bf16 {part}", "serving", "kvflash", "mixed x", "bf16", "flops", 1e12,
+                         1e12 / (ms * 1e-3) / 1e12, kind="mixed", q_len=None, part=part, **serving))  # fmt: skip
     for t, frac in (("bf16", 0.9), ("e4m3", cache)):
         rows.append(_row(f"cache {t} kvflash", "cache", "kvflash", "16384x8x128", t, "bytes", 1e8, frac * COPY_GBPS))
         rows.append(_row(f"cache {t} torch", "cache", "torch", "16384x8x128", t, "bytes", 1e8, 0.3 * COPY_GBPS))
@@ -130,6 +141,8 @@ def test_all_targets_met(tmp_path):
         ({"prefill": {("mixed", "e4m3"): 600.0}}, {"prefill-fp8"}),  # 650 / 600 = 1.083x the bf16 time
         ({"prefill": {("mixed", "e4m3"): 640.0}}, {"prefill-fp8"}),  # 650 / 640 = 1.016x: over 1.0x
         ({"cache": 0.75}, {"cache-writer"}),
+        ({"spec": 1.3}, {"spec-decode"}),
+        ({"mixed": 1.2}, {"mixed-batch"}),
     ],
 )
 def test_one_target_missed(tmp_path, override, not_met):

@@ -1,4 +1,5 @@
-"""kvflash benchmark suite: ceilings, then decode, chunked-prefill and cache-writer cases, in one process.
+"""kvflash benchmark suite: ceilings, then decode, chunked-prefill, cache-writer and serving-batch cases, in one
+process.
 
 On the GPU machine, from the repository root::
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from case import Case, run_case  # noqa: E402
 
-GROUPS = ("decode", "prefill", "cache")
+GROUPS = ("decode", "prefill", "cache", "serving")
 
 
 def log(msg: str) -> None:
@@ -38,8 +39,9 @@ def build_cases(quick: bool, only: tuple[str, ...]) -> list[Case]:
     from cases_cache import cache_cases
     from cases_decode import decode_cases
     from cases_prefill import prefill_cases
+    from cases_serving import serving_cases
 
-    makers = {"decode": decode_cases, "prefill": prefill_cases, "cache": cache_cases}
+    makers = {"decode": decode_cases, "prefill": prefill_cases, "cache": cache_cases, "serving": serving_cases}
     return [c for g in GROUPS if g in only for c in makers[g](quick)]
 
 
