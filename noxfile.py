@@ -159,6 +159,12 @@ def build(session: nox.Session) -> None:
         names = zipfile.ZipFile(wheel).namelist()
         if "kvflash/__init__.py" in names:
             session.error(f"{wheel.name} ships kvflash/__init__.py: the namespace would break")
+        with zipfile.ZipFile(wheel) as archive:
+            meta = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        if "License-File: LICENSE" not in meta or not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+            session.error(f"{wheel.name}: the LICENSE file is missing (License-File in METADATA)")
+        if not any(n.endswith("/py.typed") for n in names):
+            session.error(f"{wheel.name}: no py.typed marker")
         session.log(f"{wheel.name}: {sum(n.endswith('.py') for n in names)} modules, namespace intact")
     tmp = pathlib.Path(session.create_tmp())
     for p in ["chunk-prefill", "paged-decode", "fp8-utils"]:

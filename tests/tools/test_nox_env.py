@@ -85,3 +85,19 @@ def test_no_seed_comes_from_hash(folder):
             if re.search(r"(?<![\w.])hash\(", line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+@pytest.mark.parametrize("package", ["attn-common", "chunk-prefill", "paged-decode", "fp8-utils", "kvflash"])
+def test_every_wheel_carries_the_license_and_a_typed_marker(package):
+    """Each package ships the repository's LICENSE (hatchling's license-files: License-File in METADATA) and a
+    py.typed marker in each of its import packages (not in the kvflash namespace itself)."""
+    project = ROOT / "packages" / package
+    assert (project / "LICENSE").read_text() == (ROOT / "LICENSE").read_text(), "a stale copy of LICENSE"
+    text = (project / "pyproject.toml").read_text()
+    assert 'license = "Apache-2.0"' in text and 'license-files = ["LICENSE"]' in text
+    markers = sorted(p.parent.name for p in (project / "src" / "kvflash").glob("*/py.typed"))
+    modules = sorted(p.name for p in (project / "src" / "kvflash").iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert markers == modules and not (project / "src" / "kvflash" / "py.typed").exists()
+    readme = (project / "README.md").read_text()
+    assert not re.search(r"\]\((?!https?://)[^)]*\)", readme), "relative links do not work on an index page"
+    assert not re.search(r"pip install kvflash", readme), "kvflash is not published: no index install line"
