@@ -1,7 +1,7 @@
 """Paged decode cases: one query token per sequence over a paged bf16 / FP8 cache.
 
 Full mode runs the primary configuration (Hq/Hkv 32/8, D 128, block 16) for every KV dtype and shape, and
-secondary variants (64/8 heads, D 64, block 64) on 64 x 4096, plus block 64 on 1 x 131072. Quick mode:
+secondary variants (64/8 heads, D 64, D 80, block 64) on 64 x 4096, plus block 64 on 1 x 131072. Quick mode:
 64 x 4096 and 1 x 131072, bf16 and e4m3, block 16.
 
 Work = KV bytes of the tokens used (read once) + q + out; its ceiling is the device-to-device copy.
@@ -51,7 +51,7 @@ def _specs(quick: bool) -> list[DecodeSpec]:
     if quick:
         return [DecodeSpec(b, c, kv_dtype=t) for b, c in [(64, 4096), (1, 131072)] for t in ["bf16", "e4m3"]]
     specs = [DecodeSpec(b, c, kv_dtype=t) for b, c in SHAPES for t in DTYPES]
-    for variant in [{"hq": 64}, {"d": 64}, {"block": 64}]:
+    for variant in [{"hq": 64}, {"d": 64}, {"d": 80}, {"block": 64}]:  # D 80: a padded head (HEAD_PAD 128)
         specs += [DecodeSpec(64, 4096, kv_dtype=t, **variant) for t in DTYPES]
     specs += [DecodeSpec(1, 131072, block=64, kv_dtype=t) for t in ["bf16", "e4m3"]]
     specs += [DecodeSpec(64, 4096, kv_dtype=t, varlen=True) for t in ["bf16", "e4m3"]]
