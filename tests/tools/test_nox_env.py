@@ -60,10 +60,12 @@ def test_start_up_hook_hides_kvflash_outside_the_environment(tmp_path):
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("VALUE = 1\n")
     importer = "import kvflash.fake_kernel_pkg as m; print('found', m.VALUE)"
-    plain = _run(["-c", importer], tmp_path)
+    # -S: no site-packages and no .pth files, so a hook already installed in this environment (inside a nox
+    # session) does not run in the control child; PYTHONPATH still puts tmp_path on the path.
+    plain = _run(["-S", "-c", importer], tmp_path)
     assert plain.returncode == 0 and "found 1" in plain.stdout, plain.stderr
-    hooked = _run(["-c", f"import sys; sys.path.insert(0, {str(NOX_ENV)!r}); import kvflash_from_this_env; {importer}"],
-                  tmp_path)  # fmt: skip
+    hooked = _run(["-S", "-c", f"import sys; sys.path.insert(0, {str(NOX_ENV)!r}); import kvflash_from_this_env; "
+                   f"{importer}"], tmp_path)  # fmt: skip
     assert hooked.returncode != 0 and "ModuleNotFoundError" in hooked.stderr, hooked.stdout + hooked.stderr
 
 
