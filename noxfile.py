@@ -2,8 +2,12 @@
 
 Every session's virtual environment sees the interpreter's site-packages (``--system-site-packages``), so
 one torch + Triton install (the README's set-up command) serves them all instead of a download per session.
-The kvflash packages themselves are never installed there: each session installs exactly the packages it
-tests, so ``tests(package='paged-decode')`` proves that paged-decode works with attn-common alone.
+Each session installs exactly the kvflash packages it tests into its own environment, so
+``tests(package='paged-decode')`` proves that paged-decode works with attn-common alone. That holds even where
+the kvflash packages were also installed into the shared site (``pip install ./packages/*``): a start-up hook
+(``tools/nox_env/kvflash_from_this_env.py``) makes a session import ``kvflash*`` from its own environment
+only, and the requirement check (``tools/nox_env/check_requirements.py``, in place of ``pip check``, which
+would also judge every unrelated package of a distribution's Python) covers kvflash's distributions alone.
 
     nox -s tests                       # every package in its own environment (+ cross-package tests)
     nox -s "tests(package='paged-decode')"
@@ -52,6 +56,7 @@ VENV = ["--system-site-packages"]
 # session venv sees it through a .pth file; --system-site-packages alone would miss it when nox itself runs
 # inside a virtual environment (it points at the base interpreter's site-packages instead).
 SHARED_SITE = sysconfig.get_paths()["purelib"]
+NOX_ENV_TOOLS = ROOT / "tools" / "nox_env"
 
 # The engine versions the integration tests pin (kvflash itself depends on neither).
 TRANSFORMERS_PIN = "transformers==5.17.0"
@@ -62,23 +67,38 @@ nox.options.reuse_existing_virtualenvs = False
 
 
 def _share_site(python: str, session: nox.Session) -> None:
-    """Put SHARED_SITE on the path of the environment of ``python`` (a .pth file in its site-packages)."""
-    purelib = session.run(
-        python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True, external=True
-    ).strip()
-    if pathlib.Path(purelib).resolve() != pathlib.Path(SHARED_SITE).resolve():
-        (pathlib.Path(purelib) / "kvflash_shared_site.pth").write_text(SHARED_SITE + "\n")
+    """Put SHARED_SITE on the path of the environment of ``python`` (a .pth file in its site-packages), and
+    install the hook that keeps kvflash imports inside that environment."""
+    purelib = pathlib.Path(
+        session.run(
+            python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", silent=True, external=True
+        ).strip()
+    )
+    if purelib.resolve() != pathlib.Path(SHARED_SITE).resolve():
+        (purelib / "kvflash_shared_site.pth").write_text(SHARED_SITE + "\n")
+    hook = NOX_ENV_TOOLS / "kvflash_from_this_env.py"
+    (purelib / hook.name).write_text(hook.read_text())
+    (purelib / "kvflash_from_this_env.pth").write_text("import kvflash_from_this_env\n")
+
+
+def _check_requirements(python: str, session: nox.Session) -> None:
+    """kvflash's own ``pip check``: its distributions come from this environment and their requirements are met."""
+    session.run(python, str(NOX_ENV_TOOLS / "check_requirements.py"), "--here", external=True)
 
 
 def _install_local(session: nox.Session, packages: list[str]) -> None:
-    """Install local packages without touching the index for them; torch/Triton come from the system site."""
+    """Install local packages without touching the index for them; torch/Triton come from the system site.
+    ``--ignore-installed``: copies in the shared site must not stand in for the checkout's."""
     paths = [str(ROOT / "packages" / p) for p in packages]
-    session.install("--no-deps", "--no-build-isolation", *paths)
-    session.run("python", "-m", "pip", "check")  # every declared dependency is satisfied
+    session.install("--no-deps", "--no-build-isolation", "--ignore-installed", *paths)
+    _check_requirements("python", session)
 
 
 def _absent(package: str) -> str:
-    return f"import importlib.util as u; assert u.find_spec('{IMPORT_NAMES[package]}') is None, '{package} present'"
+    return (
+        f"try:\n    import {IMPORT_NAMES[package]}\nexcept ModuleNotFoundError:\n    pass\n"
+        f"else:\n    raise AssertionError('{package} present')"
+    )
 
 
 @nox.session(venv_params=VENV)
@@ -164,6 +184,12 @@ def build(session: nox.Session) -> None:
         names = zipfile.ZipFile(wheel).namelist()
         if "kvflash/__init__.py" in names:
             session.error(f"{wheel.name} ships kvflash/__init__.py: the namespace would break")
+        with zipfile.ZipFile(wheel) as archive:
+            meta = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        if "License-File: LICENSE" not in meta or not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
+            session.error(f"{wheel.name}: the LICENSE file is missing (License-File in METADATA)")
+        if not any(n.endswith("/py.typed") for n in names):
+            session.error(f"{wheel.name}: no py.typed marker")
         session.log(f"{wheel.name}: {sum(n.endswith('.py') for n in names)} modules, namespace intact")
     tmp = pathlib.Path(session.create_tmp())
     for p in ["chunk-prefill", "paged-decode", "fp8-utils"]:
@@ -173,8 +199,18 @@ def build(session: nox.Session) -> None:
         py = str(env_dir / "bin" / "python")
         _share_site(py, session)
         dist_name = f"kvflash-{p}"
-        # --no-index: the wheel's kvflash dependency must come from dist/, torch/Triton from the system site.
-        session.run(py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), dist_name, external=True)
+        # The wheel and the kvflash wheels its own metadata requires, from dist/ only (--no-index), into this
+        # venv even where the shared site holds copies (--ignore-installed, --no-deps: torch and Triton stay
+        # the shared site's); then its requirements, all of them, must be met.
+        wheel = next(w for w in wheels if w.name.startswith(dist_name.replace("-", "_") + "-"))
+        with zipfile.ZipFile(wheel) as archive:
+            meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            requires = re.findall(r"^Requires-Dist: (kvflash[a-z0-9-]*)", archive.read(meta).decode(), re.M)
+        session.run(
+            py, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(dist), "--no-deps",
+            "--ignore-installed", dist_name, *requires, external=True,
+        )  # fmt: skip
+        _check_requirements(py, session)
         session.run(
             py, "-c", f"import {IMPORT_NAMES[p]}, kvflash.attn_common; print('{dist_name}: imports')", external=True
         )

@@ -98,15 +98,16 @@ def test_bf16_q_and_cache_on_every_device(device, mix, block_size):
 @pytest.mark.parametrize(
     "q_lens", [[2, 0], [0, 2], [0, 3, 0], [1, 2, 0], [0, 0, 1, 2]], ids=lambda q: "-".join(map(str, q))
 )
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_route_serves_any_split_of_the_rows(device, q_lens, num_splits):
+@pytest.mark.parametrize("num_splits, causal, window", [(1, True, (9, -1)), (3, True, (9, -1)), (3, False, (5, 2))])
+@pytest.mark.parametrize("block_size", [16, None], ids=["paged", "contiguous"])
+def test_decode_route_serves_any_split_of_the_rows(device, q_lens, num_splits, causal, window, block_size):
     """max_seqlen_q=1 with total_q == num_seqs goes to the decode kernel even when a sequence has two or more
     queries (the caller's max_seqlen_q is wrong): every row must still be right, at its own position."""
     mix = [(n, kv) for n, kv in zip(q_lens, [23, 40, 7, 31])]
-    case = make_case(mix, hq=4, hkv=2, block_size=16, device=device, seed=sum(q_lens) + len(q_lens))
+    case = make_case(mix, hq=4, hkv=2, block_size=block_size, device=device, seed=sum(q_lens) + len(q_lens))
     case = dataclasses.replace(case, max_seqlen_q=1)
     slopes = torch.rand(4, device=device) * 0.2
-    features = dict(causal=True, window_size=(9, -1), alibi_slopes=slopes, s_aux=torch.randn(4, device=device))
+    features = dict(causal=causal, window_size=window, alibi_slopes=slopes, s_aux=torch.randn(4, device=device))
     out = poison(torch.empty_like(case.q))
     _, lse = case.attend(out=out, return_softmax_lse=True, num_splits=num_splits, **features)
     _check(case, out, lse, **features)

@@ -1,7 +1,8 @@
 """Paged decode cases: one query token per sequence over a paged bf16 / FP8 cache.
 
 Full mode runs the primary configuration (Hq/Hkv 32/8, D 128, block 16) for every KV dtype and shape, block 64
-on the large batches and on 1 x 131072, and variants on 64 x 4096: GQA 1 (8/8) and 8 (64/8), D 64 and 256. Quick mode:
+on the large batches and on 1 x 131072, and variants on 64 x 4096: GQA 1 (8/8) and 8 (64/8), D 64, 80 (a padded
+head, HEAD_PAD 128) and 256. Quick mode:
 64 x 4096 and 1 x 131072, bf16 and e4m3, block 16.
 
 Work = KV bytes of the tokens used (read once) + q + out; its ceiling is the device-to-device copy.
@@ -53,8 +54,8 @@ def _specs(quick: bool) -> list[DecodeSpec]:
         return [DecodeSpec(b, c, kv_dtype=t) for b, c in [(64, 4096), (1, 131072)] for t in ["bf16", "e4m3"]]
     specs = [DecodeSpec(b, c, kv_dtype=t) for b, c in SHAPES for t in DTYPES]
     specs += [DecodeSpec(b, c, block=64, kv_dtype=t) for b, c in LARGE_SHAPES for t in DTYPES]
-    # GQA 1 and 8 (4 is the primary) and head sizes 64 and 256 (128 is the primary).
-    for variant in [{"hq": 8}, {"hq": 64}, {"d": 64}, {"d": 256}]:
+    # GQA 1 and 8 (4 is the primary), head sizes 64, 80 (padded to 128) and 256 (128 is the primary).
+    for variant in [{"hq": 8}, {"hq": 64}, {"d": 64}, {"d": 80}, {"d": 256}]:
         specs += [DecodeSpec(64, 4096, kv_dtype=t, **variant) for t in DTYPES]
     specs += [DecodeSpec(1, 131072, block=64, kv_dtype=t) for t in ["bf16", "e4m3"]]
     specs += [DecodeSpec(64, 4096, kv_dtype=t, varlen=True) for t in ["bf16", "e4m3"]]

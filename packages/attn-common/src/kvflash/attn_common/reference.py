@@ -76,7 +76,7 @@ def reference_attention(
     cu_seqlens_q : torch.Tensor
         ``[num_seqs + 1]`` int32 query offsets.
     causal, window_size, softcap, alibi_slopes, s_aux, k_descale, v_descale
-        As in ``flash_attn_varlen_func`` (see DESIGN.md, "The contract").
+        As in ``kvflash.flash_attn_interface.flash_attn_varlen_func`` (its docstring states the contract).
     compute_dtype : torch.dtype
         float64 or float32 for an oracle; fp16/bf16 to mimic a computation in the input precision.
 

@@ -96,7 +96,8 @@ def validate_index_tensors(
     ValueError
         Naming the argument and the first bad index.
     """
-    if not validation_enabled() or torch.compiler.is_compiling() or stream_capturing(q.device):
+    # is_compiling first: torch.compile traces nothing past it (the values do not exist while tracing).
+    if torch.compiler.is_compiling() or not validation_enabled() or stream_capturing(q.device):
         return
     if cu_seqlens_q is not None:
         q_offsets = _check_offsets("cu_seqlens_q", cu_seqlens_q.cpu(), q.shape[0], exact_ends=True)

@@ -98,9 +98,15 @@ def flash_attn_varlen_func(
         contiguous ``[total_k, Hkv, D]`` with ``cu_seqlens_k``. dtype: ``q``'s, or ``float8_e4m3fn`` /
         ``float8_e5m2`` (K and V share it).
     max_seqlen_q, max_seqlen_k : int
-        Upper bounds of the per-sequence query and key lengths (Python ints; launch settings come from them).
+        Upper bounds of the per-sequence query and key lengths (Python ints; launch settings come from them,
+        memory safety never does).
     cu_seqlens_q : torch.Tensor
-        ``[num_seqs + 1]`` int32 query offsets.
+        ``[num_seqs + 1]`` int32 query offsets, rising from 0 to ``total_q``.
+
+        Index values (``cu_seqlens_q``, ``cu_seqlens_k``, ``seqused_k``, ``block_table``) are not read on the
+        host. The kernels clamp them to what ``q``, the block table and the cache can address, so no value
+        makes them touch memory outside their tensors; with ``KVFLASH_VALIDATE=1`` in the environment every
+        call checks them on the host (it synchronises) and names the first bad one.
     cu_seqlens_k : torch.Tensor, optional
         ``[num_seqs + 1]`` int32 key offsets, contiguous layout only.
     seqused_k : torch.Tensor, optional
