@@ -53,31 +53,44 @@ def _find_sequence(
 
 
 @triton.jit
-def _kv_row_offsets(
+def _tile_pages(
     block_table_row_ptr,  # [max_blocks] int32: this sequence's pages
-    kv_start,
-    offs_n,
+    offs_n,  # [BLOCK_N] key positions
     kv_len,
     num_blocks,
+    IS_PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
+    """``[BLOCK_N]`` int32 page ids of key positions ``offs_n`` (0 past ``kv_len``; zeros when not paged).
+
+    One gathered load per tile (with pages of ``BLOCK_N`` or more every row reads the same entry); table
+    entries past the sequence's length are not read. Page ids are clamped to ``[0, num_blocks)``: a bad id
+    reads a wrong page of this cache, never memory outside it. The loops load a tile's page ids one tile
+    ahead of its K/V: when K/V addresses come from a load in the same iteration, Triton's pipeliner treats
+    K/V as indirect loads and waits for every outstanding copy at the top of each iteration
+    (``cp.async.wait_group 0``), so no copy overlaps the dots.
+    """
+    if IS_PAGED:
+        pages = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
+        return tl.minimum(tl.maximum(pages, 0), num_blocks - 1)
+    return tl.zeros_like(offs_n)
+
+
+@triton.jit
+def _kv_row_offsets(
+    pages,  # [BLOCK_N] int32 page ids of the tile (paged)
+    kv_start,
+    offs_n,
     stride_block,
     stride_token,
     IS_PAGED: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
-    MASKED: tl.constexpr,
 ):
     """int64 element offsets ``[BLOCK_N]`` of the cache rows for key positions ``offs_n``.
 
-    Paged: each row's page comes from the block table (one gathered load per tile; with pages of
-    ``BLOCK_N`` or more every row reads the same entry). ``block_id * stride`` is int64 so caches over
-    4 GiB work. Masked tiles do not read table entries past the sequence's length. Page ids are clamped to
-    ``[0, num_blocks)``: a bad id reads a wrong page of this cache, never memory outside it.
+    ``block_id * stride`` is int64 so caches over 4 GiB work.
     """
     if IS_PAGED:
-        if MASKED:
-            pages = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE, mask=offs_n < kv_len, other=0)
-        else:
-            pages = tl.load(block_table_row_ptr + offs_n // PAGE_SIZE)
-        pages = tl.minimum(tl.maximum(pages, 0), num_blocks - 1)
         return pages.to(tl.int64) * stride_block + (offs_n % PAGE_SIZE).to(tl.int64) * stride_token
     return (kv_start + offs_n).to(tl.int64) * stride_token
 
@@ -90,11 +103,10 @@ def _attend_tile(
     q,  # [BLOCK_M, HEAD_PAD] DOT_DTYPE
     k_head_ptr,  # cache base + kv_head * stride_k_head
     v_head_ptr,  # cache base + kv_head * stride_v_head
-    block_table_row_ptr,  # [max_blocks] int32
+    pages,  # [BLOCK_N] int32 page ids of this tile (paged), loaded one tile ahead by the caller
     kv_start,
     start_n,
     kv_len,
-    num_blocks,
     q_pos,  # [BLOCK_M] int32 bottom-right aligned positions
     slopes_log2,  # [BLOCK_M] fp32 ALiBi slopes times log2(e)
     qk_scale,  # [BLOCK_M] fp32 > 0: q . k to the natural-log score domain
@@ -125,17 +137,11 @@ def _attend_tile(
     LOG2E: tl.constexpr = 1.4426950408889634
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
-    k_rows = _kv_row_offsets(
-        block_table_row_ptr, kv_start, offs_n, kv_len, num_blocks, stride_k_block, stride_k_token, IS_PAGED,
-        PAGE_SIZE, MASKED,
-    )  # fmt: skip
-    if SAME_KV_STRIDES:  # one gather serves K and V (the usual case: equal shapes or a joint cache)
+    k_rows = _kv_row_offsets(pages, kv_start, offs_n, stride_k_block, stride_k_token, IS_PAGED, PAGE_SIZE)
+    if SAME_KV_STRIDES:  # one offset computation serves K and V (the usual case: equal shapes or a joint cache)
         v_rows = k_rows
     else:
-        v_rows = _kv_row_offsets(
-            block_table_row_ptr, kv_start, offs_n, kv_len, num_blocks, stride_v_block, stride_v_token, IS_PAGED,
-            PAGE_SIZE, MASKED,
-        )  # fmt: skip
+        v_rows = _kv_row_offsets(pages, kv_start, offs_n, stride_v_block, stride_v_token, IS_PAGED, PAGE_SIZE)
     k_ptrs = k_head_ptr + k_rows[:, None] + offs_d[None, :]
     v_ptrs = v_head_ptr + v_rows[:, None] + offs_d[None, :]
     # Out-of-range rows are never read: the cache may hold anything there (NaN bit patterns in FP8).
@@ -323,30 +329,44 @@ def chunk_prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
 
+    offs_tile = tl.arange(0, BLOCK_N)
+    pages = _tile_pages(block_table_row_ptr, lo + offs_tile, kv_len, num_blocks, IS_PAGED, PAGE_SIZE)
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
+        next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
+                                 PAGE_SIZE)  # fmt: skip
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, num_blocks, q_pos,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
             MASKED=True, MASK_LEFT=True,
         )  # fmt: skip
+        pages = next_pages
+    pages = _tile_pages(block_table_row_ptr, full_lo + offs_tile, kv_len, num_blocks, IS_PAGED, PAGE_SIZE)
     for start_n in range(full_lo, full_hi, BLOCK_N):
+        next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
+                                 PAGE_SIZE)  # fmt: skip
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, num_blocks, q_pos,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
             MASKED=False, MASK_LEFT=False,
         )  # fmt: skip
-    for start_n in range(tl.maximum(full_lo, full_hi), hi, BLOCK_N):
+        pages = next_pages
+    tail_lo = tl.maximum(full_lo, full_hi)
+    pages = _tile_pages(block_table_row_ptr, tail_lo + offs_tile, kv_len, num_blocks, IS_PAGED, PAGE_SIZE)
+    for start_n in range(tail_lo, hi, BLOCK_N):
+        next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
+                                 PAGE_SIZE)  # fmt: skip
         acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, block_table_row_ptr, kv_start, start_n, kv_len, num_blocks, q_pos,
+            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
             MASKED=True, MASK_LEFT=False,
         )  # fmt: skip
+        pages = next_pages
 
     if USE_SINKS:
         sinks = tl.load(sinks_ptr + head, mask=row_valid, other=0.0)
