@@ -1,4 +1,4 @@
-"""From raw rows (times and work counts) to rates, fractions of ceilings, comparisons, and the DESIGN.md
+"""From raw rows (times and work counts) to rates, fractions of ceilings, comparisons, and the performance
 targets with met / not met. Pure Python on the results JSON: no torch, no GPU, so the report can be
 regenerated anywhere and tested on the CPU.
 

@@ -21,7 +21,7 @@ __all__ = ["Case", "Measurement", "run_case"]
 class Measurement:
     """What a case's ``run`` returns.
 
-    ``work`` is bytes (``metric == "bytes"``) or FLOPs (``"flops"``), counted as DESIGN.md says: decode
+    ``work`` is bytes (``metric == "bytes"``) or FLOPs (``"flops"``), counted honestly: decode
     bytes = KV read once (tokens used) + q + out; prefill FLOPs = 4 * Hq * D * visible (query, key) pairs.
     ``rel_err`` is ||out - ref|| / ||ref|| on a checked slice (None if not checked).
     """

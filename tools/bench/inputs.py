@@ -1,5 +1,5 @@
 """Benchmark inputs built on the GPU: a fragmented paged KV cache (bf16 or FP8 with per-(sequence, head)
-descales), the work counts DESIGN.md asks for, and a spot check of one output slice against the oracle.
+descales), the work counts (bytes, FLOPs), and a spot check of one output slice against the oracle.
 
 The cache is filled with random values (never zeros: they can run faster than real data) and its block
 table is a random permutation of the pool, as a long-running server's cache is.
