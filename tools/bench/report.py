@@ -107,7 +107,7 @@ def markdown(data: dict, png_rel: str | None, source: str = "results.json") -> s
         lines.append(f"| {name} | {value} | {c['what']} |")
     lines += [
         "",
-        '## Performance targets (H200, wave 2)',
+        "## Performance targets (H200, wave 2)",
         "",
         "The deciding value is the worst row a target covers; a covered row that failed or whose output",
         f"spot check exceeded {CHECK_TOL:g} relative error makes the target not met.",
