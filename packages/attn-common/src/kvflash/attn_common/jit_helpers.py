@@ -123,27 +123,3 @@ def online_softmax_step_scaled(m_i, l_i, scores, scale_log2):
     p = tl.math.exp2(scores * scale_log2[:, None] - m_safe[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
     return m_new, l_new, p, alpha
-
-
-@triton.jit
-def sequence_of_row(cu_seqlens_q_ptr, row, num_seqs):
-    """The sequence whose query range ``[cu[s], cu[s + 1])`` holds query row ``row``: the last ``s`` in
-    ``[0, num_seqs)`` with ``cu[s] <= row`` (empty sequences before it are skipped), 0 if there is none.
-
-    ``cu_seqlens_q_ptr`` is ``[num_seqs + 1]`` int32 and ``0 <= row < num_seqs`` (a decode-shaped call,
-    ``total_q == num_seqs``). The usual case, one query per sequence (``cu[row] == row`` and
-    ``cu[row + 1] == row + 1``), costs two loads; any other layout a binary search. Any values are safe: the
-    result is always a valid sequence index.
-    """
-    seq = row
-    if (tl.load(cu_seqlens_q_ptr + row) != row) | (tl.load(cu_seqlens_q_ptr + row + 1) != row + 1):
-        lo = 0
-        hi = num_seqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tl.load(cu_seqlens_q_ptr + mid) <= row:
-                lo = mid + 1
-            else:
-                hi = mid
-        seq = tl.maximum(lo - 1, 0)
-    return seq
