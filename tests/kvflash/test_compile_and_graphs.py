@@ -6,7 +6,7 @@ import torch
 
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 
-from .varlen_cases import make_case
+from .varlen_cases import make_case, replay_matches_eager
 
 
 @pytest.mark.parametrize("mix", [[(1, 30), (1, 5)], [(1, 30), (6, 11)]], ids=["decode", "mixed"])
@@ -95,21 +95,4 @@ def test_cuda_graph_replay_with_new_lengths_and_tables(kind):
         table.copy_(torch.randperm(num_blocks, generator=g)[: table.numel()].view_as(table).to(torch.int32))
         q.copy_(torch.randn(q.shape, generator=g).to(q.dtype))
 
-    load_new_state(0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # warm-up: compile kernels outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for seed in (1, 2, 3):
-        load_new_state(seed)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        want, want_lse = attention()  # eager, with the new state
-        assert not torch.isnan(out).any()
-        torch.testing.assert_close(out, want, rtol=0, atol=0)
-        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    replay_matches_eager(step, load_new_state, attention, out, lse)

@@ -7,24 +7,12 @@ import pytest
 import torch
 
 from kvflash.attn_common import reference_attention
-from kvflash.attn_common.testing import assert_close_fa_rule, poison
+from kvflash.attn_common.testing import poison
 
-from .varlen_cases import make_case
+from .varlen_cases import check_against_reference, make_case
 
 DECODE_MIX = [(1, 37), (1, 1), (1, 70), (1, 0)]
 MIXED_MIX = [(1, 37), (9, 9), (5, 41), (1, 1), (3, 0)]
-
-
-def _check_against_reference(case, out, lse, **features):
-    kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, **features)
-    exact, exact_lse = reference_attention(
-        case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.float64, **kwargs
-    )
-    lowp, _ = reference_attention(case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=case.q.dtype, **kwargs)
-    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
-    finite = torch.isfinite(exact_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where no key is visible"
-    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
 
 
 @pytest.mark.parametrize("mix", [DECODE_MIX, MIXED_MIX], ids=["decode", "mixed"])
@@ -36,7 +24,7 @@ def test_matches_reference(device, mix, kv_dtype, block_size):
     out = poison(torch.empty_like(case.q))
     result, lse = case.attend(out=out, return_softmax_lse=True, **features)
     assert result.data_ptr() == out.data_ptr() and lse.shape == (6, case.q.shape[0]) and lse.dtype == torch.float32
-    _check_against_reference(case, out, lse, **features)
+    check_against_reference(case, out, lse, **features)
 
 
 @pytest.mark.gpu
@@ -45,7 +33,7 @@ def test_matches_reference(device, mix, kv_dtype, block_size):
 def test_bf16_on_gpu(mix, kv_dtype):
     case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, device="cuda", seed=3)
     out, lse = case.attend(causal=True, window_size=(20, -1), return_softmax_lse=True)
-    _check_against_reference(case, out, lse, causal=True, window_size=(20, -1))
+    check_against_reference(case, out, lse, causal=True, window_size=(20, -1))
 
 
 def test_features_window_alibi_and_splits(device):
@@ -53,7 +41,7 @@ def test_features_window_alibi_and_splits(device):
     slopes = torch.rand(4, device=device)
     for num_splits in (1, 3):
         out, lse = case.attend(window_size=(10, 0), alibi_slopes=slopes, num_splits=num_splits, return_softmax_lse=True)
-        _check_against_reference(case, out, lse, window_size=(10, 0), alibi_slopes=slopes)
+        check_against_reference(case, out, lse, window_size=(10, 0), alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize("mix", [DECODE_MIX, MIXED_MIX], ids=["decode", "mixed"])
@@ -63,7 +51,7 @@ def test_strided_and_expanded_sinks(device, mix):
     base = torch.randn(8, device=device)
     for sinks in (base[::2], torch.tensor([0.7], device=device).expand(4)):
         out, lse = case.attend(causal=True, s_aux=sinks, return_softmax_lse=True)
-        _check_against_reference(case, out, lse, causal=True, s_aux=sinks.contiguous())
+        check_against_reference(case, out, lse, causal=True, s_aux=sinks.contiguous())
 
 
 def test_deterministic_and_fa_version_change_nothing(device):

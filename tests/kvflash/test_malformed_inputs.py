@@ -17,10 +17,10 @@ import sys
 import pytest
 import torch
 
-from kvflash.attn_common import reference_attention, validation_enabled
-from kvflash.attn_common.testing import assert_close_fa_rule, poison
+from kvflash.attn_common import validation_enabled
+from kvflash.attn_common.testing import poison
 
-from .varlen_cases import make_case
+from .varlen_cases import check_against_reference, make_case
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MEMCHECK_CASES = [
@@ -71,18 +71,6 @@ DECODE_MIX = [(1, 37), (1, 1), (1, 70), (1, 0)]
 MIXED_MIX = [(1, 37), (9, 9), (5, 41), (1, 1), (3, 0)]
 
 
-def _check(case, out, lse, **features):
-    kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, **features)
-    exact, exact_lse = reference_attention(
-        case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.float64, **kwargs
-    )
-    lowp, _ = reference_attention(case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=case.q.dtype, **kwargs)
-    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
-    finite = torch.isfinite(exact_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where no key is visible"
-    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
-
-
 @pytest.mark.parametrize("mix", [DECODE_MIX, MIXED_MIX], ids=["decode", "mixed"])
 @pytest.mark.parametrize("block_size", [16, None], ids=["paged", "contiguous"])
 def test_bf16_q_and_cache_on_every_device(device, mix, block_size):
@@ -92,7 +80,7 @@ def test_bf16_q_and_cache_on_every_device(device, mix, block_size):
     features = dict(causal=True, window_size=(20, -1), softcap=4.0)
     out = poison(torch.empty_like(case.q))
     _, lse = case.attend(out=out, return_softmax_lse=True, **features)
-    _check(case, out, lse, **features)
+    check_against_reference(case, out, lse, **features)
 
 
 @pytest.mark.parametrize(
@@ -110,7 +98,7 @@ def test_decode_route_serves_any_split_of_the_rows(device, q_lens, num_splits, c
     features = dict(causal=causal, window_size=window, alibi_slopes=slopes, s_aux=torch.randn(4, device=device))
     out = poison(torch.empty_like(case.q))
     _, lse = case.attend(out=out, return_softmax_lse=True, num_splits=num_splits, **features)
-    _check(case, out, lse, **features)
+    check_against_reference(case, out, lse, **features)
 
 
 @pytest.fixture

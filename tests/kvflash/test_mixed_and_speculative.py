@@ -5,12 +5,11 @@ checked against the float64 reference, outputs poisoned first; FP8 caches carry 
 import pytest
 import torch
 
-from kvflash.attn_common import reference_attention
-from kvflash.attn_common.testing import assert_close_fa_rule, poison
+from kvflash.attn_common.testing import poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, Route, choose_route
 
-from .varlen_cases import cumulative, make_case
+from .varlen_cases import check_against_reference, cumulative, make_case, replay_matches_eager
 
 # (q_len, kv_len): drafts of 2..16 queries beside plain decode rows, an empty query range and an empty cache.
 SPECULATIVE_MIX = [(4, 37), (1, 20), (0, 9), (2, 2), (16, 50), (7, 7), (3, 0)]
@@ -18,18 +17,6 @@ SPECULATIVE_MIX = [(4, 37), (1, 20), (0, 9), (2, 2), (16, 50), (7, 7), (3, 0)]
 MIXED_MIX = [(1, 37), (40, 60), (3, 20), (0, 5), (2, 2), (17, 30), (1, 1), (5, 0)]
 FP8 = [None, torch.float8_e4m3fn, torch.float8_e5m2]
 FP8_IDS = ["fp16", "e4m3", "e5m2"]
-
-
-def _check(case, out, lse, **features):
-    kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, **features)
-    exact, exact_lse = reference_attention(
-        case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.float64, **kwargs
-    )
-    lowp, _ = reference_attention(case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=case.q.dtype, **kwargs)
-    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
-    finite = torch.isfinite(exact_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where no key is visible"
-    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
 
 
 def test_routes_from_shapes():
@@ -57,7 +44,7 @@ def test_speculative_queries_on_the_decode_kernel(device, kv_dtype, block_size):
             out = poison(torch.empty_like(case.q))
             result, lse = case.attend(out=out, num_splits=num_splits, return_softmax_lse=True, **features)
             assert result.data_ptr() == out.data_ptr()
-            _check(case, out, lse, **features)
+            check_against_reference(case, out, lse, **features)
 
 
 def test_speculative_queries_with_alibi_and_a_non_causal_window(device):
@@ -65,7 +52,7 @@ def test_speculative_queries_with_alibi_and_a_non_causal_window(device):
     slopes = torch.rand(len(SPECULATIVE_MIX), 4, device=device)
     features = dict(window_size=(5, 2), alibi_slopes=slopes)
     out, lse = case.attend(out=poison(torch.empty_like(case.q)), return_softmax_lse=True, **features)
-    _check(case, out, lse, **features)
+    check_against_reference(case, out, lse, **features)
 
 
 def test_an_undercounting_max_seqlen_q_is_served_exactly(device):
@@ -80,7 +67,7 @@ def test_an_undercounting_max_seqlen_q_is_served_exactly(device):
         case.q, case.k, case.v, 2, case.cu_seqlens_q, case.max_seqlen_k, causal=True, return_softmax_lse=True,
         k_descale=case.k_descale, v_descale=case.v_descale, **case.kv_args,
     )[1]  # fmt: skip
-    _check(case, out, lse, causal=True)
+    check_against_reference(case, out, lse, causal=True)
 
 
 @pytest.mark.parametrize("kv_dtype", FP8, ids=FP8_IDS)
@@ -94,7 +81,7 @@ def test_mixed_batch_rows_from_both_kernels(device, kv_dtype, block_size):
         out = poison(torch.empty_like(case.q))
         result, lse = case.attend(out=out, return_softmax_lse=True, **features)
         assert result.data_ptr() == out.data_ptr()
-        _check(case, out, lse, **features)
+        check_against_reference(case, out, lse, **features)
         plain = poison(torch.empty_like(case.q))
         case.attend(out=plain, **features)  # without LSE: the same rows
         torch.testing.assert_close(plain, out, rtol=0, atol=0)
@@ -114,7 +101,7 @@ def test_serving_batches_bf16_at_gpu_size(kv_dtype, mix):
     sinks = torch.randn(32, device="cuda")
     for features in (dict(causal=True, s_aux=sinks), dict(causal=True, window_size=(700, 0), softcap=8.0)):
         out, lse = case.attend(out=poison(torch.empty_like(case.q)), return_softmax_lse=True, **features)
-        _check(case, out, lse, **features)
+        check_against_reference(case, out, lse, **features)
 
 
 @pytest.mark.gpu
@@ -159,21 +146,4 @@ def test_cuda_graph_replay_with_new_query_lengths(kind):
         table.copy_(torch.randperm(num_blocks, generator=g)[: table.numel()].view_as(table).to(torch.int32))
         q.copy_(torch.randn(q.shape, generator=g).to(q.dtype))
 
-    load_new_state(0)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()  # compile outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for seed in (1, 2, 3):
-        load_new_state(seed)
-        out.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        want, want_lse = attention()
-        assert not torch.isnan(out).any()
-        torch.testing.assert_close(out, want, rtol=0, atol=0)
-        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+    replay_matches_eager(step, load_new_state, attention, out, lse)

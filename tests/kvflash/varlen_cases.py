@@ -6,7 +6,8 @@ import dataclasses
 
 import torch
 
-from kvflash.attn_common.testing import encode_fp8, make_paged_kv
+from kvflash.attn_common import reference_attention
+from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, make_paged_kv
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 
 
@@ -30,6 +31,45 @@ class VarlenCase:
         return flash_attn_varlen_func(
             self.q, self.k, self.v, self.max_seqlen_q, self.cu_seqlens_q, self.max_seqlen_k, **args
         )
+
+
+def check_against_reference(case: VarlenCase, out: torch.Tensor, lse: torch.Tensor, **features) -> None:
+    """``out [total_q, Hq, D]`` and ``lse [Hq, total_q]`` of ``case`` under ``features`` against the float64
+    reference, by FlashAttention's rule (twice PyTorch's error in the input precision + 2e-3); ``lse`` must be
+    ``-inf`` exactly where no key is visible."""
+    kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, **features)
+    exact, exact_lse = reference_attention(
+        case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.float64, **kwargs
+    )
+    lowp, _ = reference_attention(case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=case.q.dtype, **kwargs)
+    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
+    finite = torch.isfinite(exact_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be -inf exactly where no key is visible"
+    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
+
+
+def replay_matches_eager(step, load_new_state, attention, out: torch.Tensor, lse: torch.Tensor, seeds=(1, 2, 3)):
+    """Capture ``step()`` (which writes ``out`` and ``lse``) in a CUDA graph after one warm-up outside the capture
+    (kernels compile there), then for each seed: ``load_new_state(seed)`` refills the captured inputs in place,
+    the graph replays over NaN-poisoned ``out``, and the result must equal an eager ``attention()`` bit for bit."""
+    load_new_state(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in seeds:
+        load_new_state(seed)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_lse = attention()  # eager, with the new state
+        assert not torch.isnan(out).any()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
 
 
 def cumulative(lengths: list[int], device) -> torch.Tensor:
