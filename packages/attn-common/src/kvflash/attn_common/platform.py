@@ -22,6 +22,8 @@ __all__ = [
     "prefers_fp8_e4m3fnuz",
     "stream_capturing",
     "INTERPRETER_MULTIPROCESSORS",
+    "current_device_index",
+    "current_stream_handle",
 ]
 
 # A fixed, small "SM count" for the interpreter so split heuristics are deterministic on the CPU.
@@ -99,3 +101,17 @@ def multiprocessor_count(device: torch.device) -> int:
     if device.type == "xpu" and index is None:
         index = torch.xpu.current_device()
     return _multiprocessor_count(device.type, 0 if index is None else index)
+
+
+def current_device_index() -> int:
+    """The current GPU's index as Triton launches on it (Triton's driver, the one Triton itself asks)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_device()
+
+
+def current_stream_handle(device_index: int) -> int:
+    """The raw handle of the current stream of GPU ``device_index`` (what Triton's launcher takes)."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream(device_index)

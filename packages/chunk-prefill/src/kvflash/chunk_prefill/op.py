@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 
 from kvflash.attn_common import check_int, reference_attention_into, validate_index_tensors
+from kvflash.attn_common.ops import define_op
 from kvflash.attn_common.platform import runs_triton
 from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
 
 __all__ = ["chunk_prefill_attention"]
 
 
-@torch.library.custom_op("kvflash::chunk_prefill", mutates_args=("out",))
-def _chunk_prefill_op(
+def _chunk_prefill_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -61,11 +61,15 @@ def _chunk_prefill_op(
     return lse
 
 
-@_chunk_prefill_op.register_fake
-def _(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale, window_left,
-      window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse, skip_q_len):  # fmt: skip
+def _chunk_prefill_fake(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale,
+      window_left, window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse,
+      skip_q_len):  # fmt: skip
     total_q, num_q_heads, _ = q.shape
     return q.new_empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32)
+
+
+# torch.ops.kvflash.chunk_prefill (attn_common.ops: one C++ dispatch per eager call).
+_chunk_prefill_op = define_op("chunk_prefill", _chunk_prefill_impl, _chunk_prefill_fake, mutates_args=("out",))
 
 
 def chunk_prefill_attention(

@@ -8,8 +8,8 @@ decode kernel and, when the keys are split, the split-merge kernel. No tensor va
 import torch
 
 from kvflash.attn_common import (
+    FP8_TORCH_DTYPES,
     QUERY_TORCH_DTYPES,
-    QKVTypePair,
     check_bool,
     check_device_type,
     check_index_tensor,
@@ -22,6 +22,8 @@ from kvflash.attn_common import (
     reference_attention_into,
     validate_index_tensors,
 )
+from kvflash.attn_common.launch import launch
+from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
 from kvflash.paged_decode.launch_config import MAX_BLOCK_H, choose_decode_config
 from kvflash.paged_decode.split_merge_kernel import split_merge_kernel
@@ -185,7 +187,7 @@ def paged_decode_attention(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=None, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
-    torch.ops.kvflash.paged_decode_attention(
+    _PAGED_DECODE_OP(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
         f.s_aux, out, lse, max_seqlen_q, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap,
         1 if defer_longer_sequences else num_splits, defer_longer_sequences,
@@ -193,7 +195,6 @@ def paged_decode_attention(
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("kvflash::paged_decode_attention", mutates_args=("out", "lse"))
 def _paged_decode_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -218,7 +219,9 @@ def _paged_decode_op(
     defer_longer_sequences: bool,
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded)."""
-    if not platform.runs_triton(q.device):
+    interpreter = platform.interpreter_enabled()
+    # platform.runs_triton(q.device), with the interpreter flag read once for the whole launch
+    if not (q.device.type in ("cuda", "xpu") or (q.device.type == "cpu" and interpreter)):
         _reference_decode(
             q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
             out, lse, softmax_scale, window_left, window_right, softcap,
@@ -229,7 +232,7 @@ def _paged_decode_op(
     num_seqs = block_table.shape[0] if is_paged else cu_seqlens_k.shape[0] - 1
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
-    kv_is_fp8 = QKVTypePair.from_tensors(q, k, v).kv_is_fp8
+    kv_is_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
     cfg = choose_decode_config(
         num_seqs=num_seqs,
         num_kv_heads=num_kv_heads,
@@ -240,7 +243,7 @@ def _paged_decode_op(
         window_left=window_left,
         num_splits=num_splits,
         multiprocessor_count=platform.multiprocessor_count(q.device),
-        interpreter=platform.interpreter_enabled(),
+        interpreter=interpreter,
         max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
     )
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
@@ -261,8 +264,12 @@ def _paged_decode_op(
     v_strides = (v.stride(0), v.stride(1), v.stride(2)) if is_paged else (0, v.stride(0), v.stride(1))
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
     grid = (num_seqs * num_kv_heads * cfg.head_chunks, cfg.num_splits)
+    kernel_left, kernel_right = kernel_window(window_left, window_right)
     if grid[0] > 0:
-        paged_decode_kernel[grid](
+        launch(
+            paged_decode_kernel,
+            grid,
+            interpreter,
             q_ptr=q,
             k_ptr=k,
             v_ptr=v,
@@ -304,8 +311,8 @@ def _paged_decode_op(
             stride_lse_head=lse_strides[2],
             softmax_scale=softmax_scale,
             softcap=softcap,
-            window_left=kernel_window(window_left, window_right)[0],
-            window_right=kernel_window(window_left, window_right)[1],
+            window_left=kernel_left,
+            window_right=kernel_right,
             GROUP=group,
             HEAD_CHUNKS=cfg.head_chunks,
             H_ROWS=cfg.h_rows,
@@ -323,17 +330,20 @@ def _paged_decode_op(
             SKIP_LONG=defer_longer_sequences,
             ROW_MASK=cfg.q_tokens > 1,
             # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
-            DOT_FP32=platform.interpreter_enabled() and not kv_is_fp8 and q.dtype == torch.bfloat16,
+            DOT_FP32=interpreter and not kv_is_fp8 and q.dtype == torch.bfloat16,
             USE_SOFTCAP=softcap > 0,
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
-            FP8_V_FENCE=kv_is_fp8 and platform.compiles_to_ptx(q.device),
+            FP8_V_FENCE=kv_is_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     if is_split and total_q > 0:
         splits_pad = max(2, 1 << (cfg.num_splits - 1).bit_length())
-        split_merge_kernel[(total_q, num_q_heads)](
+        launch(
+            split_merge_kernel,
+            (total_q, num_q_heads),
+            interpreter,
             partial_out_ptr=part_out,
             partial_lse_ptr=part_lse,
             sinks_ptr=s_aux if s_aux is not None else part_lse,
@@ -355,11 +365,16 @@ def _paged_decode_op(
         )
 
 
-@_paged_decode_op.register_fake
-def _(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
-      lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
+def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
+      s_aux, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
       defer_longer_sequences) -> None:  # fmt: skip
     return None
+
+
+# torch.ops.kvflash.paged_decode_attention (attn_common.ops: one C++ dispatch per eager call).
+_PAGED_DECODE_OP = define_op(
+    "paged_decode_attention", _paged_decode_op, _paged_decode_fake, mutates_args=("out", "lse")
+)
 
 
 def _reference_decode(

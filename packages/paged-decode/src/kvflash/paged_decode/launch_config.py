@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import triton
+from kvflash.attn_common.intmath import cdiv, next_power_of_2
 
 __all__ = ["DecodeLaunchConfig", "choose_decode_config", "resolve_num_splits", "MAX_SPLITS"]
 
@@ -87,7 +87,7 @@ def resolve_num_splits(
     ``NO_SPLIT_PROGRAMS_PER_SM`` per SM, then into as many splits as fill one wave of ``programs_per_sm``
     resident programs per SM without passing it, never below ``MIN_KEYS_PER_SPLIT`` keys per split.
     """
-    max_tiles = max(1, triton.cdiv(max_keys, block_n))
+    max_tiles = max(1, cdiv(max_keys, block_n))
     if num_splits == 1:
         return 1
     if num_splits > 1:
@@ -95,7 +95,7 @@ def resolve_num_splits(
     if num_programs >= multiprocessor_count * NO_SPLIT_PROGRAMS_PER_SM:
         return 1
     wanted = (multiprocessor_count * programs_per_sm) // max(num_programs, 1)
-    return max(1, min(wanted, triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
+    return max(1, min(wanted, cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
 
 
 def choose_decode_config(
@@ -136,12 +136,12 @@ def choose_decode_config(
     """
     if group > MAX_BLOCK_H:
         q_tokens, block_h = 1, MAX_BLOCK_H
-        head_chunks, h_rows = triton.cdiv(group, block_h), block_h
+        head_chunks, h_rows = cdiv(group, block_h), block_h
     else:
         q_tokens = max(1, min(max_seqlen_q, MAX_BLOCK_H // group))
-        block_h = max(MIN_BLOCK_H, triton.next_power_of_2(q_tokens * group))
+        block_h = max(MIN_BLOCK_H, next_power_of_2(q_tokens * group))
         head_chunks, h_rows = 1, group
-    head_pad = max(16, triton.next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
+    head_pad = max(16, next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
     if interpreter:
         block_n = INTERPRETER_BLOCK_N
     else:

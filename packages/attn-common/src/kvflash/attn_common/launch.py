@@ -1,0 +1,185 @@
+"""One place where kvflash launches a Triton kernel: specialisation keys, a cheap relaunch, and a launch registry.
+
+**Specialisation key.** Triton compiles one binary per *specialisation* of a kernel: the values of its
+``tl.constexpr`` parameters, the dtype of each pointer and whether its address is 16-byte aligned, for each int
+whether it equals 1 (then it becomes a constant) or is divisible by 16 and whether it fits 32 bits, plus the
+launch options (``num_warps``, ``num_stages``). :func:`launch_key` computes exactly that tuple from the
+keyword arguments of a launch, on the host, without reading tensor values.
+
+**Cheap relaunch.** ``kernel[grid](**kwargs)`` re-derives the specialisation in Triton's generic launcher on
+every call, reads several configuration knobs and builds launch metadata. On a GPU, :func:`launch` keeps the
+compiled kernel Triton returns from the first launch of each key (and device) and later calls its launcher
+directly, which is what Triton's ``CompiledKernel[grid](*args)`` does. It is used only where it is safe to: a
+real GPU (not the interpreter), a Triton that has ``triton.knobs``, no launch hooks installed (profilers), and
+not in ``KVFLASH_VALIDATE=1`` mode, where every launch takes Triton's generic path and the kernel Triton picks is
+checked against the one kept for the key. ``KVFLASH_FAST_LAUNCH=0`` switches the relaunch off.
+
+**Launch registry.** Inside :func:`record_launches` every launch's key is added to a set (also under the
+interpreter, where nothing compiles), so a test can assert that serving reaches no key a warm-up did not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator
+
+import torch
+
+from kvflash.attn_common import platform
+from kvflash.attn_common.validate import validation_enabled
+
+__all__ = ["launch", "launch_key", "record_launches", "describe_key", "FAST_LAUNCH_ENV", "fast_launch_enabled"]
+
+FAST_LAUNCH_ENV = "KVFLASH_FAST_LAUNCH"
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+
+# kernel -> (name, parameter names in order, constexpr flag per parameter)
+_SIGNATURES: dict[int, tuple[str, tuple[str, ...], tuple[bool, ...]]] = {}
+# (device index, key) -> (compiled kernel, parameter names)
+_COMPILED: dict[tuple, tuple[object, tuple[str, ...]]] = {}
+_RECORDERS: list[set] = []
+
+
+def _signature(kernel) -> tuple[str, tuple[str, ...], tuple[bool, ...]]:
+    """Name, parameter names and constexpr flags of a ``@triton.jit`` kernel (JIT or interpreted), read once."""
+    found = _SIGNATURES.get(id(kernel))
+    if found is None:
+        fn = getattr(kernel, "fn", kernel)
+        params = inspect.signature(fn).parameters.values()
+        names = tuple(p.name for p in params)
+        flags = tuple(_is_constexpr(p.annotation) for p in params)
+        found = _SIGNATURES[id(kernel)] = (getattr(fn, "__name__", repr(kernel)), names, flags)
+    return found
+
+
+def _is_constexpr(annotation) -> bool:
+    if isinstance(annotation, str):  # ``from __future__ import annotations`` in the kernel module
+        return annotation.rsplit(".", 1)[-1] == "constexpr"
+    import triton.language as tl
+
+    return annotation is tl.constexpr
+
+
+def _arg_spec(value, constexpr: bool):
+    """What Triton specialises on for one argument (see the module docstring)."""
+    if constexpr:
+        return value
+    if isinstance(value, torch.Tensor):
+        return (value.dtype, value.data_ptr() & 15 == 0)
+    if type(value) is int:
+        if value == 1:
+            return 1
+        return (value & 15 == 0, _INT32_MIN <= value <= _INT32_MAX)
+    if type(value) is bool or type(value) is float or value is None:
+        return type(value)
+    raise TypeError(f"kvflash launch: unexpected argument type {type(value).__name__} (a bug in a launcher)")
+
+
+def launch_key(kernel, kwargs: dict) -> tuple:
+    """The specialisation key of ``kernel[grid](**kwargs)``: ``(kernel name, options, per-parameter spec)``.
+
+    Two launches with the same key run the same compiled binary; a launch with a new key compiles (on a GPU).
+    """
+    name, names, flags = _signature(kernel)
+    try:
+        specs = tuple([_arg_spec(kwargs[n], c) for n, c in zip(names, flags)])
+    except KeyError as exc:  # every parameter is passed by keyword at kvflash's launch sites
+        raise TypeError(f"kvflash launch of {name}: parameter {exc.args[0]} not passed") from None
+    options = tuple(kwargs.get(o) for o in _OPTION_NAMES)
+    return (name, options, specs)
+
+
+def describe_key(key: tuple) -> dict:
+    """A readable ``{parameter: spec}`` form of a :func:`launch_key` (for test failure messages)."""
+    name, options, specs = key
+    for kname, names, _ in _SIGNATURES.values():
+        if kname == name:
+            return {"kernel": name, **dict(zip(_OPTION_NAMES, options)), **dict(zip(names, specs))}
+    return {"kernel": name, "options": options, "specs": specs}
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[set]:
+    """Collect the :func:`launch_key` of every kvflash launch inside the block into the yielded set."""
+    keys: set = set()
+    _RECORDERS.append(keys)
+    try:
+        yield keys
+    finally:
+        _RECORDERS.remove(keys)
+
+
+def fast_launch_enabled() -> bool:
+    """The cheap relaunch is allowed: not switched off by ``KVFLASH_FAST_LAUNCH=0``, not in validate mode, and
+    Triton has the knobs the relaunch reads hooks from."""
+    if os.environ.get(FAST_LAUNCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return not validation_enabled() and _knobs() is not None
+
+
+def _knobs():
+    try:
+        from triton import knobs
+    except ImportError:  # Triton < 3.4: the generic launch only
+        return None
+    return knobs
+
+
+def _hook_set(hook) -> bool:
+    """A launch hook is installed: a callable (Triton 3.4-3.6) or a non-empty ``HookChain`` (later releases)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
+    """``kernel[grid](**kwargs)``, through the kept compiled kernel when that is safe (module docstring).
+
+    Parameters
+    ----------
+    kernel : triton.runtime.JITFunction
+        A ``@triton.jit`` kernel (an interpreted one under ``TRITON_INTERPRET=1``).
+    grid : tuple of int
+        1 to 3 program counts.
+    interpreter : bool
+        The Triton interpreter is on (the caller has read it for its own launch settings already).
+    **kwargs
+        Every kernel parameter by name, plus launch options (``num_warps``, ``num_stages``).
+    """
+    fast = not interpreter and fast_launch_enabled()
+    if not (fast or _RECORDERS or (not interpreter and validation_enabled())):
+        kernel[grid](**kwargs)
+        return
+    key = launch_key(kernel, kwargs)
+    for keys in _RECORDERS:
+        keys.add(key)
+    if interpreter:
+        kernel[grid](**kwargs)
+        return
+    device = platform.current_device_index()
+    slot = (device, key)
+    if fast:
+        kept = _COMPILED.get(slot)
+        knobs = _knobs()
+        hooked = _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
+        if kept is not None and not hooked:
+            compiled, names = kept
+            g = (tuple(grid) + (1, 1))[:3]
+            compiled.run(
+                g[0], g[1], g[2], platform.current_stream_handle(device), compiled.function,
+                compiled.packed_metadata, None, None, None, *[kwargs[n] for n in names],
+            )  # fmt: skip
+            return
+    compiled = kernel[grid](**kwargs)
+    if compiled is None or not hasattr(compiled, "packed_metadata") or not hasattr(compiled, "function"):
+        return  # a Triton whose launch returns no compiled kernel: the generic path every time
+    kept = _COMPILED.get(slot)
+    if kept is None:
+        _COMPILED[slot] = (compiled, _signature(kernel)[1])
+    elif kept[0] is not compiled:
+        # Validate mode re-launches through Triton: a different binary for one key means the key misses
+        # something Triton specialises on, and the cheap relaunch would run the wrong binary.
+        raise RuntimeError(
+            f"kvflash launch key of {key[0]} maps to two compiled kernels; set {FAST_LAUNCH_ENV}=0 and report this"
+        )
