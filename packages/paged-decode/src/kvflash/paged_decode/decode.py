@@ -254,14 +254,19 @@ def _paged_decode_op(
         part_lse = torch.empty((total_q, num_q_heads, cfg.num_splits), dtype=torch.float32, device=q.device)
         dst_out, dst_lse = part_out, part_lse
         o_strides = part_out.stride()[:3]
-        lse_strides = (part_lse.stride(2), part_lse.stride(0), part_lse.stride(1))
+        part_lse_strides = part_lse.stride()
+        lse_strides = (part_lse_strides[2], part_lse_strides[0], part_lse_strides[1])
     else:
         dst_out, dst_lse = out, lse
-        o_strides = (0, out.stride(0), out.stride(1))
-        lse_strides = (0, lse.stride(1), lse.stride(0))
+        out_strides, lse_2d_strides = out.stride(), lse.stride()
+        o_strides = (0, out_strides[0], out_strides[1])
+        lse_strides = (0, lse_2d_strides[1], lse_2d_strides[0])
     # Unused pointers get a valid tensor of the right kind; the constexpr flags keep them unread.
-    k_strides = (k.stride(0), k.stride(1), k.stride(2)) if is_paged else (0, k.stride(0), k.stride(1))
-    v_strides = (v.stride(0), v.stride(1), v.stride(2)) if is_paged else (0, v.stride(0), v.stride(1))
+    # Stride tuples read once (each .stride(i) is a separate call into torch).
+    k_strides = k.stride()[:3] if is_paged else (0,) + k.stride()[:2]
+    v_strides = v.stride()[:3] if is_paged else (0,) + v.stride()[:2]
+    q_strides, kd_strides, vd_strides = q.stride(), k_descale.stride(), v_descale.stride()
+    alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
     grid = (num_seqs * num_kv_heads * cfg.head_chunks, cfg.num_splits)
     kernel_left, kernel_right = kernel_window(window_left, window_right)
@@ -288,8 +293,8 @@ def _paged_decode_op(
             total_q=total_q,
             kv_capacity=block_table.shape[1] * k.shape[1] if is_paged else k.shape[0],
             num_blocks=k.shape[0] if is_paged else 1,
-            stride_q_seq=q.stride(0),
-            stride_q_head=q.stride(1),
+            stride_q_seq=q_strides[0],
+            stride_q_head=q_strides[1],
             stride_k_block=k_strides[0],
             stride_k_tok=k_strides[1],
             stride_k_head=k_strides[2],
@@ -297,12 +302,12 @@ def _paged_decode_op(
             stride_v_tok=v_strides[1],
             stride_v_head=v_strides[2],
             stride_bt_seq=block_table.stride(0) if is_paged else 0,
-            stride_kd_seq=k_descale.stride(0),
-            stride_kd_head=k_descale.stride(1),
-            stride_vd_seq=v_descale.stride(0),
-            stride_vd_head=v_descale.stride(1),
-            stride_alibi_seq=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-            stride_alibi_head=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+            stride_kd_seq=kd_strides[0],
+            stride_kd_head=kd_strides[1],
+            stride_vd_seq=vd_strides[0],
+            stride_vd_head=vd_strides[1],
+            stride_alibi_seq=alibi_strides[0],
+            stride_alibi_head=alibi_strides[1],
             stride_o_split=o_strides[0],
             stride_o_seq=o_strides[1],
             stride_o_head=o_strides[2],
