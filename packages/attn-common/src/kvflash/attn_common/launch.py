@@ -16,6 +16,8 @@ checked against the one kept for the key. ``KVFLASH_FAST_LAUNCH=0`` switches the
 
 **Launch registry.** Inside :func:`record_launches` every launch's key is added to a set (also under the
 interpreter, where nothing compiles), so a test can assert that serving reaches no key a warm-up did not.
+Inside :func:`dry_run` launches are recorded and skipped: the warm-up uses it to find, cheaply, which of many
+candidate calls reach a key not seen yet, and runs only those.
 """
 
 from __future__ import annotations
@@ -30,29 +32,55 @@ import torch
 from kvflash.attn_common import platform
 from kvflash.attn_common.validate import validation_enabled
 
-__all__ = ["launch", "launch_key", "record_launches", "describe_key", "FAST_LAUNCH_ENV", "fast_launch_enabled"]
+__all__ = [
+    "launch",
+    "launch_key",
+    "record_launches",
+    "dry_run",
+    "describe_key",
+    "FAST_LAUNCH_ENV",
+    "fast_launch_enabled",
+]
 
 FAST_LAUNCH_ENV = "KVFLASH_FAST_LAUNCH"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 _OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 
-# kernel -> (name, parameter names in order, constexpr flag per parameter)
-_SIGNATURES: dict[int, tuple[str, tuple[str, ...], tuple[bool, ...]]] = {}
+# kernel -> (name, parameter names in order, how each parameter specialises: "constexpr", "value" (dtype and
+# alignment of a tensor, 1 / divisible by 16 / 32-bit for an int), "type" (do_not_specialize: type only) or
+# "dtype" (do_not_specialize_on_alignment: a tensor's dtype, an int's 1 / 16 / 32-bit facts))
+_SIGNATURES: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
 # (device index, key) -> (compiled kernel, parameter names)
 _COMPILED: dict[tuple, tuple[object, tuple[str, ...]]] = {}
 _RECORDERS: list[set] = []
+_DRY_RUN: list[bool] = []  # non-empty inside dry_run()
 
 
-def _signature(kernel) -> tuple[str, tuple[str, ...], tuple[bool, ...]]:
-    """Name, parameter names and constexpr flags of a ``@triton.jit`` kernel (JIT or interpreted), read once."""
+def _signature(kernel) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """Name, parameter names and specialisation modes of a ``@triton.jit`` kernel (JIT or interpreted), read once."""
     found = _SIGNATURES.get(id(kernel))
     if found is None:
         fn = getattr(kernel, "fn", kernel)
-        params = inspect.signature(fn).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
         names = tuple(p.name for p in params)
-        flags = tuple(_is_constexpr(p.annotation) for p in params)
-        found = _SIGNATURES[id(kernel)] = (getattr(fn, "__name__", repr(kernel)), names, flags)
+        options = getattr(kernel, "kwargs", None) or {}  # the interpreter keeps @triton.jit's keyword arguments
+        no_spec = _listed(getattr(kernel, "do_not_specialize", None) or options.get("do_not_specialize"), names)
+        no_align = _listed(
+            getattr(kernel, "do_not_specialize_on_alignment", None) or options.get("do_not_specialize_on_alignment"),
+            names,
+        )
+        modes = tuple(
+            "constexpr" if _is_constexpr(p.annotation) else "type" if p.name in no_spec else
+            "dtype" if p.name in no_align else "value"
+            for p in params
+        )  # fmt: skip
+        found = _SIGNATURES[id(kernel)] = (getattr(fn, "__name__", repr(kernel)), names, modes)
     return found
+
+
+def _listed(entries, names: tuple[str, ...]) -> set[str]:
+    """Parameter names from a ``do_not_specialize``-style list of names or indices."""
+    return {names[e] if isinstance(e, int) else e for e in entries or ()}
 
 
 def _is_constexpr(annotation) -> bool:
@@ -63,13 +91,15 @@ def _is_constexpr(annotation) -> bool:
     return annotation is tl.constexpr
 
 
-def _arg_spec(value, constexpr: bool):
-    """What Triton specialises on for one argument (see the module docstring)."""
-    if constexpr:
+def _arg_spec(value, mode: str):
+    """What Triton specialises on for one argument (see the module docstring and ``_SIGNATURES``)."""
+    if mode == "constexpr":
         return value
     if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() & 15 == 0)
+        return (value.dtype, mode == "value" and value.data_ptr() & 15 == 0)
     if type(value) is int:
+        if mode == "type":
+            return _INT32_MIN <= value <= _INT32_MAX
         if value == 1:
             return 1
         return (value & 15 == 0, _INT32_MIN <= value <= _INT32_MAX)
@@ -83,9 +113,9 @@ def launch_key(kernel, kwargs: dict) -> tuple:
 
     Two launches with the same key run the same compiled binary; a launch with a new key compiles (on a GPU).
     """
-    name, names, flags = _signature(kernel)
+    name, names, modes = _signature(kernel)
     try:
-        specs = tuple([_arg_spec(kwargs[n], c) for n, c in zip(names, flags)])
+        specs = tuple([_arg_spec(kwargs[n], m) for n, m in zip(names, modes)])
     except KeyError as exc:  # every parameter is passed by keyword at kvflash's launch sites
         raise TypeError(f"kvflash launch of {name}: parameter {exc.args[0]} not passed") from None
     options = tuple(kwargs.get(o) for o in _OPTION_NAMES)
@@ -110,6 +140,17 @@ def record_launches() -> Iterator[set]:
         yield keys
     finally:
         _RECORDERS.remove(keys)
+
+
+@contextlib.contextmanager
+def dry_run() -> Iterator[None]:
+    """Inside the block, :func:`launch` records keys (into every active :func:`record_launches` set) and launches
+    nothing. Outputs of kvflash calls made inside are left unwritten."""
+    _DRY_RUN.append(True)
+    try:
+        yield
+    finally:
+        _DRY_RUN.pop()
 
 
 def fast_launch_enabled() -> bool:
@@ -148,12 +189,14 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         Every kernel parameter by name, plus launch options (``num_warps``, ``num_stages``).
     """
     fast = not interpreter and fast_launch_enabled()
-    if not (fast or _RECORDERS or (not interpreter and validation_enabled())):
+    if not (fast or _RECORDERS or _DRY_RUN or (not interpreter and validation_enabled())):
         kernel[grid](**kwargs)
         return
     key = launch_key(kernel, kwargs)
     for keys in _RECORDERS:
         keys.add(key)
+    if _DRY_RUN:
+        return
     if interpreter:
         kernel[grid](**kwargs)
         return

@@ -245,6 +245,7 @@ def _paged_decode_op(
         multiprocessor_count=platform.multiprocessor_count(q.device),
         interpreter=interpreter,
         max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
+        fill_rows=not defer_longer_sequences,
     )
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")

@@ -111,6 +111,7 @@ def choose_decode_config(
     multiprocessor_count: int,
     interpreter: bool,
     max_seqlen_q: int = 1,
+    fill_rows: bool = True,
 ) -> DecodeLaunchConfig:
     """Pick the decode launch settings from shapes and Python ints.
 
@@ -133,6 +134,12 @@ def choose_decode_config(
     max_seqlen_q : int
         Query tokens per sequence the program rows should hold (speculative decoding: the draft length);
         as many as fit in ``MAX_BLOCK_H`` rows with their group's heads. Longer sequences take more passes.
+    fill_rows : bool
+        With ``max_seqlen_q > 1``, give a pass as many tokens as the padded ``block_h`` rows hold (the tile is
+        the same; the spare rows are masked for shorter sequences). ``max_seqlen_q`` 2..16 then compiles 3
+        ``Q_TOKENS`` variants (one per ``block_h``) instead of one per value, so a warm-up has fewer kernels to
+        build. False keeps ``q_tokens = max_seqlen_q`` exactly (``defer_longer_sequences`` needs it: the kernel
+        leaves sequences longer than ``Q_TOKENS`` to the prefill kernel).
     """
     if group > MAX_BLOCK_H:
         q_tokens, block_h = 1, MAX_BLOCK_H
@@ -140,6 +147,8 @@ def choose_decode_config(
     else:
         q_tokens = max(1, min(max_seqlen_q, MAX_BLOCK_H // group))
         block_h = max(MIN_BLOCK_H, next_power_of_2(q_tokens * group))
+        if fill_rows and q_tokens > 1:
+            q_tokens = min(block_h, MAX_BLOCK_H) // group
         head_chunks, h_rows = 1, group
     head_pad = max(16, next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
     if interpreter:
