@@ -37,6 +37,8 @@ __all__ = [
     "launch_key",
     "record_launches",
     "dry_run",
+    "count_compilations",
+    "CompileCount",
     "describe_key",
     "FAST_LAUNCH_ENV",
     "fast_launch_enabled",
@@ -226,3 +228,33 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         raise RuntimeError(
             f"kvflash launch key of {key[0]} maps to two compiled kernels; set {FAST_LAUNCH_ENV}=0 and report this"
         )
+
+
+class CompileCount:
+    """What :func:`count_compilations` yields: ``count`` is the number of kernels Triton compiled (or loaded from
+    its disk cache) so far in the block, or ``None`` where Triton has no compile hook or under the interpreter."""
+
+    def __init__(self, count: int | None):
+        self.count = count
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[CompileCount]:
+    """Count Triton's compilations inside the block through its own ``knobs.runtime.jit_post_compile_hook``
+    (called once per binary added to a kernel's in-memory cache), keeping any hook already installed."""
+    knobs = _knobs()
+    if knobs is None or platform.interpreter_enabled() or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        yield CompileCount(None)
+        return
+    result = CompileCount(0)
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def hook(*args, **kwargs):
+        result.count += 1
+        return previous(*args, **kwargs) if previous is not None else None
+
+    knobs.runtime.jit_post_compile_hook = hook
+    try:
+        yield result
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous

@@ -37,7 +37,7 @@ import torch
 
 from kvflash.attn_common import platform
 from kvflash.attn_common.intmath import cdiv
-from kvflash.attn_common.launch import dry_run, record_launches
+from kvflash.attn_common.launch import count_compilations, dry_run, record_launches
 from kvflash.chunk_prefill.launch_config import choose_launch_config, pack_heads
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, MIXED_DECODE_ROWS
 from kvflash.flash_attn_interface.varlen import flash_attn_varlen_func
@@ -164,6 +164,7 @@ def warmup(
     cache_writer: bool = True,
     merge_states: bool = True,
     device: torch.device | str | None = None,
+    execute: bool = True,
 ) -> WarmupReport:
     """Compile every kernel variant that serving with these settings can reach, and say how many and how long.
 
@@ -202,6 +203,9 @@ def warmup(
         ``merge_attn_states`` (``q_dtype`` partials, with and without ``out_lse``).
     device : torch.device or str, optional
         Default: the current GPU, else the CPU (interpreter: nothing compiles, the keys are still recorded).
+    execute : bool
+        False: only enumerate (dry runs) and report how many variants the configuration reaches; nothing runs
+        or compiles (``calls`` is then the number of calls a real warm-up would make).
 
     Returns
     -------
@@ -229,7 +233,6 @@ def warmup(
         seqused_k=torch.zeros(max_num_seqs, dtype=torch.int32, device=device),
         block_table=torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device),
     )
-    counter = _CompileCounter()
     all_keys: set = set()
     chosen: list[Callable[[], None]] = []
     candidates = 0
@@ -269,7 +272,10 @@ def warmup(
         for make in _merge_candidates(q_dtype, num_q_heads, head_size, max_tokens, device):
             consider(make)
 
-    with record_launches() as ran, counter:
+    if not execute:
+        seconds = time.perf_counter() - start
+        return WarmupReport(len(all_keys), len(chosen), candidates, seconds, None, frozenset(all_keys))
+    with record_launches() as ran, count_compilations() as counter:
         for call in chosen:
             call()
     if device.type == "cuda":
@@ -408,38 +414,6 @@ def _merge_candidates(q_dtype, hq, d, max_tokens, device):
         yield build
 
 
-class _CompileCounter:
-    """Counts Triton's ``jit_post_compile_hook`` calls inside a ``with`` block (None where there is no hook)."""
-
-    def __init__(self):
-        self.count: int | None = None
-        self._previous = None
-        self._knobs = None
-
-    def __enter__(self):
-        try:
-            from triton import knobs
-        except ImportError:
-            return self
-        if platform.interpreter_enabled() or not hasattr(knobs.runtime, "jit_post_compile_hook"):
-            return self
-        self._knobs, self._previous, self.count = knobs, knobs.runtime.jit_post_compile_hook, 0
-
-        def hook(*args, **kwargs):
-            self.count += 1
-            if self._previous is not None:
-                return self._previous(*args, **kwargs)
-            return None
-
-        knobs.runtime.jit_post_compile_hook = hook
-        return self
-
-    def __exit__(self, *exc):
-        if self._knobs is not None:
-            self._knobs.runtime.jit_post_compile_hook = self._previous
-        return False
-
-
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvflash.flash_attn_interface.warmup``: run a warm-up and print what it did."""
     parser = argparse.ArgumentParser(description="Compile the kvflash kernels an engine configuration reaches.")
@@ -453,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seqlen-k", type=int, default=8192)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--dry-run", action="store_true", help="count the variants only; compile nothing")
     args = parser.parse_args(argv)
     report = warmup(
         num_q_heads=args.heads[0],
@@ -466,8 +441,13 @@ def main(argv: list[str] | None = None) -> int:
         max_seqlen_k=args.max_seqlen_k,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_blocks=args.num_blocks,
+        execute=not args.dry_run,
     )
     print(report)
+    by_kernel: dict[str, int] = {}
+    for key in report.keys:
+        by_kernel[key[0]] = by_kernel.get(key[0], 0) + 1
+    print("  " + ", ".join(f"{name} {count}" for name, count in sorted(by_kernel.items())))
     return 0
 
 
