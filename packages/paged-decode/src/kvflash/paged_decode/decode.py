@@ -10,6 +10,7 @@ import torch
 from kvflash.attn_common import (
     FP8_TORCH_DTYPES,
     QUERY_TORCH_DTYPES,
+    AttentionFeatures,
     check_bool,
     check_device_type,
     check_index_tensor,
@@ -28,7 +29,7 @@ from kvflash.paged_decode.decode_kernel import paged_decode_kernel
 from kvflash.paged_decode.launch_config import MAX_BLOCK_H, choose_decode_config
 from kvflash.paged_decode.split_merge_kernel import split_merge_kernel
 
-__all__ = ["paged_decode_attention"]
+__all__ = ["paged_decode_attention", "run_paged_decode"]
 
 # Partial-output elements the split-merge kernel loads per step: all splits at once up to 64 x 128, so the
 # merge of a long single sequence (few programs, many splits) is not a chain of dependent loads.
@@ -162,6 +163,43 @@ def paged_decode_attention(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_k=max_seqlen_k,
     )
+    f = normalize_attention_features(
+        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+    )  # fmt: skip
+    return run_paged_decode(
+        q, k, v, f, max_seqlen_k, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, num_splits=num_splits, out=out, lse=lse,
+        return_lse=return_lse, defer_longer_sequences=defer_longer_sequences,
+    )  # fmt: skip
+
+
+def run_paged_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    features: AttentionFeatures,
+    max_seqlen_k: int,
+    *,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int,
+    num_splits: int,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    return_lse: bool,
+    defer_longer_sequences: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode_attention` after its checks: ``q``, the KV cache and its index tensors (with
+    :func:`kvflash.attn_common.check_kv_cache`), ``cu_seqlens_q`` and the ints are checked, and ``features`` is
+    what :func:`kvflash.attn_common.normalize_attention_features` returned for them. Checks ``out``, ``lse`` and
+    the ``defer_longer_sequences`` bound, allocates what is missing and runs the op.
+
+    For callers that have done those checks themselves (``flash_attn_varlen_func``: the mixed route runs this and
+    the chunked-prefill kernel on one set of checked arguments), so an eager call checks each argument once.
+    """
     num_q_heads = q.shape[1]
     if defer_longer_sequences:
         if cu_seqlens_q is None:
@@ -171,10 +209,6 @@ def paged_decode_attention(
                 f"max_seqlen_q: with defer_longer_sequences, max_seqlen_q * Hq / Hkv must be <= {MAX_BLOCK_H} (one "
                 f"pass), got {max_seqlen_q} * {num_q_heads} / {k.shape[-2]}"
             )
-    f = normalize_attention_features(
-        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
-    )  # fmt: skip
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -187,6 +221,7 @@ def paged_decode_attention(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=None, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
+    f = features
     _PAGED_DECODE_OP(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
         f.s_aux, out, lse, max_seqlen_q, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap,
