@@ -43,17 +43,20 @@ KERNEL_SITES = (
 
 
 class _NoLaunch:
-    """Stands for a JIT kernel: ``stub[grid](**kwargs)`` binds the arguments and returns."""
+    """Stands for a JIT kernel: ``stub[grid](**kwargs)`` binds the arguments and returns (the last ones are kept,
+    so the launch-key cost of the GPU path can be timed on them)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.launches = 0
+        self.last_kwargs = None
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, *args, **kwargs):
         self.launches += 1
+        self.last_kwargs = kwargs
 
     def __getattr__(self, name):  # arg_names, fn, ... for whoever inspects the kernel
         return getattr(self.kernel, name)
@@ -83,13 +86,44 @@ def time_call(call, calls: int) -> float:
     return statistics.median(times) / 1e3
 
 
-def layer_breakdown(name: str, calls: int) -> dict[str, float]:
-    """Median µs of the whole call and of its layers (each layer timed on its own, same arguments)."""
+def layer_breakdown(name: str, calls: int, stubs: list[_NoLaunch]) -> dict[str, float]:
+    """Median µs of the whole call and of its layers (each layer timed on its own, same arguments), and of the
+    launch keys the GPU path computes on top (``key``: the generated key function, per launch of the call)."""
+    from kvflash.attn_common.launch import _key_and_args
+
     call, layers = build_host_call(name, torch.device("cpu"), small=True)
+    for stub in stubs:
+        stub.last_kwargs = None
     row = {"total": time_call(call, calls)}
     for layer, fn in layers.items():
         row[layer] = time_call(fn, calls)
+    for stub in stubs:
+        if stub.last_kwargs is not None:
+            kernel, kwargs = stub.kernel, stub.last_kwargs
+            row[f"key {kernel.fn.__name__}"] = time_call(lambda k=kernel, kw=kwargs: _key_and_args(k, kw), calls)
     return row
+
+
+def dispatch_cost(calls: int) -> dict[str, float]:
+    """µs of one eager op call through ``torch.library.custom_op`` and through ``Library`` define/impl (the way
+    kvflash registers its ops), on the same no-op body with decode-like arguments."""
+    from kvflash.attn_common.ops import _LIB
+
+    def body(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, a: int, b: int, scale: float, flag: bool) -> None:
+        return None
+
+    wrapped = torch.library.custom_op("kvflash_profile::custom_op_noop", mutates_args=("out", "lse"))(body)
+    wrapped.register_fake(body)
+    schema = torch.library.infer_schema(body, mutates_args=("out", "lse"))
+    _LIB.define("profile_noop" + schema)
+    _LIB.impl("profile_noop", body, "CompositeExplicitAutograd")
+    direct = torch.ops.kvflash.profile_noop.default
+    q, out, lse = torch.zeros(8, 4, 8), torch.zeros(8, 4, 8), torch.zeros(4, 8)
+    return {
+        "python body": time_call(lambda: body(q, out, lse, 1, 2, 0.5, False), calls),
+        "custom_op": time_call(lambda: wrapped(q, out, lse, 1, 2, 0.5, False), calls),
+        "Library define/impl": time_call(lambda: direct(q, out, lse, 1, 2, 0.5, False), calls),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,9 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
         return 0
     for name in names:
-        row = layer_breakdown(name, args.calls)
+        row = layer_breakdown(name, args.calls, stubs)
         parts = ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k != "total")
-        print(f"{name:<36} {row['total']:7.1f} µs   ({parts})")
+        print(f"{name:<46} {row['total']:6.1f} µs   ({parts})")
+    costs = dispatch_cost(args.calls)
+    print("op dispatch, no-op body: " + ", ".join(f"{k} {v:.1f} µs" for k, v in costs.items()))
     return 0
 
 

@@ -23,6 +23,7 @@ candidate calls reach a key not seen yet, and runs only those.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Iterator
@@ -55,8 +56,8 @@ _KEY_FUNCTIONS: dict[int, object] = {}
 # alignment of a tensor, 1 / divisible by 16 / 32-bit for an int), "type" (do_not_specialize: type only) or
 # "dtype" (do_not_specialize_on_alignment: a tensor's dtype, an int's 1 / 16 / 32-bit facts))
 _SIGNATURES: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
-# (device index, key) -> (compiled kernel, parameter names)
-_COMPILED: dict[tuple, tuple[object, tuple[str, ...]]] = {}
+# (device index, key) -> the compiled kernel Triton returned for the first launch with that key
+_COMPILED: dict[tuple, object] = {}
 _RECORDERS: list[set] = []
 _DRY_RUN: list[bool] = []  # non-empty inside dry_run()
 
@@ -119,6 +120,11 @@ def launch_key(kernel, kwargs: dict) -> tuple:
     Two launches with the same key run the same compiled binary; a launch with a new key compiles (on a GPU).
     Equal to :func:`launch_key_reference` (the plain loop it is generated from; a test compares the two).
     """
+    return _key_and_args(kernel, kwargs)[0]
+
+
+def _key_and_args(kernel, kwargs: dict) -> tuple[tuple, tuple]:
+    """``(launch_key, the parameters' values in signature order)`` in one pass over ``kwargs``."""
     fn = _KEY_FUNCTIONS.get(id(kernel))
     if fn is None:
         fn = _KEY_FUNCTIONS[id(kernel)] = _key_function(kernel)
@@ -136,9 +142,9 @@ def launch_key_reference(kernel, kwargs: dict) -> tuple:
 
 
 def _key_function(kernel):
-    """Generate ``key(kwargs)`` for one kernel: the loop of :func:`launch_key_reference` unrolled, with the
-    common cases (a plain tensor, a Python int) inlined, so a launch pays a few µs instead of a function call per
-    parameter. Built once per kernel from its signature."""
+    """Generate ``key(kwargs) -> (launch key, parameter values in order)`` for one kernel: the loop of
+    :func:`launch_key_reference` unrolled, with the common cases (a plain tensor, a Python int) inlined, so a
+    launch pays a few µs instead of a function call per parameter. Built once per kernel from its signature."""
     name, names, modes = _signature(kernel)
     lines, specs = [], []
     for i, (n, mode) in enumerate(zip(names, modes)):
@@ -154,7 +160,9 @@ def _key_function(kernel):
         else:
             specs.append(f"spec(v{i}, {mode!r})")
     options = ", ".join(f"kw.get({o!r})" for o in _OPTION_NAMES)
-    source = "def key(kw):\n" + "\n".join(lines) + f"\n    return ({name!r}, ({options},), ({', '.join(specs)},))\n"
+    values = ", ".join(f"v{i}" for i in range(len(names)))
+    key = f"({name!r}, ({options},), ({', '.join(specs)},))"
+    source = "def key(kw):\n" + "\n".join(lines) + f"\n    return {key}, ({values},)\n"
     namespace = {"Tensor": torch.Tensor, "spec": _arg_spec}
     exec(compile(source, f"<kvflash launch key of {name}>", "exec"), namespace)
     return namespace["key"]
@@ -191,14 +199,16 @@ def dry_run() -> Iterator[None]:
         _DRY_RUN.pop()
 
 
+@functools.cache
 def fast_launch_enabled() -> bool:
     """The cheap relaunch is allowed: not switched off by ``KVFLASH_FAST_LAUNCH=0``, not in validate mode, and
-    Triton has the knobs the relaunch reads hooks from."""
+    Triton has the knobs the relaunch reads hooks from. Read once (``fast_launch_enabled.cache_clear()`` re-reads)."""
     if os.environ.get(FAST_LAUNCH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return not validation_enabled() and _knobs() is not None
 
 
+@functools.cache
 def _knobs():
     try:
         from triton import knobs
@@ -230,7 +240,7 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
     if not (fast or _RECORDERS or _DRY_RUN or (not interpreter and validation_enabled())):
         kernel[grid](**kwargs)
         return
-    key = launch_key(kernel, kwargs)
+    key, values = _key_and_args(kernel, kwargs)
     for keys in _RECORDERS:
         keys.add(key)
     if _DRY_RUN:
@@ -245,11 +255,12 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         knobs = _knobs()
         hooked = _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
         if kept is not None and not hooked:
-            compiled, names = kept
             g = (tuple(grid) + (1, 1))[:3]
-            compiled.run(
-                g[0], g[1], g[2], platform.current_stream_handle(device), compiled.function,
-                compiled.packed_metadata, None, None, None, *[kwargs[n] for n in names],
+            # What Triton's CompiledKernel[grid](*args) does: the C launcher, every parameter in signature order
+            # (constexprs included; the launcher skips them), no launch metadata (no hooks are installed).
+            kept.run(
+                g[0], g[1], g[2], platform.current_stream_handle(device), kept.function, kept.packed_metadata,
+                None, None, None, *values,
             )  # fmt: skip
             return
     compiled = kernel[grid](**kwargs)
@@ -257,8 +268,8 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         return  # a Triton whose launch returns no compiled kernel: the generic path every time
     kept = _COMPILED.get(slot)
     if kept is None:
-        _COMPILED[slot] = (compiled, _signature(kernel)[1])
-    elif kept[0] is not compiled:
+        _COMPILED[slot] = compiled
+    elif kept is not compiled:
         # Validate mode re-launches through Triton: a different binary for one key means the key misses
         # something Triton specialises on, and the cheap relaunch would run the wrong binary.
         raise RuntimeError(

@@ -103,15 +103,18 @@ def multiprocessor_count(device: torch.device) -> int:
     return _multiprocessor_count(device.type, 0 if index is None else index)
 
 
-def current_device_index() -> int:
-    """The current GPU's index as Triton launches on it (Triton's driver, the one Triton itself asks)."""
+@functools.cache
+def _triton_driver():
     from triton.runtime import driver
 
-    return driver.active.get_current_device()
+    return driver
+
+
+def current_device_index() -> int:
+    """The current GPU's index as Triton launches on it (Triton's driver, the one Triton itself asks)."""
+    return _triton_driver().active.get_current_device()
 
 
 def current_stream_handle(device_index: int) -> int:
     """The raw handle of the current stream of GPU ``device_index`` (what Triton's launcher takes)."""
-    from triton.runtime import driver
-
-    return driver.active.get_current_stream(device_index)
+    return _triton_driver().active.get_current_stream(device_index)
