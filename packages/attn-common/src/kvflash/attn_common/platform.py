@@ -31,8 +31,18 @@ INTERPRETER_MULTIPROCESSORS = 4
 
 
 def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET`` is set to a true value (kernels then run on the CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+    """True when ``TRITON_INTERPRET`` is set to a true value (kernels then run on the CPU).
+
+    Read from the environment at every call (tests switch it), through a small table of the values seen: every
+    launch asks, so the string is not re-parsed each time."""
+    raw = os.environ.get("TRITON_INTERPRET")
+    found = _INTERPRET_VALUES.get(raw)
+    if found is None:
+        found = _INTERPRET_VALUES[raw] = (raw or "0").strip().lower() not in ("", "0", "false", "no")
+    return found
+
+
+_INTERPRET_VALUES: dict[str | None, bool] = {}
 
 
 def gpu_available() -> bool:

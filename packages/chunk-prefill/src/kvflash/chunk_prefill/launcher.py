@@ -133,6 +133,10 @@ def launch_chunk_prefill(
     seqused = seqused_k if seqused_k is not None else cu_seqlens_q
     alibi = alibi_slopes if alibi_slopes is not None else k_descale
     sinks = s_aux if s_aux is not None else k_descale
+    # Stride tuples read once (each .stride(i) is a separate call into torch).
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    kds, vds = k_descale.stride(), v_descale.stride()
+    alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     launch(
         chunk_prefill_kernel,
         grid,
@@ -161,24 +165,24 @@ def launch_chunk_prefill(
         softcap=softcap,
         window_left=left,
         window_right=right,
-        stride_q_token=q.stride(0),
-        stride_q_head=q.stride(1),
-        stride_k_block=k.stride(0) if is_paged else 0,
-        stride_k_token=k.stride(1) if is_paged else k.stride(0),
-        stride_k_head=k.stride(-2),
-        stride_v_block=v.stride(0) if is_paged else 0,
-        stride_v_token=v.stride(1) if is_paged else v.stride(0),
-        stride_v_head=v.stride(-2),
-        stride_o_token=out.stride(0),
-        stride_o_head=out.stride(1),
+        stride_q_token=qs[0],
+        stride_q_head=qs[1],
+        stride_k_block=ks[0] if is_paged else 0,
+        stride_k_token=ks[1] if is_paged else ks[0],
+        stride_k_head=ks[-2],
+        stride_v_block=vs[0] if is_paged else 0,
+        stride_v_token=vs[1] if is_paged else vs[0],
+        stride_v_head=vs[-2],
+        stride_o_token=os_[0],
+        stride_o_head=os_[1],
         stride_lse_head=lse.stride(0) if lse is not None else 0,
         stride_bt_seq=block_table.stride(0) if is_paged else 0,
-        stride_kd_seq=k_descale.stride(0),
-        stride_kd_head=k_descale.stride(1),
-        stride_vd_seq=v_descale.stride(0),
-        stride_vd_head=v_descale.stride(1),
-        stride_alibi_seq=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-        stride_alibi_head=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+        stride_kd_seq=kds[0],
+        stride_kd_head=kds[1],
+        stride_vd_seq=vds[0],
+        stride_vd_head=vds[1],
+        stride_alibi_seq=alibi_strides[0],
+        stride_alibi_head=alibi_strides[1],
         GROUP=group,
         G_PACK=g_pack,
         NUM_HEAD_GROUPS=num_head_groups,
@@ -189,7 +193,7 @@ def launch_chunk_prefill(
         HEAD_PAD=max(16, next_power_of_2(head_size)),
         IS_PAGED=is_paged,
         PAGE_SIZE=k.shape[1] if is_paged else 1,
-        SAME_KV_STRIDES=k.stride()[:-2] == v.stride()[:-2],
+        SAME_KV_STRIDES=ks[:-2] == vs[:-2],
         KV_FP8=kv_is_fp8,
         # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
         DOT_FP32=interpreter and not kv_is_fp8 and q.dtype == torch.bfloat16,
