@@ -105,12 +105,22 @@ def multiprocessor_count(device: torch.device) -> int:
 
     For CPU tensors (the interpreter) a fixed :data:`INTERPRETER_MULTIPROCESSORS`.
     """
+    found = _MP_BY_DEVICE.get(device)
+    if found is not None:
+        return found
     index = device.index
-    if device.type == "cuda" and index is None:
+    if index is None and device.type == "cuda":
         index = torch.cuda.current_device()
-    if device.type == "xpu" and index is None:
+    elif index is None and device.type == "xpu":
         index = torch.xpu.current_device()
-    return _multiprocessor_count(device.type, 0 if index is None else index)
+    count = _multiprocessor_count(device.type, 0 if index is None else index)
+    if device.index is not None or device.type == "cpu":  # an index-less GPU device means "the current one"
+        _MP_BY_DEVICE[device] = count
+    return count
+
+
+# device (with its index) -> multiprocessor count: the probe asked once per device, then a dict lookup.
+_MP_BY_DEVICE: dict[torch.device, int] = {}
 
 
 @functools.cache

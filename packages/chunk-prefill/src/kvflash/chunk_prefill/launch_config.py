@@ -8,6 +8,7 @@ under the Triton interpreter one small configuration keeps CPU tests fast and st
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from kvflash.attn_common.intmath import cdiv, next_power_of_2
 
@@ -61,6 +62,9 @@ def pack_heads(group: int, block_m: int) -> tuple[int, int]:
     return g_pack, cdiv(group, g_pack)
 
 
+# Cached: a pure function of Python ints, and every layer of a model step asks it the same question (one miss
+# per step and shape, then hits: a dict lookup instead of the arithmetic below).
+@functools.lru_cache(maxsize=4096)
 def choose_launch_config(
     head_size: int, kv_is_fp8: bool, group: int, max_seqlen_q: int, *, interpreter: bool
 ) -> LaunchConfig:

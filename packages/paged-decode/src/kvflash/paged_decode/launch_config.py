@@ -7,6 +7,7 @@ buffers: the decode is CUDA-graph capturable and its split buffers are sized fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 from kvflash.attn_common.intmath import cdiv, next_power_of_2
 
@@ -98,6 +99,9 @@ def resolve_num_splits(
     return max(1, min(wanted, cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
 
 
+# Cached: a pure function of Python ints, and every layer of a model step asks it the same question (one miss
+# per step and shape, then hits: a dict lookup instead of the arithmetic below).
+@functools.lru_cache(maxsize=4096)
 def choose_decode_config(
     *,
     num_seqs: int,
