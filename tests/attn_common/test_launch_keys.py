@@ -82,3 +82,34 @@ def test_registry_and_dry_run(device):
     out.fill_(-1.0)
     launch(scale_kernel, (3,), interpreter, **_args(x, out, 40, scale=3.0))
     torch.testing.assert_close(out, 3 * x)
+
+
+@pytest.mark.gpu
+def test_kept_kernel_relaunch_matches_tritons_launch(monkeypatch):
+    """On a GPU the second launch of a key goes through the kept compiled kernel: same results, per key; a new
+    key (misaligned input, another n class) takes Triton's path and is kept too; with KVFLASH_VALIDATE=1 every
+    launch goes through Triton and the kept kernel is checked to be the one Triton picks."""
+    from kvflash.attn_common import launch as launch_module
+    from kvflash.attn_common.validate import validation_enabled
+
+    launch_module.fast_launch_enabled.cache_clear()
+    assert launch_module.fast_launch_enabled(), "the relaunch is off on this GPU (Triton without knobs?)"
+    before = len(launch_module._COMPILED)
+    x = torch.randn(4096 + 8, device="cuda")
+    for n, start in ((4096, 0), (4096, 0), (4001, 0), (4001, 0), (4096, 1), (4096, 1), (1, 0)):
+        src = x[start : start + n]
+        out = torch.full((n,), float("nan"), device="cuda")
+        launch(scale_kernel, (-(-n // 128),), False, **_args(src, out, n, scale=1.5, block=128))
+        torch.testing.assert_close(out, 1.5 * src)
+    assert len(launch_module._COMPILED) - before == 4  # (4096, aligned), (4001: not 16 | n), (misaligned), (n == 1)
+    monkeypatch.setenv("KVFLASH_VALIDATE", "1")
+    validation_enabled.cache_clear()
+    launch_module.fast_launch_enabled.cache_clear()
+    try:
+        out = torch.empty(4096, device="cuda")
+        launch(scale_kernel, (32,), False, **_args(x[:4096], out, 4096, scale=2.0, block=128))
+        torch.testing.assert_close(out, 2 * x[:4096])
+    finally:
+        monkeypatch.delenv("KVFLASH_VALIDATE")
+        validation_enabled.cache_clear()
+        launch_module.fast_launch_enabled.cache_clear()
