@@ -40,6 +40,7 @@ __all__ = [
     "record_launches",
     "dry_run",
     "count_compilations",
+    "compile_only",
     "CompileCount",
     "describe_key",
     "FAST_LAUNCH_ENV",
@@ -60,6 +61,7 @@ _SIGNATURES: dict[int, tuple[str, tuple[str, ...], tuple[str, ...]]] = {}
 _COMPILED: dict[tuple, object] = {}
 _RECORDERS: list[set] = []
 _DRY_RUN: list[bool] = []  # non-empty inside dry_run()
+_COMPILE_ONLY: list[bool] = []  # non-empty inside compile_only()
 
 
 def _signature(kernel) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
@@ -199,6 +201,18 @@ def dry_run() -> Iterator[None]:
         _DRY_RUN.pop()
 
 
+@contextlib.contextmanager
+def compile_only() -> Iterator[None]:
+    """Inside the block, GPU launches compile their kernel (Triton's ``kernel.warmup``) and launch nothing; under
+    Triton's asynchronous compile mode the compilations run in its executor, in parallel. The warm-up uses it to
+    compile many variants at once before running them. Interpreted kernels are launched as usual."""
+    _COMPILE_ONLY.append(True)
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.pop()
+
+
 @functools.cache
 def fast_launch_enabled() -> bool:
     """The cheap relaunch is allowed: not switched off by ``KVFLASH_FAST_LAUNCH=0``, not in validate mode, and
@@ -237,13 +251,16 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         Every kernel parameter by name, plus launch options (``num_warps``, ``num_stages``).
     """
     fast = not interpreter and fast_launch_enabled()
-    if not (fast or _RECORDERS or _DRY_RUN or (not interpreter and validation_enabled())):
+    if not (fast or _RECORDERS or _DRY_RUN or _COMPILE_ONLY or (not interpreter and validation_enabled())):
         kernel[grid](**kwargs)
         return
     key, values = _key_and_args(kernel, kwargs)
     for keys in _RECORDERS:
         keys.add(key)
     if _DRY_RUN:
+        return
+    if _COMPILE_ONLY and not interpreter:
+        kernel.warmup(grid=grid, **kwargs)
         return
     if interpreter:
         kernel[grid](**kwargs)

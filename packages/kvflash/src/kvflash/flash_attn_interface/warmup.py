@@ -37,7 +37,7 @@ import torch
 
 from kvflash.attn_common import platform
 from kvflash.attn_common.intmath import cdiv
-from kvflash.attn_common.launch import count_compilations, dry_run, record_launches
+from kvflash.attn_common.launch import compile_only, count_compilations, dry_run, record_launches
 from kvflash.chunk_prefill.launch_config import choose_launch_config, pack_heads
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, MIXED_DECODE_ROWS
 from kvflash.flash_attn_interface.varlen import flash_attn_varlen_func
@@ -70,6 +70,9 @@ class WarmupReport:
     compiled : int or None
         Binaries Triton reported compiling or loading during the warm-up (its ``jit_post_compile_hook``); ``None``
         under the interpreter or a Triton without the hook.
+    note : str
+        How the kernels were compiled: in parallel (Triton's asynchronous compile mode, ``compile_workers``
+        threads), serially, or why the parallel phase was skipped.
     keys : frozenset
         The launch keys (:func:`kvflash.attn_common.launch.launch_key`), for tests and diagnostics.
     """
@@ -80,12 +83,14 @@ class WarmupReport:
     seconds: float
     compiled: int | None
     keys: frozenset
+    note: str = ""
 
     def __str__(self) -> str:
         compiled = "" if self.compiled is None else f", {self.compiled} compiled or loaded by Triton"
+        note = f" [{self.note}]" if self.note else ""
         return (
             f"kvflash warm-up: {self.variants} kernel variants from {self.calls} calls "
-            f"({self.candidates} candidates dry-run){compiled} in {self.seconds:.1f} s"
+            f"({self.candidates} candidates dry-run){compiled} in {self.seconds:.1f} s{note}"
         )
 
 
@@ -165,6 +170,7 @@ def warmup(
     merge_states: bool = True,
     device: torch.device | str | None = None,
     execute: bool = True,
+    compile_workers: int | None = None,
 ) -> WarmupReport:
     """Compile every kernel variant that serving with these settings can reach, and say how many and how long.
 
@@ -206,6 +212,9 @@ def warmup(
     execute : bool
         False: only enumerate (dry runs) and report how many variants the configuration reaches; nothing runs
         or compiles (``calls`` is then the number of calls a real warm-up would make).
+    compile_workers : int, optional
+        GPU: threads compiling in parallel (Triton's asynchronous compile mode) before the calls run; default
+        the CPU count, ``1`` compiles serially as the calls run.
 
     Returns
     -------
@@ -276,7 +285,8 @@ def warmup(
         seconds = time.perf_counter() - start
         return WarmupReport(len(all_keys), len(chosen), candidates, seconds, None, frozenset(all_keys))
     with record_launches() as ran, count_compilations() as counter:
-        for call in chosen:
+        note = _compile_in_parallel(chosen, device, compile_workers)
+        for call in chosen:  # every kernel is compiled now (or compiles here): this loads and runs them
             call()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -290,7 +300,34 @@ def warmup(
         seconds=time.perf_counter() - start,
         compiled=counter.count,
         keys=frozenset(all_keys),
+        note=note,
     )
+
+
+def _compile_in_parallel(calls: list[Callable[[], None]], device: torch.device, workers: int | None) -> str:
+    """Compile the kernels of ``calls`` in Triton's asynchronous compile mode (GPU only), launching nothing.
+
+    Best effort by design: the serial pass that follows compiles whatever this did not, so a Triton without the
+    mode, or a failure in it, costs time, never a kernel. What happened is returned for the report.
+    """
+    import os
+
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    if device.type == "cpu" or workers <= 1:
+        return "compiled serially"
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return "compiled serially (this Triton has no asynchronous compile mode)"
+    try:
+        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool), compile_only():
+            for call in calls:
+                call()
+    except Exception as exc:  # reported, and the serial pass compiles the rest
+        return f"parallel compilation failed ({type(exc).__name__}: {str(exc)[:120]}); compiled serially"
+    return f"compiled in parallel, {workers} threads"
 
 
 def _varlen_candidates(
