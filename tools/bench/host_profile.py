@@ -89,15 +89,17 @@ def time_call(call, calls: int) -> float:
 def layer_breakdown(name: str, calls: int, stubs: list[_NoLaunch]) -> dict[str, float]:
     """Median µs of the whole call and of its layers (each layer timed on its own, same arguments), and of the
     launch keys the GPU path computes on top (``key``: the generated key function, per launch of the call)."""
-    from kvflash.attn_common.launch import _key_and_args
-
+    try:
+        from kvflash.attn_common.launch import _key_and_args
+    except ImportError:  # a kvflash before launch keys (profiling an older commit)
+        _key_and_args = None
     call, layers = build_host_call(name, torch.device("cpu"), small=True)
     for stub in stubs:
         stub.last_kwargs = None
     row = {"total": time_call(call, calls)}
     for layer, fn in layers.items():
         row[layer] = time_call(fn, calls)
-    for stub in stubs:
+    for stub in stubs if _key_and_args is not None else ():
         if stub.last_kwargs is not None:
             kernel, kwargs = stub.kernel, stub.last_kwargs
             row[f"key {kernel.fn.__name__}"] = time_call(lambda k=kernel, kw=kwargs: _key_and_args(k, kw), calls)
@@ -107,7 +109,10 @@ def layer_breakdown(name: str, calls: int, stubs: list[_NoLaunch]) -> dict[str, 
 def dispatch_cost(calls: int) -> dict[str, float]:
     """µs of one eager op call through ``torch.library.custom_op`` and through ``Library`` define/impl (the way
     kvflash registers its ops), on the same no-op body with decode-like arguments."""
-    from kvflash.attn_common.ops import _LIB
+    try:
+        from kvflash.attn_common.ops import _LIB
+    except ImportError:  # a kvflash before attn_common.ops
+        _LIB = torch.library.Library("kvflash_profile", "FRAGMENT")
 
     def body(q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, a: int, b: int, scale: float, flag: bool) -> None:
         return None
@@ -117,7 +122,7 @@ def dispatch_cost(calls: int) -> dict[str, float]:
     schema = torch.library.infer_schema(body, mutates_args=("out", "lse"))
     _LIB.define("profile_noop" + schema)
     _LIB.impl("profile_noop", body, "CompositeExplicitAutograd")
-    direct = torch.ops.kvflash.profile_noop.default
+    direct = getattr(torch.ops, _LIB.ns).profile_noop.default
     q, out, lse = torch.zeros(8, 4, 8), torch.zeros(8, 4, 8), torch.zeros(4, 8)
     return {
         "python body": time_call(lambda: body(q, out, lse, 1, 2, 0.5, False), calls),
