@@ -21,7 +21,7 @@ a second start-up on the same machine loads instead of compiling.
 
 Command line (prints the count of variants and the seconds)::
 
-    python -m kvflash.flash_attn_interface.warmup --heads 32 8 --head-size 128 --page 16 --kv auto,fp8_e4m3
+    python -m kvflash.flash_attn_interface --heads 32 8 --head-size 128 --page 16 --kv auto,fp8_e4m3
 """
 
 from __future__ import annotations
@@ -452,7 +452,7 @@ def _merge_candidates(q_dtype, hq, d, max_tokens, device):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kvflash.flash_attn_interface.warmup``: run a warm-up and print what it did."""
+    """``python -m kvflash.flash_attn_interface``: run a warm-up and print what it did."""
     parser = argparse.ArgumentParser(description="Compile the kvflash kernels an engine configuration reaches.")
     parser.add_argument("--heads", type=int, nargs=2, metavar=("HQ", "HKV"), default=(32, 8))
     parser.add_argument("--head-size", type=int, default=128)
