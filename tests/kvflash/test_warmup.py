@@ -186,6 +186,61 @@ def test_batches_outside_the_warmed_ranges_are_new_variants(warmed_cpu):
     assert any(d["q_ptr"] == (torch.float16, False) for d in _new_keys(keys, warmed_cpu.keys))
 
 
+def test_warmed_features_cover_serving_with_them():
+    """Features, a non-default block-table width and one-element descales, enumerated only (execute=False)."""
+    width = 80  # wider than cdiv(MAX_K, PAGE) = 69: another row stride of the block table
+    report = warmup(
+        num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
+        kv_cache_dtypes=("fp8_e5m2",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600, max_num_batched_tokens=40,
+        num_blocks=NUM_BLOCKS, block_table_width=width, window_sizes=((63, 0),), softcaps=(20.0,), sinks=(True,),
+        alibi=(True,), num_splits=(0, 1), per_seq_descales=False, cache_writer=False, merge_states=False,
+        device="cpu", execute=False,
+    )  # fmt: skip
+    assert report.compiled is None and {k[0] for k in report.keys} <= {"paged_decode_kernel", "chunk_prefill_kernel",
+                                                                     "split_merge_kernel"}  # fmt: skip
+    gen = torch.Generator().manual_seed(7)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e5m2) for _ in range(2))
+    table = torch.zeros(3, width, dtype=torch.int32)
+    features = dict(
+        window_size=(63, 0), softcap=20.0, s_aux=torch.zeros(HQ), alibi_slopes=torch.ones(HQ),
+        k_descale=torch.tensor([0.5]), v_descale=torch.tensor([0.25]), causal=True,
+    )  # fmt: skip
+    rng = random.Random(3)
+    with record_launches() as keys, dry_run():
+        for _ in range(40):
+            num_seqs = rng.randint(1, 3)
+            q_lens = [rng.choice([1, 1, 3, 20]) for _ in range(num_seqs)]
+            kv_lens = [rng.randint(q, 600) for q in q_lens]
+            offsets = [0]
+            for n in q_lens:
+                offsets.append(offsets[-1] + n)
+            flash_attn_varlen_func(
+                torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16), k_cache, v_cache, max(q_lens),
+                torch.tensor(offsets, dtype=torch.int32), max(kv_lens), block_table=table[:num_seqs],
+                seqused_k=torch.tensor(kv_lens, dtype=torch.int32), num_splits=rng.choice([0, 1]), **features,
+            )  # fmt: skip
+    assert not _new_keys(keys, report.keys)
+
+
+@pytest.mark.parametrize(
+    "override, error, match",
+    [
+        (dict(num_q_heads=5), ValueError, "multiple of the number of KV heads"),
+        (dict(head_size=12), ValueError, "head_size"),
+        (dict(max_num_seqs=0), ValueError, "max_num_seqs"),
+        (dict(q_dtype=torch.float32), TypeError, "q_dtype"),
+        (dict(block_table_width=10), ValueError, "block_table_width"),
+        (dict(kv_cache_dtypes=("fp4",)), ValueError, "kv_cache_dtype"),
+        (dict(compile_workers=0), ValueError, "compile_workers"),
+    ],
+)
+def test_bad_warmup_arguments_are_named(override, error, match):
+    args = dict(num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, max_num_seqs=2, max_seqlen_q=4,
+                max_seqlen_k=300, device="cpu", execute=False)  # fmt: skip
+    with pytest.raises(error, match=match):
+        warmup(**{**args, **override})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_no_triton_compilation_while_serving_after_warmup(q_dtype):

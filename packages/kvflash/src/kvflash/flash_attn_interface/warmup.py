@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from kvflash.attn_common import platform
+from kvflash.attn_common import QUERY_TORCH_DTYPES, check_gqa, check_head_size, check_int, platform
 from kvflash.attn_common.intmath import cdiv
 from kvflash.attn_common.launch import compile_only, count_compilations, dry_run, record_launches
 from kvflash.chunk_prefill.launch_config import choose_launch_config, pack_heads
@@ -228,6 +228,27 @@ def warmup(
     tensor sliced from a fused QKV projection, or a block table of another width is another specialisation.
     """
     start = time.perf_counter()
+    for name, value in (
+        ("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_size", head_size),
+        ("block_size", block_size), ("max_num_seqs", max_num_seqs), ("max_seqlen_q", max_seqlen_q),
+        ("max_seqlen_k", max_seqlen_k), ("num_blocks", num_blocks),
+    ):  # fmt: skip
+        check_int(name, value, 1)
+    for name, value in (
+        ("max_num_batched_tokens", max_num_batched_tokens), ("block_table_width", block_table_width),
+        ("compile_workers", compile_workers),
+    ):  # fmt: skip
+        if value is not None:
+            check_int(name, value, 1)
+    check_gqa(num_q_heads, num_kv_heads)
+    check_head_size(head_size, "head_size")
+    if q_dtype not in QUERY_TORCH_DTYPES:
+        raise TypeError(f"q_dtype: expected torch.float16 or torch.bfloat16, got {q_dtype}")
+    if block_table_width is not None and block_table_width * block_size < max_seqlen_k:
+        raise ValueError(
+            f"block_table_width: {block_table_width} pages of {block_size} tokens cannot hold max_seqlen_k = "
+            f"{max_seqlen_k} keys"
+        )
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(device)
