@@ -12,7 +12,9 @@ compiled kernel Triton returns from the first launch of each key (and device) an
 directly, which is what Triton's ``CompiledKernel[grid](*args)`` does. It is used only where it is safe to: a
 real GPU (not the interpreter), a Triton that has ``triton.knobs``, no launch hooks installed (profilers), and
 not in ``KVFLASH_VALIDATE=1`` mode, where every launch takes Triton's generic path and the kernel Triton picks is
-checked against the one kept for the key. ``KVFLASH_FAST_LAUNCH=0`` switches the relaunch off.
+checked against the one kept for the key. ``KVFLASH_FAST_LAUNCH=0`` switches the relaunch off (read once).
+Triton settings that change a binary without changing the arguments (``TRITON_DEBUG``, instrumentation) are
+read by Triton at the first launch of each key; later launches of that key reuse the binary it built then.
 
 **Launch registry.** Inside :func:`record_launches` every launch's key is added to a set (also under the
 interpreter, where nothing compiles), so a test can assert that serving reaches no key a warm-up did not.
