@@ -38,7 +38,9 @@ TARGET_KEYS = [
     "spec-decode",
     "mixed-batch",
     "cache-writer",
+    "host-cost",
 ]
+HOST_ROWS = ("decode 8x1024 bf16", "decode 8x1024 e4m3", "prefill 4x(2048+2048) bf16", "reshape_and_cache_flash")
 
 
 def _row(name, group, impl, shape, kv_dtype, metric, work, rate, **extra):
@@ -53,10 +55,21 @@ def _row(name, group, impl, shape, kv_dtype, metric, work, rate, **extra):
     return row
 
 
+def _host_row(name: str, us: float) -> dict:
+    ms = us / 1e3
+    row = {
+        "name": f"host {name}", "group": "host", "impl": "kvflash", "shape": name, "kv_dtype": "bf16", "hq": 32,
+        "hkv": 8, "d": 128, "block": 16, "primary": True, "metric": "host_us", "ms": ms, "p10": ms * 0.9,
+        "p90": ms * 1.2, "reps": 400, "sets": 1, "work": 0.0, "rel_err": None, "note": "", "error": None,
+    }  # fmt: skip
+    return row
+
+
 def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None, spec=1.2,
-               mixed=1.1) -> dict:
+               mixed=1.1, host=None) -> dict:
     """All targets met unless an override says otherwise. ``decode``: {(shape, dtype): frac of copy};
-    ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer."""
+    ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer; ``host``:
+    {row: µs per call}."""
     dtypes = ("bf16", "e4m3", "e5m2")
     fracs = {(s, t): (0.95 if t == "bf16" else 0.93) for s in ("64x4096", "128x8192") for t in dtypes}
     fracs |= {(s, t): (0.90 if t == "bf16" else 0.86) for s in ("1x131072", "4x32768") for t in dtypes}
@@ -89,6 +102,8 @@ def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5,
     for t, frac in (("bf16", 0.9), ("e4m3", cache)):
         rows.append(_row(f"cache {t} kvflash", "cache", "kvflash", "16384x8x128", t, "bytes", 1e8, frac * COPY_GBPS))
         rows.append(_row(f"cache {t} torch", "cache", "torch", "16384x8x128", t, "bytes", 1e8, 0.3 * COPY_GBPS))
+    host_us = {name: 30.0 for name in HOST_ROWS} | (host or {})
+    rows += [_host_row(name, us) for name, us in host_us.items()]
     return {
         "meta": {"device": "SYNTHETIC", "commit": "synthetic", "date": "synthetic", "mode": "full", "synthetic": True},
         "ceilings": {
@@ -143,6 +158,8 @@ def test_all_targets_met(tmp_path):
         ({"cache": 0.75}, {"cache-writer"}),
         ({"spec": 1.3}, {"spec-decode"}),
         ({"mixed": 1.2}, {"mixed-batch"}),
+        ({"host": {"decode 8x1024 e4m3": 41.0}}, {"host-cost"}),  # one row over 40 µs decides
+        ({"host": {"reshape_and_cache_flash": 40.0}}, set()),  # 40 µs is within the limit
     ],
 )
 def test_one_target_missed(tmp_path, override, not_met):
@@ -162,6 +179,23 @@ def test_error_and_wrong_output_rows_fail_their_targets(tmp_path):
     text = (tmp_path / "BENCHMARKS.md").read_text()
     assert "synthetic launch failure" in text
     assert "wrong output" in text
+
+
+def test_host_rows_in_report(tmp_path):
+    data = _synthetic(host={"prefill 4x(2048+2048) bf16": 55.5})
+    for row in data["results"]:
+        if row["name"] == "host decode 8x1024 bf16":
+            row.update(ms=None, error="RuntimeError: synthetic host failure")
+    statuses = _statuses(tmp_path, data)
+    assert statuses["host-cost"] == "not met"
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Host cost of one eager call (CPU)" in text
+    assert "| host prefill 4x(2048+2048) bf16 | kvflash | 55.5 (50.0-66.6) | 400 |" in text
+    assert "55.5 µs" in text and "synthetic host failure" in text
+    rows = {r["name"]: r for r in report.derive(data)}
+    host = rows["host decode 8x1024 e4m3"]
+    assert host["host_us"] == pytest.approx(30.0) and host["rate"] is None
+    assert "µs/call" in report.text_table(list(rows.values()))
 
 
 def test_nothing_measured(tmp_path):

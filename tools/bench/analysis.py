@@ -8,6 +8,8 @@ Comparisons ("speedup", > 1 means kvflash is faster):
 - a bf16-KV kvflash prefill row against the faster SDPA cuDNN row of its shape: TFLOP/s ratio, since the
   square-causal cuDNN row computes more pairs than kvflash (both count only the pairs they compute);
 - a kvflash cache-writer row against eager torch doing the same write: time ratio.
+
+Host rows (``metric == "host_us"``, group ``host``) carry ``host_us``: the median CPU microseconds of one eager call.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-__all__ = ["derive", "evaluate_targets", "TargetResult", "CHECK_TOL", "LARGE_BATCH", "SMALL_BATCH", "DENSE_PREFILL"]
+__all__ = [
+    "derive",
+    "evaluate_targets",
+    "TargetResult",
+    "CHECK_TOL",
+    "LARGE_BATCH",
+    "SMALL_BATCH",
+    "DENSE_PREFILL",
+    "HOST_US_LIMIT",
+]
 
 # A spot check with a larger relative error than this means the output is wrong: its speed does not count.
 CHECK_TOL = 2e-2
@@ -23,6 +34,7 @@ LARGE_BATCH = ("64x4096", "128x8192")
 SMALL_BATCH = ("1x131072", "4x32768")
 DENSE_PREFILL = ("4x(2048+2048)", "1x16384")
 FP8 = ("e4m3", "e5m2")
+HOST_US_LIMIT = 40.0  # issue 18: CPU time of one eager call
 _KEY = ("group", "impl", "shape", "kv_dtype", "hq", "hkv", "d", "block")
 
 
@@ -42,10 +54,12 @@ def derive(data: dict) -> list[dict]:
     ceil = {name: c.get("value") for name, c in data.get("ceilings", {}).items()}
     rows = [dict(r) for r in data["results"]]
     for r in rows:
-        r["rate"] = r["frac"] = r["ref"] = r["speedup"] = None
+        r["rate"] = r["frac"] = r["ref"] = r["speedup"] = r["host_us"] = None
         if r.get("error") or not r.get("ms"):
             continue
-        if r["metric"] == "bytes":
+        if r["metric"] == "host_us":
+            r["host_us"] = r["ms"] * 1e3
+        elif r["metric"] == "bytes":
             r["rate"] = r["work"] / (r["ms"] * 1e-3) / 1e9
             r["frac"] = r["rate"] / ceil["copy"] if ceil.get("copy") else None
         else:
@@ -148,6 +162,10 @@ def _time_vs_bf16(r: dict, rows: list[dict]) -> float | None:
 
 
 _time_vs_ref = _time_vs_bf16  # the same ratio: the row's time over its reference's
+
+
+def _host_us(r: dict, rows: list[dict]) -> float | None:
+    return r["host_us"]
 
 
 def _vs_cudnn(r: dict, rows: list[dict]) -> float | None:
@@ -286,6 +304,17 @@ TARGETS = [
         _pct,
         lambda v: v >= 0.85,
         min,
+    ),
+    _Target(
+        "host-cost",
+        "Host CPU time of one eager call (median of back-to-back calls): flash_attn_varlen_func decode, prefill "
+        "and mixed, reshape_and_cache_flash, merge_attn_states",
+        f"<= {HOST_US_LIMIT:g} µs per call (issue 18)",
+        lambda r: r["group"] == "host" and r["impl"] == "kvflash",
+        _host_us,
+        lambda v: f"{v:.1f} µs",
+        lambda v: v <= HOST_US_LIMIT,
+        max,
     ),
 ]
 

@@ -1,5 +1,5 @@
-"""kvflash benchmark suite: ceilings, then decode, chunked-prefill, cache-writer and serving-batch cases, in one
-process.
+"""kvflash benchmark suite: ceilings, then decode, chunked-prefill, cache-writer, serving-batch and host-cost
+cases, in one process.
 
 On the GPU machine, from the repository root::
 
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from case import Case, run_case  # noqa: E402
 
-GROUPS = ("decode", "prefill", "cache", "serving")
+GROUPS = ("decode", "prefill", "cache", "serving", "host")
 
 
 def log(msg: str) -> None:
@@ -38,10 +38,17 @@ def build_cases(quick: bool, only: tuple[str, ...]) -> list[Case]:
     """The case list (no GPU touched: kernels are imported when a case runs)."""
     from cases_cache import cache_cases
     from cases_decode import decode_cases
+    from cases_host import host_cases
     from cases_prefill import prefill_cases
     from cases_serving import serving_cases
 
-    makers = {"decode": decode_cases, "prefill": prefill_cases, "cache": cache_cases, "serving": serving_cases}
+    makers = {
+        "decode": decode_cases,
+        "prefill": prefill_cases,
+        "cache": cache_cases,
+        "serving": serving_cases,
+        "host": host_cases,
+    }
     return [c for g in GROUPS if g in only for c in makers[g](quick)]
 
 
@@ -140,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         data["results"].append(row)
         check = "-" if row.get("rel_err") is None else f"{row['rel_err']:.1e}"
         status = row["error"] or f"{row['ms']:.4f} ms, check {check} {row.get('note') or ''}".rstrip()
+        if not row["error"] and row.get("metric") == "host_us":
+            status = f"{row['ms'] * 1e3:.1f} µs per eager call (host)"
         log(f"[{i}/{len(cases)}] {case.name}: {status} ({row['wall_s']} s, {time.perf_counter() - start:.0f} s total)")
         results_path.write_text(json.dumps(data, indent=1))  # a timed-out run keeps what it measured
     data["meta"]["wall_s"] = round(time.perf_counter() - start, 1)

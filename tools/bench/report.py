@@ -24,7 +24,12 @@ __all__ = ["text_table", "markdown", "write_report", "main"]
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MD = REPO / "BENCHMARKS.md"
 DEFAULT_PNG = REPO / "docs" / "bench" / "kvflash_bench.png"
-GROUP_TITLES = {"decode": "Paged decode", "prefill": "Chunked prefill", "cache": "Cache writer"}
+GROUP_TITLES = {
+    "decode": "Paged decode",
+    "prefill": "Chunked prefill",
+    "cache": "Cache writer",
+    "host": "Host cost of one eager call (CPU)",
+}
 
 
 def _f(x, fmt: str, empty: str = "-") -> str:
@@ -56,13 +61,29 @@ def text_table(rows: list[dict]) -> str:
             lines.append(f"{r['name']:<52} ERROR {r['error']}")
             continue
         note = " ".join(x for x in (_speedup(r), r.get("note") or "") if x)
+        if r.get("host_us") is not None:
+            lines.append(f"{r['name']:<52} {'host':>9} {r['host_us']:>9.1f} µs/call")
+            continue
         lines.append(
             f"{r['name']:<52} {r['ms']:>9.4f} {_rate(r):>14} {_f(r['frac'], '.1%'):>7}  {_check(r):<12} {note}"
         )
     return "\n".join(lines)
 
 
+def _md_host_rows(rows: list[dict]) -> list[str]:
+    out = ["| case | impl | host µs per call (p10-p90) | calls |", "|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            out.append(f"| {r['name']} | {r['impl']} | error `{r['error']}` | |")
+            continue
+        spread = f"{r['p10'] * 1e3:.1f}-{r['p90'] * 1e3:.1f}"
+        out.append(f"| {r['name']} | {r['impl']} | {r['host_us']:.1f} ({spread}) | {r['reps']} |")
+    return out
+
+
 def _md_rows(rows: list[dict]) -> list[str]:
+    if rows and rows[0].get("metric") == "host_us":
+        return _md_host_rows(rows)
     out = [
         "| case | impl | ms (p10-p90) | rate | of ceiling | speedup | check | note |",
         "|---|---|---|---|---|---|---|---|",
@@ -144,6 +165,9 @@ METHOD = [
     "  time of the same kvflash case with bf16 KV over this time.",
     "- check: ||out - ref|| / ||ref|| of the last queries of the first and last sequences against the",
     "  float32 reference (`kvflash.attn_common.reference_attention`).",
+    "- Host rows: `time.perf_counter_ns` around each eager call, no synchronisation between calls, batches of",
+    "  100 calls (synchronised in between, untimed, so a long kernel never fills the launch queue); median and",
+    "  p10-p90 over 400 calls after 20 warm-up calls. Hq/Hkv 32/8, D 128, page 16, bf16 queries, causal.",
 ]
 
 

@@ -68,22 +68,26 @@ def check_tensor(
     last_dim_contiguous : bool
         Require ``stride(-1) == 1`` (kernels vectorise along the last dimension).
     """
+    # Every eager attention call runs about ten of these: each attribute is read once (shape, dim) and the
+    # messages are only formatted on failure.
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name}: expected dtype {_dtype_names(dtypes)}, got {str(t.dtype).replace('torch.', '')}")
+    got = t.shape
     if shape is not None:
-        ndim = len(shape)
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {t.dim()}-D with shape {tuple(t.shape)}")
-    if shape is not None:
-        for axis, (want, got) in enumerate(zip(shape, t.shape)):
-            if want is not None and want != got:
+        if len(got) != len(shape):
+            raise ValueError(f"{name}: expected a {len(shape)}-D tensor, got {len(got)}-D with shape {tuple(got)}")
+        for want, size in zip(shape, got):
+            if want is not None and want != size:
+                axis = next(i for i, (w, g) in enumerate(zip(shape, got)) if w is not None and w != g)
                 expected = tuple("*" if s is None else s for s in shape)
-                raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)} (dimension {axis} differs)")
+                raise ValueError(f"{name}: expected shape {expected}, got {tuple(got)} (dimension {axis} differs)")
+    elif ndim is not None and len(got) != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D tensor, got {len(got)}-D with shape {tuple(got)}")
     if device is not None and t.device != device:
         raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
-    if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+    if last_dim_contiguous and got and got[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{name}: the last dimension must be contiguous (stride(-1) == 1), got strides {tuple(t.stride())}"
         )

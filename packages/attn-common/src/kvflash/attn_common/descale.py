@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from kvflash.attn_common.platform import stream_capturing
+
 __all__ = ["normalize_descale", "DESCALE_TORCH_DTYPES"]
 
 DESCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -52,7 +54,7 @@ def normalize_descale(
         # Zero, negative, NaN or infinite scales are mistakes the cache writer rejects too.
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a finite positive float (or a tensor), got {descale!r}")
-        return torch.full((1, 1), value, dtype=torch.float32, device=device).expand(num_seqs, num_kv_heads)
+        return _constant_scale(value, device).expand(num_seqs, num_kv_heads)
     if not isinstance(descale, torch.Tensor):
         raise TypeError(f"{name}: expected None, a float or a tensor, got {type(descale).__name__}")
     if descale.dtype not in DESCALE_TORCH_DTYPES:
@@ -73,6 +75,29 @@ def normalize_descale(
     if scale_2d.dtype != torch.float32:
         scale_2d = scale_2d.float()
     return scale_2d.expand(num_seqs, num_kv_heads)
+
+
+# (value, device) -> a [1, 1] float32 tensor holding it. A scale given as None or a float would otherwise cost a
+# tensor allocation and a fill kernel in every call (~5 µs of host time on a GPU, and one more launch). The
+# tensors are never written and never freed (a captured CUDA graph may hold their address), so the number of
+# distinct values kept is bounded; past it, new values get a fresh tensor per call as before.
+_CONSTANT_SCALES: dict[tuple[float, torch.device], torch.Tensor] = {}
+_MAX_CONSTANT_SCALES = 256
+
+
+def _constant_scale(value: float, device: torch.device) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced: a fresh constant in the graph, no module state captured
+        return torch.full((1, 1), value, dtype=torch.float32, device=device)
+    key = (value, device)
+    found = _CONSTANT_SCALES.get(key)
+    if found is None:
+        if stream_capturing(device):  # filled by the graph's replay only: never kept for eager calls
+            return torch.full((1, 1), value, dtype=torch.float32, device=device)
+        with torch.inference_mode(False), torch.no_grad():  # usable inside and outside inference mode
+            found = torch.full((1, 1), value, dtype=torch.float32, device=device)
+        if len(_CONSTANT_SCALES) < _MAX_CONSTANT_SCALES:
+            _CONSTANT_SCALES[key] = found
+    return found
 
 
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, int]) -> bool:

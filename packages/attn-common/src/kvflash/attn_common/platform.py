@@ -22,6 +22,8 @@ __all__ = [
     "prefers_fp8_e4m3fnuz",
     "stream_capturing",
     "INTERPRETER_MULTIPROCESSORS",
+    "current_device_index",
+    "current_stream_handle",
 ]
 
 # A fixed, small "SM count" for the interpreter so split heuristics are deterministic on the CPU.
@@ -29,8 +31,18 @@ INTERPRETER_MULTIPROCESSORS = 4
 
 
 def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET`` is set to a true value (kernels then run on the CPU)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "no")
+    """True when ``TRITON_INTERPRET`` is set to a true value (kernels then run on the CPU).
+
+    Read from the environment at every call (tests switch it), through a small table of the values seen: every
+    launch asks, so the string is not re-parsed each time."""
+    raw = os.environ.get("TRITON_INTERPRET")
+    found = _INTERPRET_VALUES.get(raw)
+    if found is None:
+        found = _INTERPRET_VALUES[raw] = (raw or "0").strip().lower() not in ("", "0", "false", "no")
+    return found
+
+
+_INTERPRET_VALUES: dict[str | None, bool] = {}
 
 
 def gpu_available() -> bool:
@@ -93,9 +105,36 @@ def multiprocessor_count(device: torch.device) -> int:
 
     For CPU tensors (the interpreter) a fixed :data:`INTERPRETER_MULTIPROCESSORS`.
     """
+    found = _MP_BY_DEVICE.get(device)
+    if found is not None:
+        return found
     index = device.index
-    if device.type == "cuda" and index is None:
+    if index is None and device.type == "cuda":
         index = torch.cuda.current_device()
-    if device.type == "xpu" and index is None:
+    elif index is None and device.type == "xpu":
         index = torch.xpu.current_device()
-    return _multiprocessor_count(device.type, 0 if index is None else index)
+    count = _multiprocessor_count(device.type, 0 if index is None else index)
+    if device.index is not None or device.type == "cpu":  # an index-less GPU device means "the current one"
+        _MP_BY_DEVICE[device] = count
+    return count
+
+
+# device (with its index) -> multiprocessor count: the probe asked once per device, then a dict lookup.
+_MP_BY_DEVICE: dict[torch.device, int] = {}
+
+
+@functools.cache
+def _triton_driver():
+    from triton.runtime import driver
+
+    return driver
+
+
+def current_device_index() -> int:
+    """The current GPU's index as Triton launches on it (Triton's driver, the one Triton itself asks)."""
+    return _triton_driver().active.get_current_device()
+
+
+def current_stream_handle(device_index: int) -> int:
+    """The raw handle of the current stream of GPU ``device_index`` (what Triton's launcher takes)."""
+    return _triton_driver().active.get_current_stream(device_index)

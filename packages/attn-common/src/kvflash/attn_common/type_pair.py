@@ -44,6 +44,15 @@ class QKVTypePair:
     @classmethod
     def from_dtypes(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> QKVTypePair:
         """Validate a dtype triple; ``TypeError`` naming the dtypes on an invalid combination."""
+        # A pure function of three dtypes, met at every call: valid pairs are kept (errors are raised every time).
+        found = _VALID_PAIRS.get((q_dtype, k_dtype, v_dtype))
+        if found is not None:
+            return found
+        found = _VALID_PAIRS[(q_dtype, k_dtype, v_dtype)] = cls._validate(q_dtype, k_dtype, v_dtype)
+        return found
+
+    @classmethod
+    def _validate(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> QKVTypePair:
         if q_dtype not in QUERY_TORCH_DTYPES:
             raise TypeError(f"q: expected dtype float16 or bfloat16, got {q_dtype}")
         if k_dtype != v_dtype:
@@ -60,3 +69,6 @@ class QKVTypePair:
     def from_tensors(cls, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> QKVTypePair:
         """Validate the dtypes of ``(q, k, v)``."""
         return cls.from_dtypes(q.dtype, k.dtype, v.dtype)
+
+
+_VALID_PAIRS: dict[tuple[torch.dtype, torch.dtype, torch.dtype], QKVTypePair] = {}

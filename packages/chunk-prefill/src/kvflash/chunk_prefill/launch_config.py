@@ -8,8 +8,9 @@ under the Triton interpreter one small configuration keeps CPU tests fast and st
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import triton
+from kvflash.attn_common.intmath import cdiv, next_power_of_2
 
 __all__ = ["LaunchConfig", "choose_launch_config", "pack_heads"]
 
@@ -58,9 +59,12 @@ def pack_heads(group: int, block_m: int) -> tuple[int, int]:
     All of a group when it fits (``g_pack = group``), else ``block_m`` heads per program, one token each.
     """
     g_pack = min(group, block_m)
-    return g_pack, triton.cdiv(group, g_pack)
+    return g_pack, cdiv(group, g_pack)
 
 
+# Cached: a pure function of Python ints, and every layer of a model step asks it the same question (one miss
+# per step and shape, then hits: a dict lookup instead of the arithmetic below).
+@functools.lru_cache(maxsize=4096)
 def choose_launch_config(
     head_size: int, kv_is_fp8: bool, group: int, max_seqlen_q: int, *, interpreter: bool
 ) -> LaunchConfig:
@@ -82,10 +86,10 @@ def choose_launch_config(
     """
     if interpreter:
         return _INTERPRETER_CONFIG
-    head_pad = max(triton.next_power_of_2(head_size), 64)
+    head_pad = max(next_power_of_2(head_size), 64)
     block_m, block_n, num_warps, num_stages = _PREFILL_TABLE[(head_pad, kv_is_fp8)]
     rows_needed = max(1, max_seqlen_q) * min(group, block_m)
     if rows_needed < block_m:
-        block_m = max(16, triton.next_power_of_2(rows_needed))
+        block_m = max(16, next_power_of_2(rows_needed))
         num_warps = 4
     return LaunchConfig(block_m, block_n, num_warps, num_stages)

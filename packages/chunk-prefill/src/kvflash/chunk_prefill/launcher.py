@@ -8,12 +8,11 @@ values on the host: every decision comes from shapes and Python ints, so launche
 from __future__ import annotations
 
 import torch
-import triton
 
 from kvflash.attn_common import (
+    FP8_TORCH_DTYPES,
     QUERY_TORCH_DTYPES,
     AttentionFeatures,
-    QKVTypePair,
     check_bool,
     check_device_type,
     check_index_tensor,
@@ -23,6 +22,8 @@ from kvflash.attn_common import (
     kernel_window,
     normalize_attention_features,
 )
+from kvflash.attn_common.intmath import cdiv, next_power_of_2
+from kvflash.attn_common.launch import launch
 from kvflash.attn_common.platform import interpreter_enabled
 from kvflash.chunk_prefill.kernel import chunk_prefill_kernel
 from kvflash.chunk_prefill.launch_config import LaunchConfig, choose_launch_config, pack_heads
@@ -117,21 +118,29 @@ def launch_chunk_prefill(
     is_paged = block_table is not None
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
-    kv_is_fp8 = QKVTypePair.from_tensors(q, k, v).kv_is_fp8
+    kv_is_fp8 = k.dtype in FP8_TORCH_DTYPES  # the (q, kv) pair was validated by check_chunk_prefill_args
+    interpreter = interpreter_enabled()
     if config is None:
-        config = choose_launch_config(head_size, kv_is_fp8, group, max_seqlen_q, interpreter=interpreter_enabled())
+        config = choose_launch_config(head_size, kv_is_fp8, group, max_seqlen_q, interpreter=interpreter)
     if total_q == 0:
         return
     g_pack, num_head_groups = pack_heads(group, config.block_m)
     # Each sequence adds at most one partial tile to cdiv(total_q, block_q); spare programs exit at once.
-    num_q_tiles = triton.cdiv(total_q, config.block_m // g_pack) + num_seqs
+    num_q_tiles = cdiv(total_q, config.block_m // g_pack) + num_seqs
     grid = (num_q_tiles * num_kv_heads * num_head_groups,)
     left, right = kernel_window(window_left, window_right)
     # Unused pointer arguments get a valid tensor of the right kind; their constexpr flags keep them unread.
     seqused = seqused_k if seqused_k is not None else cu_seqlens_q
     alibi = alibi_slopes if alibi_slopes is not None else k_descale
     sinks = s_aux if s_aux is not None else k_descale
-    chunk_prefill_kernel[grid](
+    # Stride tuples read once (each .stride(i) is a separate call into torch).
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    kds, vds = k_descale.stride(), v_descale.stride()
+    alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
+    launch(
+        chunk_prefill_kernel,
+        grid,
+        interpreter,
         q_ptr=q,
         k_ptr=k,
         v_ptr=v,
@@ -156,24 +165,24 @@ def launch_chunk_prefill(
         softcap=softcap,
         window_left=left,
         window_right=right,
-        stride_q_token=q.stride(0),
-        stride_q_head=q.stride(1),
-        stride_k_block=k.stride(0) if is_paged else 0,
-        stride_k_token=k.stride(1) if is_paged else k.stride(0),
-        stride_k_head=k.stride(-2),
-        stride_v_block=v.stride(0) if is_paged else 0,
-        stride_v_token=v.stride(1) if is_paged else v.stride(0),
-        stride_v_head=v.stride(-2),
-        stride_o_token=out.stride(0),
-        stride_o_head=out.stride(1),
+        stride_q_token=qs[0],
+        stride_q_head=qs[1],
+        stride_k_block=ks[0] if is_paged else 0,
+        stride_k_token=ks[1] if is_paged else ks[0],
+        stride_k_head=ks[-2],
+        stride_v_block=vs[0] if is_paged else 0,
+        stride_v_token=vs[1] if is_paged else vs[0],
+        stride_v_head=vs[-2],
+        stride_o_token=os_[0],
+        stride_o_head=os_[1],
         stride_lse_head=lse.stride(0) if lse is not None else 0,
         stride_bt_seq=block_table.stride(0) if is_paged else 0,
-        stride_kd_seq=k_descale.stride(0),
-        stride_kd_head=k_descale.stride(1),
-        stride_vd_seq=v_descale.stride(0),
-        stride_vd_head=v_descale.stride(1),
-        stride_alibi_seq=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-        stride_alibi_head=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+        stride_kd_seq=kds[0],
+        stride_kd_head=kds[1],
+        stride_vd_seq=vds[0],
+        stride_vd_head=vds[1],
+        stride_alibi_seq=alibi_strides[0],
+        stride_alibi_head=alibi_strides[1],
         GROUP=group,
         G_PACK=g_pack,
         NUM_HEAD_GROUPS=num_head_groups,
@@ -181,13 +190,13 @@ def launch_chunk_prefill(
         BLOCK_N=config.block_n,
         HEAD_SIZE=head_size,
         # At least 16: tl.dot needs K >= 16 (D = 8); the padding is masked on every load and store.
-        HEAD_PAD=max(16, triton.next_power_of_2(head_size)),
+        HEAD_PAD=max(16, next_power_of_2(head_size)),
         IS_PAGED=is_paged,
         PAGE_SIZE=k.shape[1] if is_paged else 1,
-        SAME_KV_STRIDES=k.stride()[:-2] == v.stride()[:-2],
+        SAME_KV_STRIDES=ks[:-2] == vs[:-2],
         KV_FP8=kv_is_fp8,
         # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
-        DOT_FP32=interpreter_enabled() and not kv_is_fp8 and q.dtype == torch.bfloat16,
+        DOT_FP32=interpreter and not kv_is_fp8 and q.dtype == torch.bfloat16,
         USE_SEQUSED=seqused_k is not None,
         USE_SOFTCAP=softcap > 0,
         USE_ALIBI=alibi_slopes is not None,

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import check_int, reference_attention_into, validate_index_tensors
+from kvflash.attn_common import AttentionFeatures, check_int, reference_attention_into, validate_index_tensors
+from kvflash.attn_common.ops import define_op
 from kvflash.attn_common.platform import runs_triton
 from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
 
-__all__ = ["chunk_prefill_attention"]
+__all__ = ["chunk_prefill_attention", "run_chunk_prefill"]
 
 
-@torch.library.custom_op("kvflash::chunk_prefill", mutates_args=("out",))
-def _chunk_prefill_op(
+def _chunk_prefill_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -61,11 +61,15 @@ def _chunk_prefill_op(
     return lse
 
 
-@_chunk_prefill_op.register_fake
-def _(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale, window_left,
-      window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse, skip_q_len):  # fmt: skip
+def _chunk_prefill_fake(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale,
+      window_left, window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse,
+      skip_q_len):  # fmt: skip
     total_q, num_q_heads, _ = q.shape
     return q.new_empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32)
+
+
+# torch.ops.kvflash.chunk_prefill (attn_common.ops: one C++ dispatch per eager call).
+_chunk_prefill_op = define_op("chunk_prefill", _chunk_prefill_impl, _chunk_prefill_fake, mutates_args=("out",))
 
 
 def chunk_prefill_attention(
@@ -159,15 +163,42 @@ def chunk_prefill_attention(
         softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, out=out,
     )  # fmt: skip
     check_int("skip_q_len", skip_q_len, 0)
+    return run_chunk_prefill(
+        q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, args, block_table=block_table, seqused_k=seqused_k,
+        cu_seqlens_k=cu_seqlens_k, out=out, return_lse=return_lse, skip_q_len=skip_q_len,
+    )  # fmt: skip
+
+
+def run_chunk_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    features: AttentionFeatures,
+    *,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    out: torch.Tensor | None,
+    return_lse: bool,
+    skip_q_len: int,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chunk_prefill_attention` after its checks (:func:`check_chunk_prefill_args` returned ``features``
+    for these arguments, ``out`` included, and ``skip_q_len`` is an int >= 0): the ``KVFLASH_VALIDATE`` checks,
+    the output allocation and the op. For callers that checked the arguments themselves
+    (``flash_attn_varlen_func``), so an eager call checks each argument once."""
     validate_index_tensors(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    f = features
     lse = _chunk_prefill_op(
-        q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, args.softmax_scale,
-        args.window_left, args.window_right, args.softcap, args.alibi_slopes, args.s_aux, args.k_descale,
-        args.v_descale, return_lse, skip_q_len,
+        q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, f.softmax_scale,
+        f.window_left, f.window_right, f.softcap, f.alibi_slopes, f.s_aux, f.k_descale, f.v_descale, return_lse,
+        skip_q_len,
     )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -14,13 +14,13 @@ import torch
 
 from kvflash.attn_common import FP8_TORCH_DTYPES, check_tensor
 from kvflash.attn_common.descale import DESCALE_TORCH_DTYPES
+from kvflash.attn_common.ops import define_op
 from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, amax_to_scale, fp8_finite_max
 
 __all__ = ["scaled_fp8_quant", "dequantize_fp8"]
 
 
-@torch.library.custom_op("kvflash::scaled_fp8_quant", mutates_args=())
-def _scaled_fp8_quant_op(
+def _scaled_fp8_quant_impl(
     x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     fp8_max = fp8_finite_max("dtype", dtype)
@@ -34,9 +34,12 @@ def _scaled_fp8_quant_op(
     return x_fp8, scale
 
 
-@_scaled_fp8_quant_op.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _scaled_fp8_quant_fake(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
     return torch.empty_like(x, dtype=dtype), x.new_empty(1, dtype=torch.float32)
+
+
+# torch.ops.kvflash.scaled_fp8_quant (attn_common.ops: one C++ dispatch per eager call).
+_scaled_fp8_quant_op = define_op("scaled_fp8_quant", _scaled_fp8_quant_impl, _scaled_fp8_quant_fake, mutates_args=())
 
 
 def scaled_fp8_quant(

@@ -12,7 +12,6 @@ import dataclasses
 import math
 
 import torch
-import triton
 
 from kvflash.attn_common import (
     FP8_TORCH_DTYPES,
@@ -22,6 +21,9 @@ from kvflash.attn_common import (
     check_tensor,
     platform,
 )
+from kvflash.attn_common.intmath import cdiv, next_power_of_2
+from kvflash.attn_common.launch import launch
+from kvflash.attn_common.ops import define_op
 from kvflash.fp8_utils.cache_dtype import resolve_cache_storage_dtype
 from kvflash.fp8_utils.reshape_and_cache_kernel import reshape_and_cache_kernel
 from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, split_cache_scale
@@ -45,8 +47,8 @@ class LaunchConfig:
 
 def pick_launch_config(num_rows: int, head_size: int) -> LaunchConfig:
     """The launch shape for ``num_rows = num_tokens * Hkv`` rows of ``head_size`` elements."""
-    block_rows = max(1, _ELEMENTS_PER_PROGRAM // triton.next_power_of_2(head_size))
-    return LaunchConfig(min(block_rows, triton.next_power_of_2(num_rows)), _NUM_WARPS)
+    block_rows = max(1, _ELEMENTS_PER_PROGRAM // next_power_of_2(head_size))
+    return LaunchConfig(min(block_rows, next_power_of_2(num_rows)), _NUM_WARPS)
 
 
 def _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale) -> torch.dtype:
@@ -66,8 +68,7 @@ def _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
     return resolve_cache_storage_dtype(kv_cache_dtype, key_cache.dtype, key.dtype)
 
 
-@torch.library.custom_op("kvflash::reshape_and_cache_flash", mutates_args=("key_cache", "value_cache"))
-def _reshape_and_cache_flash_op(
+def _reshape_and_cache_flash_impl(
     key: torch.Tensor,
     value: torch.Tensor,
     key_cache: torch.Tensor,
@@ -84,9 +85,17 @@ def _reshape_and_cache_flash_op(
     )
 
 
-@_reshape_and_cache_flash_op.register_fake
-def _(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k_scale_value, v_scale_value):
+def _reshape_and_cache_flash_fake(
+    key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, k_scale_value, v_scale_value
+):
     _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+
+
+# torch.ops.kvflash.reshape_and_cache_flash (attn_common.ops: one C++ dispatch per eager call).
+_reshape_and_cache_flash_op = define_op(
+    "reshape_and_cache_flash", _reshape_and_cache_flash_impl, _reshape_and_cache_flash_fake,
+    mutates_args=("key_cache", "value_cache"),
+)  # fmt: skip
 
 
 def write_cache(
@@ -116,13 +125,30 @@ def write_cache(
             k_scale = torch.full((1,), k_scale_value, dtype=torch.float32, device=key.device)
         else:
             v_scale = torch.full((1,), v_scale_value, dtype=torch.float32, device=key.device)
-    if not platform.runs_triton(key.device):
+    interpreter = platform.interpreter_enabled()
+    # platform.runs_triton(key.device), with the interpreter flag read once for the whole launch
+    if not (key.device.type in ("cuda", "xpu") or (key.device.type == "cpu" and interpreter)):
         _write_with_torch(
             key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value
         )
         return
     config = config or pick_launch_config(key.shape[0] * key.shape[1], key.shape[2])
-    _launch(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value, config)
+    _launch(
+        key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value, config,
+        interpreter,
+    )  # fmt: skip
+
+
+def _fp8_constants(dtype: torch.dtype) -> tuple[float, int, float]:
+    """``(finite max, mantissa bits, smallest normal)`` of an FP8 dtype, computed once per dtype."""
+    found = _FP8_CONSTANTS.get(dtype)
+    if found is None:
+        finfo = torch.finfo(dtype)
+        found = _FP8_CONSTANTS[dtype] = (float(finfo.max), -round(math.log2(finfo.eps)), float(finfo.tiny))
+    return found
+
+
+_FP8_CONSTANTS: dict[torch.dtype, tuple[float, int, float]] = {}
 
 
 def _launch(
@@ -136,15 +162,19 @@ def _launch(
     k_scale_value,
     v_scale_value,
     config: LaunchConfig,
+    interpreter: bool,
 ) -> None:
     """Launch the kernel on checked arguments (caches already viewed as the format they store)."""
     num_tokens, num_kv_heads, head_size = key.shape
     is_fp8 = key_cache.dtype in FP8_TORCH_DTYPES
-    finfo = torch.finfo(key_cache.dtype)
+    fp8_max, fp8_mantissa_bits, fp8_min_normal = _fp8_constants(key_cache.dtype) if is_fp8 else (0.0, 0, 0.0)
     num_rows = num_tokens * num_kv_heads
     scale_in_tensor = k_scale is not None
-    grid = (triton.cdiv(num_rows, config.block_rows),)
-    reshape_and_cache_kernel[grid](
+    grid = (cdiv(num_rows, config.block_rows),)
+    launch(
+        reshape_and_cache_kernel,
+        grid,
+        interpreter,
         key_ptr=key,
         value_ptr=value,
         key_cache_ptr=key_cache,
@@ -172,13 +202,13 @@ def _launch(
         stride_vc_slot=value_cache.stride(1),
         stride_vc_head=value_cache.stride(2),
         HEAD_SIZE=head_size,
-        BLOCK_D=triton.next_power_of_2(head_size),
+        BLOCK_D=next_power_of_2(head_size),
         BLOCK_ROWS=config.block_rows,
         IS_FP8=is_fp8,
         SCALE_IN_TENSOR=scale_in_tensor,
-        FP8_MAX=float(finfo.max) if is_fp8 else 0.0,
-        FP8_MANTISSA_BITS=-round(math.log2(finfo.eps)) if is_fp8 else 0,
-        FP8_MIN_NORMAL=float(finfo.tiny) if is_fp8 else 0.0,
+        FP8_MAX=fp8_max,
+        FP8_MANTISSA_BITS=fp8_mantissa_bits,
+        FP8_MIN_NORMAL=fp8_min_normal,
         # The interpreter's fp32 -> fp8 cast rounds wrongly (see _round_to_fp8_grid); GPUs round in the cast.
         ROUND_IN_SOFTWARE=is_fp8 and key.device.type == "cpu",
         num_warps=config.num_warps,

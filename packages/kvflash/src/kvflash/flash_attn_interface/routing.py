@@ -18,6 +18,7 @@ then read their own sequence's length and serve (or leave) it. Every route is ex
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 __all__ = ["Route", "choose_route", "MAX_DECODE_QUERIES", "MIXED_DECODE_ROWS"]
 
@@ -36,6 +37,8 @@ class Route:
     decode_queries: int
 
 
+# Cached: every layer of a model step routes the same shapes.
+@functools.lru_cache(maxsize=4096)
 def choose_route(total_q: int, num_seqs: int, max_seqlen_q: int, group: int) -> Route:
     """The route of one call.
 

@@ -13,7 +13,8 @@ its own (unsupported arguments, the query offsets, the Python ints) and routes:
 - everything else -> :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
 See :mod:`kvflash.flash_attn_interface.routing`.
 
-The kernel packages check the KV cache, descales and feature arguments themselves (via attn_common).
+The KV cache, descales and feature arguments are checked and normalised here once (through attn_common, as the
+kernel packages' own entry points do), then handed to the packages' ``run_*`` functions.
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ from kvflash.attn_common import (
     check_device_type,
     check_index_tensor,
     check_int,
+    check_kv_cache,
     check_tensor,
+    normalize_attention_features,
     validate_index_tensors,
 )
-from kvflash.chunk_prefill import chunk_prefill_attention
+from kvflash.chunk_prefill.op import run_chunk_prefill
 from kvflash.flash_attn_interface.routing import choose_route
-from kvflash.paged_decode import paged_decode_attention
+from kvflash.paged_decode.decode import run_paged_decode
 
 __all__ = ["flash_attn_varlen_func"]
 
@@ -166,23 +169,18 @@ def flash_attn_varlen_func(
     check_int("num_splits", num_splits, 0)
     if out is not None:  # the contract's out is in q's dtype on every route (the decode op alone also takes fp32)
         check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
-    features = dict(
-        block_table=block_table,
-        seqused_k=seqused_k,
-        cu_seqlens_k=cu_seqlens_k,
-        softmax_scale=softmax_scale,
-        causal=causal,
-        window_size=window_size,
-        softcap=softcap,
-        alibi_slopes=alibi_slopes,
-        s_aux=s_aux,
-        k_descale=k_descale,
-        v_descale=v_descale,
-        out=out,
-        return_lse=return_softmax_lse,
-    )
-    group = _query_heads_per_kv_head(q, k)
-    route = choose_route(q.shape[0], num_seqs, max_seqlen_q, group)
+    check_bool("causal", causal)
+    # Checked and normalised once for every route (the kernel packages' run_* functions take them as they are).
+    layout = check_kv_cache(
+        q, k, v, num_seqs, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
+        max_seqlen_k=max_seqlen_k,
+    )  # fmt: skip
+    f = normalize_attention_features(
+        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+    )  # fmt: skip
+    kv = dict(block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
+    route = choose_route(q.shape[0], num_seqs, max_seqlen_q, q.shape[1] // layout.num_kv_heads)
     if route.decode_only:
         # The decode kernel reads each sequence's query range from cu_seqlens_q: a caller whose max_seqlen_q
         # undercounts (query lengths [2, 0] under max_seqlen_q = 1, say) is still served exactly, in more
@@ -191,30 +189,27 @@ def flash_attn_varlen_func(
             q, k, cu_seqlens_q=cu_seqlens_q, block_table=None, seqused_k=None, cu_seqlens_k=None,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )  # fmt: skip
-        return paged_decode_attention(
-            q, k, v, max_seqlen_k, num_splits=num_splits, cu_seqlens_q=cu_seqlens_q,
-            max_seqlen_q=max(1, max_seqlen_q), **features,
+        return run_paged_decode(
+            q, k, v, f, max_seqlen_k, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max(1, max_seqlen_q),
+            num_splits=num_splits, out=out, lse=None, return_lse=return_softmax_lse, defer_longer_sequences=False,
+            **kv,
         )  # fmt: skip
     if not route.decode_queries:
-        return chunk_prefill_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, **features)
+        return run_chunk_prefill(
+            q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, f, out=out, return_lse=return_softmax_lse,
+            skip_q_len=0, **kv,
+        )  # fmt: skip
     # A mixed batch: the prefill kernel serves the sequences with more than route.decode_queries queries, the
     # decode kernel the others (each program of both launches reads its sequence's length on the device).
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    features["out"] = out
-    result = chunk_prefill_attention(
-        q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, skip_q_len=route.decode_queries, **features
-    )
+    result = run_chunk_prefill(
+        q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, f, out=out, return_lse=return_softmax_lse,
+        skip_q_len=route.decode_queries, **kv,
+    )  # fmt: skip
     lse = result[1] if return_softmax_lse else None
-    paged_decode_attention(
-        q, k, v, max_seqlen_k, num_splits=1, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=route.decode_queries,
-        defer_longer_sequences=True, lse=lse, **features,
+    run_paged_decode(
+        q, k, v, f, max_seqlen_k, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=route.decode_queries, num_splits=1,
+        out=out, lse=lse, return_lse=False, defer_longer_sequences=True, **kv,
     )  # fmt: skip
     return result
-
-
-def _query_heads_per_kv_head(q: torch.Tensor, k: object) -> int:
-    """``Hq // Hkv`` when ``k`` looks like a cache (the kernel packages check it fully), else 0."""
-    if isinstance(k, torch.Tensor) and k.dim() >= 3 and k.shape[-2] > 0:
-        return max(1, q.shape[1] // k.shape[-2])
-    return 0

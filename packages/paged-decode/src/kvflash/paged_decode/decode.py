@@ -8,8 +8,9 @@ decode kernel and, when the keys are split, the split-merge kernel. No tensor va
 import torch
 
 from kvflash.attn_common import (
+    FP8_TORCH_DTYPES,
     QUERY_TORCH_DTYPES,
-    QKVTypePair,
+    AttentionFeatures,
     check_bool,
     check_device_type,
     check_index_tensor,
@@ -22,11 +23,13 @@ from kvflash.attn_common import (
     reference_attention_into,
     validate_index_tensors,
 )
+from kvflash.attn_common.launch import launch
+from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
 from kvflash.paged_decode.launch_config import MAX_BLOCK_H, choose_decode_config
 from kvflash.paged_decode.split_merge_kernel import split_merge_kernel
 
-__all__ = ["paged_decode_attention"]
+__all__ = ["paged_decode_attention", "run_paged_decode"]
 
 # Partial-output elements the split-merge kernel loads per step: all splits at once up to 64 x 128, so the
 # merge of a long single sequence (few programs, many splits) is not a chain of dependent loads.
@@ -160,6 +163,43 @@ def paged_decode_attention(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_k=max_seqlen_k,
     )
+    f = normalize_attention_features(
+        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+    )  # fmt: skip
+    return run_paged_decode(
+        q, k, v, f, max_seqlen_k, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
+        cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, num_splits=num_splits, out=out, lse=lse,
+        return_lse=return_lse, defer_longer_sequences=defer_longer_sequences,
+    )  # fmt: skip
+
+
+def run_paged_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    features: AttentionFeatures,
+    max_seqlen_k: int,
+    *,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int,
+    num_splits: int,
+    out: torch.Tensor | None,
+    lse: torch.Tensor | None,
+    return_lse: bool,
+    defer_longer_sequences: bool,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`paged_decode_attention` after its checks: ``q``, the KV cache and its index tensors (with
+    :func:`kvflash.attn_common.check_kv_cache`), ``cu_seqlens_q`` and the ints are checked, and ``features`` is
+    what :func:`kvflash.attn_common.normalize_attention_features` returned for them. Checks ``out``, ``lse`` and
+    the ``defer_longer_sequences`` bound, allocates what is missing and runs the op.
+
+    For callers that have done those checks themselves (``flash_attn_varlen_func``: the mixed route runs this and
+    the chunked-prefill kernel on one set of checked arguments), so an eager call checks each argument once.
+    """
     num_q_heads = q.shape[1]
     if defer_longer_sequences:
         if cu_seqlens_q is None:
@@ -169,10 +209,6 @@ def paged_decode_attention(
                 f"max_seqlen_q: with defer_longer_sequences, max_seqlen_q * Hq / Hkv must be <= {MAX_BLOCK_H} (one "
                 f"pass), got {max_seqlen_q} * {num_q_heads} / {k.shape[-2]}"
             )
-    f = normalize_attention_features(
-        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
-    )  # fmt: skip
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     else:
@@ -185,7 +221,8 @@ def paged_decode_attention(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=None, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
-    torch.ops.kvflash.paged_decode_attention(
+    f = features
+    _PAGED_DECODE_OP(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
         f.s_aux, out, lse, max_seqlen_q, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap,
         1 if defer_longer_sequences else num_splits, defer_longer_sequences,
@@ -193,7 +230,6 @@ def paged_decode_attention(
     return (out, lse) if return_lse else out
 
 
-@torch.library.custom_op("kvflash::paged_decode_attention", mutates_args=("out", "lse"))
 def _paged_decode_op(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -218,7 +254,9 @@ def _paged_decode_op(
     defer_longer_sequences: bool,
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded)."""
-    if not platform.runs_triton(q.device):
+    interpreter = platform.interpreter_enabled()
+    # platform.runs_triton(q.device), with the interpreter flag read once for the whole launch
+    if not (q.device.type in ("cuda", "xpu") or (q.device.type == "cpu" and interpreter)):
         _reference_decode(
             q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
             out, lse, softmax_scale, window_left, window_right, softcap,
@@ -229,7 +267,7 @@ def _paged_decode_op(
     num_seqs = block_table.shape[0] if is_paged else cu_seqlens_k.shape[0] - 1
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
-    kv_is_fp8 = QKVTypePair.from_tensors(q, k, v).kv_is_fp8
+    kv_is_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
     cfg = choose_decode_config(
         num_seqs=num_seqs,
         num_kv_heads=num_kv_heads,
@@ -240,8 +278,9 @@ def _paged_decode_op(
         window_left=window_left,
         num_splits=num_splits,
         multiprocessor_count=platform.multiprocessor_count(q.device),
-        interpreter=platform.interpreter_enabled(),
+        interpreter=interpreter,
         max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
+        fill_rows=not defer_longer_sequences,
     )
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
@@ -251,18 +290,27 @@ def _paged_decode_op(
         part_lse = torch.empty((total_q, num_q_heads, cfg.num_splits), dtype=torch.float32, device=q.device)
         dst_out, dst_lse = part_out, part_lse
         o_strides = part_out.stride()[:3]
-        lse_strides = (part_lse.stride(2), part_lse.stride(0), part_lse.stride(1))
+        part_lse_strides = part_lse.stride()
+        lse_strides = (part_lse_strides[2], part_lse_strides[0], part_lse_strides[1])
     else:
         dst_out, dst_lse = out, lse
-        o_strides = (0, out.stride(0), out.stride(1))
-        lse_strides = (0, lse.stride(1), lse.stride(0))
+        out_strides, lse_2d_strides = out.stride(), lse.stride()
+        o_strides = (0, out_strides[0], out_strides[1])
+        lse_strides = (0, lse_2d_strides[1], lse_2d_strides[0])
     # Unused pointers get a valid tensor of the right kind; the constexpr flags keep them unread.
-    k_strides = (k.stride(0), k.stride(1), k.stride(2)) if is_paged else (0, k.stride(0), k.stride(1))
-    v_strides = (v.stride(0), v.stride(1), v.stride(2)) if is_paged else (0, v.stride(0), v.stride(1))
+    # Stride tuples read once (each .stride(i) is a separate call into torch).
+    k_strides = k.stride()[:3] if is_paged else (0,) + k.stride()[:2]
+    v_strides = v.stride()[:3] if is_paged else (0,) + v.stride()[:2]
+    q_strides, kd_strides, vd_strides = q.stride(), k_descale.stride(), v_descale.stride()
+    alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
     grid = (num_seqs * num_kv_heads * cfg.head_chunks, cfg.num_splits)
+    kernel_left, kernel_right = kernel_window(window_left, window_right)
     if grid[0] > 0:
-        paged_decode_kernel[grid](
+        launch(
+            paged_decode_kernel,
+            grid,
+            interpreter,
             q_ptr=q,
             k_ptr=k,
             v_ptr=v,
@@ -281,8 +329,8 @@ def _paged_decode_op(
             total_q=total_q,
             kv_capacity=block_table.shape[1] * k.shape[1] if is_paged else k.shape[0],
             num_blocks=k.shape[0] if is_paged else 1,
-            stride_q_seq=q.stride(0),
-            stride_q_head=q.stride(1),
+            stride_q_seq=q_strides[0],
+            stride_q_head=q_strides[1],
             stride_k_block=k_strides[0],
             stride_k_tok=k_strides[1],
             stride_k_head=k_strides[2],
@@ -290,12 +338,12 @@ def _paged_decode_op(
             stride_v_tok=v_strides[1],
             stride_v_head=v_strides[2],
             stride_bt_seq=block_table.stride(0) if is_paged else 0,
-            stride_kd_seq=k_descale.stride(0),
-            stride_kd_head=k_descale.stride(1),
-            stride_vd_seq=v_descale.stride(0),
-            stride_vd_head=v_descale.stride(1),
-            stride_alibi_seq=alibi_slopes.stride(0) if alibi_slopes is not None else 0,
-            stride_alibi_head=alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+            stride_kd_seq=kd_strides[0],
+            stride_kd_head=kd_strides[1],
+            stride_vd_seq=vd_strides[0],
+            stride_vd_head=vd_strides[1],
+            stride_alibi_seq=alibi_strides[0],
+            stride_alibi_head=alibi_strides[1],
             stride_o_split=o_strides[0],
             stride_o_seq=o_strides[1],
             stride_o_head=o_strides[2],
@@ -304,8 +352,8 @@ def _paged_decode_op(
             stride_lse_head=lse_strides[2],
             softmax_scale=softmax_scale,
             softcap=softcap,
-            window_left=kernel_window(window_left, window_right)[0],
-            window_right=kernel_window(window_left, window_right)[1],
+            window_left=kernel_left,
+            window_right=kernel_right,
             GROUP=group,
             HEAD_CHUNKS=cfg.head_chunks,
             H_ROWS=cfg.h_rows,
@@ -323,17 +371,20 @@ def _paged_decode_op(
             SKIP_LONG=defer_longer_sequences,
             ROW_MASK=cfg.q_tokens > 1,
             # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
-            DOT_FP32=platform.interpreter_enabled() and not kv_is_fp8 and q.dtype == torch.bfloat16,
+            DOT_FP32=interpreter and not kv_is_fp8 and q.dtype == torch.bfloat16,
             USE_SOFTCAP=softcap > 0,
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
-            FP8_V_FENCE=kv_is_fp8 and platform.compiles_to_ptx(q.device),
+            FP8_V_FENCE=kv_is_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
     if is_split and total_q > 0:
         splits_pad = max(2, 1 << (cfg.num_splits - 1).bit_length())
-        split_merge_kernel[(total_q, num_q_heads)](
+        launch(
+            split_merge_kernel,
+            (total_q, num_q_heads),
+            interpreter,
             partial_out_ptr=part_out,
             partial_lse_ptr=part_lse,
             sinks_ptr=s_aux if s_aux is not None else part_lse,
@@ -355,11 +406,16 @@ def _paged_decode_op(
         )
 
 
-@_paged_decode_op.register_fake
-def _(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
-      lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
+def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
+      s_aux, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
       defer_longer_sequences) -> None:  # fmt: skip
     return None
+
+
+# torch.ops.kvflash.paged_decode_attention (attn_common.ops: one C++ dispatch per eager call).
+_PAGED_DECODE_OP = define_op(
+    "paged_decode_attention", _paged_decode_op, _paged_decode_fake, mutates_args=("out", "lse")
+)
 
 
 def _reference_decode(

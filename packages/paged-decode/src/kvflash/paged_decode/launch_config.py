@@ -7,8 +7,9 @@ buffers: the decode is CUDA-graph capturable and its split buffers are sized fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 
-import triton
+from kvflash.attn_common.intmath import cdiv, next_power_of_2
 
 __all__ = ["DecodeLaunchConfig", "choose_decode_config", "resolve_num_splits", "MAX_SPLITS"]
 
@@ -87,7 +88,7 @@ def resolve_num_splits(
     ``NO_SPLIT_PROGRAMS_PER_SM`` per SM, then into as many splits as fill one wave of ``programs_per_sm``
     resident programs per SM without passing it, never below ``MIN_KEYS_PER_SPLIT`` keys per split.
     """
-    max_tiles = max(1, triton.cdiv(max_keys, block_n))
+    max_tiles = max(1, cdiv(max_keys, block_n))
     if num_splits == 1:
         return 1
     if num_splits > 1:
@@ -95,9 +96,12 @@ def resolve_num_splits(
     if num_programs >= multiprocessor_count * NO_SPLIT_PROGRAMS_PER_SM:
         return 1
     wanted = (multiprocessor_count * programs_per_sm) // max(num_programs, 1)
-    return max(1, min(wanted, triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
+    return max(1, min(wanted, cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
 
 
+# Cached: a pure function of Python ints, and every layer of a model step asks it the same question (one miss
+# per step and shape, then hits: a dict lookup instead of the arithmetic below).
+@functools.lru_cache(maxsize=4096)
 def choose_decode_config(
     *,
     num_seqs: int,
@@ -111,6 +115,7 @@ def choose_decode_config(
     multiprocessor_count: int,
     interpreter: bool,
     max_seqlen_q: int = 1,
+    fill_rows: bool = True,
 ) -> DecodeLaunchConfig:
     """Pick the decode launch settings from shapes and Python ints.
 
@@ -133,15 +138,23 @@ def choose_decode_config(
     max_seqlen_q : int
         Query tokens per sequence the program rows should hold (speculative decoding: the draft length);
         as many as fit in ``MAX_BLOCK_H`` rows with their group's heads. Longer sequences take more passes.
+    fill_rows : bool
+        With ``max_seqlen_q > 1``, give a pass as many tokens as the padded ``block_h`` rows hold (the tile is
+        the same; the spare rows are masked for shorter sequences). ``max_seqlen_q`` 2..16 then compiles 3
+        ``Q_TOKENS`` variants (one per ``block_h``) instead of one per value, so a warm-up has fewer kernels to
+        build. False keeps ``q_tokens = max_seqlen_q`` exactly (``defer_longer_sequences`` needs it: the kernel
+        leaves sequences longer than ``Q_TOKENS`` to the prefill kernel).
     """
     if group > MAX_BLOCK_H:
         q_tokens, block_h = 1, MAX_BLOCK_H
-        head_chunks, h_rows = triton.cdiv(group, block_h), block_h
+        head_chunks, h_rows = cdiv(group, block_h), block_h
     else:
         q_tokens = max(1, min(max_seqlen_q, MAX_BLOCK_H // group))
-        block_h = max(MIN_BLOCK_H, triton.next_power_of_2(q_tokens * group))
+        block_h = max(MIN_BLOCK_H, next_power_of_2(q_tokens * group))
+        if fill_rows and q_tokens > 1:
+            q_tokens = min(block_h, MAX_BLOCK_H) // group
         head_chunks, h_rows = 1, group
-    head_pad = max(16, triton.next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
+    head_pad = max(16, next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
     if interpreter:
         block_n = INTERPRETER_BLOCK_N
     else:

@@ -8,6 +8,8 @@ launches the Triton kernel (or, for CPU tensors without the interpreter, the sam
 import torch
 
 from kvflash.attn_common import check_tensor, platform
+from kvflash.attn_common.launch import launch
+from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.merge_states_kernel import merge_states_kernel
 
 __all__ = ["merge_attn_states"]
@@ -63,11 +65,10 @@ def merge_attn_states(
     if out_lse is not None:
         check_tensor("out_lse", out_lse, dtypes=(torch.float32,), shape=lse_shape, device=device,
                      last_dim_contiguous=False)  # fmt: skip
-    torch.ops.kvflash.merge_attn_states(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse)
+    _MERGE_ATTN_STATES_OP(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse)
     return out if out_lse is None else (out, out_lse)
 
 
-@torch.library.custom_op("kvflash::merge_attn_states", mutates_args=("out", "out_lse"))
 def _merge_attn_states_op(
     prefix_out: torch.Tensor,
     prefix_lse: torch.Tensor,
@@ -77,7 +78,9 @@ def _merge_attn_states_op(
     out_lse: torch.Tensor | None,
 ) -> None:
     """The op on checked arguments."""
-    if not platform.runs_triton(out.device):
+    interpreter = platform.interpreter_enabled()
+    # platform.runs_triton(out.device), with the interpreter flag read once for the whole launch
+    if not (out.device.type in ("cuda", "xpu") or (out.device.type == "cpu" and interpreter)):
         _merge_torch(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse)
         return
     num_tokens, num_q_heads, head_size = out.shape
@@ -87,7 +90,10 @@ def _merge_attn_states_op(
     block_hq = max(1, min(1 << (num_q_heads - 1).bit_length(), _TILE_ELEMENTS // head_pad))
     lse_out = out_lse if out_lse is not None else prefix_lse
     grid = (num_tokens, (num_q_heads + block_hq - 1) // block_hq)
-    merge_states_kernel[grid](
+    launch(
+        merge_states_kernel,
+        grid,
+        interpreter,
         prefix_out_ptr=prefix_out,
         prefix_lse_ptr=prefix_lse,
         suffix_out_ptr=suffix_out,
@@ -115,9 +121,14 @@ def _merge_attn_states_op(
     )
 
 
-@_merge_attn_states_op.register_fake
-def _(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse) -> None:
+def _merge_attn_states_fake(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse) -> None:
     return None
+
+
+# torch.ops.kvflash.merge_attn_states (attn_common.ops: one C++ dispatch per eager call).
+_MERGE_ATTN_STATES_OP = define_op(
+    "merge_attn_states", _merge_attn_states_op, _merge_attn_states_fake, mutates_args=("out", "out_lse")
+)
 
 
 def _merge_torch(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse) -> None:
