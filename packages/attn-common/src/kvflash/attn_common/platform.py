@@ -58,15 +58,18 @@ def is_rocm() -> bool:
     return getattr(torch.version, "hip", None) is not None
 
 
-def runs_triton(device: torch.device) -> bool:
+def runs_triton(device: torch.device, interpreter: bool | None = None) -> bool:
     """Whether a Triton kernel can run on tensors of ``device``.
 
     GPU devices always can; CPU tensors only under the interpreter. Launchers send CPU tensors to the
-    plain PyTorch reference when this is False.
+    plain PyTorch reference when this is False. ``interpreter``: :func:`interpreter_enabled`, when the caller
+    has read it already for its launch settings (``None``: read it here).
     """
     if device.type in ("cuda", "xpu"):
         return True
-    return device.type == "cpu" and interpreter_enabled()
+    if device.type != "cpu":
+        return False
+    return interpreter_enabled() if interpreter is None else interpreter
 
 
 def compiles_to_ptx(device: torch.device) -> bool:

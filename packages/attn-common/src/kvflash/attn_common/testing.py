@@ -9,6 +9,8 @@ import dataclasses
 
 import torch
 
+from kvflash.attn_common.intmath import cdiv
+
 __all__ = ["PagedKV", "make_paged_kv", "encode_fp8", "poison", "assert_close_fa_rule", "error_vs"]
 
 
@@ -41,7 +43,7 @@ def make_paged_kv(
     """
     num_kv_heads, head_size = k_seqs[0].shape[1:]
     dtype, device = k_seqs[0].dtype, k_seqs[0].device
-    blocks_per_seq = [max(1, -(-k.shape[0] // block_size)) for k in k_seqs]
+    blocks_per_seq = [max(1, cdiv(k.shape[0], block_size)) for k in k_seqs]
     num_blocks = sum(blocks_per_seq) + spare_blocks
     max_blocks = max(blocks_per_seq) + 1
     perm = torch.randperm(num_blocks, generator=generator).tolist()

@@ -126,8 +126,7 @@ def write_cache(
         else:
             v_scale = torch.full((1,), v_scale_value, dtype=torch.float32, device=key.device)
     interpreter = platform.interpreter_enabled()
-    # platform.runs_triton(key.device), with the interpreter flag read once for the whole launch
-    if not (key.device.type in ("cuda", "xpu") or (key.device.type == "cpu" and interpreter)):
+    if not platform.runs_triton(key.device, interpreter):
         _write_with_torch(
             key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value
         )

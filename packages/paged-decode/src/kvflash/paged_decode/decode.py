@@ -23,6 +23,7 @@ from kvflash.attn_common import (
     reference_attention_into,
     validate_index_tensors,
 )
+from kvflash.attn_common.intmath import next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
@@ -255,8 +256,7 @@ def _paged_decode_op(
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded)."""
     interpreter = platform.interpreter_enabled()
-    # platform.runs_triton(q.device), with the interpreter flag read once for the whole launch
-    if not (q.device.type in ("cuda", "xpu") or (q.device.type == "cpu" and interpreter)):
+    if not platform.runs_triton(q.device, interpreter):
         _reference_decode(
             q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
             out, lse, softmax_scale, window_left, window_right, softcap,
@@ -380,7 +380,7 @@ def _paged_decode_op(
             num_stages=cfg.num_stages,
         )
     if is_split and total_q > 0:
-        splits_pad = max(2, 1 << (cfg.num_splits - 1).bit_length())
+        splits_pad = max(2, next_power_of_2(cfg.num_splits))
         launch(
             split_merge_kernel,
             (total_q, num_q_heads),

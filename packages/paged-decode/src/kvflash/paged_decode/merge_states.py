@@ -8,6 +8,7 @@ launches the Triton kernel (or, for CPU tensors without the interpreter, the sam
 import torch
 
 from kvflash.attn_common import check_tensor, platform
+from kvflash.attn_common.intmath import cdiv, next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.merge_states_kernel import merge_states_kernel
@@ -79,17 +80,16 @@ def _merge_attn_states_op(
 ) -> None:
     """The op on checked arguments."""
     interpreter = platform.interpreter_enabled()
-    # platform.runs_triton(out.device), with the interpreter flag read once for the whole launch
-    if not (out.device.type in ("cuda", "xpu") or (out.device.type == "cpu" and interpreter)):
+    if not platform.runs_triton(out.device, interpreter):
         _merge_torch(prefix_out, prefix_lse, suffix_out, suffix_lse, out, out_lse)
         return
     num_tokens, num_q_heads, head_size = out.shape
     if num_tokens == 0 or num_q_heads == 0:
         return
-    head_pad = max(16, 1 << (head_size - 1).bit_length())
-    block_hq = max(1, min(1 << (num_q_heads - 1).bit_length(), _TILE_ELEMENTS // head_pad))
+    head_pad = max(16, next_power_of_2(head_size))
+    block_hq = max(1, min(next_power_of_2(num_q_heads), _TILE_ELEMENTS // head_pad))
     lse_out = out_lse if out_lse is not None else prefix_lse
-    grid = (num_tokens, (num_q_heads + block_hq - 1) // block_hq)
+    grid = (num_tokens, cdiv(num_q_heads, block_hq))
     launch(
         merge_states_kernel,
         grid,

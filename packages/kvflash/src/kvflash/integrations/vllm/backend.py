@@ -20,6 +20,7 @@ import torch
 from vllm.v1.attention.backend import AttentionBackend, AttentionCGSupport, AttentionImpl, AttentionType, MultipleOf
 from vllm.v1.attention.backends.triton_attn import TritonAttentionMetadata, TritonAttentionMetadataBuilder
 
+from kvflash.attn_common.checks import HEAD_SIZE_STEP, MAX_HEAD_SIZE, MIN_HEAD_SIZE
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 from kvflash.fp8_utils import kv_cache_torch_dtype, reshape_and_cache_flash
 
@@ -75,7 +76,8 @@ class KvflashAttentionBackend(AttentionBackend):
 
     @classmethod
     def supports_head_size(cls, head_size: int) -> bool:
-        return head_size % 8 == 0 and 8 <= head_size <= 512
+        # attn_common's head-size rule (check_head_size), as a bool for vLLM.
+        return head_size % HEAD_SIZE_STEP == 0 and MIN_HEAD_SIZE <= head_size <= MAX_HEAD_SIZE
 
     @classmethod
     def supports_sink(cls) -> bool:
