@@ -36,6 +36,9 @@ SHAPES = {
     "mixed 120x2048+8x(1024+512)": [(1, 2048)] * 120 + [(512, 1536)] * 8,
 }
 DENSE_SHAPES = ["4x(2048+2048)", "1x16384"]
+# Off the primary configuration (full mode): head sizes 64 and 256, and full (non-causal) attention.
+VARIANT_HEAD_SIZES = (64, 256)
+NON_CAUSAL_SUFFIX = " non-causal"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,17 +47,25 @@ class PrefillSpec:
     kv_dtype: str = "bf16"
     block: int = 16
     varlen: bool = False  # through flash_attn_varlen_func instead of the op: measures the routing layer
+    d: int = D
+    causal: bool = True
 
     @property
     def primary(self) -> bool:
-        return self.block == 16 and not self.varlen
+        return self.block == 16 and not self.varlen and self.d == D and self.causal
 
     @property
     def seqs(self) -> list[tuple[int, int]]:
         return SHAPES[self.shape]
 
+    @property
+    def label(self) -> str:
+        """The row's shape label: the shape, marked when the attention is not causal."""
+        return self.shape + ("" if self.causal else NON_CAUSAL_SUFFIX)
+
     def flops(self) -> int:
-        return 4 * HQ * D * sum(visible_pairs(q, k) for q, k in self.seqs)
+        pairs = sum(visible_pairs(q, k) if self.causal else q * k for q, k in self.seqs)
+        return 4 * HQ * self.d * pairs
 
 
 def _run_kvflash(spec: PrefillSpec) -> Measurement:
@@ -70,11 +81,11 @@ def _run_kvflash(spec: PrefillSpec) -> Measurement:
     for n in q_lens:
         cu.append(cu[-1] + n)
     cu_q = torch.tensor(cu, dtype=torch.int32, device="cuda")
-    q_bytes = cu[-1] * HQ * D * 2
+    q_bytes = cu[-1] * HQ * spec.d * 2
     sets = []
-    for _ in range(rotation_sets(kv_bytes(sum(kv_lens), HKV, D, spec.kv_dtype) + 2 * q_bytes)):
-        cache = make_paged_cache(kv_lens, HKV, D, spec.block, spec.kv_dtype, gen)
-        q = torch.randn(cu[-1], HQ, D, dtype=torch.bfloat16, device="cuda", generator=gen)
+    for _ in range(rotation_sets(kv_bytes(sum(kv_lens), HKV, spec.d, spec.kv_dtype) + 2 * q_bytes)):
+        cache = make_paged_cache(kv_lens, HKV, spec.d, spec.block, spec.kv_dtype, gen)
+        q = torch.randn(cu[-1], HQ, spec.d, dtype=torch.bfloat16, device="cuda", generator=gen)
         sets.append((cache, q, torch.full_like(q, float("nan"))))
 
     def call(cache, q, out):
@@ -87,7 +98,7 @@ def _run_kvflash(spec: PrefillSpec) -> Measurement:
                 cu_q,
                 max(kv_lens),
                 seqused_k=cache.seqused_k,
-                causal=True,
+                causal=spec.causal,
                 block_table=cache.block_table,
                 out=out,
                 k_descale=cache.k_descale,
@@ -103,7 +114,7 @@ def _run_kvflash(spec: PrefillSpec) -> Measurement:
             max(kv_lens),
             block_table=cache.block_table,
             seqused_k=cache.seqused_k,
-            causal=True,
+            causal=spec.causal,
             k_descale=cache.k_descale,
             v_descale=cache.v_descale,
             out=out,
@@ -113,7 +124,7 @@ def _run_kvflash(spec: PrefillSpec) -> Measurement:
     calls[0]()
     cache, q, out = sets[0]
     last = len(spec.seqs) - 1
-    err, note = spot_check(out, q, cache, [(cu[0], cu[1], 0), (cu[last], cu[last + 1], last)])
+    err, note = spot_check(out, q, cache, [(cu[0], cu[1], 0), (cu[last], cu[last + 1], last)], causal=spec.causal)
     t = time_calls(calls)
     return Measurement(t.ms, t.p10, t.p90, t.reps, t.sets, spec.flops(), rel_err=err, note=note)
 
@@ -176,7 +187,7 @@ def _run_sdpa(impl: str, shape: str) -> Measurement:
     return Measurement(t.ms, t.p10, t.p90, t.reps, t.sets, flops, note=note)
 
 
-def _labels(impl: str, shape: str, kv_dtype: str, block: int | None, primary: bool) -> dict:
+def _labels(impl: str, shape: str, kv_dtype: str, block: int | None, primary: bool, d: int = D) -> dict:
     return {
         "group": "prefill",
         "impl": impl,
@@ -184,7 +195,7 @@ def _labels(impl: str, shape: str, kv_dtype: str, block: int | None, primary: bo
         "kv_dtype": kv_dtype,
         "hq": HQ,
         "hkv": HKV,
-        "d": D,
+        "d": d,
         "block": block,
         "primary": primary,
         "metric": "flops",
@@ -199,12 +210,14 @@ def prefill_cases(quick: bool) -> list[Case]:
         specs = [PrefillSpec(s, t, b) for s in SHAPES for b in [16, 64] for t in ["bf16", "e4m3"]]
         specs += [PrefillSpec(s, "e5m2") for s in SHAPES]
         specs += [PrefillSpec(s, varlen=True) for s in ["4x(2048+2048)", "mixed 120x2048+8x(1024+512)"]]
+        specs += [PrefillSpec("4x(2048+2048)", t, d=d) for d in VARIANT_HEAD_SIZES for t in ["bf16", "e4m3"]]
+        specs += [PrefillSpec("4x(2048+2048)", t, causal=False) for t in ["bf16", "e4m3"]]
         sdpa = [(impl, s) for s in DENSE_SHAPES for impl in ["sdpa-cudnn", "sdpa-cudnn-mask", "sdpa-flash"]]
         sdpa = [(impl, s) for impl, s in sdpa if not (impl == "sdpa-cudnn-mask" and SHAPES[s][0][0] == SHAPES[s][0][1])]
     cases = [
         Case(
-            f"prefill {s.shape} b{s.block} {s.kv_dtype}" + " varlen" * s.varlen,
-            _labels("kvflash-varlen" if s.varlen else "kvflash", s.shape, s.kv_dtype, s.block, s.primary),
+            f"prefill {s.label} b{s.block} {s.kv_dtype}" + " varlen" * s.varlen + f" D{s.d}" * (s.d != D),
+            _labels("kvflash-varlen" if s.varlen else "kvflash", s.label, s.kv_dtype, s.block, s.primary, s.d),
             functools.partial(_run_kvflash, s),
         )
         for s in specs

@@ -85,21 +85,29 @@ def kv_bytes(tokens: int, hkv: int, d: int, kv_dtype: str) -> int:
 
 
 def spot_check(
-    out: torch.Tensor, q: torch.Tensor, cache: PagedCache, slices: list[tuple[int, int, int]], rows: int = 64
+    out: torch.Tensor,
+    q: torch.Tensor,
+    cache: PagedCache,
+    slices: list[tuple[int, int, int]],
+    rows: int = 64,
+    causal: bool = True,
 ) -> tuple[float | None, str]:
     """Largest ||out - ref|| / ||ref|| over the last ``rows`` queries of each ``(q_start, q_end, seq)``.
 
     The last queries of a bottom-right causal sequence are themselves a valid sub-problem (same key
-    positions), so the float32 oracle runs on that slice only and stays cheap at 131072 keys. A check
+    positions; without ``causal`` every query sees every key), so the float32 oracle runs on that slice only and
+    stays cheap at 131072 keys. A check
     that cannot run returns ``(None, why)``: the timing still counts, the row says it was not checked.
     """
     try:
-        return max(_slice_error(out, q, cache, *s, rows) for s in slices), ""
+        return max(_slice_error(out, q, cache, *s, rows, causal) for s in slices), ""
     except Exception as exc:  # the oracle is not what is measured: report, do not lose the timing
         return None, f"not checked ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
 
 
-def _slice_error(out: torch.Tensor, q: torch.Tensor, cache: PagedCache, q_start: int, q_end: int, seq: int, rows: int):
+def _slice_error(
+    out: torch.Tensor, q: torch.Tensor, cache: PagedCache, q_start: int, q_end: int, seq: int, rows: int, causal: bool
+):
     from kvflash.attn_common import reference_attention
 
     n = min(rows, q_end - q_start)
@@ -112,7 +120,7 @@ def _slice_error(out: torch.Tensor, q: torch.Tensor, cache: PagedCache, q_start:
         torch.tensor([0, n], dtype=torch.int32, device=q.device),
         block_table=cache.block_table[one],
         seqused_k=cache.seqused_k[one],
-        causal=True,
+        causal=causal,
         k_descale=None if cache.k_descale is None else cache.k_descale[one],
         v_descale=None if cache.v_descale is None else cache.v_descale[one],
         compute_dtype=torch.float32,

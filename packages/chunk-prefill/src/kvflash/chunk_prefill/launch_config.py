@@ -37,13 +37,14 @@ class LaunchConfig:
 
 # (padded head size, fp8 KV) -> (block_m, block_n, num_warps, num_stages) for prefill-sized tiles: the fastest
 # settings measured on an H100 among those that compile without (or, for 128 x 128 bf16, with few) register
-# spills. FP8 tiles take a shared-memory round trip for their conversion and gain nothing from a third stage.
-# Head size 512 spills whatever the tile.
+# spills, re-measured on the H200 for D = 128 FP8: with the page ids carried one tile ahead the loads pipeline,
+# and a third stage took 4 x (2048 + 2048) from 300 to 323 TFLOP/s and 1 x 16384 from 302 to 333 (BLOCK_N 64
+# or 4 warps were slower: 257-300). Head size 512 spills whatever the tile.
 _PREFILL_TABLE = {
     (64, False): (128, 128, 8, 3),
     (64, True): (128, 128, 8, 2),
     (128, False): (128, 128, 8, 3),
-    (128, True): (128, 128, 8, 2),
+    (128, True): (128, 128, 8, 3),
     (256, False): (64, 64, 8, 2),
     (256, True): (64, 64, 8, 2),
     (512, False): (64, 32, 8, 2),
