@@ -63,15 +63,19 @@ def test_contiguous_layout_rejects_a_block_table_shape_mismatch():
         _call(case, cu_seqlens_k=case.kv_args["cu_seqlens_k"][:2])
 
 
-def test_custom_op_passes_opcheck():
+@pytest.mark.parametrize("fp8_out", [False, True], ids=["q-dtype-out", "fp8-out"])
+def test_custom_op_passes_opcheck(fp8_out):
     case = make_case([(2, 3), (1, 17)], num_q_heads=4, num_kv_heads=2, head_size=32, seed=31)
     descale = torch.ones(2, 2)
+    out = torch.empty(case.q.shape, dtype=torch.float8_e4m3fn if fp8_out else case.q.dtype)
     args = (
-        case.q, case.k, case.v, torch.empty_like(case.q), case.cu_seqlens_q, case.max_seqlen_q,
+        case.q, case.k, case.v, out, case.cu_seqlens_q, case.max_seqlen_q,
         case.kv_args["block_table"], case.kv_args["seqused_k"], None, 0.3, -1, 0, 0.0, None, None, descale,
-        descale, True, 0,
+        descale, True, 0, torch.full((1,), 0.25) if fp8_out else None,
     )  # fmt: skip
-    torch.library.opcheck(torch.ops.kvflash.chunk_prefill.default, args)
+    # test_schema compares the outputs with CPU ops that fp8 lacks: the fp8 output checks fake and AOT dispatch.
+    utils = ("test_faketensor", "test_aot_dispatch_static") if fp8_out else None
+    torch.library.opcheck(torch.ops.kvflash.chunk_prefill.default, args, **({"test_utils": utils} if utils else {}))
 
 
 def test_cpu_tensors_without_the_interpreter_use_the_reference(monkeypatch, case):

@@ -150,6 +150,32 @@ BAD_CALLS = [
     ("v_descale_inf", dict(v_descale=float("inf")), ValueError, r"v_descale: expected a finite positive float.*inf"),
     ("k_descale_int_zero", dict(k_descale=0), ValueError, r"k_descale: expected a finite positive float"),
     (
+        "output_scale_dtype",
+        dict(output_scale=torch.ones(1, dtype=torch.float16)),
+        TypeError,
+        r"output_scale: expected dtype float32",
+    ),
+    ("output_scale_shape", dict(output_scale=torch.ones(4)), ValueError, r"output_scale: expected one element"),
+    ("output_scale_float", dict(output_scale=0.5), TypeError, r"output_scale: expected a torch.Tensor, got float"),
+    (
+        "output_scale_out_fp16",
+        dict(output_scale=torch.ones(1), out=torch.empty(5, 4, 64).half()),
+        TypeError,
+        r"out: expected dtype float8_e4m3fn, got float16",
+    ),
+    (
+        "output_scale_out_e5m2",
+        dict(output_scale=torch.ones(1), out=torch.empty(5, 4, 64).to(torch.float8_e5m2)),
+        TypeError,
+        r"out: expected dtype float8_e4m3fn, got float8_e5m2",
+    ),
+    (
+        "out_fp8_without_output_scale",
+        dict(out=torch.empty(5, 4, 64).to(torch.float8_e4m3fn)),
+        ValueError,
+        r"output_scale: an fp8 out .* needs output_scale",
+    ),
+    (
         "q_meta",
         lambda a: a.update(q=a["q"].to("meta")),
         ValueError,
@@ -199,18 +225,23 @@ def test_decode_route_rejects_bad_calls_too():
         (dict(k_descale=0.0), r"k_descale: expected a finite positive float"),
         (dict(v_descale=-2.0), r"v_descale: expected a finite positive float"),
         (dict(q="meta"), r"^q: expected a tensor on a CPU or GPU"),
+        (dict(output_scale=torch.ones(3)), r"output_scale: expected one element"),
+        (dict(output_scale=torch.ones(1), out=torch.float32), r"out: expected dtype float8_e4m3fn"),
+        (dict(out=torch.float8_e4m3fn), r"output_scale: an fp8 out"),
     ],
-    ids=["k_descale_zero", "v_descale_negative", "q_meta"],
+    ids=["k_descale_zero", "v_descale_negative", "q_meta", "output_scale_shape", "out_not_fp8", "out_fp8_no_scale"],
 )
-def test_float_descales_and_meta_q_on_both_routes(max_seqlen_q, change, match):
+def test_float_descales_meta_q_and_fp8_out_on_both_routes(max_seqlen_q, change, match):
     """Python-float descales <= 0 raise (as reshape_and_cache_flash does) and a meta q is named as q, on the
     decode route and on the prefill route."""
     args = _good_paged()
     case = make_case([(1, 20), (1, 9)] if max_seqlen_q == 1 else [(9, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
     args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=max_seqlen_q)
+    if "out" in change:  # an out of this case's shape, in the dtype given
+        change = dict(change, out=torch.empty(case.q.shape, dtype=change["out"]))
     if change.get("q") == "meta":
         args["q"] = args["q"].to("meta")
     else:
         args.update(change)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         flash_attn_varlen_func(**args)

@@ -96,3 +96,24 @@ def test_cuda_graph_replay_with_new_lengths_and_tables(kind):
         q.copy_(torch.randn(q.shape, generator=g).to(q.dtype))
 
     replay_matches_eager(step, load_new_state, attention, out, lse)
+
+
+@pytest.mark.parametrize("mix", [[(1, 30), (1, 5)], [(1, 30), (6, 11)]], ids=["decode", "mixed"])
+def test_torch_compile_fullgraph_fp8_output(device, mix):
+    """``output_scale`` goes through the custom ops (their fake implementations give the fp8 output)."""
+    case = make_case(mix, kv_dtype=torch.float8_e4m3fn, device=device, seed=6)
+    scale = torch.tensor([0.02], device=device)
+
+    def step(q, k, v, cu_q, block_table, seqused_k, k_descale, v_descale, output_scale):
+        return flash_attn_varlen_func(
+            q, k, v, case.max_seqlen_q, cu_q, case.max_seqlen_k, block_table=block_table, seqused_k=seqused_k,
+            causal=True, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
+        )  # fmt: skip
+
+    args = (case.q, case.k, case.v, case.cu_seqlens_q, case.kv_args["block_table"], case.kv_args["seqused_k"],
+            case.k_descale, case.v_descale, scale)  # fmt: skip
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+    out_c = torch.compile(step, fullgraph=True, backend=backend)(*args)
+    out_e = step(*args)
+    assert out_c.dtype == out_e.dtype == torch.float8_e4m3fn
+    assert torch.equal(out_c.view(torch.uint8), out_e.view(torch.uint8))

@@ -96,18 +96,21 @@ def test_cpu_reference_fallback(small, monkeypatch):
     torch.testing.assert_close(kernel_lse, ref_lse, atol=1e-3, rtol=1e-3)
 
 
-def test_custom_op_opcheck(small):
+@pytest.mark.parametrize("fp8_out", [False, True], ids=["q-dtype-out", "fp8-out"])
+def test_custom_op_opcheck(small, fp8_out):
     """Schema, fake implementation and mutation declarations of the registered op."""
     num_seqs, num_q_heads, _ = small.q.shape
     device = small.q.device
     scale = torch.full((num_seqs, 2), 0.5, device=device)
+    out = torch.empty(small.q.shape, dtype=torch.float8_e4m3fn if fp8_out else small.q.dtype, device=device)
+    output_scale = torch.full((1,), 0.25, device=device) if fp8_out else None
     args = (
         small.q, small.k, small.v, small.kwargs["block_table"], small.kwargs["seqused_k"], None,
         torch.arange(num_seqs + 1, dtype=torch.int32, device=device), scale, scale, None, None,
-        torch.empty_like(small.q), torch.empty(num_q_heads, num_seqs, device=device), 1, 20, 0.125, -1, 0, 0.0, 2,
-        False,
+        out, torch.empty(num_q_heads, num_seqs, device=device), 1, 20, 0.125, -1, 0, 0.0, 2,
+        False, output_scale,
     )  # fmt: skip
-    torch.library.opcheck(
-        torch.ops.kvflash.paged_decode_attention.default, args,
-        test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
-    )  # fmt: skip
+    # test_schema compares the outputs with CPU ops that fp8 lacks: the fp8 output checks fake and AOT dispatch.
+    utils = ("test_faketensor", "test_aot_dispatch_static") if fp8_out else ("test_schema", "test_faketensor",
+                                                                             "test_aot_dispatch_static")  # fmt: skip
+    torch.library.opcheck(torch.ops.kvflash.paged_decode_attention.default, args, test_utils=utils)

@@ -19,6 +19,7 @@ from kvflash.attn_common.feature_args import (
     resolve_softmax_scale,
 )
 from kvflash.attn_common.kv_layout import KVLayout
+from kvflash.attn_common.output import normalize_output_scale
 
 __all__ = ["AttentionFeatures", "normalize_attention_features"]
 
@@ -35,6 +36,7 @@ class AttentionFeatures:
     s_aux: torch.Tensor | None  # [Hq] fp32, contiguous
     k_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
     v_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
+    output_scale: torch.Tensor | None = None  # [1] fp32: out = saturate(attention / output_scale) in fp8 e4m3
 
 
 def normalize_attention_features(
@@ -49,6 +51,7 @@ def normalize_attention_features(
     s_aux: torch.Tensor | None,
     k_descale: torch.Tensor | float | None,
     v_descale: torch.Tensor | float | None,
+    output_scale: torch.Tensor | None = None,
 ) -> AttentionFeatures:
     """Validate and normalise the feature arguments of a call with query ``q [*, Hq, D]`` over ``layout``.
 
@@ -65,4 +68,5 @@ def normalize_attention_features(
         s_aux=normalize_sinks(s_aux, num_q_heads, q.device),
         k_descale=normalize_descale("k_descale", k_descale, layout.num_seqs, layout.num_kv_heads, q.device),
         v_descale=normalize_descale("v_descale", v_descale, layout.num_seqs, layout.num_kv_heads, q.device),
+        output_scale=normalize_output_scale(output_scale, q.device),
     )

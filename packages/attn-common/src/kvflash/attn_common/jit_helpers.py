@@ -1,5 +1,6 @@
-"""Shared ``@triton.jit`` helpers for the attention kernels (online softmax, masks, softcap, ALiBi,
-LSE merge). This module holds only jit code; Triton inlines these into the calling kernels.
+"""Shared ``@triton.jit`` helpers for the attention kernels and the cache writer (online softmax, masks,
+softcap, ALiBi, LSE merge, FP8 rounding and saturation). This module holds only jit code (and the FP8 e4m3
+constants it reads); Triton inlines these into the calling kernels.
 
 Conventions
 -----------
@@ -10,8 +11,16 @@ Conventions
   (a large positive int), so the window test needs no branch.
 """
 
+import torch
 import triton
 import triton.language as tl
+
+# float8_e4m3fn, the format of fp8 attention outputs and of quantised probabilities: its largest finite value,
+# mantissa bits and smallest normal, from torch's own table (no kernel spells them out).
+_E4M3 = torch.finfo(torch.float8_e4m3fn)
+E4M3_MAX = tl.constexpr(float(_E4M3.max))
+E4M3_MANTISSA_BITS = tl.constexpr(3)
+E4M3_MIN_NORMAL = tl.constexpr(float(_E4M3.smallest_normal))
 
 
 @triton.jit
@@ -123,3 +132,39 @@ def online_softmax_step_scaled(m_i, l_i, scores, scale_log2):
     p = tl.math.exp2(scores * scale_log2[:, None] - m_safe[:, None])
     l_new = l_i * alpha + tl.sum(p, 1)
     return m_new, l_new, p, alpha
+
+
+@triton.jit
+def round_to_fp8_grid(x, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_NORMAL: tl.constexpr):
+    """Round fp32 ``x`` (finite, inside the FP8 range) to the nearest FP8 value, ties to even; result in fp32.
+
+    Only for the Triton interpreter, whose fp32 -> fp8 cast drops the carry of its rounding (31.6 becomes
+    16 in e4m3) and flushes subnormals: casting a value already on the FP8 grid is exact there. GPUs round in
+    the cast itself.
+    """
+    # Powers written as 2 ** n (not 1 << n): the format's constants may arrive as tl.constexpr objects, which
+    # the interpreter cannot shift an int by.
+    DROP: tl.constexpr = 23 - FP8_MANTISSA_BITS
+    HALF_MINUS_ONE: tl.constexpr = 2 ** (DROP - 1) - 1
+    KEEP: tl.constexpr = 0xFFFFFFFF - (2**DROP - 1)
+    bits = x.to(tl.uint32, bitcast=True)
+    # Normal range: round the fp32 mantissa to FP8_MANTISSA_BITS bits; a carry moves into the exponent.
+    normal = (bits + HALF_MINUS_ONE + ((bits >> DROP) & 1)) & KEEP
+    # Subnormal range: adding C makes the fp32 ulp equal the FP8 subnormal spacing, so the add rounds;
+    # the sign bit is put back as a bit so that -0.0 stays -0.0.
+    C: tl.constexpr = FP8_MIN_NORMAL * 2**DROP
+    magnitude = (tl.abs(x) + C) - C
+    subnormal = magnitude.to(tl.uint32, bitcast=True) | (bits & 0x80000000)
+    rounded = tl.where(tl.abs(x) < FP8_MIN_NORMAL, subnormal, normal)
+    return rounded.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
+    """fp32 ``x`` saturated to ``[-448, 448]`` and cast to ``float8_e4m3fn`` (a plain cast turns values beyond
+    the range into NaN). Finite input never gives NaN. ``ROUND_IN_SOFTWARE``: under the interpreter, round to
+    the grid first (see :func:`round_to_fp8_grid`)."""
+    x = tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX)
+    if ROUND_IN_SOFTWARE:
+        x = round_to_fp8_grid(x, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
+    return x.to(tl.float8e4nv)

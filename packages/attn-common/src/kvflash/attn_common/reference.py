@@ -154,11 +154,15 @@ def reference_attention(
 
 def reference_attention_into(
     out: torch.Tensor, lse: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, **features,
+    cu_seqlens_q: torch.Tensor, *, output_scale: torch.Tensor | None = None, **features,
 ) -> None:  # fmt: skip
     """The kernels' CPU fallback (interpreter off): :func:`reference_attention` in float32, written into the
-    op's ``out [total_q, Hq, D]`` and, if given, ``lse [Hq, total_q]``. Reads lengths on the host."""
+    op's ``out [total_q, Hq, D]`` and, if given, ``lse [Hq, total_q]``. With ``output_scale`` (``[1]`` float32)
+    ``out`` is fp8 e4m3 and receives ``saturate(attention / output_scale)``. Reads lengths on the host."""
     ref_out, ref_lse = reference_attention(q, k, v, cu_seqlens_q, **features)
+    if output_scale is not None:
+        fp8_max = torch.finfo(out.dtype).max
+        ref_out = (ref_out / output_scale.float()).clamp(-fp8_max, fp8_max)
     out.copy_(ref_out)
     if lse is not None:
         lse.copy_(ref_lse)

@@ -29,6 +29,7 @@ from kvflash.attn_common.jit_helpers import (
     key_visibility,
     online_softmax_step_scaled,
     softcap_scores,
+    to_e4m3,
 )
 
 
@@ -185,7 +186,7 @@ def chunk_prefill_kernel(
     q_ptr,  # [total_q, Hq, D] fp16/bf16
     k_ptr,  # paged [num_blocks, block_size, Hkv, D] or contiguous [total_k, Hkv, D]; q dtype or fp8
     v_ptr,  # like k_ptr
-    out_ptr,  # [total_q, Hq, D] q dtype
+    out_ptr,  # [total_q, Hq, D] q dtype, or fp8 e4m3 (OUTPUT_FP8)
     lse_ptr,  # [Hq, total_q] fp32 (written when RETURN_LSE)
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
     seqused_k_ptr,  # [num_seqs] int32 (paged, or contiguous with USE_SEQUSED)
@@ -195,6 +196,7 @@ def chunk_prefill_kernel(
     v_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0)
     alibi_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
+    output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
     num_seqs,
     num_q_tiles,
     num_kv_heads,
@@ -241,6 +243,8 @@ def chunk_prefill_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr,
     RETURN_LSE: tl.constexpr,
+    OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3
+    ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
@@ -373,10 +377,13 @@ def chunk_prefill_kernel(
         m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks * LOG2E)
         acc = acc * alpha[:, None]
     out, lse = finalize_softmax(acc, m_i, l_i)
-    out = out * v_scale
+    if OUTPUT_FP8:  # the V descale and the output scale's reciprocal (loaded once) fold into one factor
+        out = to_e4m3(out * (v_scale * (1.0 / tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
+    else:
+        out = (out * v_scale).to(out_ptr.dtype.element_ty)
 
     o_rows = (q_start + tok).to(tl.int64) * stride_o_token + head.to(tl.int64) * stride_o_head
-    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out, mask=q_mask)
     if RETURN_LSE:
         lse_ptrs = lse_ptr + head.to(tl.int64) * stride_lse_head + (q_start + tok)
         tl.store(lse_ptrs, lse, mask=row_valid)

@@ -18,6 +18,7 @@ from kvflash.attn_common import (
     check_index_tensor,
     check_int,
     check_kv_cache,
+    check_out,
     check_tensor,
     kernel_window,
     normalize_attention_features,
@@ -51,6 +52,7 @@ def check_chunk_prefill_args(
     k_descale,
     v_descale,
     out: torch.Tensor | None,
+    output_scale: torch.Tensor | None = None,
 ) -> AttentionFeatures:
     """Validate every argument of :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
 
@@ -75,12 +77,13 @@ def check_chunk_prefill_args(
         cu_seqlens_k=cu_seqlens_k,
         max_seqlen_k=max_seqlen_k,
     )
-    if out is not None:
-        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
-    return normalize_attention_features(
+    features = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
     )  # fmt: skip
+    if out is not None:
+        check_out(out, q, features.output_scale)
+    return features
 
 
 def launch_chunk_prefill(
@@ -104,6 +107,7 @@ def launch_chunk_prefill(
     k_descale: torch.Tensor,
     v_descale: torch.Tensor,
     skip_q_len: int = 0,
+    output_scale: torch.Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> None:
     """Launch the kernel: writes ``out [total_q, Hq, D]`` and, when given, ``lse [Hq, total_q]`` fp32.
@@ -111,6 +115,7 @@ def launch_chunk_prefill(
     Arguments are the normalised ones of :class:`kvflash.attn_common.AttentionFeatures` (``-1`` window edges =
     unbounded).
     Sequences with at most ``skip_q_len`` queries are left untouched (the decode kernel serves them).
+    ``output_scale`` (``[1]`` fp32): ``out`` is fp8 e4m3 and receives ``saturate(attention / output_scale)``.
     ``config`` overrides :func:`choose_launch_config` (tuning tools only).
     """
     total_q, num_q_heads, head_size = q.shape
@@ -154,6 +159,7 @@ def launch_chunk_prefill(
         v_descale_ptr=v_descale,
         alibi_ptr=alibi,
         sinks_ptr=sinks,
+        output_scale_ptr=output_scale if output_scale is not None else k_descale,
         num_seqs=num_seqs,
         num_q_tiles=num_q_tiles,
         num_kv_heads=num_kv_heads,
@@ -202,6 +208,8 @@ def launch_chunk_prefill(
         USE_ALIBI=alibi_slopes is not None,
         USE_SINKS=s_aux is not None,
         RETURN_LSE=lse is not None,
+        OUTPUT_FP8=output_scale is not None,
+        ROUND_IN_SOFTWARE=interpreter,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import AttentionFeatures, check_int, reference_attention_into, validate_index_tensors
+from kvflash.attn_common import (
+    AttentionFeatures,
+    check_int,
+    output_dtype,
+    reference_attention_into,
+    validate_index_tensors,
+)
 from kvflash.attn_common.ops import define_op
 from kvflash.attn_common.platform import runs_triton
 from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
@@ -39,10 +45,11 @@ def _chunk_prefill_impl(
     v_descale: torch.Tensor,
     return_lse: bool,
     skip_q_len: int,
+    output_scale: torch.Tensor | None,
 ) -> torch.Tensor:
     """Write attention into ``out [total_q, Hq, D]``; return ``lse [Hq, total_q]`` fp32 (``[Hq, 0]`` when
     ``return_lse`` is False). Arguments are normalised: window edges ``-1`` = unbounded, causal folded
-    into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32."""
+    into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32, ``output_scale`` ``[1]`` fp32 (fp8 ``out``)."""
     total_q, num_q_heads, _ = q.shape
     lse = torch.empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32, device=q.device)
     if not runs_triton(q.device):
@@ -50,20 +57,21 @@ def _chunk_prefill_impl(
             out, lse if return_lse else None, q, k, v, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k,
             cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, window_size=(window_left, window_right),
             softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+            output_scale=output_scale,
         )  # fmt: skip
         return lse
     launch_chunk_prefill(
         q, k, v, out, lse if return_lse else None, cu_seqlens_q, max_seqlen_q,
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
-        s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, skip_q_len=skip_q_len,
+        s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, skip_q_len=skip_q_len, output_scale=output_scale,
     )  # fmt: skip
     return lse
 
 
 def _chunk_prefill_fake(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale,
       window_left, window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse,
-      skip_q_len):  # fmt: skip
+      skip_q_len, output_scale):  # fmt: skip
     total_q, num_q_heads, _ = q.shape
     return q.new_empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32)
 
@@ -94,6 +102,7 @@ def chunk_prefill_attention(
     out: torch.Tensor | None = None,
     return_lse: bool = False,
     skip_q_len: int = 0,
+    output_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention of new query tokens over a paged or contiguous (possibly FP8) KV cache.
 
@@ -141,18 +150,23 @@ def chunk_prefill_attention(
     k_descale, v_descale : torch.Tensor or float, optional
         ``None`` (1.0), a float, or a tensor broadcastable to ``[num_seqs, Hkv]`` (fp32/fp16/bf16).
     out : torch.Tensor, optional
-        ``[total_q, Hq, D]`` in ``q``'s dtype (may be a strided view); written in place.
+        ``[total_q, Hq, D]`` in ``q``'s dtype (may be a strided view); written in place. ``float8_e4m3fn``
+        with ``output_scale`` (and only then).
     return_lse : bool
         Also return the natural-log softmax denominator.
     skip_q_len : int
         Leave the ``out`` (and ``lse``) rows of sequences with at most this many queries untouched: in a mixed
         batch :func:`kvflash.paged_decode.paged_decode_attention` (``defer_longer_sequences``) serves them at
         decode speed. 0 (the default) serves every sequence.
+    output_scale : torch.Tensor, optional
+        float32, one element: the output is ``float8_e4m3fn``, ``out = saturate(attention / output_scale)``
+        (clamped to +-448, applied in the kernel's epilogue; never NaN for finite input). ``lse`` is unscaled.
 
     Returns
     -------
     out : torch.Tensor
-        ``[total_q, Hq, D]`` in ``q``'s dtype. Rows with no visible key are 0.
+        ``[total_q, Hq, D]`` in ``q``'s dtype (``float8_e4m3fn`` with ``output_scale``). Rows with no visible key
+        are 0.
     lse : torch.Tensor
         Only with ``return_lse``: ``[Hq, total_q]`` float32, the sink included; ``-inf`` for rows with no
         visible key and no sink.
@@ -161,6 +175,7 @@ def chunk_prefill_attention(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table=block_table, seqused_k=seqused_k,
         cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, out=out,
+        output_scale=output_scale,
     )  # fmt: skip
     check_int("skip_q_len", skip_q_len, 0)
     return run_chunk_prefill(
@@ -193,12 +208,12 @@ def run_chunk_prefill(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
-    if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
     f = features
+    if out is None:
+        out = torch.empty(q.shape, dtype=output_dtype(q.dtype, f.output_scale), device=q.device)
     lse = _chunk_prefill_op(
         q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, f.softmax_scale,
         f.window_left, f.window_right, f.softcap, f.alibi_slopes, f.s_aux, f.k_descale, f.v_descale, return_lse,
-        skip_q_len,
+        skip_q_len, f.output_scale,
     )  # fmt: skip
     return (out, lse) if return_lse else out

@@ -208,7 +208,8 @@ def _launch(
         FP8_MAX=fp8_max,
         FP8_MANTISSA_BITS=fp8_mantissa_bits,
         FP8_MIN_NORMAL=fp8_min_normal,
-        # The interpreter's fp32 -> fp8 cast rounds wrongly (see _round_to_fp8_grid); GPUs round in the cast.
+        # The interpreter's fp32 -> fp8 cast rounds wrongly (attn_common.jit_helpers.round_to_fp8_grid says how);
+        # GPUs round in the cast.
         ROUND_IN_SOFTWARE=is_fp8 and key.device.type == "cpu",
         num_warps=config.num_warps,
     )

@@ -9,27 +9,7 @@ token are adjacent in both).
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _round_to_fp8_grid(x, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_NORMAL: tl.constexpr):
-    """Round fp32 ``x`` (finite, inside the FP8 range) to the nearest FP8 value, ties to even; result in fp32.
-
-    Only for the Triton interpreter, whose fp32 -> fp8 cast drops the carry of its rounding (31.6 becomes
-    16 in e4m3): casting a value already on the FP8 grid is exact there. GPUs round in the cast itself.
-    """
-    DROP: tl.constexpr = 23 - FP8_MANTISSA_BITS
-    HALF_MINUS_ONE: tl.constexpr = (1 << (DROP - 1)) - 1
-    KEEP: tl.constexpr = 0xFFFFFFFF - ((1 << DROP) - 1)
-    bits = x.to(tl.uint32, bitcast=True)
-    # Normal range: round the fp32 mantissa to FP8_MANTISSA_BITS bits; a carry moves into the exponent.
-    normal = (bits + HALF_MINUS_ONE + ((bits >> DROP) & 1)) & KEEP
-    # Subnormal range: adding C makes the fp32 ulp equal the FP8 subnormal spacing, so the add rounds;
-    # the sign bit is put back as a bit so that -0.0 stays -0.0.
-    C: tl.constexpr = FP8_MIN_NORMAL * (1 << DROP)
-    magnitude = (tl.abs(x) + C) - C
-    subnormal = magnitude.to(tl.uint32, bitcast=True) | (bits & 0x80000000)
-    rounded = tl.where(tl.abs(x) < FP8_MIN_NORMAL, subnormal, normal)
-    return rounded.to(tl.float32, bitcast=True)
+from kvflash.attn_common.jit_helpers import round_to_fp8_grid
 
 
 @triton.jit
@@ -71,7 +51,7 @@ def _write_rows(
         # Saturate before the cast: a plain cast turns out-of-range values into NaN (e4m3) or inf (e5m2).
         x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
         if ROUND_IN_SOFTWARE:
-            x = _round_to_fp8_grid(x, FP8_MANTISSA_BITS, FP8_MIN_NORMAL)
+            x = round_to_fp8_grid(x, FP8_MANTISSA_BITS, FP8_MIN_NORMAL)
     cache_rows = block * stride_cache_block + offset * stride_cache_slot + head * stride_cache_head
     tl.store(cache_ptr + cache_rows[:, None] + dims[None, :], x.to(cache_ptr.dtype.element_ty), mask=mask)
 

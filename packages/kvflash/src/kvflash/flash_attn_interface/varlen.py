@@ -28,8 +28,10 @@ from kvflash.attn_common import (
     check_index_tensor,
     check_int,
     check_kv_cache,
+    check_out,
     check_tensor,
     normalize_attention_features,
+    output_dtype,
     validate_index_tensors,
 )
 from kvflash.chunk_prefill.op import run_chunk_prefill
@@ -88,6 +90,7 @@ def flash_attn_varlen_func(
     num_splits: int = 0,
     fa_version: int = 2,
     s_aux: torch.Tensor | None = None,
+    output_scale: torch.Tensor | None = None,
 ):
     """Variable-length attention of ``q`` over a paged or contiguous KV cache (FP8 allowed).
 
@@ -133,7 +136,9 @@ def flash_attn_varlen_func(
     return_softmax_lse : bool
         Also return ``lse [Hq, total_q]`` float32 (natural log of the full softmax denominator).
     out : torch.Tensor, optional
-        ``[total_q, Hq, D]`` in ``q``'s dtype; may be a strided view.
+        ``[total_q, Hq, D]`` in ``q``'s dtype; may be a strided view. ``float8_e4m3fn`` with ``output_scale``
+        (and only then: another dtype with ``output_scale`` raises naming ``out``, an fp8 ``out`` without it
+        raises naming ``output_scale``).
     k_descale, v_descale : torch.Tensor or float, optional
         The real value of a stored element is ``stored * descale``: a float, or a float32/fp16/bf16 tensor
         broadcastable to ``[num_seqs, Hkv]`` (1 element, ``[Hkv]``, ``[num_seqs, Hkv]``, stride-0 views).
@@ -144,13 +149,18 @@ def flash_attn_varlen_func(
         2 or 3; accepted for compatibility, selects nothing.
     s_aux : torch.Tensor, optional
         Sinks ``[Hq]``: one extra logit per head in the softmax denominator (scaled-score domain, not softcapped).
+    output_scale : torch.Tensor, optional
+        float32, one element (static output quantisation): the output is ``float8_e4m3fn`` holding
+        ``saturate(attention / output_scale)``, clamped to +-448 in the kernels' epilogues (prefill, decode,
+        split merge; every route), never NaN for finite input. ``lse`` stays float32 and unscaled.
     dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale
         Not supported: anything but the defaults raises ``NotImplementedError`` naming the argument.
 
     Returns
     -------
     out : torch.Tensor
-        ``[total_q, Hq, D]`` in ``q``'s dtype; rows with no visible key are 0.
+        ``[total_q, Hq, D]`` in ``q``'s dtype (``float8_e4m3fn`` with ``output_scale``); rows with no visible key
+        are 0.
     lse : torch.Tensor
         Only with ``return_softmax_lse``: ``[Hq, total_q]`` float32; ``-inf`` for rows with no visible key.
     """
@@ -167,8 +177,6 @@ def flash_attn_varlen_func(
     check_int("max_seqlen_q", max_seqlen_q, 0)
     check_int("max_seqlen_k", max_seqlen_k, 0)
     check_int("num_splits", num_splits, 0)
-    if out is not None:  # the contract's out is in q's dtype on every route (the decode op alone also takes fp32)
-        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
     check_bool("causal", causal)
     # Checked and normalised once for every route (the kernel packages' run_* functions take them as they are).
     layout = check_kv_cache(
@@ -177,8 +185,10 @@ def flash_attn_varlen_func(
     )  # fmt: skip
     f = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
     )  # fmt: skip
+    if out is not None:  # the contract's out: q's dtype or fp8 on every route (the decode op alone also takes fp32)
+        check_out(out, q, f.output_scale)
     kv = dict(block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
     route = choose_route(q.shape[0], num_seqs, max_seqlen_q, q.shape[1] // layout.num_kv_heads)
     if route.decode_only:
@@ -202,7 +212,7 @@ def flash_attn_varlen_func(
     # A mixed batch: the prefill kernel serves the sequences with more than route.decode_queries queries, the
     # decode kernel the others (each program of both launches reads its sequence's length on the device).
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = torch.empty(q.shape, dtype=output_dtype(q.dtype, f.output_scale), device=q.device)
     result = run_chunk_prefill(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, f, out=out, return_lse=return_softmax_lse,
         skip_q_len=route.decode_queries, **kv,

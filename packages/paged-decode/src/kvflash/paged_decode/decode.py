@@ -16,9 +16,11 @@ from kvflash.attn_common import (
     check_index_tensor,
     check_int,
     check_kv_cache,
+    check_out,
     check_tensor,
     kernel_window,
     normalize_attention_features,
+    output_dtype,
     platform,
     reference_attention_into,
     validate_index_tensors,
@@ -61,6 +63,7 @@ def paged_decode_attention(
     max_seqlen_q: int = 1,
     defer_longer_sequences: bool = False,
     lse: torch.Tensor | None = None,
+    output_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the few query tokens of each sequence over its KV cache (decode), split over the keys.
 
@@ -108,6 +111,7 @@ def paged_decode_attention(
     out : torch.Tensor, optional
         Shaped like ``q``, in ``q``'s dtype or float32 (the unrounded result, for callers that merge
         partial attentions themselves, such as context-parallel decode), ``stride(-1) == 1``; written in place.
+        ``float8_e4m3fn`` with ``output_scale`` (and only then).
     return_lse : bool
         Also return ``lse [Hq, q.shape[0]]`` float32 (natural log; ``-inf`` for a row without keys and
         sinks).
@@ -126,11 +130,16 @@ def paged_decode_attention(
     lse : torch.Tensor, optional
         ``[Hq, q.shape[0]]`` float32 buffer the LSE rows are written into (returned with ``return_lse``):
         with ``defer_longer_sequences``, the one the prefill kernel wrote the other rows of.
+    output_scale : torch.Tensor, optional
+        float32, one element: the output is ``float8_e4m3fn``, ``out = saturate(attention / output_scale)``
+        (clamped to +-448 in the epilogue of the decode kernel, or of the split merge; never NaN for finite
+        input). ``lse`` is unscaled.
 
     Returns
     -------
     torch.Tensor or (torch.Tensor, torch.Tensor)
-        ``out`` shaped like ``q`` in ``q``'s dtype (or ``out``'s), and ``lse`` when ``return_lse``.
+        ``out`` shaped like ``q`` in ``q``'s dtype (``out``'s; fp8 e4m3 with ``output_scale``), and ``lse`` when
+        ``return_lse``.
     """
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
     check_device_type("q", q)
@@ -166,7 +175,7 @@ def paged_decode_attention(
     )
     f = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
+        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
     )  # fmt: skip
     return run_paged_decode(
         q, k, v, f, max_seqlen_k, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
@@ -210,10 +219,11 @@ def run_paged_decode(
                 f"max_seqlen_q: with defer_longer_sequences, max_seqlen_q * Hq / Hkv must be <= {MAX_BLOCK_H} (one "
                 f"pass), got {max_seqlen_q} * {num_q_heads} / {k.shape[-2]}"
             )
+    f = features
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = torch.empty(q.shape, dtype=output_dtype(q.dtype, f.output_scale), device=q.device)
     else:
-        check_tensor("out", out, dtypes=(q.dtype, torch.float32), shape=tuple(q.shape), device=q.device)
+        check_out(out, q, f.output_scale, extra_dtypes=(torch.float32,))
     if lse is None:
         lse = torch.empty((num_q_heads, q.shape[0]), dtype=torch.float32, device=q.device)
     else:
@@ -222,11 +232,10 @@ def run_paged_decode(
         q, k, cu_seqlens_q=cu_seqlens_q, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
         max_seqlen_q=None, max_seqlen_k=max_seqlen_k,
     )  # fmt: skip
-    f = features
     _PAGED_DECODE_OP(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
         f.s_aux, out, lse, max_seqlen_q, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap,
-        1 if defer_longer_sequences else num_splits, defer_longer_sequences,
+        1 if defer_longer_sequences else num_splits, defer_longer_sequences, f.output_scale,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -253,13 +262,15 @@ def _paged_decode_op(
     softcap: float,
     num_splits: int,
     defer_longer_sequences: bool,
+    output_scale: torch.Tensor | None,
 ) -> None:
-    """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded)."""
+    """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded,
+    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``)."""
     interpreter = platform.interpreter_enabled()
     if not platform.runs_triton(q.device, interpreter):
         _reference_decode(
             q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
-            out, lse, softmax_scale, window_left, window_right, softcap,
+            out, lse, softmax_scale, window_left, window_right, softcap, output_scale,
         )  # fmt: skip
         return
     total_q, num_q_heads, head_size = q.shape
@@ -322,6 +333,7 @@ def _paged_decode_op(
             v_descale_ptr=v_descale,
             alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else k_descale,
             sinks_ptr=s_aux if s_aux is not None else k_descale,
+            output_scale_ptr=output_scale if output_scale is not None else k_descale,
             out_ptr=dst_out,
             lse_ptr=dst_lse,
             num_kv_heads=num_kv_heads,
@@ -376,6 +388,8 @@ def _paged_decode_op(
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
             FP8_V_FENCE=kv_is_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
+            OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
+            ROUND_IN_SOFTWARE=interpreter,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -388,6 +402,7 @@ def _paged_decode_op(
             partial_out_ptr=part_out,
             partial_lse_ptr=part_lse,
             sinks_ptr=s_aux if s_aux is not None else part_lse,
+            output_scale_ptr=output_scale if output_scale is not None else part_lse,
             out_ptr=out,
             lse_ptr=lse,
             num_q_heads=num_q_heads,
@@ -402,13 +417,15 @@ def _paged_decode_op(
             SPLITS_PAD=splits_pad,
             SPLIT_CHUNK=max(1, min(splits_pad, MERGE_TILE_ELEMENTS // cfg.head_pad)),
             USE_SINKS=s_aux is not None,
+            OUTPUT_FP8=output_scale is not None,
+            ROUND_IN_SOFTWARE=interpreter,
             num_warps=4,
         )
 
 
 def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
       s_aux, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
-      defer_longer_sequences) -> None:  # fmt: skip
+      defer_longer_sequences, output_scale) -> None:  # fmt: skip
     return None
 
 
@@ -420,7 +437,7 @@ _PAGED_DECODE_OP = define_op(
 
 def _reference_decode(
     q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
-    lse, softmax_scale, window_left, window_right, softcap,
+    lse, softmax_scale, window_left, window_right, softcap, output_scale,
 ) -> None:  # fmt: skip
     """CPU tensors without the interpreter: the plain PyTorch reference (reads lengths on the host)."""
     num_seqs = q.shape[0]
@@ -430,5 +447,5 @@ def _reference_decode(
         out, lse, q, k, v, cu_seqlens_q,
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
-        k_descale=k_descale, v_descale=v_descale,
+        k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
     )  # fmt: skip

@@ -36,6 +36,7 @@ from kvflash.attn_common.jit_helpers import (
     finalize_softmax,
     online_softmax_step,
     softcap_scores,
+    to_e4m3,
 )
 
 
@@ -52,7 +53,10 @@ def paged_decode_kernel(
     v_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
-    out_ptr,  # [total_q, Hq, HEAD_SIZE] q dtype or fp32, or [num_splits, total_q, Hq, HEAD_SIZE] fp32 (IS_SPLIT)
+    output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
+    # [total_q, Hq, HEAD_SIZE] q dtype, fp32 or fp8 e4m3 (OUTPUT_FP8), or [num_splits, total_q, Hq, HEAD_SIZE] fp32
+    # (IS_SPLIT)
+    out_ptr,
     lse_ptr,  # [Hq, total_q] fp32, or [total_q, Hq, num_splits] fp32 (IS_SPLIT); natural log
     num_kv_heads,
     num_splits,
@@ -105,6 +109,8 @@ def paged_decode_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr,
     FP8_V_FENCE: tl.constexpr,  # NVIDIA only: keep the fp8 -> fp16 conversion of V ahead of its relayout
+    OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
+    ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -147,6 +153,8 @@ def paged_decode_kernel(
     k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
     score_scale = softmax_scale * k_descale
     v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+    if OUTPUT_FP8:  # the output scale's reciprocal, loaded once, folds into the V descale
+        v_descale = v_descale * (1.0 / tl.load(output_scale_ptr))
     if USE_ALIBI:
         slopes = tl.load(alibi_slopes_ptr + seq * stride_alibi_seq + q_heads * stride_alibi_head, mask=head_mask)
     if USE_SINKS and not IS_SPLIT:
@@ -247,12 +255,16 @@ def paged_decode_kernel(
         out, lse = finalize_softmax(acc, m_i, l_i)
         # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
         out = out * v_descale
+        if OUTPUT_FP8:
+            out = to_e4m3(out, ROUND_IN_SOFTWARE)
+        else:
+            out = out.to(out_ptr.dtype.element_ty)
 
         o_offs = split.to(tl.int64) * stride_o_split + q_rows[:, None] * stride_o_seq
         o_offs += q_heads[:, None] * stride_o_head
         tl.store(
             out_ptr + o_offs + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
+            out,
             mask=row_mask[:, None] & d_mask[None, :],
         )
         lse_offs = split.to(tl.int64) * stride_lse_split + q_rows * stride_lse_seq + q_heads * stride_lse_head

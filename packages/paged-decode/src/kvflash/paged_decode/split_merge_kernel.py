@@ -10,13 +10,16 @@ once, never per split.
 import triton
 import triton.language as tl
 
+from kvflash.attn_common.jit_helpers import to_e4m3
+
 
 @triton.jit
 def split_merge_kernel(
     partial_out_ptr,  # [num_splits, num_seqs, Hq, HEAD_SIZE] fp32, contiguous
     partial_lse_ptr,  # [num_seqs, Hq, num_splits] fp32, contiguous; natural log
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
-    out_ptr,  # [num_seqs, Hq, HEAD_SIZE] q dtype
+    output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
+    out_ptr,  # [num_seqs, Hq, HEAD_SIZE] q dtype (fp32 allowed), or fp8 e4m3 (OUTPUT_FP8)
     lse_ptr,  # [Hq, num_seqs] fp32
     num_q_heads,
     num_splits,
@@ -30,6 +33,8 @@ def split_merge_kernel(
     SPLITS_PAD: tl.constexpr,  # next power of two >= num_splits
     SPLIT_CHUNK: tl.constexpr,  # partial rows loaded per step (a power of two <= SPLITS_PAD)
     USE_SINKS: tl.constexpr,
+    OUTPUT_FP8: tl.constexpr,  # out = saturate(merged / output_scale) in fp8 e4m3
+    ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before the fp8 cast
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -61,9 +66,10 @@ def split_merge_kernel(
 
     empty = denom == 0.0
     denom_safe = tl.where(empty, 1.0, denom)
-    out = acc / denom_safe
+    if OUTPUT_FP8:  # one reciprocal of the output scale, folded into the normalisation
+        out = to_e4m3(acc * (1.0 / (denom_safe * tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
+    else:
+        out = (acc / denom_safe).to(out_ptr.dtype.element_ty)
     lse_out = tl.where(empty, float("-inf"), m_safe + tl.log(denom_safe))
-    tl.store(
-        out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask
-    )
+    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d, out, mask=d_mask)
     tl.store(lse_ptr + head * stride_lse_head + seq * stride_lse_seq, lse_out)
