@@ -66,3 +66,23 @@ def test_fp8_output_is_the_scaled_16bit_output(device):
     fp8 = case.attend(causal=True, output_scale=scale).double() * 0.5
     assert ((fp8 - plain).abs() <= plain.abs() * 2**-4 + 1e-3).all()
     assert (fp8 - plain).abs().max() > 0  # it really is rounded to fp8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_fp8_output_bf16_queries_gpu(route, kv_dtype, block_size):
+    """bf16 queries (compiled dots), both page sizes, every route; against the float64 reference."""
+    mix, splits = ROUTES[route]
+    mix = [(q, kv * 8) for q, kv in mix]  # longer contexts: several tiles and splits per sequence
+    case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, block_size=block_size,
+                     device="cuda", seed=block_size + len(route))  # fmt: skip
+    want, _ = _expected(case, 1.0, causal=True)
+    scale = float(want.abs().max()) / 600
+    out = _nan_fp8(case.q.shape).cuda()
+    got = case.attend(causal=True, output_scale=torch.tensor([scale], device="cuda"), num_splits=splits, out=out)
+    clipped = (want / scale).clamp(-E4M3_MAX, E4M3_MAX)
+    got = got.double()
+    assert not torch.isnan(got).any()
+    assert ((got - clipped).abs() <= clipped.abs() * 2**-4 + 2e-2 / scale).all()
