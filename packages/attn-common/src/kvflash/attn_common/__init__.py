@@ -3,7 +3,7 @@
 - :class:`KVFlashDType` and :class:`QKVTypePair`: element types and the (q, kv) pair trait.
 - checks (:func:`check_tensor`, :func:`check_kv_cache`, ...): argument validation with named errors.
 - :func:`normalize_descale`: ``k_descale`` / ``v_descale`` in every accepted form to ``[num_seqs, Hkv]``.
-- :func:`output_dtype`, :func:`check_out`: the output's dtype (fp8 with ``output_scale``) and ``out`` checks.
+- :func:`empty_out`, :func:`check_out`: the output a call allocates (fp8 with ``output_scale``) and ``out`` checks.
 - :func:`reference_attention`: the plain PyTorch oracle.
 - :mod:`kvflash.attn_common.platform`: GPU / interpreter / SM-count probe.
 - :func:`validate_index_tensors`: the ``KVFLASH_VALIDATE=1`` debug checks of index values.
@@ -35,7 +35,7 @@ from kvflash.attn_common.feature_args import (
 )
 from kvflash.attn_common.features import AttentionFeatures, normalize_attention_features
 from kvflash.attn_common.kv_layout import KVLayout, check_kv_cache
-from kvflash.attn_common.output import OUTPUT_FP8_DTYPE, check_out, normalize_output_scale, output_dtype
+from kvflash.attn_common.output import OUTPUT_FP8_DTYPE, check_out, empty_out, normalize_output_scale
 from kvflash.attn_common.reference import gather_sequence_kv, reference_attention, reference_attention_into
 from kvflash.attn_common.type_pair import QKVTypePair
 from kvflash.attn_common.validate import validate_index_tensors, validation_enabled
@@ -61,6 +61,7 @@ __all__ = [
     "check_real",
     "check_kv_cache",
     "check_out",
+    "empty_out",
     "check_same_device",
     "check_softcap",
     "check_tensor",
@@ -70,7 +71,6 @@ __all__ = [
     "normalize_attention_features",
     "normalize_descale",
     "normalize_output_scale",
-    "output_dtype",
     "normalize_sinks",
     "normalize_window",
     "reference_attention",

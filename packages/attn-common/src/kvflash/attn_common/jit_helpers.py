@@ -160,11 +160,20 @@ def round_to_fp8_grid(x, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_NORMAL: tl.con
 
 
 @triton.jit
-def to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
-    """fp32 ``x`` saturated to ``[-448, 448]`` and cast to ``float8_e4m3fn`` (a plain cast turns values beyond
-    the range into NaN). Finite input never gives NaN. ``ROUND_IN_SOFTWARE``: under the interpreter, round to
-    the grid first (see :func:`round_to_fp8_grid`)."""
-    x = tl.minimum(tl.maximum(x, -E4M3_MAX), E4M3_MAX)
+def saturate_to_fp8_range(
+    x, FP8_MAX: tl.constexpr, FP8_MANTISSA_BITS: tl.constexpr, FP8_MIN_NORMAL: tl.constexpr,
+    ROUND_IN_SOFTWARE: tl.constexpr,
+):  # fmt: skip
+    """fp32 ``x`` clamped to ``[-FP8_MAX, FP8_MAX]``, ready for the cast to that FP8 format (a plain cast turns
+    values beyond the range into NaN for e4m3 and inf for e5m2). ``ROUND_IN_SOFTWARE``: under the interpreter,
+    also round to the format's grid (see :func:`round_to_fp8_grid`). Result in fp32."""
+    x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
     if ROUND_IN_SOFTWARE:
-        x = round_to_fp8_grid(x, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
-    return x.to(tl.float8e4nv)
+        x = round_to_fp8_grid(x, FP8_MANTISSA_BITS, FP8_MIN_NORMAL)
+    return x
+
+
+@triton.jit
+def to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
+    """fp32 ``x`` saturated to ``[-448, 448]`` and cast to ``float8_e4m3fn``: finite input never gives NaN."""
+    return saturate_to_fp8_range(x, E4M3_MAX, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL, ROUND_IN_SOFTWARE).to(tl.float8e4nv)

@@ -2,8 +2,7 @@
 
 ``output_scale`` (a float32 tensor of one element) asks for a ``float8_e4m3fn`` output holding
 ``saturate(attention / output_scale)``, the static output quantisation engines fuse into attention. Without it
-the output has the query's dtype (bfloat16 for fp8 queries, whose results are never fp8 unless asked for).
-Shapes and dtypes only: no tensor value is read.
+the output has the query's dtype. Shapes and dtypes only: no tensor value is read.
 """
 
 from __future__ import annotations
@@ -13,11 +12,9 @@ import torch
 from kvflash.attn_common.checks import check_tensor
 from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES
 
-__all__ = ["OUTPUT_FP8_DTYPE", "normalize_output_scale", "output_dtype", "check_out"]
+__all__ = ["OUTPUT_FP8_DTYPE", "normalize_output_scale", "empty_out", "check_out"]
 
 OUTPUT_FP8_DTYPE = torch.float8_e4m3fn
-# Outputs an fp8 query may write besides the fp8 one: what the engines' FlashAttention fp8 paths return.
-_FP8_Q_OUT_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def normalize_output_scale(output_scale: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -32,12 +29,10 @@ def normalize_output_scale(output_scale: torch.Tensor | None, device: torch.devi
     return output_scale.reshape(1)
 
 
-def output_dtype(q_dtype: torch.dtype, output_scale: torch.Tensor | None) -> torch.dtype:
-    """The dtype of an output allocated for the caller: fp8 e4m3 with ``output_scale``, else ``q``'s (bf16 for
-    an fp8 ``q``)."""
-    if output_scale is not None:
-        return OUTPUT_FP8_DTYPE
-    return torch.bfloat16 if q_dtype in FP8_TORCH_DTYPES else q_dtype
+def empty_out(q: torch.Tensor, output_scale: torch.Tensor | None) -> torch.Tensor:
+    """A contiguous output for the caller, shaped like ``q``: fp8 e4m3 with ``output_scale``, else ``q``'s dtype."""
+    dtype = OUTPUT_FP8_DTYPE if output_scale is not None else q.dtype
+    return torch.empty(q.shape, dtype=dtype, device=q.device)
 
 
 def check_out(
@@ -48,8 +43,8 @@ def check_out(
 ) -> torch.Tensor:
     """Check a caller's ``out [total_q, Hq, D]`` against ``q`` and ``output_scale`` (normalised).
 
-    With ``output_scale`` it must be ``float8_e4m3fn``; without it, ``q``'s dtype (bf16 or fp16 for an fp8
-    ``q``) or one of ``extra_dtypes``; an fp8 ``out`` without ``output_scale`` names ``output_scale``.
+    With ``output_scale`` it must be ``float8_e4m3fn``; without it, ``q``'s dtype or one of ``extra_dtypes``; an
+    fp8 ``out`` without ``output_scale`` names ``output_scale``.
     """
     if output_scale is not None:
         return check_tensor("out", out, dtypes=(OUTPUT_FP8_DTYPE,), shape=tuple(q.shape), device=q.device)
@@ -57,5 +52,4 @@ def check_out(
         raise ValueError(
             f"output_scale: an fp8 out ({out.dtype}) needs output_scale (out = saturate(attention / output_scale))"
         )
-    allowed = (_FP8_Q_OUT_DTYPES if q.dtype in FP8_TORCH_DTYPES else (q.dtype,)) + extra_dtypes
-    return check_tensor("out", out, dtypes=allowed, shape=tuple(q.shape), device=q.device)
+    return check_tensor("out", out, dtypes=(q.dtype,) + extra_dtypes, shape=tuple(q.shape), device=q.device)

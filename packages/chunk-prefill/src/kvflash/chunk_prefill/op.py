@@ -14,7 +14,7 @@ import torch
 from kvflash.attn_common import (
     AttentionFeatures,
     check_int,
-    output_dtype,
+    empty_out,
     reference_attention_into,
     validate_index_tensors,
 )
@@ -210,7 +210,7 @@ def run_chunk_prefill(
     )  # fmt: skip
     f = features
     if out is None:
-        out = torch.empty(q.shape, dtype=output_dtype(q.dtype, f.output_scale), device=q.device)
+        out = empty_out(q, f.output_scale)
     lse = _chunk_prefill_op(
         q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, f.softmax_scale,
         f.window_left, f.window_right, f.softcap, f.alibi_slopes, f.s_aux, f.k_descale, f.v_descale, return_lse,

@@ -9,7 +9,7 @@ token are adjacent in both).
 import triton
 import triton.language as tl
 
-from kvflash.attn_common.jit_helpers import round_to_fp8_grid
+from kvflash.attn_common.jit_helpers import saturate_to_fp8_range
 
 
 @triton.jit
@@ -48,10 +48,7 @@ def _write_rows(
             scale = scale_value
         # div_rn: IEEE division, so stored bytes equal torch's (x / scale).clamp(...).to(fp8) exactly.
         x = tl.math.div_rn(x.to(tl.float32), scale)
-        # Saturate before the cast: a plain cast turns out-of-range values into NaN (e4m3) or inf (e5m2).
-        x = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
-        if ROUND_IN_SOFTWARE:
-            x = round_to_fp8_grid(x, FP8_MANTISSA_BITS, FP8_MIN_NORMAL)
+        x = saturate_to_fp8_range(x, FP8_MAX, FP8_MANTISSA_BITS, FP8_MIN_NORMAL, ROUND_IN_SOFTWARE)
     cache_rows = block * stride_cache_block + offset * stride_cache_slot + head * stride_cache_head
     tl.store(cache_ptr + cache_rows[:, None] + dims[None, :], x.to(cache_ptr.dtype.element_ty), mask=mask)
 

@@ -30,8 +30,8 @@ from kvflash.attn_common import (
     check_kv_cache,
     check_out,
     check_tensor,
+    empty_out,
     normalize_attention_features,
-    output_dtype,
     validate_index_tensors,
 )
 from kvflash.chunk_prefill.op import run_chunk_prefill
@@ -212,7 +212,7 @@ def flash_attn_varlen_func(
     # A mixed batch: the prefill kernel serves the sequences with more than route.decode_queries queries, the
     # decode kernel the others (each program of both launches reads its sequence's length on the device).
     if out is None:
-        out = torch.empty(q.shape, dtype=output_dtype(q.dtype, f.output_scale), device=q.device)
+        out = empty_out(q, f.output_scale)
     result = run_chunk_prefill(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, f, out=out, return_lse=return_softmax_lse,
         skip_q_len=route.decode_queries, **kv,

@@ -18,9 +18,9 @@ from kvflash.attn_common import (
     check_kv_cache,
     check_out,
     check_tensor,
+    empty_out,
     kernel_window,
     normalize_attention_features,
-    output_dtype,
     platform,
     reference_attention_into,
     validate_index_tensors,
@@ -221,7 +221,7 @@ def run_paged_decode(
             )
     f = features
     if out is None:
-        out = torch.empty(q.shape, dtype=output_dtype(q.dtype, f.output_scale), device=q.device)
+        out = empty_out(q, f.output_scale)
     else:
         check_out(out, q, f.output_scale, extra_dtypes=(torch.float32,))
     if lse is None:
