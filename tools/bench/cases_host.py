@@ -46,7 +46,7 @@ class HostCase:
     shape: str
     kv: str
     seqs: tuple[tuple[int, int], ...] = ()
-    # Every call with new call facts (max_seqlen_k grows by one per call): no call plan is ever reused, so the row
+    # Every call with new call facts (softmax_scale differs in each call): no call plan is ever reused, so the row
     # times the full path plus the plan's capture, what the first layer of a step with new shapes pays.
     fresh_facts: bool = False
 
@@ -106,13 +106,15 @@ def _varlen_call(case: HostCase, device: torch.device, small: bool) -> tuple[Cal
         causal=True, **descales,
     )  # fmt: skip
     if case.fresh_facts:
-        bounds = itertools.count(max_k)  # a larger max_seqlen_k is a valid bound: the same work, new facts
+        # softmax_scale moves by a relative 1e-9 per call: the same work, and call facts never seen before.
+        scales = (D**-0.5 * (1 + 1e-9 * i) for i in itertools.count())
 
         def call():
             return flash_attn_varlen_func(
-                q, k, v, max_q, cu_q, next(bounds), block_table=block_table, seqused_k=seqused_k, causal=True,
-                **descales,
+                q, k, v, max_q, cu_q, max_k, block_table=block_table, seqused_k=seqused_k, causal=True,
+                softmax_scale=next(scales), **descales,
             )  # fmt: skip
+
     kv_args = dict(block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=None, max_seqlen_k=max_k)
     layout = check_kv_cache(q, k, v, num_seqs, **kv_args)
     feature_args = dict(

@@ -54,6 +54,7 @@ __all__ = [
     "empty_buffer",
     "keep_constant",
     "call_key",
+    "call_facts",
     "plans_allowed",
     "plan_stats",
     "clear_plans",
@@ -65,7 +66,8 @@ __all__ = [
 CALL_PLANS_ENV = "KVFLASH_CALL_PLANS"
 MAX_PLANS = 512
 
-_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
+_TENSOR_TYPES = (_TENSOR, _PARAMETER)
 _SCALAR_TYPES = (type(None), bool, int, float, str)
 # An argument no plan can key on: call_key returns None.
 _UNKEYABLE = object()
@@ -124,8 +126,7 @@ def plans_allowed() -> bool:
         and not launch_module.bookkeeping_active()
         and not torch._C._len_torch_dispatch_stack()
         and not launch_module.hooks_installed()
-        and not platform.interpreter_enabled()
-    )
+    )  # the interpreter needs no test here: its launches compile nothing, so a capture of them plans nothing
 
 
 def _scalar_fact(value):
@@ -149,32 +150,34 @@ def _fact(value):
 def call_key(args: tuple, kwargs: dict) -> tuple[tuple | None, list[torch.Tensor]]:
     """``(facts, tensors)`` of a call: the hashable call facts (``None`` when an argument cannot be keyed, or the
     first tensor is not on a GPU) and its tensor arguments in order (positional, then keyword as passed)."""
-    facts = [None]
-    tensors = []
-    for value in args:
-        fact = _fact(value)
-        if fact is _UNKEYABLE:
-            return None, tensors
-        if type(value) in _TENSOR_TYPES:
-            tensors.append(value)
-        facts.append(fact)
-    for name, value in kwargs.items():
-        fact = _fact(value)
-        if fact is _UNKEYABLE:
-            return None, tensors
-        if type(value) in _TENSOR_TYPES:
-            tensors.append(value)
-        facts.append(name)
-        facts.append(fact)
-    if not tensors or tensors[0].get_device() < 0:
+    facts, tensors = call_facts(args, kwargs)
+    if facts is None or not tensors or tensors[0].get_device() < 0:
         return None, tensors  # CPU tensors take the reference path (torch work a plan would not redo)
     facts[0] = platform.current_device_index()
-    try:
-        key = tuple(facts)
-        hash(key)
-    except TypeError:  # an unhashable scalar inside (cannot happen for the types above; kept as a guard)
-        return None, tensors
-    return key, tensors
+    return tuple(facts), tensors
+
+
+def call_facts(args: tuple, kwargs: dict) -> tuple[list | None, list[torch.Tensor]]:
+    """The call facts as a list whose first entry is left for the current device (``None`` when an argument cannot
+    be keyed), and the tensor arguments. Every eager call computes this, so the tensor case is written out inline
+    (about a microsecond per tensor)."""
+    facts = [None]
+    tensors = []
+    for value in (*args, *kwargs.values()):
+        kind = type(value)
+        if kind is _TENSOR or kind is _PARAMETER:
+            facts.append((value.dtype, value.shape, value.stride(), value.get_device(), value.data_ptr() & 15))
+            tensors.append(value)
+        elif kind in _SCALAR_TYPES:
+            facts.append((kind, value))
+        else:
+            fact = _fact(value)
+            if fact is _UNKEYABLE:
+                return None, tensors
+            facts.append(fact)
+    if kwargs:
+        facts.append(tuple(kwargs))  # which keywords were passed, in order
+    return facts, tensors
 
 
 def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -219,6 +222,19 @@ class _Capture:
         if len({id(t) for t in self.tensors}) != len(self.tensors):
             raise _Unplannable("one tensor object passed as two arguments")
         sources = _Sources(self.tensors, [b[0] for b in self.buffers])
+        returned = () if result is None else result if isinstance(result, tuple) else (result,)
+        outputs = tuple(sources.identical(value) for value in returned)
+        if None in outputs:
+            raise _Unplannable("the call returns a tensor that is neither an argument nor a buffer")
+        # Buffers the call returns are allocated one by one; the others (split partials, an LSE nobody asked for)
+        # become slices of one workspace, one allocation per replay (each torch.empty costs 3-6 µs of host time).
+        returned_buffers = [index for is_buffer, index in outputs if is_buffer]
+        own = {index: n for n, index in enumerate(returned_buffers)}
+        workspace_at, workspace_bytes = {}, 0
+        for index, (buffer, _, _, _) in enumerate(self.buffers):
+            if index not in own:
+                workspace_at[index] = workspace_bytes
+                workspace_bytes += -(-buffer.untyped_storage().nbytes() // _WORKSPACE_ALIGN) * _WORKSPACE_ALIGN
         launches = []
         constants = []
         for compiled, grid, values in self.launches:
@@ -229,23 +245,59 @@ class _Capture:
                     if kind == _CONSTANT:
                         template[pos] = value.data_ptr()
                         constants.append(value)
+                        continue
+                    template[pos] = None
+                    if kind == _ARGUMENT:
+                        slots.append((pos, _ARGUMENT, index, offset))
+                    elif index in own:
+                        slots.append((pos, _BUFFER, own[index], offset))
                     else:
-                        template[pos] = None
-                        slots.append((pos, kind == _BUFFER, index, offset))
-            g = (tuple(grid) + (1, 1))[:3]
-            launches.append((compiled.run, compiled.function, compiled.packed_metadata, g, template, tuple(slots)))
-        if result is None:
-            outputs = None
-        else:
-            returned = result if isinstance(result, tuple) else (result,)
-            outputs = tuple(sources.identical(value) for value in returned)
-            if None in outputs:
-                raise _Unplannable("the call returns a tensor that is neither an argument nor a buffer")
-        buffers = tuple((shape, dtype, device) for _, shape, dtype, device in self.buffers)
-        return _Plan(buffers, tuple(launches), outputs, isinstance(result, tuple), tuple(constants))
+                        slots.append((pos, _WORKSPACE, 0, workspace_at[index] + offset))
+            launches.append(_launch_call(compiled, grid, template, tuple(slots)))
+        if any(slot[1] == _WORKSPACE for launch in launches for slot in launch[4]):
+            workspace_bytes = max(workspace_bytes, _WORKSPACE_ALIGN)  # zero-size slices still need an address
+        outputs = tuple((is_buffer, own[index] if is_buffer else index) for is_buffer, index in outputs)
+        buffers = tuple(self.buffers[index][1:] for index in returned_buffers)
+        device = self.tensors[0].device
+        return _Plan(
+            buffers, (workspace_bytes, device), tuple(launches), outputs if result is not None else None,
+            isinstance(result, tuple), tuple(constants),
+        )  # fmt: skip
 
 
-_ARGUMENT, _BUFFER, _CONSTANT = 0, 1, 2
+_ARGUMENT, _BUFFER, _CONSTANT, _WORKSPACE = 0, 1, 2, 3
+_WORKSPACE_ALIGN = 256  # bytes between workspace slices: every slice as aligned as its own allocation would be
+
+
+def _launch_call(compiled, grid, template: list, slots: tuple) -> tuple:
+    """``(launcher, arguments before the stream, arguments after it, template, slots)`` of one launch.
+
+    On Triton 3.6 (the version whose launcher this was written against) a kernel without global or profile scratch
+    memory is launched through the C function under Triton's Python launcher, with the same arguments that
+    launcher passes (its ``__call__`` costs a few µs more). Elsewhere: the Python launcher, as
+    :func:`kvflash.attn_common.launch.launch` calls it."""
+    g = (tuple(grid) + (1, 1))[:3]
+    run = compiled.run
+    direct = (
+        _TRITON_VERSION.startswith("3.6.")
+        and getattr(run, "global_scratch_size", None) == 0
+        and getattr(run, "profile_scratch_size", None) == 0
+        and hasattr(run, "launch")
+    )
+    if direct:
+        after = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                 compiled.packed_metadata, None, None, None)  # fmt: skip
+        return (run.launch, g, after, template, slots)
+    return (run, g, (compiled.function, compiled.packed_metadata, None, None, None), template, slots)
+
+
+def _triton_version() -> str:
+    import triton
+
+    return getattr(triton, "__version__", "")
+
+
+_TRITON_VERSION = _triton_version()
 
 
 class _Sources:
@@ -290,11 +342,12 @@ class _Sources:
 class _Plan:
     """The launches of one call's facts, replayed on a new call's tensors."""
 
-    __slots__ = ("buffers", "launches", "outputs", "as_tuple", "constants", "device_index")
+    __slots__ = ("buffers", "workspace", "launches", "outputs", "as_tuple", "constants", "device_index")
 
-    def __init__(self, buffers, launches, outputs, as_tuple, constants):
+    def __init__(self, buffers, workspace, launches, outputs, as_tuple, constants):
         self.device_index = platform.current_device_index()  # the launches ran on it; the call facts hold it
-        self.buffers = buffers
+        self.buffers = buffers  # (shape, dtype, device) of each returned buffer
+        self.workspace = workspace  # (bytes, device) of the other buffers' slices
         self.launches = launches
         self.outputs = outputs  # None: the call returns None
         self.as_tuple = as_tuple
@@ -302,13 +355,18 @@ class _Plan:
 
     def replay(self, tensors: list[torch.Tensor]):
         buffers = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in self.buffers]
+        workspace_bytes, device = self.workspace
+        # Kept alive to the end of the call: later work on the stream reuses it only after these kernels.
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device) if workspace_bytes else None
+        sources = (tensors, buffers, None, None)
         stream = platform.current_stream_handle(self.device_index)
-        for run, function, metadata, grid, template, slots in self.launches:
+        for launcher, grid, after, template, slots in self.launches:
             values = template.copy()
-            for pos, is_buffer, index, offset in slots:
-                values[pos] = (buffers[index] if is_buffer else tensors[index]).data_ptr() + offset
+            for pos, kind, index, offset in slots:
+                base = workspace if kind == _WORKSPACE else sources[kind][index]
+                values[pos] = base.data_ptr() + offset
             # Triton's launcher takes an int as a device pointer as it is (no pointer-attribute query).
-            run(grid[0], grid[1], grid[2], stream, function, metadata, None, None, None, *values)
+            launcher(grid[0], grid[1], grid[2], stream, *after, *values)
         if self.outputs is None:
             return None
         results = tuple(buffers[index] if is_buffer else tensors[index] for is_buffer, index in self.outputs)

@@ -298,6 +298,8 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         return
     if interpreter:
         kernel[grid](**kwargs)
+        for observer in _OBSERVERS:
+            observer(None, grid, values)  # nothing compiled: no plan can replay this launch
         return
     device = platform.current_device_index()
     slot = (device, key)
