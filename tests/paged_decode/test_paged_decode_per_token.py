@@ -96,8 +96,8 @@ def test_per_token_scales_matter(device):
 
 
 def test_per_token_extreme_value_scales(device):
-    """V scales far from 1 (x1e-5 and x1e2 in one sequence; the output stays inside fp16) stay exact: the P-column factor is taken in units of
-    a running power of two, so fp16 neither underflows nor overflows."""
+    """V scales far from 1 (x1e-5 and x1e2 in one sequence; the output stays inside fp16) stay exact: the
+    P-column factor is taken in units of a running power of two, so fp16 neither underflows nor overflows."""
     q, kv = _case(device, [48], torch.float8_e5m2, seed=6)
     used = torch.isfinite(kv.v_descale)
     tiny_then_huge = torch.where(torch.rand_like(kv.v_descale) < 0.5, 1e-5, 1e2)
