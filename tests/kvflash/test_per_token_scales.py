@@ -79,7 +79,7 @@ def test_writer_to_attention(device, kv_dtype):
     table = torch.tensor([[5, 2, 7], [0, 3, 1]], dtype=torch.int32, device=device)
     for s, n in enumerate(lens):
         pos = torch.arange(n, device=device)
-        slots = (table[s].long()[pos // block_size] * block_size + pos % block_size)
+        slots = table[s].long()[pos // block_size] * block_size + pos % block_size
         reshape_and_cache_flash(keys[s], values[s], kc, vc, slots, STRING[kv_dtype] + "_per_token_head", ks, vs)
     seqused = torch.tensor(lens, dtype=torch.int32, device=device)
     q = torch.randn(2, HQ, D, generator=gen).half().to(device)
@@ -91,7 +91,7 @@ def test_writer_to_attention(device, kv_dtype):
     low, _ = reference_attention(q, kc, vc, cu_q, k_descale=ks, v_descale=vs, compute_dtype=torch.float16, **kw)
     assert_close_fa_rule(got, ref, low)
     real, _ = reference_attention(q, torch.cat(keys), torch.cat(values), cu_q, compute_dtype=torch.float64,
-                                  cu_seqlens_k=torch.tensor([0, 45, 75], dtype=torch.int32, device=device))
+                                  cu_seqlens_k=torch.tensor([0, 45, 75], dtype=torch.int32, device=device))  # fmt: skip
     tol = 0.1 if kv_dtype == torch.float8_e4m3fn else 0.2  # FP8 rounding of K and V, relative to the output
     assert float((got.double() - real).norm() / real.norm()) < tol
 
@@ -120,8 +120,11 @@ def _call(q, cu_q, kv, k=None, v=None, **kw):
         (lambda kv: dict(k_descale=0.5), TypeError, "k_descale"),  # V only
         (lambda kv: dict(kv_descale_per_token=False), ValueError, "k_descale"),
         (lambda kv: dict(kv_descale_per_token="yes"), TypeError, "kv_descale_per_token"),
-        (lambda kv: dict(kv_descale_per_token=True, k_descale=torch.ones(HKV, device=kv.k.device)), ValueError,
-         "k_descale"),  # fmt: skip
+        (
+            lambda kv: dict(kv_descale_per_token=True, k_descale=torch.ones(HKV, device=kv.k.device)),
+            ValueError,
+            "k_descale",
+        ),  # fmt: skip
         (lambda kv: dict(kv_descale_per_token=True, k_descale=None, v_descale=None), TypeError, "k_descale"),
     ],
 )
@@ -188,6 +191,7 @@ def _outlier_batch(num_seqs, n, factor, gen):
     """Per sequence ``[n, Hkv, D]`` keys and values: KV head 1 four times louder than head 0, and 6 % of the
     tokens ``factor`` times louder in V (3x in K). Also returns the same data without the outlier tokens (what a
     static calibration that never saw them measures)."""
+
     def one(fac):
         base = torch.randn(num_seqs * n, HKV, D, generator=gen)
         base[:, 1] *= 4
@@ -219,7 +223,8 @@ def _accuracy(device, kv_dtype, factor, q_len, seed=0, num_seqs=NUM_SEQS):
             compute_kv_scales(v_calib, kv_dtype, per_head=True, margin=1.5),
         ),
         "per-head static (amax with outliers)": (
-            compute_kv_scales(k, kv_dtype, per_head=True), compute_kv_scales(v, kv_dtype, per_head=True)
+            compute_kv_scales(k, kv_dtype, per_head=True),
+            compute_kv_scales(v, kv_dtype, per_head=True),
         ),
         "per-token-head": None,
     }

@@ -177,7 +177,7 @@ def write_cache(
         _write_with_torch(
             key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value,
             per_token,
-        )
+        )  # fmt: skip
         return
     config = config or pick_launch_config(key.shape[0] * key.shape[1], key.shape[2])
     _launch(
