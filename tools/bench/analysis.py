@@ -307,10 +307,11 @@ TARGETS = [
     ),
     _Target(
         "host-cost",
-        "Host CPU time of one eager call (median of back-to-back calls): flash_attn_varlen_func decode, prefill "
-        "and mixed, reshape_and_cache_flash, merge_attn_states",
+        "Host CPU time of one eager call (median of back-to-back calls with the same call facts, as the layers "
+        "of a step make them): flash_attn_varlen_func decode, prefill and mixed, reshape_and_cache_flash, "
+        "merge_attn_states (the plan-miss row is shown, not judged)",
         f"<= {HOST_US_LIMIT:g} µs per call (issue 18)",
-        lambda r: r["group"] == "host" and r["impl"] == "kvflash",
+        lambda r: r["group"] == "host" and r["impl"] == "kvflash" and r.get("primary", True),
         _host_us,
         lambda v: f"{v:.1f} µs",
         lambda v: v <= HOST_US_LIMIT,

@@ -62,7 +62,7 @@ def text_table(rows: list[dict]) -> str:
             continue
         note = " ".join(x for x in (_speedup(r), r.get("note") or "") if x)
         if r.get("host_us") is not None:
-            lines.append(f"{r['name']:<52} {'host':>9} {r['host_us']:>9.1f} µs/call")
+            lines.append(f"{r['name']:<52} {'host':>9} {r['host_us']:>9.1f} µs/call  {r.get('note') or ''}")
             continue
         lines.append(
             f"{r['name']:<52} {r['ms']:>9.4f} {_rate(r):>14} {_f(r['frac'], '.1%'):>7}  {_check(r):<12} {note}"
@@ -71,13 +71,14 @@ def text_table(rows: list[dict]) -> str:
 
 
 def _md_host_rows(rows: list[dict]) -> list[str]:
-    out = ["| case | impl | host µs per call (p10-p90) | calls |", "|---|---|---|---|"]
+    out = ["| case | impl | host µs per call (p10-p90) | calls | note |", "|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
-            out.append(f"| {r['name']} | {r['impl']} | error `{r['error']}` | |")
+            out.append(f"| {r['name']} | {r['impl']} | error `{r['error']}` | | |")
             continue
         spread = f"{r['p10'] * 1e3:.1f}-{r['p90'] * 1e3:.1f}"
-        out.append(f"| {r['name']} | {r['impl']} | {r['host_us']:.1f} ({spread}) | {r['reps']} |")
+        note = r.get("note") or ""
+        out.append(f"| {r['name']} | {r['impl']} | {r['host_us']:.1f} ({spread}) | {r['reps']} | {note} |")
     return out
 
 

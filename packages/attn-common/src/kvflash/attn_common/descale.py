@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from kvflash.attn_common.call_plan import keep_constant
 from kvflash.attn_common.platform import stream_capturing
 
 __all__ = ["normalize_descale", "normalize_kv_descales", "is_per_token_descale", "DESCALE_TORCH_DTYPES"]
@@ -102,7 +103,7 @@ def _constant_scale(value: float, device: torch.device) -> torch.Tensor:
         with torch.inference_mode(False), torch.no_grad():  # usable inside and outside inference mode
             found = torch.full((1, 1), value, dtype=torch.float32, device=device)
         if len(_CONSTANT_SCALES) < _MAX_CONSTANT_SCALES:
-            _CONSTANT_SCALES[key] = found
+            _CONSTANT_SCALES[key] = keep_constant(found)
     return found
 
 

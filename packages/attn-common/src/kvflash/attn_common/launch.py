@@ -20,6 +20,10 @@ read by Triton at the first launch of each key; later launches of that key reuse
 interpreter, where nothing compiles), so a test can assert that serving reaches no key a warm-up did not.
 Inside :func:`dry_run` launches are recorded and skipped: the warm-up uses it to find, cheaply, which of many
 candidate calls reach a key not seen yet, and runs only those.
+
+**Launch observers.** Inside :func:`observe_launches` every GPU launch is reported, after it is issued, with the
+compiled kernel that ran, the grid and the parameter values in signature order: :mod:`kvflash.attn_common.call_plan`
+builds its plans from these.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ __all__ = [
     "describe_key",
     "FAST_LAUNCH_ENV",
     "fast_launch_enabled",
+    "observe_launches",
+    "bookkeeping_active",
+    "hooks_installed",
 ]
 
 FAST_LAUNCH_ENV = "KVFLASH_FAST_LAUNCH"
@@ -64,6 +71,7 @@ _COMPILED: dict[tuple, object] = {}
 _RECORDERS: list[set] = []
 _DRY_RUN: list[bool] = []  # non-empty inside dry_run()
 _COMPILE_ONLY: list[bool] = []  # non-empty inside compile_only()
+_OBSERVERS: list = []  # callables (compiled kernel or None, grid, values), inside observe_launches()
 
 
 def _signature(kernel) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
@@ -215,6 +223,30 @@ def compile_only() -> Iterator[None]:
         _COMPILE_ONLY.pop()
 
 
+@contextlib.contextmanager
+def observe_launches(observer) -> Iterator[None]:
+    """Inside the block, ``observer(compiled, grid, values)`` follows every GPU launch: the compiled kernel Triton
+    ran (``None`` where this Triton returns none), the grid, and every parameter's value in signature order."""
+    _OBSERVERS.append(observer)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(observer)
+
+
+def bookkeeping_active() -> bool:
+    """A launch-recording, dry-run or compile-only block is open (launches must go through :func:`launch`)."""
+    return bool(_RECORDERS or _DRY_RUN or _COMPILE_ONLY)
+
+
+def hooks_installed() -> bool:
+    """Triton's launch enter or exit hook is set (a profiler wants every launch's metadata)."""
+    knobs = _knobs()
+    if knobs is None:
+        return False
+    return _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
+
+
 @functools.cache
 def fast_launch_enabled() -> bool:
     """The cheap relaunch is allowed: not switched off by ``KVFLASH_FAST_LAUNCH=0``, not in validate mode, and
@@ -266,14 +298,14 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         return
     if interpreter:
         kernel[grid](**kwargs)
+        for observer in _OBSERVERS:
+            observer(None, grid, values)  # nothing compiled: no plan can replay this launch
         return
     device = platform.current_device_index()
     slot = (device, key)
     if fast:
         kept = _COMPILED.get(slot)
-        knobs = _knobs()
-        hooked = _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
-        if kept is not None and not hooked:
+        if kept is not None and not hooks_installed():
             g = (tuple(grid) + (1, 1))[:3]
             # What Triton's CompiledKernel[grid](*args) does: the C launcher, every parameter in signature order
             # (constexprs included; the launcher skips them), no launch metadata (no hooks are installed).
@@ -281,9 +313,13 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
                 g[0], g[1], g[2], platform.current_stream_handle(device), kept.function, kept.packed_metadata,
                 None, None, None, *values,
             )  # fmt: skip
+            for observer in _OBSERVERS:
+                observer(kept, grid, values)
             return
     compiled = kernel[grid](**kwargs)
     if compiled is None or not hasattr(compiled, "packed_metadata") or not hasattr(compiled, "function"):
+        for observer in _OBSERVERS:
+            observer(None, grid, values)
         return  # a Triton whose launch returns no compiled kernel: the generic path every time
     kept = _COMPILED.get(slot)
     if kept is None:
@@ -294,6 +330,8 @@ def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:
         raise RuntimeError(
             f"kvflash launch key of {key[0]} maps to two compiled kernels; set {FAST_LAUNCH_ENV}=0 and report this"
         )
+    for observer in _OBSERVERS:
+        observer(compiled, grid, values)
 
 
 class CompileCount:

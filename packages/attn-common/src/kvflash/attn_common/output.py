@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from kvflash.attn_common.call_plan import empty_buffer
 from kvflash.attn_common.checks import check_tensor
 from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES
 
@@ -32,7 +33,7 @@ def normalize_output_scale(output_scale: torch.Tensor | None, device: torch.devi
 def empty_out(q: torch.Tensor, output_scale: torch.Tensor | None) -> torch.Tensor:
     """A contiguous output for the caller, shaped like ``q``: fp8 e4m3 with ``output_scale``, else ``q``'s dtype."""
     dtype = OUTPUT_FP8_DTYPE if output_scale is not None else q.dtype
-    return torch.empty(q.shape, dtype=dtype, device=q.device)
+    return empty_buffer(q.shape, dtype, q.device)
 
 
 def check_out(

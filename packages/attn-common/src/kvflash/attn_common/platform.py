@@ -133,11 +133,19 @@ def _triton_driver():
     return driver
 
 
+@functools.cache
+def _driver_queries():
+    """The active Triton driver's ``(get_current_device, get_current_stream)``, looked up once (each lookup through
+    Triton's lazy driver proxy costs about a microsecond, and every eager call asks)."""
+    active = _triton_driver().active
+    return active.get_current_device, active.get_current_stream
+
+
 def current_device_index() -> int:
     """The current GPU's index as Triton launches on it (Triton's driver, the one Triton itself asks)."""
-    return _triton_driver().active.get_current_device()
+    return _driver_queries()[0]()
 
 
 def current_stream_handle(device_index: int) -> int:
     """The raw handle of the current stream of GPU ``device_index`` (what Triton's launcher takes)."""
-    return _triton_driver().active.get_current_stream(device_index)
+    return _driver_queries()[1](device_index)

@@ -18,6 +18,7 @@ from kvflash.attn_common import (
     reference_attention_into,
     validate_index_tensors,
 )
+from kvflash.attn_common.call_plan import empty_buffer, planned
 from kvflash.attn_common.ops import define_op
 from kvflash.attn_common.platform import runs_triton
 from kvflash.chunk_prefill.launcher import check_chunk_prefill_args, launch_chunk_prefill
@@ -52,7 +53,7 @@ def _chunk_prefill_impl(
     into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32 (or rank-3 per-token-head
     ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32), ``output_scale`` ``[1]`` fp32 (fp8 ``out``)."""
     total_q, num_q_heads, _ = q.shape
-    lse = torch.empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32, device=q.device)
+    lse = empty_buffer((num_q_heads, total_q if return_lse else 0), torch.float32, q.device)
     if not runs_triton(q.device):
         reference_attention_into(
             out, lse if return_lse else None, q, k, v, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k,
@@ -81,6 +82,7 @@ def _chunk_prefill_fake(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, s
 _chunk_prefill_op = define_op("chunk_prefill", _chunk_prefill_impl, _chunk_prefill_fake, mutates_args=("out",))
 
 
+@planned
 def chunk_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,

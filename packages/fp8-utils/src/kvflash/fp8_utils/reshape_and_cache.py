@@ -21,6 +21,7 @@ from kvflash.attn_common import (
     check_tensor,
     platform,
 )
+from kvflash.attn_common.call_plan import planned
 from kvflash.attn_common.intmath import cdiv, next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
@@ -309,6 +310,7 @@ def _write_with_torch(
         cache[blocks, offsets] = rows
 
 
+@planned
 def reshape_and_cache_flash(
     key: torch.Tensor,
     value: torch.Tensor,

@@ -34,6 +34,7 @@ from kvflash.attn_common import (
     normalize_attention_features,
     validate_index_tensors,
 )
+from kvflash.attn_common.call_plan import planned
 from kvflash.chunk_prefill.op import run_chunk_prefill
 from kvflash.flash_attn_interface.routing import choose_route
 from kvflash.paged_decode.decode import run_paged_decode
@@ -62,6 +63,7 @@ def _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q
         raise ValueError(f"fa_version: expected 2 or 3 (it selects nothing in kvflash), got {fa_version!r}")
 
 
+@planned
 def flash_attn_varlen_func(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -25,6 +25,7 @@ from kvflash.attn_common import (
     reference_attention_into,
     validate_index_tensors,
 )
+from kvflash.attn_common.call_plan import empty_buffer, planned
 from kvflash.attn_common.intmath import next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
@@ -39,6 +40,7 @@ __all__ = ["paged_decode_attention", "run_paged_decode"]
 MERGE_TILE_ELEMENTS = 8192
 
 
+@planned
 def paged_decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -235,7 +237,7 @@ def run_paged_decode(
     else:
         check_out(out, q, f.output_scale, extra_dtypes=(torch.float32,))
     if lse is None:
-        lse = torch.empty((num_q_heads, q.shape[0]), dtype=torch.float32, device=q.device)
+        lse = empty_buffer((num_q_heads, q.shape[0]), torch.float32, q.device)
     else:
         check_tensor("lse", lse, dtypes=(torch.float32,), shape=(num_q_heads, q.shape[0]), device=q.device)
     validate_index_tensors(
@@ -308,8 +310,8 @@ def _paged_decode_op(
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
     is_split = cfg.num_splits > 1
     if is_split:
-        part_out = torch.empty((cfg.num_splits, total_q, num_q_heads, head_size), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((total_q, num_q_heads, cfg.num_splits), dtype=torch.float32, device=q.device)
+        part_out = empty_buffer((cfg.num_splits, total_q, num_q_heads, head_size), torch.float32, q.device)
+        part_lse = empty_buffer((total_q, num_q_heads, cfg.num_splits), torch.float32, q.device)
         dst_out, dst_lse = part_out, part_lse
         o_strides = part_out.stride()[:3]
         part_lse_strides = part_lse.stride()

@@ -8,6 +8,7 @@ launches the Triton kernel (or, for CPU tensors without the interpreter, the sam
 import torch
 
 from kvflash.attn_common import check_tensor, platform
+from kvflash.attn_common.call_plan import empty_buffer, planned
 from kvflash.attn_common.intmath import cdiv, next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
@@ -20,6 +21,7 @@ _OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _TILE_ELEMENTS = 2048
 
 
+@planned
 def merge_attn_states(
     prefix_out: torch.Tensor,
     prefix_lse: torch.Tensor,
@@ -60,7 +62,7 @@ def merge_attn_states(
     for name, t in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
         check_tensor(name, t, dtypes=(torch.float32,), shape=lse_shape, device=device, last_dim_contiguous=False)
     if out is None:
-        out = torch.empty(shape, dtype=prefix_out.dtype, device=device)
+        out = empty_buffer(shape, prefix_out.dtype, device)
     else:
         check_tensor("out", out, dtypes=_OUT_DTYPES, shape=shape, device=device)
     if out_lse is not None:

@@ -1,0 +1,442 @@
+"""Call plans: an eager call whose arguments look exactly like an earlier call's replays that call's launches.
+
+Every layer of a model step calls attention with the same shapes, dtypes, strides and Python arguments; only
+the tensors' addresses and values differ. Everything kvflash does on the host before a launch (checks,
+normalisation, route and launch-config choice, launch keys) depends on those *call facts* alone, never on
+tensor values. So the first call with given facts runs the full path once, and its launches are kept as a
+*plan*: for each launch, the compiled kernel, the grid, the non-pointer arguments, and where each pointer comes
+from. A later call with the same facts skips straight to the launches (a few µs instead of a few hundred).
+
+**The call facts** (:func:`call_key`): for every tensor argument its dtype, shape, strides, device index and
+address modulo 16 (Triton specialises on 16-byte alignment); for every other argument its type and value
+(``True`` and ``1`` differ, so a check on the type is never skipped wrongly); plus the current device. A call
+with any other kind of argument (a tensor subclass, a tensor inside a list, a numpy number) is never planned.
+Two calls with the same facts pass every check alike: a bad call has facts of its own and takes the full path,
+which raises.
+
+**Where a pointer comes from**, decided when the plan is built from the first call:
+- an argument tensor (by identity), or a view of one (same storage; the plan keeps the byte offset, which view
+  operations derive from shapes and strides alone);
+- a buffer the call allocated with :func:`empty_buffer` (contents never read before the kernels write them), or
+  a view of one;
+- a tensor registered with :func:`keep_constant` (never written, never freed: the cached scale constants).
+Any other tensor reaching a launch (a converted copy such as ``descale.float()``) means the call did tensor work
+a plan would not redo: that call's facts are marked *unplanned* and always take the full path. So is a call
+whose argument tensors repeat one object (``k is v``): a plan built from it could not tell the two apart.
+
+**Rules for a planned function** (its body may change only within these): its effects are kvflash launches
+(:func:`kvflash.attn_common.launch.launch`) and :func:`empty_buffer` allocations; it returns argument tensors,
+buffers, or a tuple of them; every decision comes from the call facts. Functions with other effects (the
+context-parallel collectives, cache writers that compute with torch) are not planned.
+
+**When plans are used** (:func:`plans_allowed`): GPU tensors, outside ``torch.compile`` tracing and torch
+dispatch modes (fake tensors, ``make_fx``, FLOP counters see the custom op as usual), with Triton's cheap
+relaunch on (:func:`kvflash.attn_common.launch.fast_launch_enabled`: not ``KVFLASH_VALIDATE=1``, not
+``KVFLASH_FAST_LAUNCH=0``), no Triton launch hooks (profilers), and no launch recording, dry run or compile-only
+block (the warm-up). ``KVFLASH_CALL_PLANS=0`` switches plans off (read once). Plans are not built while a CUDA
+graph is being captured (replaying one inside a capture is fine: launches and allocations are captured as in
+the full path). At most :data:`MAX_PLANS` facts are kept per function; the oldest go first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import torch
+
+from kvflash.attn_common import launch as launch_module
+from kvflash.attn_common import platform
+
+__all__ = [
+    "planned",
+    "empty_buffer",
+    "keep_constant",
+    "call_key",
+    "call_facts",
+    "plans_allowed",
+    "plan_stats",
+    "clear_plans",
+    "PlanStats",
+    "CALL_PLANS_ENV",
+    "MAX_PLANS",
+]
+
+CALL_PLANS_ENV = "KVFLASH_CALL_PLANS"
+MAX_PLANS = 512
+
+_TENSOR, _PARAMETER = torch.Tensor, torch.nn.Parameter
+_TENSOR_TYPES = (_TENSOR, _PARAMETER)
+_SCALAR_TYPES = (type(None), bool, int, float, str)
+# An argument no plan can key on: call_key returns None.
+_UNKEYABLE = object()
+# Stored for facts whose first call could not be planned: they always take the full path.
+_UNPLANNED = object()
+# Captures in progress (a planned call inside another planned call runs in full, seen by the outer capture).
+_CAPTURES: list[_Capture] = []
+# id of the root tensor (see _root) -> tensor registered by keep_constant (kept alive here, so the id stays its own)
+_CONSTANTS: dict[int, torch.Tensor] = {}
+_ALL_PLANS: list[dict] = []  # every planned function's table, for clear_plans() and plan_stats()
+
+
+class PlanStats:
+    """Counters of :func:`plan_stats`: ``hits`` (calls replayed), ``built`` (plans made), ``unplanned`` (facts
+    marked as never planned, with ``reasons``: why -> count), ``full`` (calls that ran the full path while plans
+    were allowed, builds included)."""
+
+    def __init__(self) -> None:
+        self.hits = self.built = self.unplanned = self.full = 0
+        self.reasons: dict[str, int] = {}
+
+    def as_dict(self) -> dict:
+        return {
+            "hits": self.hits, "built": self.built, "unplanned": self.unplanned, "full": self.full,
+            "reasons": dict(self.reasons),
+        }  # fmt: skip
+
+
+_STATS = PlanStats()
+
+
+def plan_stats() -> PlanStats:
+    """The process-wide plan counters (tests and the bench read them)."""
+    return _STATS
+
+
+def clear_plans() -> None:
+    """Forget every plan (and reset the counters)."""
+    for table in _ALL_PLANS:
+        table.clear()
+    _STATS.__init__()
+
+
+@functools.cache
+def _env_enabled() -> bool:
+    return os.environ.get(CALL_PLANS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def plans_allowed() -> bool:
+    """Plans may be used or built now (see the module docstring); cheap enough to ask on every call."""
+    return (
+        not torch.compiler.is_compiling()  # first: under tracing nothing else is evaluated
+        and not _CAPTURES
+        and _env_enabled()
+        and launch_module.fast_launch_enabled()
+        and not launch_module.bookkeeping_active()
+        and not torch._C._len_torch_dispatch_stack()
+        and not launch_module.hooks_installed()
+    )  # the interpreter needs no test here: its launches compile nothing, so a capture of them plans nothing
+
+
+def _scalar_fact(value):
+    kind = type(value)
+    return (kind, value) if kind in _SCALAR_TYPES else _UNKEYABLE
+
+
+def _fact(value):
+    """One argument's part of the call facts (module docstring), or ``_UNKEYABLE``."""
+    kind = type(value)
+    if kind in _TENSOR_TYPES:
+        return (value.dtype, value.shape, value.stride(), value.get_device(), value.data_ptr() & 15)
+    if kind in _SCALAR_TYPES:
+        return (kind, value)
+    if kind is tuple or kind is list:
+        parts = tuple(_scalar_fact(v) for v in value)
+        return _UNKEYABLE if _UNKEYABLE in parts else (kind, parts)
+    return _UNKEYABLE
+
+
+def call_key(args: tuple, kwargs: dict) -> tuple[tuple | None, list[torch.Tensor]]:
+    """``(facts, tensors)`` of a call: the hashable call facts (``None`` when an argument cannot be keyed, or the
+    first tensor is not on a GPU) and its tensor arguments in order (positional, then keyword as passed)."""
+    facts, tensors = call_facts(args, kwargs)
+    if facts is None or not tensors or tensors[0].get_device() < 0:
+        return None, tensors  # CPU tensors take the reference path (torch work a plan would not redo)
+    facts[0] = platform.current_device_index()
+    return tuple(facts), tensors
+
+
+def call_facts(args: tuple, kwargs: dict) -> tuple[list | None, list[torch.Tensor]]:
+    """The call facts as a list whose first entry is left for the current device (``None`` when an argument cannot
+    be keyed), and the tensor arguments. Every eager call computes this, so the tensor case is written out inline
+    (about a microsecond per tensor)."""
+    facts = [None]
+    tensors = []
+    for value in (*args, *kwargs.values()):
+        kind = type(value)
+        if kind is _TENSOR or kind is _PARAMETER:
+            facts.append((value.dtype, value.shape, value.stride(), value.get_device(), value.data_ptr() & 15))
+            tensors.append(value)
+        elif kind in _SCALAR_TYPES:
+            facts.append((kind, value))
+        else:
+            fact = _fact(value)
+            if fact is _UNKEYABLE:
+                return None, tensors
+            facts.append(fact)
+    if kwargs:
+        facts.append(tuple(kwargs))  # which keywords were passed, in order
+    return facts, tensors
+
+
+def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(shape, dtype, device)`` for a buffer whose contents the kernels write before reading (an output,
+    split partials). Inside a plan's capture the buffer is recorded, so a replay allocates a fresh one."""
+    buffer = torch.empty(shape, dtype=dtype, device=device)
+    if _CAPTURES:
+        _CAPTURES[-1].buffers.append((buffer, tuple(shape), dtype, buffer.device))
+    return buffer
+
+
+def keep_constant(tensor: torch.Tensor) -> torch.Tensor:
+    """Register ``tensor`` as never written and never freed (its address, and its views', may be baked into
+    plans)."""
+    _CONSTANTS[id(_root(tensor))] = tensor
+    return tensor
+
+
+class _Unplannable(Exception):
+    """Why a call's facts cannot be planned (counted in :attr:`PlanStats.reasons`)."""
+
+
+class _Capture:
+    """What the first call with some facts did: its launches and buffers, read by :meth:`build`."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self.tensors = tensors
+        self.launches: list[tuple] = []
+        self.buffers: list[tuple[torch.Tensor, tuple[int, ...], torch.dtype, torch.device]] = []
+        self.spoiled = False
+
+    def observe(self, compiled, grid: tuple[int, ...], values: tuple) -> None:
+        if compiled is None:
+            self.spoiled = True
+        else:
+            self.launches.append((compiled, grid, values))
+
+    def _allocation(self, buffer: tuple) -> tuple:
+        """How a replay allocates a returned buffer: ``(argument index, None)`` for ``torch.empty_like`` of a
+        contiguous argument of its shape and dtype (the cheapest allocation torch has: about 2 µs against 4-5 µs
+        for a shape tuple), else ``(None, (shape, dtype, device))``."""
+        tensor, shape, dtype, device = buffer
+        for index, t in enumerate(self.tensors):
+            if t.shape == tensor.shape and t.dtype == dtype and t.device == device and t.is_contiguous():
+                return (index, None)
+        return (None, (shape, dtype, device))
+
+    def build(self, result) -> _Plan:
+        """The plan of this call; raises :class:`_Unplannable` when there is none (module docstring)."""
+        if self.spoiled:
+            raise _Unplannable("this Triton returns no compiled kernel from a launch")
+        if len({id(t) for t in self.tensors}) != len(self.tensors):
+            raise _Unplannable("one tensor object passed as two arguments")
+        sources = _Sources(self.tensors, [b[0] for b in self.buffers])
+        returned = () if result is None else result if isinstance(result, tuple) else (result,)
+        outputs = tuple(sources.identical(value) for value in returned)
+        if None in outputs:
+            raise _Unplannable("the call returns a tensor that is neither an argument nor a buffer")
+        # Buffers the call returns are allocated one by one; the others (split partials, an LSE nobody asked for)
+        # become slices of one workspace, one allocation per replay (each torch.empty costs 3-6 µs of host time).
+        returned_buffers = [index for is_buffer, index in outputs if is_buffer]
+        own = {index: n for n, index in enumerate(returned_buffers)}
+        workspace_at, workspace_bytes = {}, 0
+        for index, (buffer, _, _, _) in enumerate(self.buffers):
+            if index not in own:
+                workspace_at[index] = workspace_bytes
+                nbytes = buffer.numel() * buffer.element_size()  # a fresh contiguous tensor
+                workspace_bytes += -(-nbytes // _WORKSPACE_ALIGN) * _WORKSPACE_ALIGN
+        launches = []
+        constants = []
+        for compiled, grid, values in self.launches:
+            template, slots = list(values), []
+            for pos, value in enumerate(values):
+                if type(value) in _TENSOR_TYPES:
+                    kind, index, offset = sources.find(value)
+                    if kind == _CONSTANT:
+                        template[pos] = value.data_ptr()
+                        constants.append(value)
+                        continue
+                    template[pos] = None
+                    if kind == _ARGUMENT:
+                        slots.append((pos, _ARGUMENT, index, offset))
+                    elif index in own:
+                        slots.append((pos, _BUFFER, own[index], offset))
+                    else:
+                        slots.append((pos, _WORKSPACE, 0, workspace_at[index] + offset))
+            launches.append(_launch_call(compiled, grid, template, tuple(slots)))
+        if any(slot[1] == _WORKSPACE for launch in launches for slot in launch[4]):
+            workspace_bytes = max(workspace_bytes, _WORKSPACE_ALIGN)  # zero-size slices still need an address
+        outputs = tuple((is_buffer, own[index] if is_buffer else index) for is_buffer, index in outputs)
+        buffers = tuple(self._allocation(self.buffers[index]) for index in returned_buffers)
+        device = self.tensors[0].device
+        return _Plan(
+            buffers, (workspace_bytes, device), tuple(launches), outputs if result is not None else None,
+            isinstance(result, tuple), tuple(constants),
+        )  # fmt: skip
+
+
+_ARGUMENT, _BUFFER, _CONSTANT, _WORKSPACE = 0, 1, 2, 3
+_WORKSPACE_ALIGN = 256  # bytes between workspace slices: every slice as aligned as its own allocation would be
+
+
+def _launch_call(compiled, grid, template: list, slots: tuple) -> tuple:
+    """``(launcher, arguments before the stream, arguments after it, template, slots)`` of one launch.
+
+    On Triton 3.6 (the version whose launcher this was written against) a kernel without global or profile scratch
+    memory is launched through the C function under Triton's Python launcher, with the same arguments that
+    launcher passes (its ``__call__`` costs a few µs more). Elsewhere: the Python launcher, as
+    :func:`kvflash.attn_common.launch.launch` calls it."""
+    g = (tuple(grid) + (1, 1))[:3]
+    run = compiled.run
+    direct = (
+        _TRITON_VERSION.startswith("3.6.")
+        and getattr(run, "global_scratch_size", None) == 0
+        and getattr(run, "profile_scratch_size", None) == 0
+        and hasattr(run, "launch")
+    )
+    if direct:
+        after = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                 compiled.packed_metadata, None, None, None)  # fmt: skip
+        return (run.launch, g, after, template, slots)
+    return (run, g, (compiled.function, compiled.packed_metadata, None, None, None), template, slots)
+
+
+def _triton_version() -> str:
+    import triton
+
+    return getattr(triton, "__version__", "")
+
+
+_TRITON_VERSION = _triton_version()
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was made from (torch keeps it as ``_base``), or the tensor itself."""
+    base = tensor._base
+    return tensor if base is None else base
+
+
+class _Sources:
+    """Finds where a launch's tensor comes from: ``(kind, index, byte offset)``, or raises :class:`_Unplannable`.
+
+    A view is traced to the argument or buffer it was made from through torch's view bookkeeping (``_base``, no
+    storage objects: a plan is built in the first call of every step, so this is kept cheap)."""
+
+    def __init__(self, tensors: list[torch.Tensor], buffers: list[torch.Tensor]):
+        self.groups = ((_ARGUMENT, tensors), (_BUFFER, buffers))
+        self.roots = None  # kind -> id of each tensor's root, computed at the first view
+
+    def identical(self, value) -> tuple[bool, int] | None:
+        """``(is a buffer, index)`` of the argument tensor or buffer that ``value`` is, else ``None``."""
+        for kind, group in self.groups:
+            for index, t in enumerate(group):
+                if value is t:
+                    return (kind == _BUFFER, index)
+        return None
+
+    def find(self, value: torch.Tensor) -> tuple[int, int, int]:
+        same = self.identical(value)
+        if same is not None:
+            return (_BUFFER if same[0] else _ARGUMENT, same[1], 0)
+        root = id(_root(value))
+        if root in _CONSTANTS:
+            return (_CONSTANT, 0, 0)
+        if self.roots is None:
+            self.roots = {kind: [id(_root(t)) for t in group] for kind, group in self.groups}
+        matches = [
+            (kind, index, value.data_ptr() - t.data_ptr())
+            for kind, group in self.groups
+            for index, t in enumerate(group)
+            if self.roots[kind][index] == root
+        ]
+        if len(matches) > 1:  # several views of one tensor (a joint K/V cache): the one this view starts at
+            matches = [m for m in matches if m[2] == 0]
+        if len(matches) != 1:
+            raise _Unplannable(
+                "a launch argument is a tensor the call made with a torch op (a converted copy)"
+                if not matches
+                else "a launch argument is a view of a tensor several arguments view"
+            )
+        return matches[0]
+
+
+class _Plan:
+    """The launches of one call's facts, replayed on a new call's tensors."""
+
+    __slots__ = ("buffers", "workspace", "launches", "outputs", "as_tuple", "constants", "device_index")
+
+    def __init__(self, buffers, workspace, launches, outputs, as_tuple, constants):
+        self.device_index = platform.current_device_index()  # the launches ran on it; the call facts hold it
+        self.buffers = buffers  # each returned buffer: (argument index, None) -> empty_like; (None, (shape, ...))
+        self.workspace = workspace  # (bytes, device) of the other buffers' slices
+        self.launches = launches
+        self.outputs = outputs  # None: the call returns None
+        self.as_tuple = as_tuple
+        self.constants = constants  # kept alive with the plan (their addresses are in the templates)
+
+    def replay(self, tensors: list[torch.Tensor]):
+        buffers = [
+            torch.empty_like(tensors[like]) if like is not None else torch.empty(spec[0], dtype=spec[1], device=spec[2])
+            for like, spec in self.buffers
+        ]
+        workspace_bytes, device = self.workspace
+        # Kept alive to the end of the call: later work on the stream reuses it only after these kernels.
+        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device) if workspace_bytes else None
+        sources = (tensors, buffers, None, None)
+        stream = platform.current_stream_handle(self.device_index)
+        for launcher, grid, after, template, slots in self.launches:
+            values = template.copy()
+            for pos, kind, index, offset in slots:
+                base = workspace if kind == _WORKSPACE else sources[kind][index]
+                values[pos] = base.data_ptr() + offset
+            # Triton's launcher takes an int as a device pointer as it is (no pointer-attribute query).
+            launcher(grid[0], grid[1], grid[2], stream, *after, *values)
+        if self.outputs is None:
+            return None
+        results = tuple(buffers[index] if is_buffer else tensors[index] for is_buffer, index in self.outputs)
+        return results if self.as_tuple else results[0]
+
+
+def planned(fn: Callable) -> Callable:
+    """Decorate a public kvflash function so eager calls with known facts replay their plan (module docstring).
+
+    The decorated function keeps ``fn``'s signature and docstring; under ``torch.compile``, dispatch modes or the
+    interpreter it is ``fn`` itself."""
+    plans: dict = {}
+    _ALL_PLANS.append(plans)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not plans_allowed():
+            return fn(*args, **kwargs)
+        key, tensors = call_key(args, kwargs)
+        if key is None:
+            _STATS.full += 1
+            return fn(*args, **kwargs)
+        plan = plans.get(key)
+        if plan is not None and plan is not _UNPLANNED:
+            _STATS.hits += 1
+            return plan.replay(tensors)
+        _STATS.full += 1
+        if plan is _UNPLANNED or (tensors and platform.stream_capturing(tensors[0].device)):
+            return fn(*args, **kwargs)
+        capture = _Capture(tensors)
+        _CAPTURES.append(capture)
+        try:
+            with launch_module.observe_launches(capture.observe):
+                result = fn(*args, **kwargs)
+        finally:
+            _CAPTURES.pop()
+        if len(plans) >= MAX_PLANS:
+            del plans[next(iter(plans))]
+        try:
+            plans[key] = capture.build(result)
+            _STATS.built += 1
+        except _Unplannable as why:
+            plans[key] = _UNPLANNED
+            _STATS.unplanned += 1
+            _STATS.reasons[str(why)] = _STATS.reasons.get(str(why), 0) + 1
+        return result
+
+    return call
