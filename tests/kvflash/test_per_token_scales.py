@@ -285,3 +285,22 @@ def test_accuracy_gain_on_outlier_tokens_and_heads_large(device, kv_dtype, q_len
     with capsys.disabled():
         print("\n" + table)
     _assert_gain(rows, table, strict=True)
+
+
+def test_upstream_kvcache_reads_per_token_pages_and_refuses_to_append(device):
+    """``kvflash.flash_attn.flash_attn_with_kvcache`` reads a paged cache with rank-3 per-token-head descales;
+    appending new k/v with them raises naming the descale (the writer's per-token-head mode is the way)."""
+    from kvflash.flash_attn import flash_attn_with_kvcache
+
+    seqs = [(1, 20), (1, 13)]
+    q, cu_q, kv = _case(device, seqs, torch.float8_e4m3fn, 16, seed=12)
+    lens = kv.kv_args["seqused_k"]
+    got = flash_attn_with_kvcache(q[:, None], kv.k, kv.v, cache_seqlens=lens, block_table=kv.kv_args["block_table"],
+                                  k_descale=kv.k_descale, v_descale=kv.v_descale)  # fmt: skip
+    want = _call(q, cu_q, kv)
+    torch.testing.assert_close(got[:, 0], want, rtol=0, atol=1e-3)
+    new = torch.randn(2, 1, HKV, D, device=device).half()
+    with pytest.raises(NotImplementedError, match="k_descale"):
+        flash_attn_with_kvcache(q[:, None], kv.k, kv.v, new, new, cache_seqlens=lens - 1,
+                                block_table=kv.kv_args["block_table"], k_descale=kv.k_descale,
+                                v_descale=kv.v_descale)  # fmt: skip
