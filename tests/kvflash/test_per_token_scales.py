@@ -304,3 +304,21 @@ def test_upstream_kvcache_reads_per_token_pages_and_refuses_to_append(device):
         flash_attn_with_kvcache(q[:, None], kv.k, kv.v, new, new, cache_seqlens=lens - 1,
                                 block_table=kv.kv_args["block_table"], k_descale=kv.k_descale,
                                 v_descale=kv.v_descale)  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ["decode", "prefill", "mixed"])
+def test_per_token_with_fp8_output(device, route):
+    """``output_scale`` (fused static fp8 output) with per-token-head descales: the fp8 output times the scale
+    equals the fp16 output within e4m3's rounding (relative 2^-4 of each element, plus the fp16 output's own)."""
+    seqs = ROUTES[route]
+    q, cu_q, kv = _case(device, seqs, torch.float8_e5m2, 16, seed=13)
+    args = dict(causal=True, **kv.kv_args, k_descale=kv.k_descale, v_descale=kv.v_descale)
+    max_q, max_k = max(s[0] for s in seqs), max(s[1] for s in seqs)
+    plain = flash_attn_varlen_func(q, kv.k, kv.v, max_q, cu_q, max_k, **args)
+    scale = torch.tensor([0.01], device=device)
+    out = poison(torch.empty(q.shape, dtype=torch.float16, device=device)).to(torch.float8_e4m3fn)
+    got = flash_attn_varlen_func(q, kv.k, kv.v, max_q, cu_q, max_k, out=out, output_scale=scale, **args)
+    assert got is out and got.dtype == torch.float8_e4m3fn
+    back = got.float() * scale
+    ref = plain.float().clamp(-448 * 0.01, 448 * 0.01)
+    assert bool(((back - ref).abs() <= ref.abs() * 2.0**-4 + 2e-3 * 0.01 + 1e-3 * ref.abs().max()).all())
