@@ -141,12 +141,16 @@ def test_fp8_compute_kv_scales_errors():
 
 
 def test_fp8_kv_cache_torch_dtype():
-    assert KV_CACHE_DTYPES == ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+    assert KV_CACHE_DTYPES == (
+        "auto", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_token_head", "fp8_e5m2_per_token_head"
+    )  # fmt: skip
     for model_dtype in (torch.float16, torch.bfloat16, torch.float32):
         assert kv_cache_torch_dtype("auto", model_dtype) == model_dtype
         assert kv_cache_torch_dtype("fp8", model_dtype) == torch.float8_e4m3fn
         assert kv_cache_torch_dtype("fp8_e4m3", model_dtype) == torch.float8_e4m3fn
         assert kv_cache_torch_dtype("fp8_e5m2", model_dtype) == torch.float8_e5m2
+        assert kv_cache_torch_dtype("fp8_e4m3_per_token_head", model_dtype) == torch.float8_e4m3fn
+        assert kv_cache_torch_dtype("fp8_e5m2_per_token_head", model_dtype) == torch.float8_e5m2
     with pytest.raises(ValueError, match=re.escape("'auto', 'fp8', 'fp8_e4m3', 'fp8_e5m2'")):
         kv_cache_torch_dtype("int8", torch.float16)
     with pytest.raises(TypeError, match="model_dtype"):

@@ -1,6 +1,7 @@
 """Context-parallel decode over gloo (2 and 3 processes, kernels under the Triton interpreter on CPU):
 the merged result must equal single-process decode over the whole cache, with empty shards, FP8 shards
-quantised with their own per-head scales, and sinks counted once."""
+quantised with their own per-head scales (or per-token-head scales, written like the cache writer's), and sinks
+counted once."""
 
 import os
 import socket
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kvflash.attn_common import reference_attention
-from kvflash.attn_common.testing import encode_fp8, make_paged_kv
+from kvflash.attn_common.testing import encode_fp8, make_fp8_per_token_kv, make_paged_kv
 
 HQ, HKV, D = 4, 2, 32
 SEQ_LENS = [29, 5, 0, 18]
@@ -40,7 +41,7 @@ def _shard_bounds(length: int, world: int, seq: int) -> list[tuple[int, int]]:
     return [(cuts[r], cuts[r + 1]) for r in range(world)]
 
 
-def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int) -> None:
+def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int, per_token: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -64,6 +65,24 @@ def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int) -> 
             real_k.append((stored_k.float() * k_scale[:, None]).half())
             real_v.append((stored_v.float() * v_scale[:, None]).half())
         cache = make_paged_kv(shard_k, shard_v, 4, generator=g)
+        k_descale, v_descale = (k_scale, v_scale) if fp8 else (None, None)
+        if per_token:  # this rank's shard quantised per (token, KV head), scales laid out like its pages
+            shard = make_fp8_per_token_kv(
+                [ks[s][slice(*_shard_bounds(n, world, s)[rank])] for s, n in enumerate(SEQ_LENS)],
+                [vs[s][slice(*_shard_bounds(n, world, s)[rank])] for s, n in enumerate(SEQ_LENS)],
+                kv_dtype, 4, generator=g,
+            )  # fmt: skip
+            cache.k_cache, cache.v_cache = shard.k, shard.v
+            cache.block_table, cache.seqused_k = shard.kv_args["block_table"], shard.kv_args["seqused_k"]
+            k_descale, v_descale = shard.k_descale, shard.v_descale
+            real_k, real_v = [], []
+            table = cache.block_table.long()
+            for s, n in enumerate(SEQ_LENS):
+                lo, hi = _shard_bounds(n, world, s)[rank]
+                pos = torch.arange(hi - lo)
+                blocks, offs = table[s, pos // 4], pos % 4
+                for cache_t, scale_t, real in ((shard.k, shard.k_descale, real_k), (shard.v, shard.v_descale, real_v)):
+                    real.append((cache_t[blocks, offs].float() * scale_t[blocks, offs][..., None]).half())
         out, lse = context_parallel_decode(
             q,
             cache.k_cache,
@@ -73,8 +92,8 @@ def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int) -> 
             max(x.shape[0] for x in shard_k),  # this rank's bound, as the API asks
             s_aux=sinks,
             softcap=4.0,
-            k_descale=k_scale if fp8 else None,
-            v_descale=v_scale if fp8 else None,
+            k_descale=k_descale,
+            v_descale=v_descale,
             return_lse=True,
         )
         # Gather every rank's dequantised shard so rank 0 can build the whole cache in token order.
@@ -123,6 +142,11 @@ def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int) -> 
 @pytest.mark.parametrize("world, kv_dtype", [(2, "float8_e4m3fn"), (3, "float8_e5m2")])
 def test_context_parallel_decode_matches_single_process(world, kv_dtype):
     mp.spawn(_worker, args=(world, _free_port(), kv_dtype, 17 + world), nprocs=world, join=True)
+
+
+def test_context_parallel_decode_per_token_head_scales():
+    """Each rank's shard with its own per-token-head scales ([num_blocks, block_size, Hkv], rank 3)."""
+    mp.spawn(_worker, args=(2, _free_port(), "float8_e4m3fn", 31, True), nprocs=2, join=True)
 
 
 def test_position_dependent_features_are_rejected():

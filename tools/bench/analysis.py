@@ -70,7 +70,7 @@ def derive(data: dict) -> list[dict]:
     for r in rows:
         if r["rate"] is None or not r["impl"].startswith("kvflash") or r["group"] == "serving":
             continue
-        if r["impl"] == "kvflash-varlen":
+        if r["impl"] in ("kvflash-varlen", "kvflash-per-token"):  # against the same case through the op / per head
             ref = index.get(_key(r, impl="kvflash"))
             if ref:
                 r["ref"], r["speedup"] = ref["name"], ref["ms"] / r["ms"]

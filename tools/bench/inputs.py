@@ -28,7 +28,8 @@ _FILL_ELEMENTS = 1 << 28
 @dataclasses.dataclass
 class PagedCache:
     """``k, v [num_blocks, block_size, Hkv, D]``; ``block_table [num_seqs, max_blocks]`` int32;
-    ``seqused_k [num_seqs]`` int32; ``k_descale, v_descale [num_seqs, Hkv]`` float32 (None for bf16)."""
+    ``seqused_k [num_seqs]`` int32; ``k_descale, v_descale [num_seqs, Hkv]`` float32 (None for bf16), or
+    per-token-head ``[num_blocks, block_size, Hkv]`` float32."""
 
     k: torch.Tensor
     v: torch.Tensor
@@ -51,11 +52,12 @@ def _fill_random(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def make_paged_cache(
-    kv_lens: list[int], hkv: int, d: int, block: int, kv_dtype: str, gen: torch.Generator
+    kv_lens: list[int], hkv: int, d: int, block: int, kv_dtype: str, gen: torch.Generator, per_token: bool = False
 ) -> PagedCache:
     """A paged cache holding ``kv_lens[s]`` tokens for sequence ``s``, pages scattered over the pool.
 
-    FP8 caches get different, non-unit K and V descales per (sequence, KV head), as engines pass them.
+    FP8 caches get different, non-unit K and V descales per (sequence, KV head), as engines pass them; with
+    ``per_token``, one per stored (token, KV head) instead (``[num_blocks, block_size, Hkv]``).
     """
     device = gen.device
     num_seqs = len(kv_lens)
@@ -69,8 +71,9 @@ def make_paged_cache(
     seqused_k = torch.tensor(kv_lens, dtype=torch.int32, device=device)
     k_descale = v_descale = None
     if kv_dtype != "bf16":
-        k_descale = 0.5 + torch.rand(num_seqs, hkv, device=device, generator=gen)
-        v_descale = 0.25 + 0.5 * torch.rand(num_seqs, hkv, device=device, generator=gen)
+        rows = (num_blocks, block, hkv) if per_token else (num_seqs, hkv)
+        k_descale = 0.5 + torch.rand(rows, device=device, generator=gen)
+        v_descale = 0.25 + 0.5 * torch.rand(rows, device=device, generator=gen)
     return PagedCache(k, v, block_table, seqused_k, k_descale, v_descale)
 
 
@@ -79,9 +82,10 @@ def visible_pairs(q_len: int, kv_len: int) -> int:
     return q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
 
 
-def kv_bytes(tokens: int, hkv: int, d: int, kv_dtype: str) -> int:
-    """Bytes of K and V for ``tokens`` tokens (read once)."""
-    return 2 * tokens * hkv * d * KV_DTYPES[kv_dtype].itemsize
+def kv_bytes(tokens: int, hkv: int, d: int, kv_dtype: str, per_token: bool = False) -> int:
+    """Bytes of K and V for ``tokens`` tokens (read once), with ``per_token`` their float32 K and V scales."""
+    scale_bytes = 2 * tokens * hkv * 4 if per_token else 0
+    return 2 * tokens * hkv * d * KV_DTYPES[kv_dtype].itemsize + scale_bytes
 
 
 def spot_check(
@@ -121,11 +125,19 @@ def _slice_error(
         block_table=cache.block_table[one],
         seqused_k=cache.seqused_k[one],
         causal=causal,
-        k_descale=None if cache.k_descale is None else cache.k_descale[one],
-        v_descale=None if cache.v_descale is None else cache.v_descale[one],
+        k_descale=_seq_descale(cache.k_descale, one),
+        v_descale=_seq_descale(cache.v_descale, one),
         compute_dtype=torch.float32,
     )
     got = out[sl].float()
     if not torch.isfinite(got).all():
         return float("inf")
     return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _seq_descale(descale: torch.Tensor | None, one: slice) -> torch.Tensor | None:
+    """One sequence's descales: its row of ``[num_seqs, Hkv]``; per-token-head ones are indexed like the cache
+    (the block table's row picks them), so they pass whole."""
+    if descale is None or descale.dim() == 3:
+        return descale
+    return descale[one]

@@ -5,6 +5,12 @@ Accepted forms: ``None`` (1.0), a Python float, or a float32/fp16/bf16 tensor br
 ``[num_seqs, Hkv]``: one element, ``[Hkv]``, ``[1, Hkv]``, ``[num_seqs, 1]``, ``[num_seqs, Hkv]``, and
 expanded stride-0 views of those. A float32 tensor is returned as a view (stride 0 on broadcast axes):
 no copy, and no host synchronisation ever (values are never read on the host).
+
+Per-token-head descales (:func:`normalize_kv_descales`): one float32 scale per stored (token, KV head), indexed
+like the cache. Paged: ``[num_blocks, block_size, Hkv]`` (rank 3, unambiguous: no per-sequence form has rank 3).
+Contiguous: ``[total_k, Hkv]``, which reads like ``[num_seqs, Hkv]`` when the two counts are equal, so that form
+needs ``kv_descale_per_token=True``. The normalised per-token form is always rank 3 (contiguous: a
+``[1, total_k, Hkv]`` view) and the per-sequence form always rank 2, so an op tells them apart by ``dim()``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import torch
 from kvflash.attn_common.call_plan import keep_constant
 from kvflash.attn_common.platform import stream_capturing
 
-__all__ = ["normalize_descale", "DESCALE_TORCH_DTYPES"]
+__all__ = ["normalize_descale", "normalize_kv_descales", "is_per_token_descale", "DESCALE_TORCH_DTYPES"]
 
 DESCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -104,3 +110,120 @@ def _constant_scale(value: float, device: torch.device) -> torch.Tensor:
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, int]) -> bool:
     padded = (1,) * (2 - len(shape)) + shape
     return all(s in (1, t) for s, t in zip(padded, target))
+
+
+def is_per_token_descale(descale: torch.Tensor) -> bool:
+    """Whether a *normalised* descale (from :func:`normalize_kv_descales`) is the per-token-head form (rank 3)."""
+    return descale.dim() == 3
+
+
+def normalize_kv_descales(
+    k_descale: torch.Tensor | float | None,
+    v_descale: torch.Tensor | float | None,
+    *,
+    k: torch.Tensor,
+    is_paged: bool,
+    kv_is_fp8: bool,
+    num_seqs: int,
+    num_kv_heads: int,
+    device: torch.device,
+    kv_descale_per_token: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Normalise both descales and decide the descale mode.
+
+    Parameters
+    ----------
+    k_descale, v_descale : None, float or torch.Tensor
+        Per-(sequence, KV head) forms (see :func:`normalize_descale`), or per-token-head tensors: float32
+        ``[num_blocks, block_size, Hkv]`` for a paged ``k [num_blocks, block_size, Hkv, D]``, float32
+        ``[total_k, Hkv]`` for a contiguous ``k [total_k, Hkv, D]``. Any strides. K and V take the same mode.
+    k : torch.Tensor
+        The (validated) key cache: its leading dims size the per-token form.
+    is_paged, kv_is_fp8 : bool
+        The cache's layout and whether it is FP8 (per-token-head descales need an FP8 cache).
+    num_seqs, num_kv_heads : int
+        The per-sequence broadcast target ``[num_seqs, Hkv]``.
+    device : torch.device
+        The query's device.
+    kv_descale_per_token : bool, optional
+        ``None``: per-token-head iff a paged descale has rank 3 (a contiguous cache then takes the
+        per-sequence forms only); ``True``: both descales must be per-token-head tensors (the only way to pass
+        the contiguous ``[total_k, Hkv]`` form); ``False``: per-sequence forms only.
+
+    Returns
+    -------
+    (k_descale, v_descale, per_token)
+        float32 ``[num_seqs, Hkv]`` views, or (``per_token``) ``[num_blocks, block_size, Hkv]`` /
+        ``[1, total_k, Hkv]`` views of the given tensors (never copied).
+
+    Raises
+    ------
+    TypeError
+        ``kv_descale_per_token`` not None or a bool; a per-token-head descale that is not a float32 tensor.
+    ValueError
+        Naming the argument: a per-token-head shape that does not match the cache, rank 3 under
+        ``kv_descale_per_token=False``, only one of the two descales per-token-head, per-token-head descales
+        over a non-FP8 cache, a contiguous ``[total_k, Hkv]`` tensor without ``kv_descale_per_token=True``.
+    """
+    if kv_descale_per_token is not None and not isinstance(kv_descale_per_token, bool):
+        raise TypeError(
+            f"kv_descale_per_token: expected None, True or False, got {type(kv_descale_per_token).__name__}"
+        )
+    rank3 = [
+        name for name, d in (("k_descale", k_descale), ("v_descale", v_descale))
+        if isinstance(d, torch.Tensor) and d.dim() == 3
+    ]  # fmt: skip
+    if kv_descale_per_token is None:
+        per_token = is_paged and bool(rank3)
+    else:
+        per_token = kv_descale_per_token
+    if not per_token:
+        if rank3:
+            raise ValueError(
+                f"{rank3[0]}: a rank-3 descale is per-token-head ([num_blocks, block_size, Hkv] over a paged "
+                f"cache); kv_descale_per_token=False asks for a per-(sequence, KV head) form"
+            )
+        if not is_paged:
+            total_k = k.shape[0]
+            for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+                if (
+                    isinstance(d, torch.Tensor) and d.dim() == 2 and total_k != num_seqs
+                    and tuple(d.shape) == (total_k, num_kv_heads)
+                ):  # fmt: skip
+                    raise ValueError(
+                        f"{name}: shape [total_k, Hkv]=[{total_k}, {num_kv_heads}] is not broadcastable to "
+                        f"[num_seqs, Hkv]=[{num_seqs}, {num_kv_heads}]; for per-token-head descales over a "
+                        "contiguous cache pass kv_descale_per_token=True"
+                    )
+        return (
+            normalize_descale("k_descale", k_descale, num_seqs, num_kv_heads, device),
+            normalize_descale("v_descale", v_descale, num_seqs, num_kv_heads, device),
+            False,
+        )
+    if is_paged:
+        expected = (k.shape[0], k.shape[1], num_kv_heads)
+        form = f"[num_blocks, block_size, Hkv]={list(expected)}"
+    else:
+        expected = (k.shape[0], num_kv_heads)
+        form = f"[total_k, Hkv]={list(expected)}"
+    result = []
+    for name, d in (("k_descale", k_descale), ("v_descale", v_descale)):
+        if not isinstance(d, torch.Tensor):
+            other = rank3[0] if rank3 else "kv_descale_per_token=True"
+            raise TypeError(
+                f"{name}: per-token-head descales ({other}) need a float32 tensor {form} for K and for V, "
+                f"got {type(d).__name__}"
+            )
+        if d.dtype != torch.float32:
+            raise TypeError(f"{name}: per-token-head descales must be float32 {form}, got dtype {d.dtype}")
+        if d.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device} (the query's device), got one on {d.device}")
+        if tuple(d.shape) != expected:
+            raise ValueError(f"{name}: per-token-head descales must have shape {form}, got {list(d.shape)}")
+        result.append(d if is_paged else d.unsqueeze(0))
+    if not kv_is_fp8:
+        raise ValueError(
+            f"k_descale: per-token-head descales need an FP8 cache (float8_e4m3fn / float8_e5m2), got k of dtype "
+            f"{k.dtype}"
+        )
+    return result[0], result[1], True

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from kvflash.attn_common.descale import normalize_descale
+from kvflash.attn_common.descale import normalize_kv_descales
 from kvflash.attn_common.feature_args import (
     check_softcap,
     normalize_alibi_slopes,
@@ -34,9 +34,12 @@ class AttentionFeatures:
     softcap: float  # 0 = off
     alibi_slopes: torch.Tensor | None  # [num_seqs, Hq] fp32 view
     s_aux: torch.Tensor | None  # [Hq] fp32, contiguous
-    k_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
-    v_descale: torch.Tensor  # [num_seqs, Hkv] fp32 view
+    # [num_seqs, Hkv] fp32 views; per-token-head: [num_blocks, block_size, Hkv] (paged) or [1, total_k, Hkv]
+    # (contiguous) fp32 views, rank 3 (attn_common.descale.normalize_kv_descales)
+    k_descale: torch.Tensor
+    v_descale: torch.Tensor
     output_scale: torch.Tensor | None = None  # [1] fp32: out = saturate(attention / output_scale) in fp8 e4m3
+    kv_descale_per_token: bool = False  # k_descale / v_descale are per (stored token, KV head)
 
 
 def normalize_attention_features(
@@ -52,13 +55,33 @@ def normalize_attention_features(
     k_descale: torch.Tensor | float | None,
     v_descale: torch.Tensor | float | None,
     output_scale: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
+    kv_descale_per_token: bool | None = None,
 ) -> AttentionFeatures:
     """Validate and normalise the feature arguments of a call with query ``q [*, Hq, D]`` over ``layout``.
 
-    Raises ``TypeError`` / ``ValueError`` naming the argument; reads no tensor values.
+    ``k`` (the validated key cache) sizes per-token-head descales; ``kv_descale_per_token`` picks the descale
+    mode (see :func:`kvflash.attn_common.descale.normalize_kv_descales`). Without ``k`` only the
+    per-(sequence, KV head) forms are accepted. Raises ``TypeError`` / ``ValueError`` naming the argument;
+    reads no tensor values.
     """
     num_q_heads = q.shape[1]
     left, right = normalize_window(window_size, causal)
+    if k is None:
+        if kv_descale_per_token:
+            raise ValueError("kv_descale_per_token: this entry point takes per-(sequence, KV head) descales only")
+        k_scale, v_scale, per_token = (
+            normalize_kv_descales(
+                k_descale, v_descale, k=q, is_paged=True, kv_is_fp8=False, num_seqs=layout.num_seqs,
+                num_kv_heads=layout.num_kv_heads, device=q.device, kv_descale_per_token=False,
+            )
+        )  # fmt: skip
+    else:
+        k_scale, v_scale, per_token = normalize_kv_descales(
+            k_descale, v_descale, k=k, is_paged=layout.is_paged, kv_is_fp8=layout.types.kv_is_fp8,
+            num_seqs=layout.num_seqs, num_kv_heads=layout.num_kv_heads, device=q.device,
+            kv_descale_per_token=kv_descale_per_token,
+        )  # fmt: skip
     return AttentionFeatures(
         softmax_scale=resolve_softmax_scale(softmax_scale, layout.head_size),
         window_left=left,
@@ -66,7 +89,8 @@ def normalize_attention_features(
         softcap=check_softcap(softcap),
         alibi_slopes=normalize_alibi_slopes(alibi_slopes, layout.num_seqs, num_q_heads, q.device),
         s_aux=normalize_sinks(s_aux, num_q_heads, q.device),
-        k_descale=normalize_descale("k_descale", k_descale, layout.num_seqs, layout.num_kv_heads, q.device),
-        v_descale=normalize_descale("v_descale", v_descale, layout.num_seqs, layout.num_kv_heads, q.device),
+        k_descale=k_scale,
+        v_descale=v_scale,
         output_scale=normalize_output_scale(output_scale, q.device),
+        kv_descale_per_token=per_token,
     )

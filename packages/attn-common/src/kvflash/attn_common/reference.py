@@ -62,6 +62,7 @@ def reference_attention(
     k_descale: torch.Tensor | float | None = None,
     v_descale: torch.Tensor | float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    kv_descale_per_token: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention of ``q`` over a paged or contiguous KV cache, computed per sequence.
 
@@ -75,8 +76,11 @@ def reference_attention(
         and optionally ``seqused_k``). FP8 caches are dequantised as ``stored * descale``.
     cu_seqlens_q : torch.Tensor
         ``[num_seqs + 1]`` int32 query offsets.
-    causal, window_size, softcap, alibi_slopes, s_aux, k_descale, v_descale
+    causal, window_size, softcap, alibi_slopes, s_aux, k_descale, v_descale, kv_descale_per_token
         As in ``kvflash.flash_attn_interface.flash_attn_varlen_func`` (its docstring states the contract).
+        Per-token-head descales (``[num_blocks, block_size, Hkv]`` paged; ``[total_k, Hkv]`` contiguous with
+        ``kv_descale_per_token=True``, or the normalised ``[1, total_k, Hkv]``) are gathered like the cache:
+        key ``j`` of a sequence is ``stored_j * descale_j`` per KV head.
     compute_dtype : torch.dtype
         float64 or float32 for an oracle; fp16/bf16 to mimic a computation in the input precision.
 
@@ -96,8 +100,14 @@ def reference_attention(
     left, right = normalize_window(window_size, causal)
     slopes = normalize_alibi_slopes(alibi_slopes, num_seqs, num_q_heads, q.device)
     sinks = normalize_sinks(s_aux, num_q_heads, q.device)
-    k_scale = normalize_descale("k_descale", k_descale, num_seqs, num_kv_heads, q.device)
-    v_scale = normalize_descale("v_descale", v_descale, num_seqs, num_kv_heads, q.device)
+    per_token = kv_descale_per_token
+    if per_token is None:
+        per_token = isinstance(k_descale, torch.Tensor) and k_descale.dim() == 3
+    if per_token:  # per (stored token, KV head): gathered below like the cache itself
+        k_tok, v_tok = (d[0] if block_table is None and d.dim() == 3 else d for d in (k_descale, v_descale))
+    else:
+        k_scale = normalize_descale("k_descale", k_descale, num_seqs, num_kv_heads, q.device)
+        v_scale = normalize_descale("v_descale", v_descale, num_seqs, num_kv_heads, q.device)
     lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
 
     q_starts = cu_seqlens_q.tolist()
@@ -119,9 +129,14 @@ def reference_attention(
             continue
         ks = gather_sequence_kv(k, s, kv_len, block_table=block_table, cu_seqlens_k=k_starts)
         vs = gather_sequence_kv(v, s, kv_len, block_table=block_table, cu_seqlens_k=k_starts)
-        # Dequantise in compute precision: [kv_len, Hkv, D] * [Hkv, 1].
-        ks = ks.to(compute_dtype) * k_scale[s].to(compute_dtype)[:, None]
-        vs = vs.to(compute_dtype) * v_scale[s].to(compute_dtype)[:, None]
+        if per_token:  # [kv_len, Hkv, D] * [kv_len, Hkv, 1]
+            kd = gather_sequence_kv(k_tok, s, kv_len, block_table=block_table, cu_seqlens_k=k_starts)
+            vd = gather_sequence_kv(v_tok, s, kv_len, block_table=block_table, cu_seqlens_k=k_starts)
+            ks = ks.to(compute_dtype) * kd.to(compute_dtype)[:, :, None]
+            vs = vs.to(compute_dtype) * vd.to(compute_dtype)[:, :, None]
+        else:  # Dequantise in compute precision: [kv_len, Hkv, D] * [Hkv, 1].
+            ks = ks.to(compute_dtype) * k_scale[s].to(compute_dtype)[:, None]
+            vs = vs.to(compute_dtype) * v_scale[s].to(compute_dtype)[:, None]
         ks = ks.repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, kv_len, D]
         vs = vs.repeat_interleave(group, dim=1).transpose(0, 1)
         qs = q[q0:q1].to(compute_dtype).transpose(0, 1)  # [Hq, q_len, D]

@@ -11,7 +11,18 @@ import torch
 
 from kvflash.attn_common.intmath import cdiv
 
-__all__ = ["PagedKV", "make_paged_kv", "encode_fp8", "poison", "assert_close_fa_rule", "error_vs"]
+__all__ = [
+    "PagedKV",
+    "make_paged_kv",
+    "encode_fp8",
+    "encode_fp8_per_token_head",
+    "scatter_token_scales",
+    "PerTokenKV",
+    "make_fp8_per_token_kv",
+    "poison",
+    "assert_close_fa_rule",
+    "error_vs",
+]
 
 
 @dataclasses.dataclass
@@ -78,6 +89,78 @@ def encode_fp8(x: torch.Tensor, descale: torch.Tensor | float, dtype: torch.dtyp
         descale = descale.to(x.device, torch.float32)[:, None]
     fmax = torch.finfo(dtype).max
     return (x.float() / descale).clamp(-fmax, fmax).to(dtype)
+
+
+def encode_fp8_per_token_head(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Store ``x [..., Hkv, D]`` in FP8 with one dynamic scale per (token, KV head), as the cache writer does.
+
+    Returns ``(stored [..., Hkv, D] dtype, scale [..., Hkv] float32)`` with
+    ``scale = max(amax_d |x| / fp8_max, 1 / (fp8_max * 512))`` and ``stored = saturate(x / scale)``.
+    """
+    fmax = torch.finfo(dtype).max
+    scale = (x.float().abs().amax(-1) / fmax).clamp_min(1.0 / (fmax * 512.0))
+    return (x.float() / scale[..., None]).clamp(-fmax, fmax).to(dtype), scale
+
+
+def scatter_token_scales(
+    scales: list[torch.Tensor], block_table: torch.Tensor, num_blocks: int, block_size: int,
+    fill: float = float("nan"),
+) -> torch.Tensor:  # fmt: skip
+    """Per-sequence ``[kv_len, Hkv]`` scales placed like the cache: ``[num_blocks, block_size, Hkv]`` float32.
+
+    Token ``p`` of sequence ``s`` goes to ``block_table[s, p // block_size]``, slot ``p % block_size`` (the pages
+    :func:`make_paged_kv` chose). Every other slot holds ``fill`` (NaN by default: a kernel that reads a scale
+    it should not shows it).
+    """
+    num_kv_heads = scales[0].shape[1]
+    out = torch.full((num_blocks, block_size, num_kv_heads), fill, dtype=torch.float32)
+    table = block_table.cpu().long()
+    for s, sc in enumerate(scales):
+        pos = torch.arange(sc.shape[0])
+        out[table[s, pos // block_size], pos % block_size] = sc.float().cpu()
+    return out.to(block_table.device)
+
+
+@dataclasses.dataclass
+class PerTokenKV:
+    """An FP8 cache with per-token-head descales: ``k``, ``v`` (paged ``[num_blocks, block_size, Hkv, D]`` or
+    contiguous ``[total_k, Hkv, D]``), ``k_descale``, ``v_descale`` (``[num_blocks, block_size, Hkv]`` or
+    ``[total_k, Hkv]`` float32) and ``kv_args`` (``block_table`` + ``seqused_k``, or ``cu_seqlens_k``)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    k_descale: torch.Tensor
+    v_descale: torch.Tensor
+    kv_args: dict
+
+
+def make_fp8_per_token_kv(
+    k_seqs: list[torch.Tensor],
+    v_seqs: list[torch.Tensor],
+    dtype: torch.dtype,
+    block_size: int | None,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> PerTokenKV:
+    """Quantise per-sequence ``[kv_len, Hkv, D]`` keys/values with :func:`encode_fp8_per_token_head` and lay
+    them out paged (``block_size``; random pages, garbage in unused cache slots, NaN in unused scale slots) or
+    contiguous (``block_size=None``)."""
+    k_enc = [encode_fp8_per_token_head(x, dtype) for x in k_seqs]
+    v_enc = [encode_fp8_per_token_head(x, dtype) for x in v_seqs]
+    if block_size is None:
+        lens = [x.shape[0] for x in k_seqs]
+        cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+        cat = [torch.cat([e[i] for e in enc]).to(device) for enc in (k_enc, v_enc) for i in (0, 1)]
+        return PerTokenKV(cat[0], cat[2], cat[1], cat[3], {"cu_seqlens_k": cu.to(device)})
+    kv = make_paged_kv([e[0] for e in k_enc], [e[0] for e in v_enc], block_size, generator=generator)
+    num_blocks = kv.k_cache.shape[0]
+    k_scale = scatter_token_scales([e[1] for e in k_enc], kv.block_table, num_blocks, block_size)
+    v_scale = scatter_token_scales([e[1] for e in v_enc], kv.block_table, num_blocks, block_size)
+    return PerTokenKV(
+        kv.k_cache.to(device), kv.v_cache.to(device), k_scale.to(device), v_scale.to(device),
+        {"block_table": kv.block_table.to(device), "seqused_k": kv.seqused_k.to(device)},
+    )  # fmt: skip
 
 
 def poison(t: torch.Tensor) -> torch.Tensor:

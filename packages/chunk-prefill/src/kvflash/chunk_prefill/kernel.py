@@ -17,6 +17,12 @@ sequence. Tiles no row can see are never loaded.
 FP8 caches: K/V tiles are converted to fp16 in registers (one exact instruction per pair on sm_90; bf16 takes
 three) and both dots run in fp16; a bf16 q is moved to fp16 once per program with a per-row power of two.
 K's descale folds into the score scale, V's into the output, once per program.
+
+``PER_TOKEN_SCALES`` (its own specialisation; off, the kernel is unchanged): one descale per stored (token, KV
+head), loaded per tile beside K and V through the same page ids. K's multiplies the score column before the
+softmax, ``s_j = (q . k_j) * kscale_j * softmax_scale``; V's multiplies P's column before the PV dot, in units
+of a running power of two (:func:`kvflash.attn_common.jit_helpers.scale_p_columns`), so values stay exactly
+dequantised.
 """
 
 import triton
@@ -28,6 +34,7 @@ from kvflash.attn_common.jit_helpers import (
     finalize_softmax,
     key_visibility,
     online_softmax_step_scaled,
+    scale_p_columns,
     softcap_scores,
     to_e4m3,
 )
@@ -101,6 +108,7 @@ def _attend_tile(
     acc,  # [BLOCK_M, HEAD_PAD] fp32
     m_i,  # [BLOCK_M] fp32, log2 domain
     l_i,  # [BLOCK_M] fp32
+    v_exp,  # fp32 scalar: PER_TOKEN_SCALES' running exponent (acc holds sum p * vscale * v / 2^v_exp)
     q,  # [BLOCK_M, HEAD_PAD] DOT_DTYPE
     k_head_ptr,  # cache base + kv_head * stride_k_head
     v_head_ptr,  # cache base + kv_head * stride_v_head
@@ -118,6 +126,12 @@ def _attend_tile(
     stride_k_token,
     stride_v_block,
     stride_v_token,
+    kd_head_ptr,  # PER_TOKEN_SCALES: k descales + kv_head * stride_kd_head, [num_blocks, PAGE_SIZE] / [total_k]
+    vd_head_ptr,  # PER_TOKEN_SCALES: like kd_head_ptr, for V
+    stride_kd_block,
+    stride_kd_token,
+    stride_vd_block,
+    stride_vd_token,
     BLOCK_N: tl.constexpr,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
@@ -129,8 +143,9 @@ def _attend_tile(
     USE_ALIBI: tl.constexpr,
     MASKED: tl.constexpr,
     MASK_LEFT: tl.constexpr,
+    PER_TOKEN_SCALES: tl.constexpr,
 ):
-    """Attend one ``BLOCK_N`` key tile.
+    """Attend one ``BLOCK_N`` key tile; returns ``(acc, m_i, l_i, v_exp)``.
 
     ``MASKED`` tiles apply the length / window / causal mask; without ``MASK_LEFT`` the tile is known to lie
     right of every row's left window edge (the diagonal tiles) and that comparison is skipped.
@@ -158,6 +173,16 @@ def _attend_tile(
         v = tl.load(v_ptrs)
 
     qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
+    if PER_TOKEN_SCALES:
+        kd_rows = _kv_row_offsets(pages, kv_start, offs_n, stride_kd_block, stride_kd_token, IS_PAGED, PAGE_SIZE)
+        vd_rows = _kv_row_offsets(pages, kv_start, offs_n, stride_vd_block, stride_vd_token, IS_PAGED, PAGE_SIZE)
+        if MASKED:  # 0 past the sequence: those columns are masked below, and add nothing to E
+            k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=offs_n < kv_len, other=0.0)
+            v_tok_scale = tl.load(vd_head_ptr + vd_rows, mask=offs_n < kv_len, other=0.0)
+        else:
+            k_tok_scale = tl.load(kd_head_ptr + kd_rows)
+            v_tok_scale = tl.load(vd_head_ptr + vd_rows)
+        qk = qk * k_tok_scale[None, :]  # the score column of key j: q . k_j * kscale_j
     if USE_SOFTCAP or USE_ALIBI:  # scores in the log2 domain, scale 1
         if USE_SOFTCAP:
             scores = softcap_scores(qk * qk_scale[:, None], softcap) * LOG2E
@@ -176,9 +201,11 @@ def _attend_tile(
             visible = (offs_n < kv_len)[None, :] & (offs_n[None, :] <= (q_pos + window_right)[:, None])
         scores = tl.where(visible, scores, float("-inf"))
     m_i, l_i, p, alpha = online_softmax_step_scaled(m_i, l_i, scores, scale_log2)
+    if PER_TOKEN_SCALES:
+        p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc)
-    return acc, m_i, l_i
+    return acc, m_i, l_i, v_exp
 
 
 @triton.jit
@@ -192,8 +219,10 @@ def chunk_prefill_kernel(
     seqused_k_ptr,  # [num_seqs] int32 (paged, or contiguous with USE_SEQUSED)
     cu_seqlens_k_ptr,  # [num_seqs + 1] int32 (contiguous only)
     block_table_ptr,  # [num_seqs, max_blocks] int32 (paged only)
-    k_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0)
-    v_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0)
+    # [num_seqs, Hkv] fp32 (a view; strides may be 0); PER_TOKEN_SCALES: [num_blocks, PAGE_SIZE, Hkv] (paged) or
+    # [total_k, Hkv] fp32, indexed like the cache
+    k_descale_ptr,
+    v_descale_ptr,  # like k_descale_ptr
     alibi_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
@@ -220,10 +249,12 @@ def chunk_prefill_kernel(
     stride_o_head,
     stride_lse_head,
     stride_bt_seq,
-    stride_kd_seq,
+    stride_kd_seq,  # PER_TOKEN_SCALES: the token (in-page) stride
     stride_kd_head,
-    stride_vd_seq,
+    stride_vd_seq,  # PER_TOKEN_SCALES: the token (in-page) stride
     stride_vd_head,
+    stride_kd_block,  # PER_TOKEN_SCALES and paged only
+    stride_vd_block,  # PER_TOKEN_SCALES and paged only
     stride_alibi_seq,
     stride_alibi_head,
     GROUP: tl.constexpr,  # Hq // Hkv
@@ -245,6 +276,7 @@ def chunk_prefill_kernel(
     RETURN_LSE: tl.constexpr,
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
+    PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
@@ -297,8 +329,15 @@ def chunk_prefill_kernel(
 
     # Descales are per (sequence, KV head): K's folds into the score scale, V's into the output, once each.
     # K's sign moves into q so that the score scale is >= 0 (the hot loop scales the row max after it).
-    k_scale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
-    v_scale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+    if PER_TOKEN_SCALES:  # per-token descales are loaded per tile, in _attend_tile
+        k_scale = tl.full([], 1.0, dtype=tl.float32)
+        v_scale = tl.full([], 1.0, dtype=tl.float32)
+    else:
+        k_scale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
+        v_scale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+    kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
+    vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
+    v_exp = tl.full([], -100.0, dtype=tl.float32)
     q_mult = tl.where(k_scale < 0, -1.0, 1.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
     if KV_FP8:
         # q goes to fp16 with a per-row power of two that puts its largest element in [2^13, 2^15]: exact for
@@ -338,24 +377,26 @@ def chunk_prefill_kernel(
     for start_n in range(lo, tl.minimum(full_lo, hi), BLOCK_N):
         next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
                                  PAGE_SIZE)  # fmt: skip
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
+        acc, m_i, l_i, v_exp = _attend_tile(
+            acc, m_i, l_i, v_exp, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
+            kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            MASKED=True, MASK_LEFT=True,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=True,
         )  # fmt: skip
         pages = next_pages
     pages = _tile_pages(block_table_row_ptr, full_lo + offs_tile, kv_len, num_blocks, IS_PAGED, PAGE_SIZE)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
                                  PAGE_SIZE)  # fmt: skip
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
+        acc, m_i, l_i, v_exp = _attend_tile(
+            acc, m_i, l_i, v_exp, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
+            kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            MASKED=False, MASK_LEFT=False,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=False, MASK_LEFT=False,
         )  # fmt: skip
         pages = next_pages
     tail_lo = tl.maximum(full_lo, full_hi)
@@ -363,12 +404,13 @@ def chunk_prefill_kernel(
     for start_n in range(tail_lo, hi, BLOCK_N):
         next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
                                  PAGE_SIZE)  # fmt: skip
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
+        acc, m_i, l_i, v_exp = _attend_tile(
+            acc, m_i, l_i, v_exp, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
+            kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            MASKED=True, MASK_LEFT=False,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=False,
         )  # fmt: skip
         pages = next_pages
 
@@ -377,6 +419,8 @@ def chunk_prefill_kernel(
         m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks * LOG2E)
         acc = acc * alpha[:, None]
     out, lse = finalize_softmax(acc, m_i, l_i)
+    if PER_TOKEN_SCALES:
+        out = out * tl.math.exp2(v_exp)
     if OUTPUT_FP8:  # the V descale and the output scale's reciprocal (loaded once) fold into one factor
         out = to_e4m3(out * (v_scale * (1.0 / tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
     else:

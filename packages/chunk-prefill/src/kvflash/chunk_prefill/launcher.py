@@ -53,6 +53,7 @@ def check_chunk_prefill_args(
     v_descale,
     out: torch.Tensor | None,
     output_scale: torch.Tensor | None = None,
+    kv_descale_per_token: bool | None = None,
 ) -> AttentionFeatures:
     """Validate every argument of :func:`kvflash.chunk_prefill.chunk_prefill_attention`.
 
@@ -80,6 +81,7 @@ def check_chunk_prefill_args(
     features = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
+        k=k, kv_descale_per_token=kv_descale_per_token,
     )  # fmt: skip
     if out is not None:
         check_out(out, q, features.output_scale)
@@ -140,7 +142,13 @@ def launch_chunk_prefill(
     sinks = s_aux if s_aux is not None else k_descale
     # Stride tuples read once (each .stride(i) is a separate call into torch).
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
-    kds, vds = k_descale.stride(), v_descale.stride()
+    per_token = k_descale.dim() == 3
+    if per_token:  # (token, head) strides in the seq/head slots, the page stride apart
+        kd_block, kds = k_descale.stride(0), k_descale.stride()[1:]
+        vd_block, vds = v_descale.stride(0), v_descale.stride()[1:]
+    else:
+        kd_block = vd_block = 0
+        kds, vds = k_descale.stride(), v_descale.stride()
     alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     launch(
         chunk_prefill_kernel,
@@ -187,6 +195,8 @@ def launch_chunk_prefill(
         stride_kd_head=kds[1],
         stride_vd_seq=vds[0],
         stride_vd_head=vds[1],
+        stride_kd_block=kd_block,
+        stride_vd_block=vd_block,
         stride_alibi_seq=alibi_strides[0],
         stride_alibi_head=alibi_strides[1],
         GROUP=group,
@@ -210,6 +220,7 @@ def launch_chunk_prefill(
         RETURN_LSE=lse is not None,
         OUTPUT_FP8=output_scale is not None,
         ROUND_IN_SOFTWARE=interpreter,
+        PER_TOKEN_SCALES=per_token,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

@@ -50,7 +50,8 @@ def _chunk_prefill_impl(
 ) -> torch.Tensor:
     """Write attention into ``out [total_q, Hq, D]``; return ``lse [Hq, total_q]`` fp32 (``[Hq, 0]`` when
     ``return_lse`` is False). Arguments are normalised: window edges ``-1`` = unbounded, causal folded
-    into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32, ``output_scale`` ``[1]`` fp32 (fp8 ``out``)."""
+    into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32 (or rank-3 per-token-head
+    ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32), ``output_scale`` ``[1]`` fp32 (fp8 ``out``)."""
     total_q, num_q_heads, _ = q.shape
     lse = empty_buffer((num_q_heads, total_q if return_lse else 0), torch.float32, q.device)
     if not runs_triton(q.device):
@@ -105,6 +106,7 @@ def chunk_prefill_attention(
     return_lse: bool = False,
     skip_q_len: int = 0,
     output_scale: torch.Tensor | None = None,
+    kv_descale_per_token: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention of new query tokens over a paged or contiguous (possibly FP8) KV cache.
 
@@ -150,7 +152,16 @@ def chunk_prefill_attention(
     s_aux : torch.Tensor, optional
         Sinks ``[Hq]``: one extra logit per head in the denominator (scaled-score domain, not softcapped).
     k_descale, v_descale : torch.Tensor or float, optional
-        ``None`` (1.0), a float, or a tensor broadcastable to ``[num_seqs, Hkv]`` (fp32/fp16/bf16).
+        ``None`` (1.0), a float, or a tensor broadcastable to ``[num_seqs, Hkv]`` (fp32/fp16/bf16). Or
+        per-token-head (FP8 caches only): one float32 scale per stored (token, KV head), indexed like the cache
+        (as ``reshape_and_cache_flash`` writes them under a ``*_per_token_head`` ``kv_cache_dtype``):
+        ``[num_blocks, block_size, Hkv]`` for a paged cache (rank 3: recognised by its shape), ``[total_k, Hkv]``
+        for a contiguous one (with ``kv_descale_per_token=True``). Key ``j`` is ``k_stored_j * k_descale_j``; K
+        and V take the same mode.
+    kv_descale_per_token : bool, optional
+        ``None`` (default): per-token-head iff a paged descale has rank 3. ``True``: both descales are
+        per-token-head (the only way to pass the contiguous ``[total_k, Hkv]`` form, which would read like
+        ``[num_seqs, Hkv]`` when the counts are equal). ``False``: per-(sequence, KV head) forms only.
     out : torch.Tensor, optional
         ``[total_q, Hq, D]`` in ``q``'s dtype (may be a strided view); written in place. ``float8_e4m3fn``
         with ``output_scale`` (and only then).
@@ -177,7 +188,7 @@ def chunk_prefill_attention(
         q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, block_table=block_table, seqused_k=seqused_k,
         cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, out=out,
-        output_scale=output_scale,
+        output_scale=output_scale, kv_descale_per_token=kv_descale_per_token,
     )  # fmt: skip
     check_int("skip_q_len", skip_q_len, 0)
     return run_chunk_prefill(

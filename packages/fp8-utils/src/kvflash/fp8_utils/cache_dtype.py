@@ -4,6 +4,11 @@
 (``float8_e4m3fnuz`` on the AMD targets whose FP8 hardware format it is); ``"fp8_e5m2"`` stores
 ``float8_e5m2``. A cache is written and read as the same format: an FP8 cache whose dtype disagrees with
 the string is an error, never a silent reinterpretation of its bytes.
+
+``"fp8_e4m3_per_token_head"`` / ``"fp8_e5m2_per_token_head"`` store the same formats with one dynamic scale per
+stored (token, KV head): the cache writer computes it (``amax / fp8_max``) and writes it into float32
+``k_scale`` / ``v_scale`` tensors ``[num_blocks, block_size, Hkv]`` beside the quantised values; the attention
+kernels read those tensors as per-token-head ``k_descale`` / ``v_descale``.
 """
 
 from __future__ import annotations
@@ -12,9 +17,18 @@ import torch
 
 from kvflash.attn_common import platform
 
-__all__ = ["KV_CACHE_DTYPES", "kv_cache_torch_dtype", "check_kv_cache_dtype", "resolve_cache_storage_dtype"]
+__all__ = [
+    "KV_CACHE_DTYPES",
+    "PER_TOKEN_HEAD_KV_CACHE_DTYPES",
+    "kv_cache_torch_dtype",
+    "check_kv_cache_dtype",
+    "is_per_token_head",
+    "resolve_cache_storage_dtype",
+]
 
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+PER_TOKEN_HEAD_SUFFIX = "_per_token_head"
+PER_TOKEN_HEAD_KV_CACHE_DTYPES = ("fp8_e4m3_per_token_head", "fp8_e5m2_per_token_head")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2") + PER_TOKEN_HEAD_KV_CACHE_DTYPES
 
 # Model dtypes "auto" may stand for (the dtype of the keys and values written into the cache).
 MODEL_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -29,6 +43,16 @@ def check_kv_cache_dtype(kv_cache_dtype: object) -> str:
         valid = ", ".join(repr(s) for s in KV_CACHE_DTYPES)
         raise ValueError(f"kv_cache_dtype: expected one of {valid}, got {kv_cache_dtype!r}")
     return kv_cache_dtype
+
+
+def is_per_token_head(kv_cache_dtype: str) -> bool:
+    """Whether a (checked) ``kv_cache_dtype`` names per-token-head dynamic scales."""
+    return kv_cache_dtype in PER_TOKEN_HEAD_KV_CACHE_DTYPES
+
+
+def _storage_string(kv_cache_dtype: str) -> str:
+    """The format part of a checked string: ``"fp8_e4m3_per_token_head"`` -> ``"fp8_e4m3"``."""
+    return kv_cache_dtype.removesuffix(PER_TOKEN_HEAD_SUFFIX)
 
 
 def _e4m3_torch_dtype() -> torch.dtype:
@@ -48,10 +72,11 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     Returns
     -------
     torch.dtype
-        ``model_dtype`` for ``"auto"``, ``float8_e4m3fn`` (``float8_e4m3fnuz`` on gfx94x) for ``"fp8"`` and
-        ``"fp8_e4m3"``, ``float8_e5m2`` for ``"fp8_e5m2"``.
+        ``model_dtype`` for ``"auto"``, ``float8_e4m3fn`` (``float8_e4m3fnuz`` on gfx94x) for ``"fp8"``,
+        ``"fp8_e4m3"`` and ``"fp8_e4m3_per_token_head"``, ``float8_e5m2`` for ``"fp8_e5m2"`` and
+        ``"fp8_e5m2_per_token_head"``.
     """
-    check_kv_cache_dtype(kv_cache_dtype)
+    kv_cache_dtype = _storage_string(check_kv_cache_dtype(kv_cache_dtype))
     if model_dtype not in MODEL_TORCH_DTYPES:
         raise TypeError(f"model_dtype: expected torch.float16, torch.bfloat16 or torch.float32, got {model_dtype}")
     if kv_cache_dtype == "auto":
@@ -66,9 +91,10 @@ def resolve_cache_storage_dtype(kv_cache_dtype: str, cache_dtype: torch.dtype, i
 
     A ``uint8`` cache takes its format from the string alone; an FP8 cache must be of the string's
     format (either e4m3 variant for ``"fp8"`` / ``"fp8_e4m3"``); an ``"auto"`` cache must have the
-    input's dtype. Anything else is a ``ValueError`` naming ``key_cache`` and ``kv_cache_dtype``.
+    input's dtype. Anything else is a ``ValueError`` naming ``key_cache`` and ``kv_cache_dtype``. A
+    ``*_per_token_head`` string stores the format it names.
     """
-    check_kv_cache_dtype(kv_cache_dtype)
+    kv_cache_dtype = _storage_string(check_kv_cache_dtype(kv_cache_dtype))
     if kv_cache_dtype == "auto":
         if cache_dtype != input_dtype:
             raise ValueError(

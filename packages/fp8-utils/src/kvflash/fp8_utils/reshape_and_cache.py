@@ -25,9 +25,9 @@ from kvflash.attn_common.call_plan import planned
 from kvflash.attn_common.intmath import cdiv, next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
-from kvflash.fp8_utils.cache_dtype import resolve_cache_storage_dtype
+from kvflash.fp8_utils.cache_dtype import check_kv_cache_dtype, is_per_token_head, resolve_cache_storage_dtype
 from kvflash.fp8_utils.reshape_and_cache_kernel import reshape_and_cache_kernel
-from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, split_cache_scale
+from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, min_scale, split_cache_scale
 
 __all__ = ["reshape_and_cache_flash", "write_cache", "LaunchConfig", "pick_launch_config"]
 
@@ -64,9 +64,28 @@ def _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype
     check_tensor("value_cache", value_cache, dtypes=(key_cache.dtype,), shape=tuple(key_cache.shape))
     check_tensor("slot_mapping", slot_mapping, dtypes=(torch.int64,), shape=(num_tokens,))
     check_same_device(key=key, value=value, key_cache=key_cache, value_cache=value_cache, slot_mapping=slot_mapping)
-    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
-        split_cache_scale(name, scale, num_kv_heads, key.device)
+    if isinstance(kv_cache_dtype, str) and is_per_token_head(kv_cache_dtype):
+        _check_per_token_scales(k_scale, v_scale, key_cache)
+    else:
+        for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+            split_cache_scale(name, scale, num_kv_heads, key.device)
     return resolve_cache_storage_dtype(kv_cache_dtype, key_cache.dtype, key.dtype)
+
+
+def _check_per_token_scales(k_scale, v_scale, key_cache) -> None:
+    """Per-token-head strings: both scales are float32 outputs ``[num_blocks, block_size, Hkv]`` on the cache's
+    device, not one and the same tensor."""
+    shape = tuple(key_cache.shape[:3])
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not isinstance(scale, torch.Tensor):
+            raise TypeError(
+                f"{name}: a per-token-head kv_cache_dtype writes the scales: expected a float32 tensor "
+                f"[num_blocks, block_size, Hkv]={list(shape)}, got {type(scale).__name__}"
+            )
+        check_tensor(name, scale, dtypes=(torch.float32,), shape=shape, device=key_cache.device,
+                     last_dim_contiguous=False)  # fmt: skip
+    if k_scale.data_ptr() == v_scale.data_ptr() and k_scale.stride() == v_scale.stride():
+        raise ValueError("v_scale: must be another tensor than k_scale (each receives its own scales)")
 
 
 def _reshape_and_cache_flash_impl(
@@ -99,6 +118,31 @@ _reshape_and_cache_flash_op = define_op(
 )  # fmt: skip
 
 
+def _reshape_and_cache_per_token_head_impl(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_cache_dtype: str,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+) -> None:
+    write_cache(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, 1.0, 1.0)
+
+
+def _reshape_and_cache_per_token_head_fake(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale,
+                                           v_scale):  # fmt: skip
+    _check_args(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale)
+
+
+# torch.ops.kvflash.reshape_and_cache_flash_per_token_head: the scales are outputs too.
+_reshape_and_cache_per_token_head_op = define_op(
+    "reshape_and_cache_flash_per_token_head", _reshape_and_cache_per_token_head_impl,
+    _reshape_and_cache_per_token_head_fake, mutates_args=("key_cache", "value_cache", "k_scale", "v_scale"),
+)  # fmt: skip
+
+
 def write_cache(
     key,
     value,
@@ -118,7 +162,10 @@ def write_cache(
         return
     # A uint8 cache is reinterpreted (no copy) as the format the string names.
     key_cache, value_cache = key_cache.view(storage), value_cache.view(storage)
-    if storage not in FP8_TORCH_DTYPES:
+    per_token = is_per_token_head(kv_cache_dtype)
+    if per_token:
+        pass  # k_scale / v_scale are the [num_blocks, block_size, Hkv] outputs
+    elif storage not in FP8_TORCH_DTYPES:
         k_scale = v_scale = None  # "auto": documented as unused
     elif (k_scale is None) != (v_scale is None):
         # One path for both: the float one becomes a one-element tensor (rare; costs a fill kernel).
@@ -129,13 +176,14 @@ def write_cache(
     interpreter = platform.interpreter_enabled()
     if not platform.runs_triton(key.device, interpreter):
         _write_with_torch(
-            key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value
-        )
+            key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value,
+            per_token,
+        )  # fmt: skip
         return
     config = config or pick_launch_config(key.shape[0] * key.shape[1], key.shape[2])
     _launch(
         key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value, config,
-        interpreter,
+        interpreter, per_token,
     )  # fmt: skip
 
 
@@ -163,13 +211,19 @@ def _launch(
     v_scale_value,
     config: LaunchConfig,
     interpreter: bool,
+    per_token: bool = False,
 ) -> None:
     """Launch the kernel on checked arguments (caches already viewed as the format they store)."""
     num_tokens, num_kv_heads, head_size = key.shape
     is_fp8 = key_cache.dtype in FP8_TORCH_DTYPES
     fp8_max, fp8_mantissa_bits, fp8_min_normal = _fp8_constants(key_cache.dtype) if is_fp8 else (0.0, 0, 0.0)
     num_rows = num_tokens * num_kv_heads
-    scale_in_tensor = k_scale is not None
+    scale_in_tensor = k_scale is not None and not per_token
+    if per_token:  # [num_blocks, block_size, Hkv]: (block, slot, head) strides
+        ks_strides, vs_strides = k_scale.stride(), v_scale.stride()
+    else:
+        ks_strides = (0, 0, _scale_stride(k_scale))
+        vs_strides = (0, 0, _scale_stride(v_scale))
     grid = (cdiv(num_rows, config.block_rows),)
     launch(
         reshape_and_cache_kernel,
@@ -181,12 +235,16 @@ def _launch(
         value_cache_ptr=value_cache,
         slot_mapping_ptr=slot_mapping,
         # Never read without SCALE_IN_TENSOR; any pointer will do.
-        k_scale_ptr=k_scale if scale_in_tensor else slot_mapping,
-        v_scale_ptr=v_scale if scale_in_tensor else slot_mapping,
+        k_scale_ptr=k_scale if scale_in_tensor or per_token else slot_mapping,
+        v_scale_ptr=v_scale if scale_in_tensor or per_token else slot_mapping,
         k_scale_value=k_scale_value,
         v_scale_value=v_scale_value,
-        stride_k_scale=_scale_stride(k_scale),
-        stride_v_scale=_scale_stride(v_scale),
+        stride_k_scale=ks_strides[2],
+        stride_v_scale=vs_strides[2],
+        stride_k_scale_block=ks_strides[0],
+        stride_k_scale_slot=ks_strides[1],
+        stride_v_scale_block=vs_strides[0],
+        stride_v_scale_slot=vs_strides[1],
         num_rows=num_rows,
         num_kv_heads=num_kv_heads,
         num_slots=key_cache.shape[0] * key_cache.shape[1],
@@ -212,6 +270,8 @@ def _launch(
         # The interpreter's fp32 -> fp8 cast rounds wrongly (attn_common.jit_helpers.round_to_fp8_grid says how);
         # GPUs round in the cast.
         ROUND_IN_SOFTWARE=is_fp8 and key.device.type == "cpu",
+        PER_TOKEN_SCALE=per_token,
+        SCALE_FLOOR=min_scale(fp8_max) if per_token else 0.0,
         num_warps=config.num_warps,
     )
 
@@ -221,7 +281,7 @@ def _scale_stride(scale: torch.Tensor | None) -> int:
 
 
 def _write_with_torch(
-    key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value
+    key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, k_scale_value, v_scale_value, per_token=False
 ) -> None:
     """The same writes in plain PyTorch (CPU tensors without the interpreter); reads slots on the host."""
     is_fp8 = key_cache.dtype in FP8_TORCH_DTYPES
@@ -235,7 +295,11 @@ def _write_with_torch(
         (value, value_cache, v_scale, v_scale_value),
     ):
         rows = src[valid]
-        if is_fp8:
+        if per_token:  # [n, Hkv] scales from each row's amax, written beside the values
+            row_scale = (rows.float().abs().amax(-1) / fp8_max).clamp_min(min_scale(fp8_max))
+            scale[blocks, offsets] = row_scale
+            rows = (rows.float() / row_scale[..., None]).clamp(-fp8_max, fp8_max)
+        elif is_fp8:
             if scale is None:
                 scale = torch.full((1,), scale_value, dtype=torch.float32, device=src.device)
             # A tensor divisor (not a Python scalar): true division, as the kernel does.
@@ -275,12 +339,21 @@ def reshape_and_cache_flash(
         bounds. Two tokens with one slot: one of them wins, which one is unspecified.
     kv_cache_dtype : str
         ``"auto"``, ``"fp8"`` / ``"fp8_e4m3"`` (e4m3fn, or e4m3fnuz on gfx94x) or ``"fp8_e5m2"``.
+        ``"fp8_e4m3_per_token_head"`` / ``"fp8_e5m2_per_token_head"``: the same formats with one dynamic scale
+        per stored (token, KV head), computed here and written into ``k_scale`` / ``v_scale``.
     k_scale, v_scale : None, float or torch.Tensor
         FP8 only: ``stored = saturate(x / scale)``, clamped to the format's finite range (never NaN or inf);
         the real value of a stored element is ``stored * scale``. ``None`` (1.0), a positive float, or a
         float32 (float16, bfloat16) tensor with one element (per tensor) or of shape ``[Hkv]`` (per KV head).
         For ``"auto"``, float scales must be ``None`` or ``1.0``; tensors are accepted (engines always pass
         them) and unused, since checking their values would need a host synchronisation.
+
+        Per-token-head strings: *outputs*, float32 ``[num_blocks, block_size, Hkv]`` (any strides; two
+        distinct tensors) on the cache's device. Each written token ``t`` and KV head ``h`` gets
+        ``scale = max(amax_d |x[t, h, d]| / fp8_max, 1 / (fp8_max * 512))`` (IEEE division; the floor gives an
+        all-zero token a finite positive scale, as :func:`~kvflash.fp8_utils.compute_kv_scales` does) at its
+        slot, and ``stored = saturate(x / scale)``. Slots not written keep their old scales. Pass these tensors
+        as ``k_descale`` / ``v_descale`` to the attention functions (a rank-3 descale is per-token-head).
 
     Raises
     ------
@@ -290,6 +363,13 @@ def reshape_and_cache_flash(
         ones), an FP8 cache whose format differs from the string, a scale of another shape.
     """
     check_tensor("key", key, dtypes=INPUT_TORCH_DTYPES, ndim=3)
+    if is_per_token_head(check_kv_cache_dtype(kv_cache_dtype)):
+        check_tensor("key_cache", key_cache, ndim=4)
+        _check_per_token_scales(k_scale, v_scale, key_cache)  # before the op: its schema takes tensors only
+        _reshape_and_cache_per_token_head_op(
+            key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale
+        )
+        return
     k_tensor, k_value = split_cache_scale("k_scale", k_scale, key.shape[1], key.device)
     v_tensor, v_value = split_cache_scale("v_scale", v_scale, key.shape[1], key.device)
     if kv_cache_dtype == "auto" and (k_value != 1.0 or v_value != 1.0):

@@ -4,6 +4,10 @@ Work is split over *rows*: row ``r = token * Hkv + head`` is one ``[D]`` vector 
 A program handles ``BLOCK_ROWS`` consecutive rows, so no lanes are wasted on a head count that is not a
 power of two, and both the input and the cache are touched in long contiguous runs (the heads of one
 token are adjacent in both).
+
+``PER_TOKEN_SCALE`` (per-token-head ``kv_cache_dtype`` strings): each row computes its own scale,
+``max(amax(|x|) / FP8_MAX, SCALE_FLOOR)`` (IEEE division), stores ``saturate(x / scale)`` and writes the scale
+into ``[num_blocks, block_size, Hkv]`` float32 at the row's slot and head.
 """
 
 import triton
@@ -16,9 +20,13 @@ from kvflash.attn_common.jit_helpers import saturate_to_fp8_range
 def _write_rows(
     src_ptr,  # [num_tokens, Hkv, D] key or value
     cache_ptr,  # [num_blocks, block_size, Hkv, D] cache (fp8 or the input's dtype)
-    scale_ptr,  # [1] or [Hkv] float (read only when SCALE_IN_TENSOR)
+    # [1] or [Hkv] float (read only when SCALE_IN_TENSOR); PER_TOKEN_SCALE: [num_blocks, block_size, Hkv] fp32,
+    # written
+    scale_ptr,
     scale_value,  # float32 scalar scale (used when not SCALE_IN_TENSOR)
-    stride_scale,  # 0 (per tensor) or the [Hkv] tensor's stride
+    stride_scale,  # 0 (per tensor) or the [Hkv] tensor's stride; PER_TOKEN_SCALE: the head stride
+    stride_scale_block,  # PER_TOKEN_SCALE only
+    stride_scale_slot,  # PER_TOKEN_SCALE only
     token,  # [BLOCK_ROWS] int64
     head,  # [BLOCK_ROWS] int64
     block,  # [BLOCK_ROWS] int64 cache block of each row
@@ -37,11 +45,21 @@ def _write_rows(
     FP8_MANTISSA_BITS: tl.constexpr,
     FP8_MIN_NORMAL: tl.constexpr,
     ROUND_IN_SOFTWARE: tl.constexpr,
+    PER_TOKEN_SCALE: tl.constexpr,
+    SCALE_FLOOR: tl.constexpr,
 ):
     mask = valid[:, None] & (dims[None, :] < HEAD_SIZE)
     src_rows = token * stride_src_tok + head * stride_src_head
     x = tl.load(src_ptr + src_rows[:, None] + dims[None, :], mask=mask, other=0.0)
-    if IS_FP8:
+    if PER_TOKEN_SCALE:
+        x = x.to(tl.float32)
+        amax = tl.max(tl.abs(x), 1)  # [BLOCK_ROWS]: masked lanes are 0
+        scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), SCALE_FLOOR)
+        scale_offs = block * stride_scale_block + offset * stride_scale_slot + head * stride_scale
+        tl.store(scale_ptr + scale_offs, scale, mask=valid)
+        x = tl.math.div_rn(x, scale[:, None])
+        x = saturate_to_fp8_range(x, FP8_MAX, FP8_MANTISSA_BITS, FP8_MIN_NORMAL, ROUND_IN_SOFTWARE)
+    elif IS_FP8:
         if SCALE_IN_TENSOR:
             scale = tl.load(scale_ptr + head * stride_scale, mask=valid, other=1.0).to(tl.float32)[:, None]
         else:
@@ -60,12 +78,16 @@ def reshape_and_cache_kernel(
     key_cache_ptr,  # [num_blocks, block_size, Hkv, D] fp8 or key's dtype, stride(-1) == 1
     value_cache_ptr,  # [num_blocks, block_size, Hkv, D] key_cache's dtype
     slot_mapping_ptr,  # [num_tokens] int64: block * block_size + offset; < 0 = padding
-    k_scale_ptr,  # [1] or [Hkv] float (SCALE_IN_TENSOR only)
-    v_scale_ptr,  # [1] or [Hkv] float (SCALE_IN_TENSOR only)
+    k_scale_ptr,  # [1] or [Hkv] float (SCALE_IN_TENSOR only); PER_TOKEN_SCALE: [num_blocks, block_size, Hkv] fp32
+    v_scale_ptr,  # like k_scale_ptr
     k_scale_value,  # float32 scalar (not SCALE_IN_TENSOR)
     v_scale_value,  # float32 scalar (not SCALE_IN_TENSOR)
-    stride_k_scale,
+    stride_k_scale,  # PER_TOKEN_SCALE: the head stride
     stride_v_scale,
+    stride_k_scale_block,  # PER_TOKEN_SCALE only
+    stride_k_scale_slot,
+    stride_v_scale_block,
+    stride_v_scale_slot,
     num_rows,  # num_tokens * Hkv
     num_kv_heads,
     num_slots,  # num_blocks * block_size: slots at or beyond it are skipped, never written
@@ -89,6 +111,8 @@ def reshape_and_cache_kernel(
     FP8_MANTISSA_BITS: tl.constexpr,
     FP8_MIN_NORMAL: tl.constexpr,
     ROUND_IN_SOFTWARE: tl.constexpr,
+    PER_TOKEN_SCALE: tl.constexpr,  # per-token-head dynamic scales, computed and written here (IS_FP8)
+    SCALE_FLOOR: tl.constexpr,  # PER_TOKEN_SCALE: the smallest scale (an all-zero row gets it)
 ):
     # num_tokens * Hkv fits in int32; everything that addresses memory below is int64.
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -107,6 +131,8 @@ def reshape_and_cache_kernel(
         k_scale_ptr,
         k_scale_value,
         stride_k_scale,
+        stride_k_scale_block,
+        stride_k_scale_slot,
         token,
         head,
         block,
@@ -125,6 +151,8 @@ def reshape_and_cache_kernel(
         FP8_MANTISSA_BITS,
         FP8_MIN_NORMAL,
         ROUND_IN_SOFTWARE,
+        PER_TOKEN_SCALE,
+        SCALE_FLOOR,
     )
     _write_rows(
         value_ptr,
@@ -132,6 +160,8 @@ def reshape_and_cache_kernel(
         v_scale_ptr,
         v_scale_value,
         stride_v_scale,
+        stride_v_scale_block,
+        stride_v_scale_slot,
         token,
         head,
         block,
@@ -150,4 +180,6 @@ def reshape_and_cache_kernel(
         FP8_MANTISSA_BITS,
         FP8_MIN_NORMAL,
         ROUND_IN_SOFTWARE,
+        PER_TOKEN_SCALE,
+        SCALE_FLOOR,
     )

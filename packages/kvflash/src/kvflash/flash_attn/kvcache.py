@@ -160,7 +160,10 @@ def flash_attn_with_kvcache(
         Also return ``softmax_lse [batch, Hq, seqlen_q]`` float32.
     k_descale, v_descale : torch.Tensor or float, optional
         Keyword only. FP8 caches: the real value is ``stored * descale``. For reading, anything broadcastable
-        to ``[batch, Hkv]``; when ``k``/``v`` are appended, per tensor (1 element) or per KV head (``[Hkv]``).
+        to ``[batch, Hkv]``, or per-token-head float32 indexed like the cache (``[num_blocks, block_size, Hkv]``
+        paged, ``[batch_cache, seqlen_cache, Hkv]`` contiguous: rank 3); when ``k``/``v`` are appended, per tensor
+        (1 element) or per KV head (``[Hkv]``): appending with per-token-head descales raises
+        ``NotImplementedError`` (write them with ``reshape_and_cache_flash`` under a ``*_per_token_head`` string).
     s_aux : torch.Tensor, optional
         Keyword only. Sinks ``[Hq]`` float32.
 

@@ -86,7 +86,10 @@ def flash_attn_varlen_func(
         replaces the lengths derived from ``cu_seqlens_k``.
     k_descale, v_descale : torch.Tensor or float, optional
         Keyword only. FP8 caches: the real value is ``stored * descale``; a float or a tensor broadcastable to
-        ``[batch, Hkv]``.
+        ``[batch, Hkv]``; with ``block_table``, also per-token-head float32 ``[num_blocks, block_size, Hkv]`` (rank 3,
+        indexed like the pages, as ``reshape_and_cache_flash`` writes them under a ``*_per_token_head``
+        ``kv_cache_dtype``). A contiguous cache takes per-token-head descales only through
+        :func:`kvflash.flash_attn_interface.flash_attn_varlen_func` (``kv_descale_per_token=True``).
     s_aux : torch.Tensor, optional
         Keyword only. Sinks ``[Hq]`` float32: one extra logit per head in the softmax denominator.
     num_splits : int

@@ -93,6 +93,7 @@ def flash_attn_varlen_func(
     fa_version: int = 2,
     s_aux: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
+    kv_descale_per_token: bool | None = None,
 ):
     """Variable-length attention of ``q`` over a paged or contiguous KV cache (FP8 allowed).
 
@@ -144,6 +145,18 @@ def flash_attn_varlen_func(
     k_descale, v_descale : torch.Tensor or float, optional
         The real value of a stored element is ``stored * descale``: a float, or a float32/fp16/bf16 tensor
         broadcastable to ``[num_seqs, Hkv]`` (1 element, ``[Hkv]``, ``[num_seqs, Hkv]``, stride-0 views).
+        Or per-token-head (FP8 caches only), one float32 scale per stored (token, KV head) indexed like the
+        cache, as ``reshape_and_cache_flash`` writes them under ``kv_cache_dtype="fp8_e4m3_per_token_head"`` /
+        ``"fp8_e5m2_per_token_head"``: ``[num_blocks, block_size, Hkv]`` for a paged cache (rank 3, recognised
+        by its shape), ``[total_k, Hkv]`` for a contiguous one (only with ``kv_descale_per_token=True``). Key
+        ``j`` of head ``h`` is ``k_stored[j, h] * k_descale[j, h]``; K and V take the same mode (both
+        per-token-head or neither); every route (decode, prefill, mixed) reads them.
+    kv_descale_per_token : bool, optional
+        A kvflash extension. ``None`` (default): per-token-head iff a paged descale has rank 3. ``True``: both
+        descales are per-token-head (required for the contiguous ``[total_k, Hkv]`` form, which would read like
+        ``[num_seqs, Hkv]`` when ``total_k == num_seqs``). ``False``: per-(sequence, KV head) forms only.
+        Wrong shapes, dtypes (float32 only), one descale per-token-head and the other not, or a non-FP8 cache
+        raise naming the argument.
     num_splits : int
         Split-KV for decode: 0 automatic, 1 none, ``n > 1`` at most ``n``. The prefill path does not split
         (one split is within any bound).
@@ -188,6 +201,7 @@ def flash_attn_varlen_func(
     f = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
+        k=k, kv_descale_per_token=kv_descale_per_token,
     )  # fmt: skip
     if out is not None:  # the contract's out: q's dtype or fp8 on every route (the decode op alone also takes fp32)
         check_out(out, q, f.output_scale)

@@ -255,6 +255,12 @@ def warmup(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     kv_cache_dtypes = tuple(kv_cache_dtypes)
+    for kv_string in kv_cache_dtypes:
+        if isinstance(kv_string, str) and kv_string.endswith("_per_token_head"):
+            raise NotImplementedError(
+                f"kv_cache_dtypes: warm-up does not enumerate per-token-head descales yet, got {kv_string!r} (their "
+                "kernels compile at their first call)"
+            )
     max_tokens = max_num_batched_tokens or max_num_seqs * max_seqlen_q
     width = block_table_width or cdiv(max_seqlen_k, block_size)
     buf = _Buffers(

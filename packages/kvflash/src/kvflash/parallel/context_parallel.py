@@ -74,6 +74,7 @@ def context_parallel_decode(
     num_splits: int = 0,
     out: torch.Tensor | None = None,
     return_lse: bool = False,
+    kv_descale_per_token: bool | None = None,
 ):
     """Decode one query per sequence against a KV cache sharded across ``group``.
 
@@ -95,7 +96,11 @@ def context_parallel_decode(
         The context-parallel group (default: the world).
     k_descale, v_descale : torch.Tensor or float, optional
         This rank's descales (per tensor, ``[Hkv]`` or ``[num_seqs, Hkv]``): shards may be quantised with
-        their own scales.
+        their own scales. Or per-token-head: float32 ``[num_blocks, block_size, Hkv]`` indexed like this rank's
+        pages (FP8 caches only), as ``reshape_and_cache_flash`` writes them under a ``*_per_token_head``
+        ``kv_cache_dtype``.
+    kv_descale_per_token : bool, optional
+        As in :func:`kvflash.paged_decode.paged_decode_attention` (``None``: per-token-head iff rank 3).
     softmax_scale, softcap, s_aux, num_splits
         As in :func:`kvflash.paged_decode.paged_decode_attention`; ``s_aux`` is counted once (rank 0).
     window_size, alibi_slopes
@@ -128,6 +133,7 @@ def context_parallel_decode(
         s_aux=s_aux if rank == 0 else None,
         k_descale=k_descale,
         v_descale=v_descale,
+        kv_descale_per_token=kv_descale_per_token,
         num_splits=num_splits,
         out=local_out,
         return_lse=True,

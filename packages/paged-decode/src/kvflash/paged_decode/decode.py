@@ -66,6 +66,7 @@ def paged_decode_attention(
     defer_longer_sequences: bool = False,
     lse: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
+    kv_descale_per_token: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the few query tokens of each sequence over its KV cache (decode), split over the keys.
 
@@ -107,7 +108,15 @@ def paged_decode_attention(
     s_aux : torch.Tensor, optional
         ``[Hq]`` sink logits (counted once in the denominator, no value row).
     k_descale, v_descale : torch.Tensor or float, optional
-        Broadcastable to ``[num_seqs, Hkv]``; per (sequence, KV head).
+        Broadcastable to ``[num_seqs, Hkv]``; per (sequence, KV head). Or per-token-head (FP8 caches only): one
+        float32 scale per stored (token, KV head), indexed like the cache, as ``reshape_and_cache_flash`` writes
+        them under a ``*_per_token_head`` ``kv_cache_dtype``: ``[num_blocks, block_size, Hkv]`` for a paged
+        cache (rank 3: recognised by its shape), ``[total_k, Hkv]`` for a contiguous one (with
+        ``kv_descale_per_token=True``). Key ``j`` is ``k_stored_j * k_descale_j``; K and V take the same mode.
+    kv_descale_per_token : bool, optional
+        ``None`` (default): per-token-head iff a paged descale has rank 3. ``True``: both descales are
+        per-token-head (the only way to pass the contiguous ``[total_k, Hkv]`` form, which would read like
+        ``[num_seqs, Hkv]`` when the counts are equal). ``False``: per-(sequence, KV head) forms only.
     num_splits : int
         0 = automatic split-KV (from shapes and the SM count), 1 = no split, ``n > 1`` = at most ``n``.
     out : torch.Tensor, optional
@@ -178,6 +187,7 @@ def paged_decode_attention(
     f = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
+        k=k, kv_descale_per_token=kv_descale_per_token,
     )  # fmt: skip
     return run_paged_decode(
         q, k, v, f, max_seqlen_k, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
@@ -266,7 +276,8 @@ def _paged_decode_op(
     defer_longer_sequences: bool,
     output_scale: torch.Tensor | None,
 ) -> None:
-    """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, window edges ``-1`` = unbounded,
+    """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, or rank-3 per-token-head
+    ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32; window edges ``-1`` = unbounded,
     ``output_scale`` ``[1]`` fp32 with an fp8 ``out``)."""
     interpreter = platform.interpreter_enabled()
     if not platform.runs_triton(q.device, interpreter):
@@ -314,7 +325,14 @@ def _paged_decode_op(
     # Stride tuples read once (each .stride(i) is a separate call into torch).
     k_strides = k.stride()[:3] if is_paged else (0,) + k.stride()[:2]
     v_strides = v.stride()[:3] if is_paged else (0,) + v.stride()[:2]
-    q_strides, kd_strides, vd_strides = q.stride(), k_descale.stride(), v_descale.stride()
+    q_strides = q.stride()
+    per_token = k_descale.dim() == 3
+    if per_token:  # (token, head) strides in the seq/head slots, the page stride apart
+        kd_block, kd_strides = k_descale.stride(0), k_descale.stride()[1:]
+        vd_block, vd_strides = v_descale.stride(0), v_descale.stride()[1:]
+    else:
+        kd_block = vd_block = 0
+        kd_strides, vd_strides = k_descale.stride(), v_descale.stride()
     alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
     grid = (num_seqs * num_kv_heads * cfg.head_chunks, cfg.num_splits)
@@ -356,6 +374,8 @@ def _paged_decode_op(
             stride_kd_head=kd_strides[1],
             stride_vd_seq=vd_strides[0],
             stride_vd_head=vd_strides[1],
+            stride_kd_block=kd_block,
+            stride_vd_block=vd_block,
             stride_alibi_seq=alibi_strides[0],
             stride_alibi_head=alibi_strides[1],
             stride_o_split=o_strides[0],
@@ -392,6 +412,7 @@ def _paged_decode_op(
             FP8_V_FENCE=kv_is_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
             OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
+            PER_TOKEN_SCALES=per_token,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

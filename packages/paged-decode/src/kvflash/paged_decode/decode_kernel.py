@@ -25,6 +25,14 @@ three times the instructions plus byte-wise shared-memory reads, and leaves FP8 
 on NVIDIA ``FP8_V_FENCE`` keeps Triton from folding V's conversion into a byte-wise transposed load).
 A bf16 query converts to fp16 exactly while ``|q| < 65504``. The K descale is folded into the score scale
 and the V descale is applied to the output once, so dequantisation costs no per-element multiply.
+
+``PER_TOKEN_SCALES`` (a separate specialisation; off, the kernel is what it was without it): one descale per
+stored (token, KV head), read per tile beside K and V. K's multiplies its score column,
+``s_j = (q . k_j) * kscale_j * softmax_scale``, folded into the per-column score factor; V's multiplies the
+column of P before the PV dot, ``sum_j p_j * (v_j * vscale_j) = sum_j (p_j * vscale_j) * v_j``. So that the
+fp16 operand ``p_j * vscale_j`` neither underflows nor loses bits, it is taken in units of ``2^E``, ``E`` the
+running maximum over the tiles of ``floor(log2(max_j |vscale_j|))`` (a power of two: exact); the accumulator is
+rescaled by ``2^(E_old - E_new) <= 1`` when ``E`` grows and multiplied by ``2^E`` once at the end.
 """
 
 import triton
@@ -35,6 +43,7 @@ from kvflash.attn_common.jit_helpers import (
     alibi_bias,
     finalize_softmax,
     online_softmax_step,
+    scale_p_columns,
     softcap_scores,
     to_e4m3,
 )
@@ -49,8 +58,10 @@ def paged_decode_kernel(
     seqused_k_ptr,  # [num_seqs] int32 (HAS_SEQUSED)
     cu_seqlens_k_ptr,  # [num_seqs + 1] int32 (not IS_PAGED)
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32 (USE_CU_Q)
-    k_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
-    v_descale_ptr,  # [num_seqs, Hkv] fp32 (stride-0 views allowed)
+    # [num_seqs, Hkv] fp32 (stride-0 views allowed); PER_TOKEN_SCALES: [num_blocks, PAGE_SIZE, Hkv] (IS_PAGED) or
+    # [total_k, Hkv] fp32, indexed like the cache
+    k_descale_ptr,
+    v_descale_ptr,  # like k_descale_ptr
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
@@ -72,10 +83,12 @@ def paged_decode_kernel(
     stride_v_tok,
     stride_v_head,
     stride_bt_seq,
-    stride_kd_seq,
+    stride_kd_seq,  # PER_TOKEN_SCALES: the token (in-page) stride
     stride_kd_head,
-    stride_vd_seq,
+    stride_vd_seq,  # PER_TOKEN_SCALES: the token (in-page) stride
     stride_vd_head,
+    stride_kd_block,  # PER_TOKEN_SCALES and IS_PAGED only
+    stride_vd_block,  # PER_TOKEN_SCALES and IS_PAGED only
     stride_alibi_seq,
     stride_alibi_head,
     stride_o_split,
@@ -111,6 +124,7 @@ def paged_decode_kernel(
     FP8_V_FENCE: tl.constexpr,  # NVIDIA only: keep the fp8 -> fp16 conversion of V ahead of its relayout
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
+    PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (IS_FP8 only)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     pid = tl.program_id(0)
@@ -149,10 +163,16 @@ def paged_decode_kernel(
     d_mask = offs_d < HEAD_SIZE
     offs_n = tl.arange(0, BLOCK_N)
 
-    # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
-    k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
-    score_scale = softmax_scale * k_descale
-    v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+    if PER_TOKEN_SCALES:  # per-token descales are read per tile (below)
+        score_scale = softmax_scale
+        v_descale = tl.full([], 1.0, dtype=tl.float32)
+        kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
+        vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
+    else:
+        # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
+        k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
+        score_scale = softmax_scale * k_descale
+        v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
     if OUTPUT_FP8:  # the output scale's reciprocal, loaded once, folds into the V descale
         v_descale = v_descale * (1.0 / tl.load(output_scale_ptr))
     if USE_ALIBI:
@@ -189,6 +209,8 @@ def paged_decode_kernel(
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
+        if PER_TOKEN_SCALES:
+            v_exp = tl.full([], -100.0, dtype=tl.float32)  # E: acc holds sum_j p_j * vscale_j * v_j / 2^E
         if IS_PAGED:
             # Page ids run one tile ahead of K/V, carried through the loop: when a tile's K/V addresses come
             # from a load in the same iteration, Triton's pipeliner treats K/V as indirect loads and waits for
@@ -211,6 +233,17 @@ def paged_decode_kernel(
                 key_token = (k_start + pos).to(tl.int64)
                 k_rows = key_token * stride_k_tok
                 v_rows = key_token * stride_v_tok
+            tile_scale = score_scale
+            if PER_TOKEN_SCALES:
+                if IS_PAGED:
+                    kd_rows = page * stride_kd_block + in_page * stride_kd_seq
+                    vd_rows = page * stride_vd_block + in_page * stride_vd_seq
+                else:
+                    kd_rows = key_token * stride_kd_seq
+                    vd_rows = key_token * stride_vd_seq
+                k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
+                v_tok_scale = tl.load(vd_head_ptr + vd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
+                tile_scale = (k_tok_scale * score_scale)[None, :]  # [1, BLOCK_N]: scales the score columns
             if HEAD_PAD == HEAD_SIZE:
                 kv_mask = valid[:, None]
             else:
@@ -232,14 +265,14 @@ def paged_decode_kernel(
 
             qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
             if USE_SOFTCAP or USE_ALIBI:
-                scores = qk * score_scale
+                scores = qk * tile_scale
                 if USE_SOFTCAP:
                     scores = softcap_scores(scores, softcap)
                 if USE_ALIBI:
                     scores += alibi_bias(slopes, q_pos, pos)
                 scores = scores * LOG2E
             else:
-                scores = qk * (score_scale * LOG2E)
+                scores = qk * (tile_scale * LOG2E)
             if ROW_MASK:
                 key = pos[None, :]
                 visible = (key >= q_pos[:, None] - window_left) & (key <= q_pos[:, None] + window_right)
@@ -247,12 +280,16 @@ def paged_decode_kernel(
             else:
                 scores = tl.where(valid[None, :], scores, float("-inf"))
             m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
+            if PER_TOKEN_SCALES:
+                p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
 
         if USE_SINKS and not IS_SPLIT:
             m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks)
             acc = acc * alpha[:, None]
         out, lse = finalize_softmax(acc, m_i, l_i)
+        if PER_TOKEN_SCALES:
+            out = out * tl.math.exp2(v_exp)
         # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
         out = out * v_descale
         if OUTPUT_FP8:

@@ -1,0 +1,130 @@
+"""Per-token-head descales in the decode kernel: one float32 scale per stored (token, KV head), indexed like the
+cache (``[num_blocks, block_size, Hkv]`` paged, ``[total_k, Hkv]`` contiguous with ``kv_descale_per_token``).
+
+Keys and values are drawn with per-token and per-head magnitudes spread over two decades, so the scales differ
+from token to token and head to head; unused scale slots hold NaN (a kernel reading one shows it); outputs are
+poisoned; the references are float64 (exact) and fp16 (the tolerance rule's low-precision baseline).
+"""
+
+import pytest
+import torch
+
+from kvflash.attn_common import reference_attention
+from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token_kv, poison
+from kvflash.paged_decode import paged_decode_attention
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _draw(lens, num_kv_heads, head_size, gen):
+    """Per sequence ``[n, Hkv, D]`` with magnitudes varying by token and head (10^-1 .. 10^1)."""
+    out = []
+    for n in lens:
+        mag = 10 ** (torch.rand(n, num_kv_heads, 1, generator=gen) * 2 - 1)
+        out.append(torch.randn(n, num_kv_heads, head_size, generator=gen) * mag)
+    return out
+
+
+def _case(device, lens, kv_dtype, *, block_size=16, num_q_heads=4, num_kv_heads=2, head_size=32, seed=0,
+          q_dtype=torch.float16):  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    k_seqs = _draw(lens, num_kv_heads, head_size, gen)
+    v_seqs = _draw(lens, num_kv_heads, head_size, gen)
+    kv = make_fp8_per_token_kv(k_seqs, v_seqs, kv_dtype, block_size, generator=gen, device=device)
+    q = torch.randn(len(lens), num_q_heads, head_size, generator=gen).to(q_dtype).to(device)
+    return q, kv
+
+
+def _check(q, kv, max_seqlen_k, *, per_token_kw=None, atol=2e-3, **features):
+    out = poison(torch.empty_like(q))
+    extra = {} if per_token_kw is None else {"kv_descale_per_token": per_token_kw}
+    got, lse = paged_decode_attention(
+        q, kv.k, kv.v, max_seqlen_k, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out, return_lse=True,
+        **kv.kv_args, **extra, **features,
+    )  # fmt: skip
+    assert got is out
+    cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    ref_kw = dict(k_descale=kv.k_descale, v_descale=kv.v_descale, kv_descale_per_token=True, **kv.kv_args)
+    ref_kw.update({key: val for key, val in features.items() if key != "num_splits"})
+    ref, ref_lse = reference_attention(q, kv.k, kv.v, cu_q, compute_dtype=torch.float64, **ref_kw)
+    ref_lp, _ = reference_attention(q, kv.k, kv.v, cu_q, compute_dtype=q.dtype, **ref_kw)
+    assert_close_fa_rule(got, ref, ref_lp, atol=atol)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse.double()), torch.isneginf(ref_lse.to(lse.device)))
+    assert float((lse.double() - ref_lse.to(lse.device))[finite].abs().max()) < 2e-3
+    return got
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_per_token_paged(device, kv_dtype, block_size, num_splits):
+    q, kv = _case(device, [40, 3, 70], kv_dtype, block_size=block_size, seed=block_size + num_splits)
+    _check(q, kv, 70, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+def test_per_token_features(device, kv_dtype):
+    """Window, softcap, sinks and GQA 6/2 together, split over the keys."""
+    q, kv = _case(device, [57, 9, 33], kv_dtype, num_q_heads=6, seed=3)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -0.5], device=device)
+    _check(q, kv, 57, num_splits=2, window_size=(20, 0), softcap=15.0, s_aux=sinks)
+
+
+@pytest.mark.parametrize("kv_dtype", FP8)
+def test_per_token_contiguous(device, kv_dtype):
+    """The contiguous [total_k, Hkv] form, with the explicit keyword; num_seqs == Hkv's count of tokens would
+    otherwise be ambiguous."""
+    q, kv = _case(device, [21, 44], kv_dtype, block_size=None, seed=4)
+    _check(q, kv, 44, per_token_kw=True, num_splits=2)
+
+
+def test_per_token_scales_matter(device):
+    """Per-token scales are really read per token: the same cache with every scale set to the per-head mean, or
+    K and V scales swapped, gives a visibly different answer."""
+    q, kv = _case(device, [50, 17], torch.float8_e4m3fn, seed=5)
+    right = _check(q, kv, 50)
+    kw = dict(**kv.kv_args)
+    swapped = paged_decode_attention(q, kv.k, kv.v, 50, k_descale=kv.v_descale, v_descale=kv.k_descale, **kw)
+    assert (right.float() - swapped.float()).abs().max() > 0.05
+    flat_k = torch.nan_to_num(kv.k_descale, nan=0.0)
+    flat_v = torch.nan_to_num(kv.v_descale, nan=0.0)
+    flat_k = torch.full_like(flat_k, float(flat_k[flat_k > 0].mean()))
+    flat_v = torch.full_like(flat_v, float(flat_v[flat_v > 0].mean()))
+    flat = paged_decode_attention(q, kv.k, kv.v, 50, k_descale=flat_k, v_descale=flat_v, **kw)
+    assert (right.float() - flat.float()).abs().max() > 0.05
+
+
+def test_per_token_extreme_value_scales(device):
+    """V scales far from 1 (x1e-5 and x1e2 in one sequence; the output stays inside fp16) stay exact: the
+    P-column factor is taken in units of a running power of two, so fp16 neither underflows nor overflows."""
+    q, kv = _case(device, [48], torch.float8_e5m2, seed=6)
+    used = torch.isfinite(kv.v_descale)
+    tiny_then_huge = torch.where(torch.rand_like(kv.v_descale) < 0.5, 1e-5, 1e2)
+    kv.v_descale = torch.where(used, kv.v_descale * tiny_then_huge, kv.v_descale)
+    got = _check(q, kv, 48, num_splits=1, atol=0.0)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_dtype", FP8)
+def test_per_token_bf16_query(device, kv_dtype):
+    q, kv = _case(device, [300, 1000, 17], kv_dtype, num_q_heads=8, num_kv_heads=2, head_size=128,
+                  q_dtype=torch.bfloat16, seed=7)  # fmt: skip
+    _check(q, kv, 1000, atol=1e-2)
+
+
+@pytest.mark.parametrize("factor", [2.0**-30, 2.0**30])
+def test_per_token_tiny_and_huge_value_scales_fp32_out(device, factor):
+    """Every V scale multiplied by 2^-30 (or 2^30), read into a float32 ``out``: ``p_j * vscale_j`` taken
+    directly in fp16 would underflow to 0 (or overflow); in units of 2^E the result keeps its relative error."""
+    q, kv = _case(device, [45, 20], torch.float8_e4m3fn, seed=8)
+    kv.v_descale = kv.v_descale * factor
+    out = poison(torch.empty(q.shape, dtype=torch.float32, device=device))
+    paged_decode_attention(q, kv.k, kv.v, 45, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out,
+                           num_splits=2, **kv.kv_args)  # fmt: skip
+    cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
+    ref, _ = reference_attention(q, kv.k, kv.v, cu_q, k_descale=kv.k_descale, v_descale=kv.v_descale,
+                                 compute_dtype=torch.float64, **kv.kv_args)  # fmt: skip
+    rel = float((out.double() - ref).abs().max() / ref.abs().max())
+    assert rel < 2e-3, rel
