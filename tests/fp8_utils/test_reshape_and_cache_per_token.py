@@ -30,7 +30,9 @@ def _inputs(device, dtype=torch.float16, num_tokens=30, seed=0):
 
 def _expected(x, fp8):
     fmax = torch.finfo(fp8).max
-    scale = (x.float().abs().amax(-1) / fmax).clamp_min(1.0 / (fmax * 512.0))
+    amax = x.float().abs().amax(-1)
+    # A tensor divisor: torch's CUDA division by a Python number multiplies by its reciprocal (not IEEE).
+    scale = (amax / amax.new_tensor(fmax)).clamp_min(1.0 / (fmax * 512.0))
     return (x.float() / scale[..., None]).clamp(-fmax, fmax).to(fp8), scale
 
 

@@ -320,8 +320,8 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
 class _Sources:
     """Finds where a launch's tensor comes from: ``(kind, index, byte offset)``, or raises :class:`_Unplannable`.
 
-    A view is traced to the argument or buffer it was made from through torch's view bookkeeping (``_base``, no
-    storage objects: a plan is built in the first call of every step, so this is kept cheap)."""
+    A view is traced to the argument or buffer it was made from through torch's view bookkeeping (``_base``; cheap,
+    and a plan is built in the first call of every step), an untracked alias through its storage."""
 
     def __init__(self, tensors: list[torch.Tensor], buffers: list[torch.Tensor]):
         self.groups = ((_ARGUMENT, tensors), (_BUFFER, buffers))
@@ -350,6 +350,14 @@ class _Sources:
             for index, t in enumerate(group)
             if self.roots[kind][index] == root
         ]
+        if not matches:  # an alias torch does not track as a view (``x.view(x.dtype)``): the same storage
+            storage = value.untyped_storage().data_ptr()
+            matches = [
+                (kind, index, value.data_ptr() - t.data_ptr())
+                for kind, group in self.groups
+                for index, t in enumerate(group)
+                if t.untyped_storage().data_ptr() == storage
+            ]
         if len(matches) > 1:  # several views of one tensor (a joint K/V cache): the one this view starts at
             matches = [m for m in matches if m[2] == 0]
         if len(matches) != 1:

@@ -98,7 +98,9 @@ def encode_fp8_per_token_head(x: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     ``scale = max(amax_d |x| / fp8_max, 1 / (fp8_max * 512))`` and ``stored = saturate(x / scale)``.
     """
     fmax = torch.finfo(dtype).max
-    scale = (x.float().abs().amax(-1) / fmax).clamp_min(1.0 / (fmax * 512.0))
+    amax = x.float().abs().amax(-1)
+    # A tensor divisor: torch's CUDA division by a Python number multiplies by its reciprocal (not IEEE).
+    scale = (amax / amax.new_tensor(fmax)).clamp_min(1.0 / (fmax * 512.0))
     return (x.float() / scale[..., None]).clamp(-fmax, fmax).to(dtype), scale
 
 

@@ -296,7 +296,9 @@ def _write_with_torch(
     ):
         rows = src[valid]
         if per_token:  # [n, Hkv] scales from each row's amax, written beside the values
-            row_scale = (rows.float().abs().amax(-1) / fp8_max).clamp_min(min_scale(fp8_max))
+            amax = rows.float().abs().amax(-1)
+            # IEEE division, as the kernel: torch divides a CUDA tensor by a Python number via its reciprocal.
+            row_scale = (amax / amax.new_tensor(fp8_max)).clamp_min(min_scale(fp8_max))
             scale[blocks, offsets] = row_scale
             rows = (rows.float() / row_scale[..., None]).clamp(-fp8_max, fp8_max)
         elif is_fp8:
