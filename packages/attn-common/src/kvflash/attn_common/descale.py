@@ -22,7 +22,13 @@ import torch
 from kvflash.attn_common.call_plan import keep_constant
 from kvflash.attn_common.platform import stream_capturing
 
-__all__ = ["normalize_descale", "normalize_kv_descales", "is_per_token_descale", "DESCALE_TORCH_DTYPES"]
+__all__ = [
+    "normalize_descale",
+    "normalize_kv_descales",
+    "is_per_token_descale",
+    "descale_kernel_strides",
+    "DESCALE_TORCH_DTYPES",
+]
 
 DESCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -110,6 +116,14 @@ def _constant_scale(value: float, device: torch.device) -> torch.Tensor:
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, int]) -> bool:
     padded = (1,) * (2 - len(shape)) + shape
     return all(s in (1, t) for s, t in zip(padded, target))
+
+
+def descale_kernel_strides(descale: torch.Tensor) -> tuple[int, int, int]:
+    """``(block, seq, head)`` strides the kernels index a *normalised* descale with: ``[num_seqs, Hkv]`` gives
+    ``(0, seq, head)``; the per-token-head ``[num_blocks, block_size, Hkv]`` (or ``[1, total_k, Hkv]``) form gives
+    its page, token and head strides (the token stride in the ``seq`` slot)."""
+    strides = descale.stride()
+    return (strides[0], strides[1], strides[2]) if descale.dim() == 3 else (0, strides[0], strides[1])
 
 
 def is_per_token_descale(descale: torch.Tensor) -> bool:

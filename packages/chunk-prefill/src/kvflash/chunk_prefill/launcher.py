@@ -23,6 +23,7 @@ from kvflash.attn_common import (
     kernel_window,
     normalize_attention_features,
 )
+from kvflash.attn_common.descale import descale_kernel_strides, is_per_token_descale
 from kvflash.attn_common.intmath import cdiv, next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.platform import interpreter_enabled
@@ -142,13 +143,9 @@ def launch_chunk_prefill(
     sinks = s_aux if s_aux is not None else k_descale
     # Stride tuples read once (each .stride(i) is a separate call into torch).
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
-    per_token = k_descale.dim() == 3
-    if per_token:  # (token, head) strides in the seq/head slots, the page stride apart
-        kd_block, kds = k_descale.stride(0), k_descale.stride()[1:]
-        vd_block, vds = v_descale.stride(0), v_descale.stride()[1:]
-    else:
-        kd_block = vd_block = 0
-        kds, vds = k_descale.stride(), v_descale.stride()
+    per_token = is_per_token_descale(k_descale)
+    kd_block, kd_seq, kd_head = descale_kernel_strides(k_descale)
+    vd_block, vd_seq, vd_head = descale_kernel_strides(v_descale)
     alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     launch(
         chunk_prefill_kernel,
@@ -191,10 +188,10 @@ def launch_chunk_prefill(
         stride_o_head=os_[1],
         stride_lse_head=lse.stride(0) if lse is not None else 0,
         stride_bt_seq=block_table.stride(0) if is_paged else 0,
-        stride_kd_seq=kds[0],
-        stride_kd_head=kds[1],
-        stride_vd_seq=vds[0],
-        stride_vd_head=vds[1],
+        stride_kd_seq=kd_seq,
+        stride_kd_head=kd_head,
+        stride_vd_seq=vd_seq,
+        stride_vd_head=vd_head,
         stride_kd_block=kd_block,
         stride_vd_block=vd_block,
         stride_alibi_seq=alibi_strides[0],

@@ -26,6 +26,7 @@ from kvflash.attn_common import (
     validate_index_tensors,
 )
 from kvflash.attn_common.call_plan import empty_buffer, planned
+from kvflash.attn_common.descale import descale_kernel_strides, is_per_token_descale
 from kvflash.attn_common.intmath import next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
@@ -326,13 +327,9 @@ def _paged_decode_op(
     k_strides = k.stride()[:3] if is_paged else (0,) + k.stride()[:2]
     v_strides = v.stride()[:3] if is_paged else (0,) + v.stride()[:2]
     q_strides = q.stride()
-    per_token = k_descale.dim() == 3
-    if per_token:  # (token, head) strides in the seq/head slots, the page stride apart
-        kd_block, kd_strides = k_descale.stride(0), k_descale.stride()[1:]
-        vd_block, vd_strides = v_descale.stride(0), v_descale.stride()[1:]
-    else:
-        kd_block = vd_block = 0
-        kd_strides, vd_strides = k_descale.stride(), v_descale.stride()
+    per_token = is_per_token_descale(k_descale)
+    kd_block, kd_seq, kd_head = descale_kernel_strides(k_descale)
+    vd_block, vd_seq, vd_head = descale_kernel_strides(v_descale)
     alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
     grid = (num_seqs * num_kv_heads * cfg.head_chunks, cfg.num_splits)
@@ -370,10 +367,10 @@ def _paged_decode_op(
             stride_v_tok=v_strides[1],
             stride_v_head=v_strides[2],
             stride_bt_seq=block_table.stride(0) if is_paged else 0,
-            stride_kd_seq=kd_strides[0],
-            stride_kd_head=kd_strides[1],
-            stride_vd_seq=vd_strides[0],
-            stride_vd_head=vd_strides[1],
+            stride_kd_seq=kd_seq,
+            stride_kd_head=kd_head,
+            stride_vd_seq=vd_seq,
+            stride_vd_head=vd_head,
             stride_kd_block=kd_block,
             stride_vd_block=vd_block,
             stride_alibi_seq=alibi_strides[0],
