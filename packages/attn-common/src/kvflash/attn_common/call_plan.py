@@ -15,8 +15,9 @@ Two calls with the same facts pass every check alike: a bad call has facts of it
 which raises.
 
 **Where a pointer comes from**, decided when the plan is built from the first call:
-- an argument tensor (by identity), or a view of one (same storage; the plan keeps the byte offset, which view
-  operations derive from shapes and strides alone);
+- an argument tensor (by identity), or a view of one (traced through torch's ``_base``, or the storage for an
+  alias torch does not track; the plan keeps the byte offset, which view operations derive from shapes and
+  strides alone);
 - a buffer the call allocated with :func:`empty_buffer` (contents never read before the kernels write them), or
   a view of one;
 - a tensor registered with :func:`keep_constant` (never written, never freed: the cached scale constants).
@@ -26,8 +27,9 @@ whose argument tensors repeat one object (``k is v``): a plan built from it coul
 
 **Rules for a planned function** (its body may change only within these): its effects are kvflash launches
 (:func:`kvflash.attn_common.launch.launch`) and :func:`empty_buffer` allocations; it returns argument tensors,
-buffers, or a tuple of them; every decision comes from the call facts. Functions with other effects (the
-context-parallel collectives, cache writers that compute with torch) are not planned.
+buffers, a tuple of them, or ``None``; every decision comes from the call facts. Functions with other effects
+(the context-parallel collectives, ``flash_attn_with_kvcache``'s torch ops) are not planned; the planned functions
+they call are.
 
 **When plans are used** (:func:`plans_allowed`): GPU tensors, outside ``torch.compile`` tracing and torch
 dispatch modes (fake tensors, ``make_fx``, FLOP counters see the custom op as usual), with Triton's cheap
