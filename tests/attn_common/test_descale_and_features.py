@@ -115,7 +115,7 @@ def test_normalize_attention_features_combines_every_feature():
     table, used = torch.zeros(3, 2, dtype=torch.int32), torch.zeros(3, dtype=torch.int32)
     layout = check_kv_cache(q, k, k, 3, block_table=table, seqused_k=used, cu_seqlens_k=None)
     f = normalize_attention_features(
-        q, layout, softmax_scale=None, causal=True, window_size=(7, -1), softcap=30.0,
+        q, layout, k=k, softmax_scale=None, causal=True, window_size=(7, -1), softcap=30.0,
         alibi_slopes=torch.rand(4), s_aux=torch.arange(8.0)[::2], k_descale=0.5, v_descale=torch.tensor([1.0, 2.0]),
     )  # fmt: skip
     assert f.softmax_scale == pytest.approx(1 / 8) and (f.window_left, f.window_right) == (7, 0) and f.softcap == 30.0
@@ -128,5 +128,5 @@ def test_normalize_attention_features_combines_every_feature():
     with pytest.raises(TypeError, match=r"softcap: expected a Python float, got Tensor"):
         normalize_attention_features(
             q, layout, softmax_scale=None, causal=False, window_size=None, softcap=torch.tensor(1.0),
-            alibi_slopes=None, s_aux=None, k_descale=None, v_descale=None,
+            alibi_slopes=None, s_aux=None, k_descale=None, v_descale=None, k=k,
         )  # fmt: skip

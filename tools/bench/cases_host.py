@@ -119,7 +119,7 @@ def _varlen_call(case: HostCase, device: torch.device, small: bool) -> tuple[Cal
     layout = check_kv_cache(q, k, v, num_seqs, **kv_args)
     feature_args = dict(
         softmax_scale=None, causal=True, window_size=None, softcap=0.0, alibi_slopes=None, s_aux=None,
-        k_descale=descales.get("k_descale"), v_descale=descales.get("v_descale"),
+        k_descale=descales.get("k_descale"), v_descale=descales.get("v_descale"), k=k,
     )  # fmt: skip
     layers = {
         "check_kv_cache": functools.partial(check_kv_cache, q, k, v, num_seqs, **kv_args),

@@ -142,8 +142,8 @@ def normalize_kv_descales(
     num_kv_heads: int,
     device: torch.device,
     kv_descale_per_token: bool | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Normalise both descales and decide the descale mode.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise both descales and decide the descale mode (the returned rank tells it: 3 is per-token-head).
 
     Parameters
     ----------
@@ -166,8 +166,8 @@ def normalize_kv_descales(
 
     Returns
     -------
-    (k_descale, v_descale, per_token)
-        float32 ``[num_seqs, Hkv]`` views, or (``per_token``) ``[num_blocks, block_size, Hkv]`` /
+    (k_descale, v_descale)
+        float32 ``[num_seqs, Hkv]`` views, or (per-token-head) ``[num_blocks, block_size, Hkv]`` /
         ``[1, total_k, Hkv]`` views of the given tensors (never copied).
 
     Raises
@@ -212,7 +212,6 @@ def normalize_kv_descales(
         return (
             normalize_descale("k_descale", k_descale, num_seqs, num_kv_heads, device),
             normalize_descale("v_descale", v_descale, num_seqs, num_kv_heads, device),
-            False,
         )
     if is_paged:
         expected = (k.shape[0], k.shape[1], num_kv_heads)
@@ -240,4 +239,4 @@ def normalize_kv_descales(
             f"k_descale: per-token-head descales need an FP8 cache (float8_e4m3fn / float8_e5m2), got k of dtype "
             f"{k.dtype}"
         )
-    return result[0], result[1], True
+    return result[0], result[1]

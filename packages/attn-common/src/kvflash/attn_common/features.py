@@ -39,7 +39,6 @@ class AttentionFeatures:
     k_descale: torch.Tensor
     v_descale: torch.Tensor
     output_scale: torch.Tensor | None = None  # [1] fp32: out = saturate(attention / output_scale) in fp8 e4m3
-    kv_descale_per_token: bool = False  # k_descale / v_descale are per (stored token, KV head)
 
 
 def normalize_attention_features(
@@ -54,34 +53,23 @@ def normalize_attention_features(
     s_aux: torch.Tensor | None,
     k_descale: torch.Tensor | float | None,
     v_descale: torch.Tensor | float | None,
+    k: torch.Tensor,
     output_scale: torch.Tensor | None = None,
-    k: torch.Tensor | None = None,
     kv_descale_per_token: bool | None = None,
 ) -> AttentionFeatures:
     """Validate and normalise the feature arguments of a call with query ``q [*, Hq, D]`` over ``layout``.
 
     ``k`` (the validated key cache) sizes per-token-head descales; ``kv_descale_per_token`` picks the descale
-    mode (see :func:`kvflash.attn_common.descale.normalize_kv_descales`). Without ``k`` only the
-    per-(sequence, KV head) forms are accepted. Raises ``TypeError`` / ``ValueError`` naming the argument;
-    reads no tensor values.
+    mode (see :func:`kvflash.attn_common.descale.normalize_kv_descales`; the normalised descales' rank tells the
+    mode apart afterwards). Raises ``TypeError`` / ``ValueError`` naming the argument; reads no tensor values.
     """
     num_q_heads = q.shape[1]
     left, right = normalize_window(window_size, causal)
-    if k is None:
-        if kv_descale_per_token:
-            raise ValueError("kv_descale_per_token: this entry point takes per-(sequence, KV head) descales only")
-        k_scale, v_scale, per_token = (
-            normalize_kv_descales(
-                k_descale, v_descale, k=q, is_paged=True, kv_is_fp8=False, num_seqs=layout.num_seqs,
-                num_kv_heads=layout.num_kv_heads, device=q.device, kv_descale_per_token=False,
-            )
-        )  # fmt: skip
-    else:
-        k_scale, v_scale, per_token = normalize_kv_descales(
-            k_descale, v_descale, k=k, is_paged=layout.is_paged, kv_is_fp8=layout.types.kv_is_fp8,
-            num_seqs=layout.num_seqs, num_kv_heads=layout.num_kv_heads, device=q.device,
-            kv_descale_per_token=kv_descale_per_token,
-        )  # fmt: skip
+    k_scale, v_scale = normalize_kv_descales(
+        k_descale, v_descale, k=k, is_paged=layout.is_paged, kv_is_fp8=layout.types.kv_is_fp8,
+        num_seqs=layout.num_seqs, num_kv_heads=layout.num_kv_heads, device=q.device,
+        kv_descale_per_token=kv_descale_per_token,
+    )  # fmt: skip
     return AttentionFeatures(
         softmax_scale=resolve_softmax_scale(softmax_scale, layout.head_size),
         window_left=left,
@@ -92,5 +80,4 @@ def normalize_attention_features(
         k_descale=k_scale,
         v_descale=v_scale,
         output_scale=normalize_output_scale(output_scale, q.device),
-        kv_descale_per_token=per_token,
     )
