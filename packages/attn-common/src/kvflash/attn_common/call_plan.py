@@ -136,13 +136,10 @@ def _scalar_fact(value):
     return (kind, value) if kind in _SCALAR_TYPES else _UNKEYABLE
 
 
-def _fact(value):
-    """One argument's part of the call facts (module docstring), or ``_UNKEYABLE``."""
+def _sequence_fact(value):
+    """The facts of an argument that is neither a tensor nor a scalar: a tuple or list of scalars (a window), else
+    ``_UNKEYABLE``."""
     kind = type(value)
-    if kind in _TENSOR_TYPES:
-        return (value.dtype, value.shape, value.stride(), value.get_device(), value.data_ptr() & 15)
-    if kind in _SCALAR_TYPES:
-        return (kind, value)
     if kind is tuple or kind is list:
         parts = tuple(_scalar_fact(v) for v in value)
         return _UNKEYABLE if _UNKEYABLE in parts else (kind, parts)
@@ -173,7 +170,7 @@ def call_facts(args: tuple, kwargs: dict) -> tuple[list | None, list[torch.Tenso
         elif kind in _SCALAR_TYPES:
             facts.append((kind, value))
         else:
-            fact = _fact(value)
+            fact = _sequence_fact(value)
             if fact is _UNKEYABLE:
                 return None, tensors
             facts.append(fact)
@@ -187,7 +184,7 @@ def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     split partials). Inside a plan's capture the buffer is recorded, so a replay allocates a fresh one."""
     buffer = torch.empty(shape, dtype=dtype, device=device)
     if _CAPTURES:
-        _CAPTURES[-1].buffers.append((buffer, tuple(shape), dtype, buffer.device))
+        _CAPTURES[-1].buffers.append(buffer)
     return buffer
 
 
@@ -208,7 +205,7 @@ class _Capture:
     def __init__(self, tensors: list[torch.Tensor]):
         self.tensors = tensors
         self.launches: list[tuple] = []
-        self.buffers: list[tuple[torch.Tensor, tuple[int, ...], torch.dtype, torch.device]] = []
+        self.buffers: list[torch.Tensor] = []  # empty_buffer allocations, in order
         self.spoiled = False
 
     def observe(self, compiled, grid: tuple[int, ...], values: tuple) -> None:
@@ -217,15 +214,14 @@ class _Capture:
         else:
             self.launches.append((compiled, grid, values))
 
-    def _allocation(self, buffer: tuple) -> tuple:
+    def _allocation(self, buffer: torch.Tensor) -> tuple:
         """How a replay allocates a returned buffer: ``(argument index, None)`` for ``torch.empty_like`` of a
         contiguous argument of its shape and dtype (the cheapest allocation torch has: about 2 µs against 4-5 µs
         for a shape tuple), else ``(None, (shape, dtype, device))``."""
-        tensor, shape, dtype, device = buffer
         for index, t in enumerate(self.tensors):
-            if t.shape == tensor.shape and t.dtype == dtype and t.device == device and t.is_contiguous():
+            if t.shape == buffer.shape and t.dtype == buffer.dtype and t.device == buffer.device and t.is_contiguous():
                 return (index, None)
-        return (None, (shape, dtype, device))
+        return (None, (tuple(buffer.shape), buffer.dtype, buffer.device))
 
     def build(self, result) -> _Plan:
         """The plan of this call; raises :class:`_Unplannable` when there is none (module docstring)."""
@@ -233,7 +229,7 @@ class _Capture:
             raise _Unplannable("this Triton returns no compiled kernel from a launch")
         if len({id(t) for t in self.tensors}) != len(self.tensors):
             raise _Unplannable("one tensor object passed as two arguments")
-        sources = _Sources(self.tensors, [b[0] for b in self.buffers])
+        sources = _Sources(self.tensors, self.buffers)
         returned = () if result is None else result if isinstance(result, tuple) else (result,)
         outputs = tuple(sources.identical(value) for value in returned)
         if None in outputs:
@@ -243,7 +239,7 @@ class _Capture:
         returned_buffers = [index for is_buffer, index in outputs if is_buffer]
         own = {index: n for n, index in enumerate(returned_buffers)}
         workspace_at, workspace_bytes = {}, 0
-        for index, (buffer, _, _, _) in enumerate(self.buffers):
+        for index, buffer in enumerate(self.buffers):
             if index not in own:
                 workspace_at[index] = workspace_bytes
                 nbytes = buffer.numel() * buffer.element_size()  # a fresh contiguous tensor
