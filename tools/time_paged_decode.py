@@ -16,6 +16,9 @@ import os
 import tempfile
 
 os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="kvflash_triton_"))
+# Call plans replay the first call's launches for calls with the same arguments: a --sweep override would not be
+# seen after the first setting.
+os.environ["KVFLASH_CALL_PLANS"] = "0"
 
 import torch  # noqa: E402
 from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402

@@ -27,7 +27,7 @@ from kvflash.attn_common import (
 )
 from kvflash.attn_common.call_plan import empty_buffer, planned
 from kvflash.attn_common.descale import descale_kernel_strides, is_per_token_descale
-from kvflash.attn_common.intmath import next_power_of_2
+from kvflash.attn_common.intmath import cdiv, next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.decode_kernel import paged_decode_kernel
@@ -293,6 +293,7 @@ def _paged_decode_op(
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
     kv_is_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
+    per_token = is_per_token_descale(k_descale)
     cfg = choose_decode_config(
         num_seqs=num_seqs,
         num_kv_heads=num_kv_heads,
@@ -306,6 +307,7 @@ def _paged_decode_op(
         interpreter=interpreter,
         max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
         fill_rows=not defer_longer_sequences,
+        per_token_scales=per_token,
     )
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
@@ -327,13 +329,13 @@ def _paged_decode_op(
     k_strides = k.stride()[:3] if is_paged else (0,) + k.stride()[:2]
     v_strides = v.stride()[:3] if is_paged else (0,) + v.stride()[:2]
     q_strides = q.stride()
-    per_token = is_per_token_descale(k_descale)
     kd_block, kd_seq, kd_head = descale_kernel_strides(k_descale)
     vd_block, vd_seq, vd_head = descale_kernel_strides(v_descale)
     alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
-    grid = (num_seqs * num_kv_heads * cfg.head_chunks, cfg.num_splits)
+    grid = (num_seqs * cdiv(num_kv_heads, cfg.kv_heads) * cfg.head_chunks, cfg.num_splits)
     kernel_left, kernel_right = kernel_window(window_left, window_right)
+    compiles_ptx = not interpreter and platform.compiles_to_ptx(q.device)  # inline PTX: NVIDIA only
     if grid[0] > 0:
         launch(
             paged_decode_kernel,
@@ -386,6 +388,7 @@ def _paged_decode_op(
             window_left=kernel_left,
             window_right=kernel_right,
             GROUP=group,
+            KV_HEADS=cfg.kv_heads,
             HEAD_CHUNKS=cfg.head_chunks,
             H_ROWS=cfg.h_rows,
             Q_TOKENS=cfg.q_tokens,
@@ -406,10 +409,11 @@ def _paged_decode_op(
             USE_SOFTCAP=softcap > 0,
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
-            FP8_V_FENCE=kv_is_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
+            FP8_V_FENCE=kv_is_fp8 and compiles_ptx,
             OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
             PER_TOKEN_SCALES=per_token,
+            PREFETCH_TILES=cfg.prefetch_tiles if is_paged and compiles_ptx else 0,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

@@ -1,9 +1,13 @@
 """The split-KV decode kernel: the few query tokens of each sequence over a paged or contiguous KV cache.
 
-One program handles one (sequence, KV head, split) and up to ``Q_TOKENS`` query tokens of the sequence:
-the tokens' ``GROUP`` query heads that share the KV head are stacked as the rows of one
-``[BLOCK_H, HEAD_PAD]`` tile (row ``r``: token ``r // H_ROWS``, head ``r % H_ROWS``), so every K/V element
-the split covers is read from memory once and feeds all of them through ``tl.dot``. That serves decode
+One program handles one (sequence, block of ``KV_HEADS`` KV heads, split) and up to ``Q_TOKENS`` query tokens
+of the sequence: the tokens' ``GROUP`` query heads of each KV head are stacked as the rows of one
+``[BLOCK_H, HEAD_PAD]`` tile (row ``r``: token ``r // (KV_HEADS * H_ROWS)``, KV head ``r // H_ROWS % KV_HEADS``
+of the block, query head ``r % H_ROWS`` of its group), so every K/V element the split covers is read from memory
+once and feeds all of them through ``tl.dot``. ``KV_HEADS > 1`` fills rows that would be padding (``tl.dot``
+needs 16; GQA 4 decode has 4): each KV head's tile is dotted with all rows and each row keeps its own head's
+scores, and ``P V`` sums ``P_h V_h`` with ``P_h`` the rows of head ``h``. The softmax, the page walk and the
+pipeline's bookkeeping of one tile then serve ``KV_HEADS`` heads (FP8 decode is instruction-bound). That serves decode
 (one token), speculative-decode verification (a few draft tokens) and the decode rows of a mixed batch
 alike. A sequence with more than ``Q_TOKENS`` queries is walked in chunks of ``Q_TOKENS`` tokens (each
 chunk reads its keys again), unless ``SKIP_LONG``: then the chunked-prefill kernel serves it and this
@@ -26,6 +30,9 @@ on NVIDIA ``FP8_V_FENCE`` keeps Triton from folding V's conversion into a byte-w
 A bf16 query converts to fp16 exactly while ``|q| < 65504``. The K descale is folded into the score scale
 and the V descale is applied to the output once, so dequantisation costs no per-element multiply.
 
+``PREFETCH_TILES`` (paged, NVIDIA): the K/V rows of the tile that many tiles ahead are requested into L2
+(``prefetch.global.L2``), so more bytes are in flight than the shared-memory stages hold.
+
 ``PER_TOKEN_SCALES`` (a separate specialisation; off, the kernel is what it was without it): one descale per
 stored (token, KV head), read per tile beside K and V. K's multiplies its score column,
 ``s_j = (q . k_j) * kscale_j * softmax_scale``, folded into the per-column score factor; V's multiplies the
@@ -47,6 +54,54 @@ from kvflash.attn_common.jit_helpers import (
     softcap_scores,
     to_e4m3,
 )
+
+
+@triton.jit
+def load_kv_tile(head_ptr, token_offsets, offs_d, mask, IS_FP8: tl.constexpr, FP8_V_FENCE: tl.constexpr,
+                 DOT_FP32: tl.constexpr):  # fmt: skip
+    """One KV head's ``[BLOCK_N, HEAD_PAD]`` K or V tile (``token_offsets [BLOCK_N]`` int64 element offsets of the
+    tile's tokens from ``head_ptr``), in the dtype the dots take: FP8 converted to fp16 (exact), fp32 with
+    ``DOT_FP32``. ``FP8_V_FENCE`` (V tiles on NVIDIA): an identity move with side effects after the conversion, so
+    that Triton cannot hoist the conversion above it and re-lays V out as fp16 (ldmatrix.trans) instead of reading
+    it from shared memory byte by byte."""
+    tile = tl.load(head_ptr + token_offsets[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    if IS_FP8:
+        tile = tile.to(tl.float16)
+        if FP8_V_FENCE:
+            tile = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tile], dtype=tl.float16, is_pure=False, pack=2)
+    if DOT_FP32:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def prefetch_kv_rows(
+    k_ptr, v_ptr, page, pos, kv_head, num_kv_heads, num_blocks, stride_k_block, stride_k_tok, stride_k_head,
+    stride_v_block, stride_v_tok, stride_v_head, BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, ITEM_BYTES: tl.constexpr,
+):  # fmt: skip
+    """Ask L2 for the K and V rows of a later tile (``page [BLOCK_N]`` its page ids, ``-1`` past the keys;
+    ``pos [BLOCK_N]`` its positions): one ``prefetch.global.L2`` per 128-byte line of each (token, KV head) row.
+    It keeps more bytes in flight than the shared-memory stages hold, without registers or shared memory."""
+    LINE: tl.constexpr = 128
+    LINES: tl.constexpr = (HEAD_SIZE * ITEM_BYTES + LINE - 1) // LINE
+    line = tl.arange(0, LINES)
+    heads = tl.minimum(kv_head + tl.arange(0, KV_HEADS), num_kv_heads - 1).to(tl.int64)
+    valid = page >= 0
+    page = tl.minimum(tl.maximum(page, 0), num_blocks - 1).to(tl.int64)
+    in_page = (pos % PAGE_SIZE).to(tl.int64)
+    # [BLOCK_N, KV_HEADS, LINES] byte offsets; rows past the keys prefetch the cache's first line (harmless).
+    k_off = (page * stride_k_block + in_page * stride_k_tok)[:, None, None] + (heads * stride_k_head)[None, :, None]
+    v_off = (page * stride_v_block + in_page * stride_v_tok)[:, None, None] + (heads * stride_v_head)[None, :, None]
+    byte = (line * LINE)[None, None, :]
+    k_addr = k_ptr.to(tl.pointer_type(tl.uint8)) + tl.where(valid[:, None, None], k_off * ITEM_BYTES + byte, 0)
+    v_addr = v_ptr.to(tl.pointer_type(tl.uint8)) + tl.where(valid[:, None, None], v_off * ITEM_BYTES + byte, 0)
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [k_addr], dtype=tl.int32, is_pure=False, pack=1
+    )
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [v_addr], dtype=tl.int32, is_pure=False, pack=1
+    )
 
 
 @triton.jit
@@ -102,9 +157,10 @@ def paged_decode_kernel(
     window_left,  # UNBOUNDED_WINDOW when unbounded
     window_right,  # UNBOUNDED_WINDOW when unbounded; 0 when causal
     GROUP: tl.constexpr,  # query heads per KV head
+    KV_HEADS: tl.constexpr,  # KV heads per program (1 unless HEAD_CHUNKS == 1 and the rows have room)
     HEAD_CHUNKS: tl.constexpr,  # programs per KV head (cdiv(GROUP, BLOCK_H); 1 unless GROUP > 64)
     H_ROWS: tl.constexpr,  # query heads per token in a program's rows: GROUP, or BLOCK_H when HEAD_CHUNKS > 1
-    Q_TOKENS: tl.constexpr,  # query tokens per chunk (1 when HEAD_CHUNKS > 1); Q_TOKENS * H_ROWS <= BLOCK_H
+    Q_TOKENS: tl.constexpr,  # query tokens per chunk (1 when HEAD_CHUNKS > 1); Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H
     BLOCK_H: tl.constexpr,  # rows per program (power of two >= 16, for tl.dot)
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE
@@ -125,13 +181,16 @@ def paged_decode_kernel(
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (IS_FP8 only)
+    PREFETCH_TILES: tl.constexpr,  # NVIDIA, paged only: L2 prefetch of the tile this many tiles ahead (0: none)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
+    tl.static_assert(KV_HEADS == 1 or not PER_TOKEN_SCALES, "per-token-head descales take one KV head per program")
     pid = tl.program_id(0)
     split = tl.program_id(1)
+    kv_head_blocks = tl.cdiv(num_kv_heads, KV_HEADS)
     chunk = pid % HEAD_CHUNKS
-    kv_head = (pid // HEAD_CHUNKS) % num_kv_heads
-    seq = pid // (HEAD_CHUNKS * num_kv_heads)
+    kv_head = (pid // HEAD_CHUNKS) % kv_head_blocks * KV_HEADS  # the program's first KV head
+    seq = pid // (HEAD_CHUNKS * kv_head_blocks)
     seq64 = seq.to(tl.int64)
     # The sequence's query rows [q_first, q_first + q_len), clamped to [0, total_q] (decreasing: empty).
     if USE_CU_Q:
@@ -155,10 +214,12 @@ def paged_decode_kernel(
             kv_len = tl.maximum(tl.minimum(kv_len, tl.load(seqused_k_ptr + seq)), 0)
 
     rows = tl.arange(0, BLOCK_H)
-    row_token = rows // H_ROWS  # [BLOCK_H] token of each row within a chunk
+    row_token = rows // (KV_HEADS * H_ROWS)  # [BLOCK_H] token of each row within a chunk
+    row_kv = rows // H_ROWS % KV_HEADS  # [BLOCK_H] KV head of each row, counted from the program's first
+    row_kv_head = kv_head + row_kv  # [BLOCK_H] KV head of each row
     group_head = chunk * H_ROWS + rows % H_ROWS  # [BLOCK_H] query head within the KV head's group
-    q_heads = kv_head * GROUP + group_head
-    head_mask = (row_token < Q_TOKENS) & (group_head < GROUP)
+    q_heads = row_kv_head * GROUP + group_head
+    head_mask = (row_token < Q_TOKENS) & (group_head < GROUP) & (row_kv_head < num_kv_heads)
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
     offs_n = tl.arange(0, BLOCK_N)
@@ -168,11 +229,16 @@ def paged_decode_kernel(
         v_descale = tl.full([], 1.0, dtype=tl.float32)
         kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
         vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
-    else:
+    elif KV_HEADS == 1:
         # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
         k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
         score_scale = softmax_scale * k_descale
         v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+    else:  # per row: [BLOCK_H, 1], each row's KV head's descales
+        k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + row_kv_head * stride_kd_head, mask=head_mask)
+        score_scale = (softmax_scale * k_descale)[:, None]
+        v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + row_kv_head * stride_vd_head, mask=head_mask)
+        v_descale = v_descale[:, None]
     if OUTPUT_FP8:  # the output scale's reciprocal, loaded once, folds into the V descale
         v_descale = v_descale * (1.0 / tl.load(output_scale_ptr))
     if USE_ALIBI:
@@ -218,6 +284,11 @@ def paged_decode_kernel(
             # overlaps the dots. With the page ids carried, num_stages = s keeps s - 2 tiles in flight.
             first_pos = split_start + offs_n
             next_page = tl.load(block_row_ptr + first_pos // PAGE_SIZE, mask=first_pos < split_end, other=0)
+            if PREFETCH_TILES > 0:
+                # The L2 prefetch runs PREFETCH_TILES tiles ahead of the K/V copies, its page ids one more tile
+                # ahead (carried, so that no prefetch waits for a page-id load).
+                pf_pos = split_start + PREFETCH_TILES * BLOCK_N + offs_n
+                pf_page = tl.load(block_row_ptr + pf_pos // PAGE_SIZE, mask=pf_pos < split_end, other=-1)
         for tile_start in range(split_start, split_end, BLOCK_N):
             pos = tile_start + offs_n
             valid = pos < split_end
@@ -226,6 +297,14 @@ def paged_decode_kernel(
                 page = tl.minimum(tl.maximum(next_page, 0), num_blocks - 1).to(tl.int64)
                 ahead = pos + BLOCK_N
                 next_page = tl.load(block_row_ptr + ahead // PAGE_SIZE, mask=ahead < split_end, other=0)
+                if PREFETCH_TILES > 0:
+                    prefetch_kv_rows(
+                        k_ptr, v_ptr, pf_page, pf_pos, kv_head, num_kv_heads, num_blocks, stride_k_block, stride_k_tok,
+                        stride_k_head, stride_v_block, stride_v_tok, stride_v_head, BLOCK_N, KV_HEADS, PAGE_SIZE,
+                        HEAD_SIZE, k_ptr.dtype.element_ty.primitive_bitwidth // 8,
+                    )  # fmt: skip
+                    pf_pos += BLOCK_N
+                    pf_page = tl.load(block_row_ptr + pf_pos // PAGE_SIZE, mask=pf_pos < split_end, other=-1)
                 in_page = (pos % PAGE_SIZE).to(tl.int64)
                 k_rows = page * stride_k_block + in_page * stride_k_tok
                 v_rows = page * stride_v_block + in_page * stride_v_tok
@@ -248,22 +327,17 @@ def paged_decode_kernel(
                 kv_mask = valid[:, None]
             else:
                 kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_head_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_head_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-            if IS_FP8:
-                k = k.to(tl.float16)
-                v = v.to(tl.float16)
-                if FP8_V_FENCE:
-                    # An identity move with side effects: Triton cannot hoist the conversion above it, so V is
-                    # re-laid out as fp16 (ldmatrix.trans) instead of read from shared memory byte by byte.
-                    v = tl.inline_asm_elementwise(
-                        "mov.b32 $0, $1;", "=r,r", [v], dtype=tl.float16, is_pure=False, pack=2
-                    )
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-
-            qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
+            if KV_HEADS == 1:
+                k = load_kv_tile(k_head_ptr, k_rows, offs_d, kv_mask, IS_FP8, False, DOT_FP32)
+                qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
+            else:
+                # Every row's query against every KV head of the program; each row keeps its own head's scores.
+                qk = tl.zeros([BLOCK_H, BLOCK_N], dtype=tl.float32)
+                for h in tl.static_range(KV_HEADS):
+                    # A head past Hkv (never, as launched: KV_HEADS divides Hkv) re-reads the last; its rows are masked.
+                    head_h = tl.minimum(kv_head + h, num_kv_heads - 1).to(tl.int64)
+                    k = load_kv_tile(k_ptr + head_h * stride_k_head, k_rows, offs_d, kv_mask, IS_FP8, False, DOT_FP32)
+                    qk = tl.where((row_kv == h)[:, None], tl.dot(q, tl.trans(k)), qk)
             if USE_SOFTCAP or USE_ALIBI:
                 scores = qk * tile_scale
                 if USE_SOFTCAP:
@@ -282,7 +356,18 @@ def paged_decode_kernel(
             m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
             if PER_TOKEN_SCALES:
                 p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if KV_HEADS == 1:
+                v = load_kv_tile(v_head_ptr, v_rows, offs_d, kv_mask, IS_FP8, FP8_V_FENCE, DOT_FP32)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            else:
+                # sum_h P_h V_h with P_h the rows of KV head h (other rows zero): each row meets only its own V.
+                acc = acc * alpha[:, None]
+                for h in tl.static_range(KV_HEADS):
+                    head_h = tl.minimum(kv_head + h, num_kv_heads - 1).to(tl.int64)
+                    v = load_kv_tile(
+                        v_ptr + head_h * stride_v_head, v_rows, offs_d, kv_mask, IS_FP8, FP8_V_FENCE, DOT_FP32
+                    )
+                    acc = tl.dot(tl.where((row_kv == h)[:, None], p, 0.0).to(v.dtype), v, acc)
 
         if USE_SINKS and not IS_SPLIT:
             m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks)

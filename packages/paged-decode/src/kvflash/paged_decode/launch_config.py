@@ -17,9 +17,11 @@ __all__ = ["DecodeLaunchConfig", "choose_decode_config", "resolve_num_splits", "
 # cut into chunks (and the tokens of a sequence into passes) so that the accumulator stays in registers.
 MIN_BLOCK_H = 16
 MAX_BLOCK_H = 64
-# Tokens per tile: a [BLOCK_N, HEAD_PAD] tile of 16-bit values (FP8 tiles are converted to fp16 in registers)
-# of 16 KiB: 64 tokens at D = 128. Larger tiles cost registers, hence programs per SM.
-TILE_BYTES_16BIT = 16384
+# Tokens per tile: the program's [BLOCK_N, HEAD_PAD] K tiles (one per KV head of the program) hold
+# TILE_ELEMENTS values together, 16 KiB as 16-bit values (FP8 tiles are converted to fp16 in registers): 64 tokens
+# at D = 128 with one KV head, 16 with four. Larger tiles cost registers, hence programs per SM.
+TILE_ELEMENTS = 8192
+MIN_BLOCK_N = 16  # tl.dot's smallest N
 MAX_BLOCK_N = 128
 # Automatic split-KV: no split when the (sequence, KV head) programs alone give NO_SPLIT_PROGRAMS_PER_SM per
 # SM (64 x 4096 at Hkv 8 measured faster unsplit); otherwise as many splits as fit in one wave of the
@@ -30,7 +32,11 @@ MAX_BLOCK_N = 128
 # 16-bit KV, 4 warps, 4 stages: 160 registers, 102 KiB -> 2; FP8 KV, 2 warps, 3 stages: 194 registers,
 # 54 KiB -> 4. H200: bf16 1 x 131072 with 33 splits (one wave of 2) 93 % of copy, with 66 (two waves) 89 %.
 NO_SPLIT_PROGRAMS_PER_SM = 2
-RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM
+RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM, one KV head per program
+# FP8 with several KV heads per program (2 warps, 3 stages, 16-token tiles of 4 heads at D = 128): 188 registers,
+# 41 KiB of shared memory -> 5 fit, but H200 64 x 4096 runs fastest at 4 splits (512 programs: 78.7 % of copy;
+# 5 splits 57 %, 6 splits 63 %, 8 splits 78 %) and 128 x 8192 at 2 (512 programs, 81 %; 3 splits 68 %).
+FP8_MULTI_HEAD_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 512
 MAX_SPLITS = 256
 # The interpreter runs programs one after another: small tiles keep the CPU tests short.
@@ -51,6 +57,10 @@ class DecodeLaunchConfig:
         Query heads per token in a program's rows (the group, or ``block_h`` when it is chunked).
     q_tokens : int
         Query tokens of a sequence per program pass (1 when the group is chunked).
+    kv_heads : int
+        KV heads per program (a power of two dividing Hkv): the rows of several KV heads share one program when
+        one head's rows leave ``block_h`` padded (FP8 decode at GQA <= 8), so a tile's softmax and page walk serve
+        all of them.
     head_pad : int
         Head size rounded up to a power of two.
     block_n : int
@@ -59,17 +69,22 @@ class DecodeLaunchConfig:
         Splits per (sequence, KV head); 1 means no split buffers and no merge kernel.
     num_warps, num_stages : int
         Triton launch settings.
+    prefetch_tiles : int
+        Paged caches on NVIDIA: the decode kernel asks L2 for the K/V rows of the tile this many tiles ahead of
+        the one it copies to shared memory (0: no prefetch).
     """
 
     block_h: int
     head_chunks: int
     h_rows: int
     q_tokens: int
+    kv_heads: int
     head_pad: int
     block_n: int
     num_splits: int
     num_warps: int
     num_stages: int
+    prefetch_tiles: int = 0
 
 
 def resolve_num_splits(
@@ -116,6 +131,7 @@ def choose_decode_config(
     interpreter: bool,
     max_seqlen_q: int = 1,
     fill_rows: bool = True,
+    per_token_scales: bool = False,
 ) -> DecodeLaunchConfig:
     """Pick the decode launch settings from shapes and Python ints.
 
@@ -144,6 +160,8 @@ def choose_decode_config(
         ``Q_TOKENS`` variants (one per ``block_h``) instead of one per value, so a warm-up has fewer kernels to
         build. False keeps ``q_tokens = max_seqlen_q`` exactly (``defer_longer_sequences`` needs it: the kernel
         leaves sequences longer than ``Q_TOKENS`` to the prefill kernel).
+    per_token_scales : bool
+        Per-token-head descales (one KV head per program: their V scales are per (token, head) columns).
     """
     if group > MAX_BLOCK_H:
         q_tokens, block_h = 1, MAX_BLOCK_H
@@ -155,18 +173,32 @@ def choose_decode_config(
             q_tokens = min(block_h, MAX_BLOCK_H) // group
         head_chunks, h_rows = 1, group
     head_pad = max(16, next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
+    kv_heads = 1
+    if kv_itemsize == 1 and head_chunks == 1 and not per_token_scales:
+        # FP8 is instruction-bound: rows left as padding take the next KV heads, a power of two dividing Hkv
+        # with tiles of at least MIN_BLOCK_N tokens.
+        while (
+            2 * kv_heads * q_tokens * group <= block_h
+            and num_kv_heads % (2 * kv_heads) == 0
+            and TILE_ELEMENTS // (2 * kv_heads * head_pad) >= MIN_BLOCK_N
+        ):
+            kv_heads *= 2
     if interpreter:
         block_n = INTERPRETER_BLOCK_N
     else:
-        block_n = max(16, min(MAX_BLOCK_N, TILE_BYTES_16BIT // (head_pad * 2)))
+        block_n = max(MIN_BLOCK_N, min(MAX_BLOCK_N, TILE_ELEMENTS // (kv_heads * head_pad)))
     max_keys = max_seqlen_k if window_left < 0 else min(max_seqlen_k, window_left + 1)
+    if kv_heads > 1:
+        programs_per_sm = FP8_MULTI_HEAD_PROGRAMS_PER_SM
+    else:
+        programs_per_sm = RESIDENT_PROGRAMS_PER_SM[1 if kv_itemsize == 1 else 2]
     splits = resolve_num_splits(
         num_splits,
-        num_programs=num_seqs * num_kv_heads * head_chunks,
+        num_programs=num_seqs * (num_kv_heads // kv_heads) * head_chunks,
         max_keys=max_keys,
         block_n=block_n,
         multiprocessor_count=multiprocessor_count,
-        programs_per_sm=RESIDENT_PROGRAMS_PER_SM[1 if kv_itemsize == 1 else 2],
+        programs_per_sm=programs_per_sm,
     )
     num_warps = 4 if block_h * head_pad <= 32 * 128 else 8
     if kv_itemsize == 1 and block_h * head_pad <= 16 * 128:
@@ -175,4 +207,6 @@ def choose_decode_config(
     # H200, 64 x 4096 and 128 x 8192: FP8 (2 warps) 2 stages 67-69 % of copy, 3 stages 76-78 %, 4 stages 57-67 %
     # (3 programs per SM instead of 4); bf16 (4 warps) 3 stages 83-97 %, 4 stages 98-101 %.
     num_stages = 1 if interpreter else (3 if kv_itemsize == 1 else 4)
-    return DecodeLaunchConfig(block_h, head_chunks, h_rows, q_tokens, head_pad, block_n, splits, num_warps, num_stages)
+    return DecodeLaunchConfig(
+        block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages
+    )
