@@ -335,7 +335,6 @@ def _paged_decode_op(
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
     grid = (num_seqs * cdiv(num_kv_heads, cfg.kv_heads) * cfg.head_chunks, cfg.num_splits)
     kernel_left, kernel_right = kernel_window(window_left, window_right)
-    compiles_ptx = not interpreter and platform.compiles_to_ptx(q.device)  # inline PTX: NVIDIA only
     if grid[0] > 0:
         launch(
             paged_decode_kernel,
@@ -409,11 +408,10 @@ def _paged_decode_op(
             USE_SOFTCAP=softcap > 0,
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
-            FP8_V_FENCE=kv_is_fp8 and compiles_ptx,
+            FP8_V_FENCE=kv_is_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
             OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
             PER_TOKEN_SCALES=per_token,
-            PREFETCH_TILES=cfg.prefetch_tiles if is_paged and compiles_ptx else 0,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )

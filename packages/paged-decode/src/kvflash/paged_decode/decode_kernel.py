@@ -30,9 +30,6 @@ on NVIDIA ``FP8_V_FENCE`` keeps Triton from folding V's conversion into a byte-w
 A bf16 query converts to fp16 exactly while ``|q| < 65504``. The K descale is folded into the score scale
 and the V descale is applied to the output once, so dequantisation costs no per-element multiply.
 
-``PREFETCH_TILES`` (paged, NVIDIA): the K/V rows of the tile that many tiles ahead are requested into L2
-(``prefetch.global.L2``), so more bytes are in flight than the shared-memory stages hold.
-
 ``PER_TOKEN_SCALES`` (a separate specialisation; off, the kernel is what it was without it): one descale per
 stored (token, KV head), read per tile beside K and V. K's multiplies its score column,
 ``s_j = (q . k_j) * kscale_j * softmax_scale``, folded into the per-column score factor; V's multiplies the
@@ -72,36 +69,6 @@ def load_kv_tile(head_ptr, token_offsets, offs_d, mask, IS_FP8: tl.constexpr, FP
     if DOT_FP32:
         tile = tile.to(tl.float32)
     return tile
-
-
-@triton.jit
-def prefetch_kv_rows(
-    k_ptr, v_ptr, page, pos, kv_head, num_kv_heads, num_blocks, stride_k_block, stride_k_tok, stride_k_head,
-    stride_v_block, stride_v_tok, stride_v_head, BLOCK_N: tl.constexpr, KV_HEADS: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, ITEM_BYTES: tl.constexpr,
-):  # fmt: skip
-    """Ask L2 for the K and V rows of a later tile (``page [BLOCK_N]`` its page ids, ``-1`` past the keys;
-    ``pos [BLOCK_N]`` its positions): one ``prefetch.global.L2`` per 128-byte line of each (token, KV head) row.
-    It keeps more bytes in flight than the shared-memory stages hold, without registers or shared memory."""
-    LINE: tl.constexpr = 128
-    LINES: tl.constexpr = (HEAD_SIZE * ITEM_BYTES + LINE - 1) // LINE
-    line = tl.arange(0, LINES)
-    heads = tl.minimum(kv_head + tl.arange(0, KV_HEADS), num_kv_heads - 1).to(tl.int64)
-    valid = page >= 0
-    page = tl.minimum(tl.maximum(page, 0), num_blocks - 1).to(tl.int64)
-    in_page = (pos % PAGE_SIZE).to(tl.int64)
-    # [BLOCK_N, KV_HEADS, LINES] byte offsets; rows past the keys prefetch the cache's first line (harmless).
-    k_off = (page * stride_k_block + in_page * stride_k_tok)[:, None, None] + (heads * stride_k_head)[None, :, None]
-    v_off = (page * stride_v_block + in_page * stride_v_tok)[:, None, None] + (heads * stride_v_head)[None, :, None]
-    byte = (line * LINE)[None, None, :]
-    k_addr = k_ptr.to(tl.pointer_type(tl.uint8)) + tl.where(valid[:, None, None], k_off * ITEM_BYTES + byte, 0)
-    v_addr = v_ptr.to(tl.pointer_type(tl.uint8)) + tl.where(valid[:, None, None], v_off * ITEM_BYTES + byte, 0)
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [k_addr], dtype=tl.int32, is_pure=False, pack=1
-    )
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [v_addr], dtype=tl.int32, is_pure=False, pack=1
-    )
 
 
 @triton.jit
@@ -181,7 +148,6 @@ def paged_decode_kernel(
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (IS_FP8 only)
-    PREFETCH_TILES: tl.constexpr,  # NVIDIA, paged only: L2 prefetch of the tile this many tiles ahead (0: none)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(KV_HEADS == 1 or not PER_TOKEN_SCALES, "per-token-head descales take one KV head per program")
@@ -284,11 +250,6 @@ def paged_decode_kernel(
             # overlaps the dots. With the page ids carried, num_stages = s keeps s - 2 tiles in flight.
             first_pos = split_start + offs_n
             next_page = tl.load(block_row_ptr + first_pos // PAGE_SIZE, mask=first_pos < split_end, other=0)
-            if PREFETCH_TILES > 0:
-                # The L2 prefetch runs PREFETCH_TILES tiles ahead of the K/V copies, its page ids one more tile
-                # ahead (carried, so that no prefetch waits for a page-id load).
-                pf_pos = split_start + PREFETCH_TILES * BLOCK_N + offs_n
-                pf_page = tl.load(block_row_ptr + pf_pos // PAGE_SIZE, mask=pf_pos < split_end, other=-1)
         for tile_start in range(split_start, split_end, BLOCK_N):
             pos = tile_start + offs_n
             valid = pos < split_end
@@ -297,14 +258,6 @@ def paged_decode_kernel(
                 page = tl.minimum(tl.maximum(next_page, 0), num_blocks - 1).to(tl.int64)
                 ahead = pos + BLOCK_N
                 next_page = tl.load(block_row_ptr + ahead // PAGE_SIZE, mask=ahead < split_end, other=0)
-                if PREFETCH_TILES > 0:
-                    prefetch_kv_rows(
-                        k_ptr, v_ptr, pf_page, pf_pos, kv_head, num_kv_heads, num_blocks, stride_k_block, stride_k_tok,
-                        stride_k_head, stride_v_block, stride_v_tok, stride_v_head, BLOCK_N, KV_HEADS, PAGE_SIZE,
-                        HEAD_SIZE, k_ptr.dtype.element_ty.primitive_bitwidth // 8,
-                    )  # fmt: skip
-                    pf_pos += BLOCK_N
-                    pf_page = tl.load(block_row_ptr + pf_pos // PAGE_SIZE, mask=pf_pos < split_end, other=-1)
                 in_page = (pos % PAGE_SIZE).to(tl.int64)
                 k_rows = page * stride_k_block + in_page * stride_k_tok
                 v_rows = page * stride_v_block + in_page * stride_v_tok
@@ -329,6 +282,7 @@ def paged_decode_kernel(
                 kv_mask = valid[:, None] & d_mask[None, :]
             if KV_HEADS == 1:
                 k = load_kv_tile(k_head_ptr, k_rows, offs_d, kv_mask, IS_FP8, False, DOT_FP32)
+                v = load_kv_tile(v_head_ptr, v_rows, offs_d, kv_mask, IS_FP8, FP8_V_FENCE, DOT_FP32)
                 qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
             else:
                 # Every row's query against every KV head of the program; each row keeps its own head's scores.
@@ -357,7 +311,6 @@ def paged_decode_kernel(
             if PER_TOKEN_SCALES:
                 p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
             if KV_HEADS == 1:
-                v = load_kv_tile(v_head_ptr, v_rows, offs_d, kv_mask, IS_FP8, FP8_V_FENCE, DOT_FP32)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             else:
                 # sum_h P_h V_h with P_h the rows of KV head h (other rows zero): each row meets only its own V.

@@ -69,9 +69,6 @@ class DecodeLaunchConfig:
         Splits per (sequence, KV head); 1 means no split buffers and no merge kernel.
     num_warps, num_stages : int
         Triton launch settings.
-    prefetch_tiles : int
-        Paged caches on NVIDIA: the decode kernel asks L2 for the K/V rows of the tile this many tiles ahead of
-        the one it copies to shared memory (0: no prefetch).
     """
 
     block_h: int
@@ -84,7 +81,6 @@ class DecodeLaunchConfig:
     num_splits: int
     num_warps: int
     num_stages: int
-    prefetch_tiles: int = 0
 
 
 def resolve_num_splits(
