@@ -40,10 +40,6 @@ def test_one_kv_head_per_program_when_rows_are_full():
     bf16 = choose_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=2, max_seqlen_k=100,
                                 window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True)  # fmt: skip
     assert bf16.kv_heads == 1
-    per_token = choose_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=1,
-                                     max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-                                     interpreter=True, per_token_scales=True)  # fmt: skip
-    assert per_token.kv_heads == 1
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)

@@ -128,3 +128,20 @@ def test_per_token_tiny_and_huge_value_scales_fp32_out(device, factor):
                                  compute_dtype=torch.float64, **kv.kv_args)  # fmt: skip
     rel = float((out.double() - ref).abs().max() / ref.abs().max())
     assert rel < 2e-3, rel
+
+
+def test_per_token_heads_far_apart_share_a_program(device):
+    """Two KV heads in one program (GQA 2, Hkv 2: ``kv_heads = 2``) whose V scales are 2^40 apart: each row's fp16
+    operand is taken in units of its own head's scales, so neither head loses its bits to the other's range."""
+    q, kv = _case(device, [45, 20], torch.float8_e4m3fn, seed=9)
+    head_factor = torch.tensor([2.0**-20, 2.0**20], device=device)
+    kv.v_descale = kv.v_descale * head_factor
+    out = poison(torch.empty(q.shape, dtype=torch.float32, device=device))
+    paged_decode_attention(q, kv.k, kv.v, 45, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out,
+                           num_splits=1, **kv.kv_args)  # fmt: skip
+    cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
+    ref, _ = reference_attention(q, kv.k, kv.v, cu_q, k_descale=kv.k_descale, v_descale=kv.v_descale,
+                                 compute_dtype=torch.float64, **kv.kv_args)  # fmt: skip
+    for head in range(q.shape[1]):  # query heads 0, 1 read KV head 0; 2, 3 read KV head 1
+        rel = float((out[:, head].double() - ref[:, head]).abs().max() / ref[:, head].abs().max())
+        assert rel < 2e-3, (head, rel)

@@ -197,3 +197,20 @@ def scale_p_columns(p, alpha, v_col_scale, v_exp):
     alpha = alpha * tl.math.exp2(v_exp - new_exp)
     p = p * (v_col_scale * tl.math.exp2(-new_exp))[None, :]
     return p, alpha, new_exp
+
+
+@triton.jit
+def scale_p_elements(p, alpha, v_scale, v_exp):
+    """:func:`scale_p_columns` with one V descale per (row, key): rows of different KV heads in one tile.
+
+    ``v_scale [BLOCK_M, BLOCK_N]`` fp32, each row's KV head's descale of each key (0 for masked keys), and
+    ``v_exp [BLOCK_M]`` a running exponent per row, so that a row's fp16 operand is scaled by its own head's
+    largest descale, not by another head's. Returns ``(p * vscale / 2^E, alpha * 2^(E_old - E_new), E_new)``;
+    multiply each row of the final output by ``2^E``.
+    """
+    v_max = tl.max(tl.abs(v_scale), 1)
+    tile_exp = tl.where(v_max > 0, tl.floor(tl.math.log2(tl.where(v_max > 0, v_max, 1.0))), -100.0)
+    new_exp = tl.minimum(tl.maximum(tl.maximum(v_exp, tile_exp), -100.0), 100.0)
+    alpha = alpha * tl.math.exp2(v_exp - new_exp)
+    p = p * v_scale * tl.math.exp2(-new_exp)[:, None]
+    return p, alpha, new_exp
