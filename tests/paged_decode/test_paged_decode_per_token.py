@@ -114,19 +114,26 @@ def test_per_token_bf16_query(device, kv_dtype):
     _check(q, kv, 1000, atol=1e-2)
 
 
+def _fp32_out_and_reference(q, kv, max_seqlen_k, num_splits):
+    """The kernel's output into a poisoned float32 ``out`` (no fp16 rounding of the result) and the float64
+    reference, both float64."""
+    out = poison(torch.empty(q.shape, dtype=torch.float32, device=q.device))
+    paged_decode_attention(q, kv.k, kv.v, max_seqlen_k, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out,
+                           num_splits=num_splits, **kv.kv_args)  # fmt: skip
+    cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)
+    ref, _ = reference_attention(q, kv.k, kv.v, cu_q, k_descale=kv.k_descale, v_descale=kv.v_descale,
+                                 compute_dtype=torch.float64, **kv.kv_args)  # fmt: skip
+    return out.double(), ref.to(out.device, torch.float64)
+
+
 @pytest.mark.parametrize("factor", [2.0**-30, 2.0**30])
 def test_per_token_tiny_and_huge_value_scales_fp32_out(device, factor):
     """Every V scale multiplied by 2^-30 (or 2^30), read into a float32 ``out``: ``p_j * vscale_j`` taken
     directly in fp16 would underflow to 0 (or overflow); in units of 2^E the result keeps its relative error."""
     q, kv = _case(device, [45, 20], torch.float8_e4m3fn, seed=8)
     kv.v_descale = kv.v_descale * factor
-    out = poison(torch.empty(q.shape, dtype=torch.float32, device=device))
-    paged_decode_attention(q, kv.k, kv.v, 45, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out,
-                           num_splits=2, **kv.kv_args)  # fmt: skip
-    cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
-    ref, _ = reference_attention(q, kv.k, kv.v, cu_q, k_descale=kv.k_descale, v_descale=kv.v_descale,
-                                 compute_dtype=torch.float64, **kv.kv_args)  # fmt: skip
-    rel = float((out.double() - ref).abs().max() / ref.abs().max())
+    out, ref = _fp32_out_and_reference(q, kv, 45, num_splits=2)
+    rel = float((out - ref).abs().max() / ref.abs().max())
     assert rel < 2e-3, rel
 
 
@@ -136,12 +143,7 @@ def test_per_token_heads_far_apart_share_a_program(device):
     q, kv = _case(device, [45, 20], torch.float8_e4m3fn, seed=9)
     head_factor = torch.tensor([2.0**-20, 2.0**20], device=device)
     kv.v_descale = kv.v_descale * head_factor
-    out = poison(torch.empty(q.shape, dtype=torch.float32, device=device))
-    paged_decode_attention(q, kv.k, kv.v, 45, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out,
-                           num_splits=1, **kv.kv_args)  # fmt: skip
-    cu_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=device)
-    ref, _ = reference_attention(q, kv.k, kv.v, cu_q, k_descale=kv.k_descale, v_descale=kv.v_descale,
-                                 compute_dtype=torch.float64, **kv.kv_args)  # fmt: skip
+    out, ref = _fp32_out_and_reference(q, kv, 45, num_splits=1)
     for head in range(q.shape[1]):  # query heads 0, 1 read KV head 0; 2, 3 read KV head 1
-        rel = float((out[:, head].double() - ref[:, head]).abs().max() / ref[:, head].abs().max())
+        rel = float((out[:, head] - ref[:, head]).abs().max() / ref[:, head].abs().max())
         assert rel < 2e-3, (head, rel)
