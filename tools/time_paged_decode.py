@@ -5,6 +5,10 @@ Usage (on the GPU machine, from the repo root)::
     PYTHONPATH=packages/attn-common/src:packages/paged-decode/src python tools/time_paged_decode.py
     ... --sweep "block_n=64,num_stages=3;block_n=128,num_warps=8" --sweep-case 64x4096 --splits 1,2,4
 
+``--sweep`` fields replace those of the chosen config as given: a ``kv_heads`` override needs its ``block_n``
+too (the chooser sizes tiles for its own ``kv_heads``), and must keep ``q_tokens * kv_heads * h_rows <= block_h``
+(the kernel asserts it).
+
 Bytes per call = K and V of the tokens each sequence uses (read once) + q + out. Times are medians of
 CUDA-graph replays (``triton.testing.do_bench_cudagraph``), so host launch overhead is not counted; KV pools
 are far larger than L2 (>= 0.5 GB). A correctness spot-check at size compares with ``reference_attention``.

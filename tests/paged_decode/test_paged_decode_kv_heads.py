@@ -1,10 +1,15 @@
 """FP8 decode with several KV heads per program (``kv_heads > 1``): each row must meet its own head's K, V and
-descales. Distinct, non-unit per-(sequence, head) descales make a head mix-up visible; every feature the kernel
-combines with the head blocks is covered, both formats, pages 1 and 16, and the contiguous layout."""
+descales. Distinct, non-unit per-(sequence, head) descales make a head mix-up visible. Covered with the head
+blocks: both formats, pages 1 and 16, the contiguous layout, splits, windows, softcap, sinks, ALiBi, fp8 output and
+draft tokens (``q_tokens > 1``); per-token-head descales with head blocks are in
+``test_paged_decode_per_token.py``."""
 
 import pytest
 import torch
 
+from kvflash.attn_common import reference_attention
+from kvflash.attn_common.testing import assert_close_fa_rule, poison
+from kvflash.paged_decode import paged_decode_attention
 from kvflash.paged_decode.launch_config import choose_decode_config
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -78,15 +83,58 @@ def test_head_blocks_contiguous_cache(device, decode_case, check_decode):
     check_decode(case, num_splits=2)
 
 
-def test_head_blocks_swapped_heads_differ(device, decode_case, check_decode):
-    """The data tells heads apart: the same cache with its KV heads reversed gives another answer."""
-    lens = [40, 40]
-    k_descale, v_descale = _descales(device, len(lens), 4, seed=6)
-    case = decode_case(device, lens, num_q_heads=8, num_kv_heads=4, kv_dtype=torch.float8_e4m3fn,
-                       k_descale=k_descale, v_descale=v_descale, seed=35)  # fmt: skip
-    right, _ = check_decode(case)
-    case.k, case.v = case.k.flip(2).contiguous(), case.v.flip(2).contiguous()
-    from kvflash.paged_decode import paged_decode_attention
+def test_each_row_reads_its_own_heads_values(device, decode_case):
+    """V of KV head h holds h + 1 everywhere (exact in FP8): whatever the softmax, a query head of KV head h must
+    give (h + 1) * v_descale[seq, h], so a row reading another head's V or V descale shows at once."""
+    lens = [40, 7]
+    k_descale, v_descale = _descales(device, len(lens), 8, seed=7)
+    case = decode_case(device, lens, num_q_heads=16, num_kv_heads=8, head_size=128, kv_dtype=torch.float8_e4m3fn,
+                       k_descale=k_descale, v_descale=v_descale, seed=36)  # fmt: skip
+    assert _kv_heads(16, 8, 128) == 4  # two blocks of four KV heads per sequence
+    head_values = torch.arange(1, 9, dtype=torch.float32, device=device)[None, None, :, None]
+    case.v.copy_(head_values.expand_as(case.v).to(case.v.dtype))
+    out = paged_decode_attention(case.q, case.k, case.v, case.max_seqlen_k, num_splits=2, **case.kwargs)
+    expected = (head_values.flatten()[None, :] * v_descale).repeat_interleave(2, dim=1)  # [num_seqs, Hq]
+    # P in fp16 sums to the denominator within its rounding; another head's value is >= 11 % off.
+    torch.testing.assert_close(out.float(), expected[:, :, None].expand_as(out).float(), rtol=2e-3, atol=0)
 
-    wrong = paged_decode_attention(case.q, case.k, case.v, case.max_seqlen_k, **case.kwargs)
-    assert (right.float() - wrong.float()).abs().max() > 0.05
+
+def test_head_blocks_with_fp8_output(device, decode_case, check_decode):
+    lens = [33, 70]
+    k_descale, v_descale = _descales(device, len(lens), 4, seed=8)
+    case = decode_case(device, lens, num_q_heads=16, num_kv_heads=4, kv_dtype=torch.float8_e5m2,
+                       k_descale=k_descale, v_descale=v_descale, seed=37)  # fmt: skip
+    output_scale = torch.tensor([0.02], device=device)
+    out = torch.full(case.q.shape, float("nan")).to(torch.float8_e4m3fn).to(device)  # poisoned
+    paged_decode_attention(case.q, case.k, case.v, case.max_seqlen_k, out=out, output_scale=output_scale,
+                           num_splits=1, **case.kwargs)  # fmt: skip
+    cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
+    ref, _ = reference_attention(case.q, case.k, case.v, cu_q, compute_dtype=torch.float64, **case.kwargs)
+    want = (ref / 0.02).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    # One fp8 step of the result at most (the kernel rounds its fp32 result, the reference its float64 one).
+    step = want.abs().clamp_min(2.0**-6) * 2.0**-3
+    assert bool(((out.double() - want).abs() <= step + 1e-9).all())
+
+
+def test_head_blocks_with_draft_tokens(device, decode_case):
+    """Two query tokens per sequence with ``defer_longer_sequences`` (rows = token x KV head x query head): a
+    program holds 2 tokens of 4 KV heads of GQA 2; causal order within the draft."""
+    lens = [30, 9, 51]
+    q_lens = [2, 1, 2]
+    k_descale, v_descale = _descales(device, len(lens), 4, seed=9)
+    case = decode_case(device, lens, num_q_heads=8, num_kv_heads=4, kv_dtype=torch.float8_e4m3fn,
+                       k_descale=k_descale, v_descale=v_descale, seed=38)  # fmt: skip
+    cfg = choose_decode_config(num_seqs=3, num_kv_heads=4, group=2, head_size=64, kv_itemsize=1, max_seqlen_k=51,
+                               window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
+                               max_seqlen_q=2, fill_rows=False)  # fmt: skip
+    assert (cfg.q_tokens, cfg.kv_heads) == (2, 4)
+    gen = torch.Generator().manual_seed(39)
+    q = torch.randn(sum(q_lens), 8, 64, generator=gen).half().to(device)
+    cu_q = torch.tensor([0, 2, 3, 5], dtype=torch.int32, device=device)
+    out = poison(torch.empty_like(q))
+    paged_decode_attention(q, case.k, case.v, case.max_seqlen_k, cu_seqlens_q=cu_q, max_seqlen_q=2, causal=True,
+                           defer_longer_sequences=True, out=out, **case.kwargs)  # fmt: skip
+    ref_kw = dict(case.kwargs, window_size=(-1, 0))
+    ref, _ = reference_attention(q, case.k, case.v, cu_q, compute_dtype=torch.float64, **ref_kw)
+    ref_lp, _ = reference_attention(q, case.k, case.v, cu_q, compute_dtype=q.dtype, **ref_kw)
+    assert_close_fa_rule(out, ref, ref_lp, atol=2e-3)

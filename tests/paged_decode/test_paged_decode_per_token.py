@@ -63,6 +63,16 @@ def test_per_token_paged(device, kv_dtype, block_size, num_splits):
     _check(q, kv, 70, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("heads", [(12, 6), (24, 8)])
+def test_per_token_several_head_blocks(device, heads):
+    """Several blocks of KV heads per sequence (``kv_heads`` 2 of Hkv 6, 4 of Hkv 8): each block reads its own
+    heads' scales (a block reading the first block's would be off by the heads' magnitudes)."""
+    num_q_heads, num_kv_heads = heads
+    q, kv = _case(device, [37, 66], torch.float8_e4m3fn, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+                  seed=num_kv_heads)  # fmt: skip
+    _check(q, kv, 66, num_splits=2)
+
+
 @pytest.mark.parametrize("kv_dtype", FP8)
 def test_per_token_features(device, kv_dtype):
     """Window, softcap, sinks and GQA 6/2 together, split over the keys."""

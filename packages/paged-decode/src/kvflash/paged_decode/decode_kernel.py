@@ -36,7 +36,9 @@ stored (token, KV head), read per tile beside K and V. K's multiplies its score 
 column of P before the PV dot, ``sum_j p_j * (v_j * vscale_j) = sum_j (p_j * vscale_j) * v_j``. So that the
 fp16 operand ``p_j * vscale_j`` neither underflows nor loses bits, it is taken in units of ``2^E``, ``E`` the
 running maximum over the tiles of ``floor(log2(max_j |vscale_j|))`` (a power of two: exact); the accumulator is
-rescaled by ``2^(E_old - E_new) <= 1`` when ``E`` grows and multiplied by ``2^E`` once at the end.
+rescaled by ``2^(E_old - E_new) <= 1`` when ``E`` grows and multiplied by ``2^E`` once at the end. With
+``KV_HEADS > 1`` the scales are gathered per (row's KV head, key) and ``E`` is kept per row, so each row's operand
+is scaled by its own head's scales.
 """
 
 import triton
@@ -151,6 +153,8 @@ def paged_decode_kernel(
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (IS_FP8 only)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
+    tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
+    tl.static_assert(HEAD_CHUNKS == 1 or KV_HEADS == 1, "a chunked group takes one KV head per program")
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_head_blocks = tl.cdiv(num_kv_heads, KV_HEADS)
@@ -182,10 +186,12 @@ def paged_decode_kernel(
     rows = tl.arange(0, BLOCK_H)
     row_token = rows // (KV_HEADS * H_ROWS)  # [BLOCK_H] token of each row within a chunk
     row_kv = rows // H_ROWS % KV_HEADS  # [BLOCK_H] KV head of each row, counted from the program's first
-    row_kv_head = kv_head + row_kv  # [BLOCK_H] KV head of each row
+    # [BLOCK_H] KV head of each row (clamped: a block past Hkv, never launched since KV_HEADS divides Hkv, would
+    # re-read the last head for rows that head_mask drops)
+    row_kv_head = tl.minimum(kv_head + row_kv, num_kv_heads - 1)
     group_head = chunk * H_ROWS + rows % H_ROWS  # [BLOCK_H] query head within the KV head's group
     q_heads = row_kv_head * GROUP + group_head
-    head_mask = (row_token < Q_TOKENS) & (group_head < GROUP) & (row_kv_head < num_kv_heads)
+    head_mask = (row_token < Q_TOKENS) & (group_head < GROUP) & (kv_head + row_kv < num_kv_heads)
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
     offs_n = tl.arange(0, BLOCK_N)
@@ -197,9 +203,8 @@ def paged_decode_kernel(
             kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
             vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
         else:  # [BLOCK_H, 1]: each row's KV head's scales (a key's scale row broadcasts over them)
-            row_head = tl.minimum(row_kv_head, num_kv_heads - 1).to(tl.int64)
-            kd_head_ptr = (k_descale_ptr + row_head * stride_kd_head)[:, None]
-            vd_head_ptr = (v_descale_ptr + row_head * stride_vd_head)[:, None]
+            kd_head_ptr = (k_descale_ptr + row_kv_head.to(tl.int64) * stride_kd_head)[:, None]
+            vd_head_ptr = (v_descale_ptr + row_kv_head.to(tl.int64) * stride_vd_head)[:, None]
     elif KV_HEADS == 1:
         # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
         k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)

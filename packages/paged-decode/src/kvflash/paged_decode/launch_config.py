@@ -13,8 +13,8 @@ from kvflash.attn_common.intmath import cdiv, next_power_of_2
 
 __all__ = ["DecodeLaunchConfig", "choose_decode_config", "resolve_num_splits", "MAX_SPLITS"]
 
-# Rows per program ((query token, query head) pairs): tl.dot needs at least 16; above 64 a KV head's group is
-# cut into chunks (and the tokens of a sequence into passes) so that the accumulator stays in registers.
+# Rows per program ((query token, KV head, query head) triples): tl.dot needs at least 16; above 64 a KV head's
+# group is cut into chunks (and the tokens of a sequence into passes) so that the accumulator stays in registers.
 MIN_BLOCK_H = 16
 MAX_BLOCK_H = 64
 # Tokens per tile: the program's [BLOCK_N, HEAD_PAD] K tiles (one per KV head of the program) hold
@@ -23,7 +23,7 @@ MAX_BLOCK_H = 64
 TILE_ELEMENTS = 8192
 MIN_BLOCK_N = 16  # tl.dot's smallest N
 MAX_BLOCK_N = 128
-# Automatic split-KV: no split when the (sequence, KV head) programs alone give NO_SPLIT_PROGRAMS_PER_SM per
+# Automatic split-KV: no split when the (sequence, KV-head block) programs alone give NO_SPLIT_PROGRAMS_PER_SM per
 # SM (64 x 4096 at Hkv 8 measured faster unsplit); otherwise as many splits as fit in one wave of the
 # config's resident programs per SM, rounded down: a few programs past a full wave leave a tail (FP8
 # 4 x 32768 on 132 SMs: 512 programs 80 % of copy bandwidth, 544 62 %, 640-768 56-64 %), and at least
@@ -50,7 +50,8 @@ class DecodeLaunchConfig:
     Attributes
     ----------
     block_h : int
-        Rows per program (power of two, >= 16): ``q_tokens`` tokens x ``h_rows`` query heads, padded.
+        Rows per program (power of two, >= 16): ``q_tokens`` tokens x ``kv_heads`` KV heads x ``h_rows`` query
+        heads, padded.
     head_chunks : int
         Programs per KV head (``cdiv(group, block_h)``; more than 1 only for groups over 64 heads).
     h_rows : int
@@ -59,14 +60,14 @@ class DecodeLaunchConfig:
         Query tokens of a sequence per program pass (1 when the group is chunked).
     kv_heads : int
         KV heads per program (a power of two dividing Hkv): the rows of several KV heads share one program when
-        one head's rows leave ``block_h`` padded (FP8 decode at GQA <= 8), so a tile's softmax and page walk serve
-        all of them.
+        one head's rows leave ``block_h`` padded (FP8 caches: GQA <= 8 with an even Hkv and tiles of at least 16
+        tokens, D <= 256), so a tile's softmax and page walk serve all of them.
     head_pad : int
         Head size rounded up to a power of two.
     block_n : int
         Tokens per K/V tile.
     num_splits : int
-        Splits per (sequence, KV head); 1 means no split buffers and no merge kernel.
+        Splits per (sequence, KV-head block); 1 means no split buffers and no merge kernel.
     num_warps, num_stages : int
         Triton launch settings.
     """
