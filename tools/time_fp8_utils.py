@@ -1,7 +1,7 @@
 """Time reshape_and_cache_flash against the device's own copy bandwidth, measured in the same process.
 
-Bytes counted per call: key + value read, cache bytes written, slot_mapping read. Two timings, both
-``do_bench`` medians (which flush L2 before every repetition):
+Bytes counted per call: key + value read, cache bytes written (and per-token-head scales), slot_mapping
+read. Two timings, both ``do_bench`` medians (which flush L2 before every repetition):
 
 - eager: one Python call per repetition, as an engine runs prefill without CUDA graphs. When the host
   overhead of a call (checks, torch.library dispatch, Triton launch) exceeds the GPU time, this measures
@@ -93,6 +93,7 @@ def main() -> None:
         ("fp8 e4m3, per-head scale tensors", "fp8", torch.float8_e4m3fn, "per_head"),
         ("fp8 e4m3, float scales", "fp8", torch.float8_e4m3fn, "float"),
         ("fp8 e5m2, per-tensor scale tensors", "fp8_e5m2", torch.float8_e5m2, "tensor"),
+        ("fp8 e4m3, per-token-head scales", "fp8_e4m3_per_token_head", torch.float8_e4m3fn, "per_token"),
         ("auto (bf16 cache)", "auto", torch.bfloat16, None),
     ]
     print(
@@ -108,6 +109,9 @@ def main() -> None:
             k_scale = v_scale = None
         elif scale_kind == "float":
             k_scale, v_scale = 0.02, 0.03
+        elif scale_kind == "per_token":  # outputs: one float32 scale per slot and head, written beside the values
+            k_scale = torch.zeros(key_cache.shape[:3], device="cuda")
+            v_scale = torch.zeros_like(k_scale)
         else:
             per_head = scale_kind == "per_head"
             k_scale = compute_kv_scales(inputs[0][0], cache_dtype, per_head=per_head)
@@ -119,6 +123,8 @@ def main() -> None:
             for (k, v), s in zip(inputs, slot_sets)
         ]
         nbytes = 2 * inputs[0][0].nbytes + 2 * inputs[0][0].numel() * cache_dtype.itemsize + slot_sets[0].nbytes
+        if scale_kind == "per_token":
+            nbytes += 2 * num_tokens * num_kv_heads * 4
         eager = do_bench(calls[0], return_mode="median")
         graph = graph_ms(calls)
         print(

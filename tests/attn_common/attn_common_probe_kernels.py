@@ -6,6 +6,7 @@ import triton.language as tl
 from kvflash.attn_common.jit_helpers import (
     add_sink_to_denominator,
     alibi_bias,
+    div_rn_by_row_scale,
     finalize_softmax,
     key_visibility,
     merge_lse_pair,
@@ -79,3 +80,28 @@ def merge_pair_kernel(
     )
     tl.store(out_ptr + offs, out)
     tl.store(lse_ptr + rows, lse)
+
+
+@triton.jit
+def div_rn_by_row_scale_kernel(
+    x_ptr,  # [rows, COLS] fp32
+    scale_ptr,  # [rows] fp32, or [1] with SCALAR_SCALE
+    out_ptr,  # [rows, COLS] fp32
+    COLS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    ANY_SCALE: tl.constexpr,
+    SCALAR_SCALE: tl.constexpr,  # the scale as a scalar, as the writer's float scale arrives
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    offs = rows[:, None] * COLS + tl.arange(0, COLS)[None, :]
+    if SCALAR_SCALE:
+        scale = tl.load(scale_ptr)
+    else:
+        scale = tl.load(scale_ptr + rows)[:, None]
+    tl.store(out_ptr + offs, div_rn_by_row_scale(tl.load(x_ptr + offs), scale, ANY_SCALE))
+
+
+@triton.jit
+def fma_kernel(a_ptr, b_ptr, c_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.fma(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.load(c_ptr + offs)))

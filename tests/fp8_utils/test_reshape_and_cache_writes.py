@@ -119,6 +119,43 @@ def test_reshape_and_cache_fp8_rounds_ties_to_even(device, fp8_dtype):
     assert torch.equal(_bytes(value_cache[:, 0]), _bytes(_encode(-values, one, fp8_dtype)))
 
 
+# Per-head scales for the division test: ordinary, tiny, subnormal, huge. The GPU kernel divides through a
+# reciprocal per row (attn_common.jit_helpers.div_rn_by_row_scale); without its powers of two, the subnormal scale
+# and the last two (found by tools/check_div_rn_by_row_scale.c) change FP8 codes here.
+EDGE_SCALES = [0.037, 1.0 / 3.0, 2.0**-100 / 3.0, 1.7 * 2.0**-140, 1.5 * 2.0**127, 2.0**70 / 3.0]
+EDGE_SCALES += [float.fromhex("0x1.c0000ap+127"), float.fromhex("0x1.5c78d4p-120")]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, huge / tiny
+@pytest.mark.parametrize("fp8_dtype", list(FP8_STRINGS))
+def test_reshape_and_cache_fp8_division_is_ieee_at_every_rounding_edge(device, fp8_dtype):
+    """Quotients at and within 3 float32 ulps of every FP8 value and midpoint, zeros of both signs, subnormal and
+    huge inputs, for scales from subnormal to 2^127: the bytes of torch's IEEE ``x / scale``."""
+    codes = torch.arange(256, dtype=torch.uint8).view(fp8_dtype).float()
+    grid = codes[torch.isfinite(codes) & (codes > 0)].unique()
+    targets = torch.cat([grid, (grid[1:] + grid[:-1]) / 2, grid[:1] / 2])
+    edges = torch.tensor([0.0, -0.0, 2.0**-149, -(2.0**-126), 1e-30, 3.4028235e38, -1e38])
+    num_kv_heads, head_size = len(EDGE_SCALES), 64
+    scale = torch.tensor(EDGE_SCALES, dtype=torch.float32)
+    # x = targets * scale rounded to float32, then moved by -3..3 ulps (as bits), both signs; per head.
+    base = (targets.double()[:, None] * scale.double()).float().view(torch.int32)
+    near = torch.cat([(base + d).view(torch.float32) for d in range(-3, 4)])
+    per_head = torch.cat([near, -near, edges[:, None].expand(-1, num_kv_heads)])  # [n, Hkv]
+    per_head = torch.where(torch.isfinite(per_head), per_head, 0.0)
+    n = per_head.shape[0]
+    num_tokens = -(-n // head_size)
+    key = torch.zeros(num_tokens * head_size, num_kv_heads)
+    key[:n] = per_head
+    key = key.reshape(num_tokens, head_size, num_kv_heads).transpose(1, 2).contiguous().to(device)
+    key_cache = torch.zeros(num_tokens, 1, num_kv_heads, head_size, dtype=fp8_dtype, device=device)
+    value_cache = torch.zeros_like(key_cache)
+    slots = torch.arange(num_tokens, device=device)
+    scale = scale.to(device)
+    reshape_and_cache_flash(key, -key, key_cache, value_cache, slots, FP8_STRINGS[fp8_dtype], scale, scale)
+    assert torch.equal(_bytes(key_cache[:, 0]), _bytes(_encode(key, scale, fp8_dtype)))
+    assert torch.equal(_bytes(value_cache[:, 0]), _bytes(_encode(-key, scale, fp8_dtype)))
+
+
 @pytest.mark.parametrize("fp8_dtype", list(FP8_STRINGS))
 def test_reshape_and_cache_fp8_saturates(device, fp8_dtype):
     """At and beyond the format's max (and at inf): ±max, never NaN or inf."""

@@ -1,6 +1,6 @@
 """Shared ``@triton.jit`` helpers for the attention kernels and the cache writer (online softmax, masks,
-softcap, ALiBi, LSE merge, FP8 rounding and saturation). This module holds only jit code (and the FP8 e4m3
-constants it reads); Triton inlines these into the calling kernels.
+softcap, ALiBi, LSE merge, FP8 rounding and saturation, division by a per-row scale). This module holds only jit
+code (and the FP8 e4m3 constants it reads); Triton inlines these into the calling kernels.
 
 Conventions
 -----------
@@ -171,6 +171,52 @@ def saturate_to_fp8_range(
     if ROUND_IN_SOFTWARE:
         x = round_to_fp8_grid(x, FP8_MANTISSA_BITS, FP8_MIN_NORMAL)
     return x
+
+
+@triton.jit
+def div_rn_by_row_scale(x, scale, ANY_SCALE: tl.constexpr):
+    """``tl.math.div_rn(x, scale)`` (IEEE division, ties to even, signed zeros kept) for fp32 ``x`` and a ``scale``
+    that is constant along the last axis (a scalar or ``[rows, 1]``), with one division per row.
+
+    Per element: two multiplies, a clamp and two FMAs (one multiply fewer without ``ANY_SCALE``), where ``div_rn``
+    takes a reciprocal, five FMAs and a range check with a slow-path branch. With ``r = RN(1 / s)``,
+    ``q = RN(x * r)`` is within 1.5 ulp of ``x / s``, one FMA gives the residual ``q * s - x`` (exact, or rounded
+    once), and ``RN(q - residual * r)`` is ``RN(x / s)``: Markstein's correction.
+    tests/attn_common/test_div_rn_by_row_scale.py derives the error bound and enumerates the quotients close enough
+    to a rounding midpoint for it to leave doubt. The residual's sign is flipped (``q * s - x``, times ``-r``) so
+    that an exact zero residual adds ``-0``, which keeps a zero ``q``'s sign (``x = -0`` gives ``-0``); ``x * -1.0``
+    negates exactly and folds into the operands on the GPU (``-x`` would not: Triton 3.6 lowers it as ``0 - x``,
+    ``+0`` for ``x = +0``).
+
+    Bit for bit equal to ``div_rn`` when ``2**-40 <= |x / s| < 2**126`` or ``x = +-0``: for any finite nonzero
+    ``scale`` with ``ANY_SCALE`` (a signed power of two per row brings the scale into ``[2**-85, 2**64)``; ``x``
+    is scaled with it, which also keeps the residual of a tiny ``x`` from underflowing), else for
+    ``2**-62 <= scale < 2**126``. Other quotients keep ``x``'s sign: below ``2**-40`` they stay below ``2**-39``,
+    and from ``2**126`` up they are at least ``2**125`` (``q`` is clamped there, so an overflowing quotient gives
+    ``inf``, not ``inf - inf``): once clamped to an FP8 range both round to the same FP8 value as the IEEE
+    quotient. Zero and infinite scales (without ``ANY_SCALE``: ``+0`` and ``+inf``) give IEEE's quotients too:
+    ``+-inf``, ``+-0``, NaN for ``0 / 0`` and ``inf / inf``.
+
+    Needs a fused ``tl.fma``: Triton 3.6's interpreter computes it as ``x * y + z``, rounding twice.
+    """
+    if ANY_SCALE:
+        magnitude = tl.abs(scale)
+        # Powers of two: scaling x and the scale by one is exact, but where x overflows to inf or drops bits below
+        # 2**-62, and then the quotient is beyond 2**126 or below 2**-126 anyway.
+        # The scale's sign moves to x as well: the signs of zeros below need a positive scale.
+        p = tl.where(magnitude < 2.0**-62, 2.0**64, tl.where(magnitude >= 2.0**64, 2.0**-64, 1.0))
+        p = tl.where(scale < 0, -p, p)
+        scale = scale * p
+        neg_x = x * (p * -1.0)
+    else:
+        neg_x = x * -1.0
+    neg_r = tl.math.div_rn(-1.0, scale)
+    # An infinite scale: -r = -0 already gives the IEEE quotient +-0, and a finite stand-in in the residual keeps
+    # it from 0 * inf = NaN.
+    scale = tl.clamp(scale, -3.4028234663852886e38, 3.4028234663852886e38)
+    q = tl.clamp(neg_x * neg_r, -(2.0**126), 2.0**126)
+    residual = tl.fma(q, scale, neg_x)
+    return tl.fma(residual, neg_r, q)
 
 
 @triton.jit

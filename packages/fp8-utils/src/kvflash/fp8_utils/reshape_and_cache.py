@@ -268,7 +268,7 @@ def _launch(
         FP8_MANTISSA_BITS=fp8_mantissa_bits,
         FP8_MIN_NORMAL=fp8_min_normal,
         # The interpreter's fp32 -> fp8 cast rounds wrongly (attn_common.jit_helpers.round_to_fp8_grid says how);
-        # GPUs round in the cast.
+        # GPUs round in the cast. Also keeps div_rn per element there (the interpreter's tl.fma may round twice).
         ROUND_IN_SOFTWARE=is_fp8 and key.device.type == "cpu",
         PER_TOKEN_SCALE=per_token,
         SCALE_FLOOR=min_scale(fp8_max) if per_token else 0.0,
