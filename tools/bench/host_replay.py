@@ -46,16 +46,18 @@ H200_MULTIPROCESSORS = 132
 
 
 class _Run:
-    """Stands for Triton 3.6's ``CompiledKernel.run`` (the attributes call_plan reads to call the C launcher)."""
+    """Stands for Triton 3.6's ``CompiledKernel.run`` (the attributes call_plan reads to call the C launcher);
+    ``calls`` counts the full path's launches through it."""
 
     global_scratch_size = 0
     profile_scratch_size = 0
     launch_cooperative_grid = False
     launch_pdl = False
     launch = itertools.chain  # any number of positional arguments, C, lazy: the cheapest stand-in
+    calls = 0
 
     def __call__(self, *args):
-        return None
+        _Run.calls += 1
 
 
 class _Compiled:
@@ -68,8 +70,8 @@ class _Compiled:
         self.run = _Run()
 
 
-def fake_gpu() -> None:
-    """Make CPU tensors take kvflash's GPU host path in this process (module docstring)."""
+def fake_gpu() -> list:
+    """Make CPU tensors take kvflash's GPU host path in this process (module docstring); returns the kernel stubs."""
     import kvflash.chunk_prefill.op
     from kvflash.attn_common import call_plan, platform
 
@@ -79,34 +81,47 @@ def fake_gpu() -> None:
     platform._MP_BY_DEVICE[torch.device("cpu")] = H200_MULTIPROCESSORS
     call_plan._TRITON_VERSION = "3.6.0"
     compiled = _Compiled()
-    for stub in stub_kernels():
+    stubs = stub_kernels()
+    for stub in stubs:
         stub.result = compiled
+    return stubs
 
 
-def allocation_cost(call, calls: int) -> float:
-    """µs of the torch.empty calls one replay of ``call`` makes (recorded on one replay, then timed alone)."""
+def allocation_cost(call, calls: int) -> tuple[float, int]:
+    """µs of the torch.empty calls one replay of ``call`` makes, and how many: a plan built while torch's
+    allocation functions record (a replay binds them when its plan is built) is replayed once, then the recorded
+    allocations are timed alone and the plan is built again with the real functions."""
+    from kvflash.attn_common.call_plan import clear_plans
+
     made = []
-    real_empty, real_empty_like = torch.empty, torch.empty_like
+    real = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
 
-    def empty(*args, **kwargs):
-        made.append((real_empty, args, kwargs))
-        return real_empty(*args, **kwargs)
+    def recording(fn):
+        def allocate(*args, **kwargs):
+            made.append((fn, args, kwargs))
+            return fn(*args, **kwargs)
 
-    def empty_like(*args, **kwargs):
-        made.append((real_empty_like, args, kwargs))
-        return real_empty_like(*args, **kwargs)
+        return allocate
 
-    torch.empty, torch.empty_like = empty, empty_like
+    for name, fn in real.items():
+        setattr(torch, name, recording(fn))
     try:
-        call()
+        clear_plans()
+        call()  # builds the plan
+        made.clear()
+        call()  # replays it
     finally:
-        torch.empty, torch.empty_like = real_empty, real_empty_like
+        for name, fn in real.items():
+            setattr(torch, name, fn)
+        clear_plans()
+        call()
+    replayed = list(made)
 
     def allocate():
-        for fn, args, kwargs in made:
+        for fn, args, kwargs in replayed:
             fn(*args, **kwargs)
 
-    return time_call(allocate, calls), len(made)
+    return time_call(allocate, calls), len(replayed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="cProfile this case (a name from the table)")
     parser.add_argument("--top", type=int, default=30, help="functions shown with --profile")
     args = parser.parse_args(argv)
-    fake_gpu()
-    from kvflash.attn_common.call_plan import _ALL_PLANS, clear_plans, plan_stats
+    stubs = fake_gpu()
+    from kvflash.attn_common.call_plan import clear_plans, plan_stats
 
     names = [n for n, case in HOST_CASES.items() if not case.fresh_facts]
     if args.profile:
@@ -137,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         call, _ = build_host_call(name, torch.device("cpu"), small=True)
         clear_plans()
-        call()  # builds the plan
-        launches = sum(len(getattr(plan, "launches", ())) for table in _ALL_PLANS for plan in table.values())
+        before = sum(stub.launches for stub in stubs) + _Run.calls
+        call()  # builds the plan (a kernel's first launch reaches its stub, later ones the kept compiled kernel)
+        launches = sum(stub.launches for stub in stubs) + _Run.calls - before
         hits = 0
         total = min(time_call(call, args.calls) for _ in range(args.repeats))
         replayed = plan_stats().hits - hits
