@@ -71,7 +71,7 @@ class _Kernel:
 
 
 _LOG: list = []
-_ALLOCATED: list[torch.Tensor] = []  # every torch.empty* result inside a test
+_ALLOCATED: list[torch.Tensor] = []  # every torch.empty* and Tensor.new_empty result inside a test
 
 
 def _recording(allocate):
@@ -100,6 +100,7 @@ def log(monkeypatch) -> list:
     monkeypatch.setattr(launch_module, "_COMPILED", {})
     for name in ("empty", "empty_like", "empty_strided"):
         monkeypatch.setattr(torch, name, _recording(getattr(torch, name)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", _recording(torch.Tensor.new_empty))
     for name, module in list(sys.modules.items()):
         if name.startswith("kvflash."):
             for attr, value in list(vars(module).items()):

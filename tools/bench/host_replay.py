@@ -88,13 +88,14 @@ def fake_gpu() -> list:
 
 
 def allocation_cost(call, calls: int) -> tuple[float, int]:
-    """µs of the torch.empty calls one replay of ``call`` makes, and how many: a plan built while torch's
+    """µs of the allocations one replay of ``call`` makes, and how many: a plan built while torch's
     allocation functions record (a replay binds them when its plan is built) is replayed once, then the recorded
     allocations are timed alone and the plan is built again with the real functions."""
     from kvflash.attn_common.call_plan import clear_plans
 
     made = []
-    real = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+    real = [(torch, name, getattr(torch, name)) for name in ("empty", "empty_like", "empty_strided")]
+    real.append((torch.Tensor, "new_empty", torch.Tensor.new_empty))
 
     def recording(fn):
         def allocate(*args, **kwargs):
@@ -103,16 +104,16 @@ def allocation_cost(call, calls: int) -> tuple[float, int]:
 
         return allocate
 
-    for name, fn in real.items():
-        setattr(torch, name, recording(fn))
+    for owner, name, fn in real:
+        setattr(owner, name, recording(fn))
     try:
         clear_plans()
         call()  # builds the plan
         made.clear()
         call()  # replays it
     finally:
-        for name, fn in real.items():
-            setattr(torch, name, fn)
+        for owner, name, fn in real:
+            setattr(owner, name, fn)
         clear_plans()
         call()
     replayed = list(made)

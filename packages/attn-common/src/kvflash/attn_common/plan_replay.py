@@ -12,7 +12,7 @@ For a split decode the generated function reads like::
 
     def replay(tensors, pointers):
         b0 = empty_like(tensors[0])
-        workspace = empty(1212416, dtype=uint8, device=device)
+        workspace = workspace_like.new_empty(1212416)
         w = workspace.data_ptr()
         stream = stream_handle(0)
         c5(64, 4, 1, stream, c6, False, False, None, None, c7, None, None, None, pointers[0], pointers[1], ...)
@@ -54,8 +54,8 @@ class Launch(NamedTuple):
 
 
 class Allocation(NamedTuple):
-    """A buffer the call returns: ``torch.empty_like`` of tensor argument ``like``, else ``torch.empty(shape,
-    dtype)``."""
+    """A buffer the call returns: ``torch.empty_like`` of tensor argument ``like``, else a contiguous tensor of
+    ``shape`` and ``dtype``."""
 
     like: int | None
     shape: tuple[int, ...]
@@ -95,9 +95,8 @@ def replay_function(
         The call returns a tuple (else its only output).
     """
     namespace = {
-        "empty": torch.empty,
         "empty_like": torch.empty_like,
-        "uint8": torch.uint8,
+        "empty_strided": torch.empty_strided,
         "device": device,
         "stream_handle": platform.current_stream_handle,
     }
@@ -121,11 +120,15 @@ def replay_function(
     for n, (like, shape, dtype) in enumerate(allocations):
         if like is not None:
             lines.append(f"b{n} = empty_like(tensors[{like}])")
-        else:
-            lines.append(f"b{n} = empty({shape!r}, dtype={constant(dtype)}, device=device)")
+        else:  # contiguous strides spelled out: about 0.5 µs less than torch.empty(shape, ...)
+            strides = tuple(torch.empty(shape, device="meta").stride())
+            lines.append(f"b{n} = empty_strided({shape!r}, {strides!r}, dtype={constant(dtype)}, device=device)")
     if workspace_bytes:
-        # A local: alive to the end of the call (later work on the stream reuses it only after these kernels).
-        lines.append(f"workspace = empty({workspace_bytes}, dtype=uint8, device=device)")
+        # new_empty(bytes) of a zero-size uint8 tensor on the device (it holds no memory): about 0.25 µs less
+        # argument parsing than torch.empty(bytes, dtype=..., device=...). A local: alive to the end of the call
+        # (later work on the stream reuses it only after these kernels).
+        namespace["workspace_like"] = torch.empty(0, dtype=torch.uint8, device=device)
+        lines.append(f"workspace = workspace_like.new_empty({workspace_bytes})")
     used = {(v.kind, v.index) for launch in launches for v in launch.values if type(v) is Pointer}
     lines += [f"p{n} = b{n}.data_ptr()" for n in range(len(allocations)) if (BUFFER, n) in used]
     if (WORKSPACE, 0) in used:
