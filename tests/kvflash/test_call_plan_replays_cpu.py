@@ -258,3 +258,30 @@ def test_cache_writer_replays(log, triton_version, kv_cache_dtype, cache_dtype):
         return (key, value, *caches, slots, kv_cache_dtype, *scales), {}
 
     _assert_replay_matches_full_path(log, reshape_and_cache_flash, make_args)
+
+
+def test_alternating_facts_replay_their_own_plans(log, triton_version):
+    """Two facts taking turns (the last replayed facts are compared before the table is asked): each call replays
+    its own facts' plan."""
+
+    def make_args(mix, seed):
+        case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=BF16, seed=seed)
+        kwargs = dict(case.kv_args, causal=True)
+        return (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k), kwargs
+
+    def launches(args, kwargs, full: bool):
+        log.clear()
+        if full:
+            with record_launches():
+                flash_attn_varlen_func(*args, **kwargs)
+        else:
+            flash_attn_varlen_func(*args, **kwargs)
+        return [(name, grid, len(values)) for name, grid, _, values in log]
+
+    for seed in range(3):
+        for mix in (DECODE, PREFILL, DECODE, PREFILL):
+            args, kwargs = make_args(mix, seed)
+            replayed = launches(args, kwargs, full=False)
+            if seed > 0:  # a kernel's first launch reaches its stand-in, not the launcher
+                assert replayed == launches(args, kwargs, full=True)
+    assert plan_stats().built == 2 and plan_stats().hits == 10, plan_stats().as_dict()

@@ -81,7 +81,8 @@ _UNPLANNED = object()
 _CAPTURES: list[_Capture] = []
 # id of the root tensor (see _root) -> tensor registered by keep_constant (kept alive here, so the id stays its own)
 _CONSTANTS: dict[int, torch.Tensor] = {}
-_ALL_PLANS: list[dict] = []  # every planned function's table, for clear_plans() and plan_stats()
+# every planned function's (plans, its last replayed [facts, replay]), for clear_plans()
+_ALL_PLANS: list[tuple[dict, list]] = []
 
 
 class PlanStats:
@@ -110,8 +111,9 @@ def plan_stats() -> PlanStats:
 
 def clear_plans() -> None:
     """Forget every plan (and reset the counters)."""
-    for table in _ALL_PLANS:
-        table.clear()
+    for plans, recent in _ALL_PLANS:
+        plans.clear()
+        recent[:] = (None, None)
     _STATS.__init__()
 
 
@@ -374,7 +376,10 @@ def planned(fn: Callable) -> Callable:
     The decorated function keeps ``fn``'s signature and docstring; under ``torch.compile``, dispatch modes or the
     interpreter it is ``fn`` itself."""
     plans: dict = {}
-    _ALL_PLANS.append(plans)
+    # The facts last replayed and their replay: the layers of a step repeat one call's facts, and comparing with
+    # them skips hashing the facts (about 0.4 µs of a dict lookup's 0.9).
+    recent: list = [None, None]
+    _ALL_PLANS.append((plans, recent))
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -384,9 +389,13 @@ def planned(fn: Callable) -> Callable:
         if key is None:
             _STATS.full += 1
             return fn(*args, **kwargs)
+        if key == recent[0]:
+            _STATS.hits += 1
+            return recent[1](tensors, pointers)
         replay = plans.get(key)
         if replay is not None and replay is not _UNPLANNED:
             _STATS.hits += 1
+            recent[:] = (key, replay)
             return replay(tensors, pointers)
         _STATS.full += 1
         if replay is _UNPLANNED or (tensors and platform.stream_capturing(tensors[0].device)):
