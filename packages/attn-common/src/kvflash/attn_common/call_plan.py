@@ -81,7 +81,7 @@ _UNPLANNED = object()
 _CAPTURES: list[_Capture] = []
 # id of the root tensor (see _root) -> tensor registered by keep_constant (kept alive here, so the id stays its own)
 _CONSTANTS: dict[int, torch.Tensor] = {}
-# every planned function's (plans, its last replayed [facts, replay]), for clear_plans()
+# every planned function's (plans, [its last replayed (facts, replay)]), for clear_plans()
 _ALL_PLANS: list[tuple[dict, list]] = []
 
 
@@ -113,7 +113,7 @@ def clear_plans() -> None:
     """Forget every plan (and reset the counters)."""
     for plans, recent in _ALL_PLANS:
         plans.clear()
-        recent[:] = (None, None)
+        recent[0] = (None, None)
     _STATS.__init__()
 
 
@@ -377,8 +377,9 @@ def planned(fn: Callable) -> Callable:
     interpreter it is ``fn`` itself."""
     plans: dict = {}
     # The facts last replayed and their replay: the layers of a step repeat one call's facts, and comparing with
-    # them skips hashing the facts (about 0.4 µs of a dict lookup's 0.9).
-    recent: list = [None, None]
+    # them skips hashing the facts (about 0.4 µs of a dict lookup's 0.9). One tuple, replaced whole, so a thread
+    # never reads one call's facts with another call's replay.
+    recent: list = [(None, None)]
     _ALL_PLANS.append((plans, recent))
 
     @functools.wraps(fn)
@@ -389,13 +390,14 @@ def planned(fn: Callable) -> Callable:
         if key is None:
             _STATS.full += 1
             return fn(*args, **kwargs)
-        if key == recent[0]:
+        last_key, last_replay = recent[0]
+        if key == last_key:
             _STATS.hits += 1
-            return recent[1](tensors, pointers)
+            return last_replay(tensors, pointers)
         replay = plans.get(key)
         if replay is not None and replay is not _UNPLANNED:
             _STATS.hits += 1
-            recent[:] = (key, replay)
+            recent[0] = (key, replay)
             return replay(tensors, pointers)
         _STATS.full += 1
         if replay is _UNPLANNED or (tensors and platform.stream_capturing(tensors[0].device)):
