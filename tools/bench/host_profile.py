@@ -43,13 +43,15 @@ KERNEL_SITES = (
 
 
 class _NoLaunch:
-    """Stands for a JIT kernel: ``stub[grid](**kwargs)`` binds the arguments and returns (the last ones are kept,
-    so the launch-key cost of the GPU path can be timed on them)."""
+    """Stands for a JIT kernel: ``stub[grid](**kwargs)`` binds the arguments and returns ``result`` (the last
+    arguments are kept, so the launch-key cost of the GPU path can be timed on them; ``host_replay.py`` sets
+    ``result`` to a stand-in compiled kernel)."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self.launches = 0
         self.last_kwargs = None
+        self.result = None
 
     def __getitem__(self, grid):
         return self._launch
@@ -57,6 +59,7 @@ class _NoLaunch:
     def _launch(self, *args, **kwargs):
         self.launches += 1
         self.last_kwargs = kwargs
+        return self.result
 
     def __getattr__(self, name):  # arg_names, fn, ... for whoever inspects the kernel
         return getattr(self.kernel, name)

@@ -6,7 +6,8 @@
 - :func:`empty_out`, :func:`check_out`: the output a call allocates (fp8 with ``output_scale``) and ``out`` checks.
 - :func:`reference_attention`: the plain PyTorch oracle.
 - :mod:`kvflash.attn_common.platform`: GPU / interpreter / SM-count probe.
-- :mod:`kvflash.attn_common.call_plan`: eager calls with known shapes replay their launches (:func:`planned`).
+- :mod:`kvflash.attn_common.call_plan`: eager calls with known shapes replay their launches (:func:`planned`);
+  :mod:`kvflash.attn_common.plan_replay` writes a plan's replay out as one generated function.
 - :func:`validate_index_tensors`: the ``KVFLASH_VALIDATE=1`` debug checks of index values.
 - :mod:`kvflash.attn_common.jit_helpers`: shared ``@triton.jit`` functions (imported by kernels only).
 """

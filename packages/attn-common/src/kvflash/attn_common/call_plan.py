@@ -5,7 +5,8 @@ the tensors' addresses and values differ. Everything kvflash does on the host be
 normalisation, route and launch-config choice, launch keys) depends on those *call facts* alone, never on
 tensor values. So the first call with given facts runs the full path once, and its launches are kept as a
 *plan*: for each launch, the compiled kernel, the grid, the non-pointer arguments, and where each pointer comes
-from. A later call with the same facts skips straight to the launches (a few µs instead of a few hundred).
+from, written out as one generated replay function (:mod:`kvflash.attn_common.plan_replay`). A later call with
+the same facts skips straight to the launches (a few µs instead of a few hundred).
 
 **The call facts** (:func:`call_key`): for every tensor argument its dtype, shape, strides, device index and
 address modulo 16 (Triton specialises on 16-byte alignment); for every other argument its type and value
@@ -50,6 +51,7 @@ import torch
 
 from kvflash.attn_common import launch as launch_module
 from kvflash.attn_common import platform
+from kvflash.attn_common.plan_replay import ARGUMENT, BUFFER, WORKSPACE, Allocation, Launch, Pointer, replay_function
 
 __all__ = [
     "planned",
@@ -79,7 +81,8 @@ _UNPLANNED = object()
 _CAPTURES: list[_Capture] = []
 # id of the root tensor (see _root) -> tensor registered by keep_constant (kept alive here, so the id stays its own)
 _CONSTANTS: dict[int, torch.Tensor] = {}
-_ALL_PLANS: list[dict] = []  # every planned function's table, for clear_plans() and plan_stats()
+# every planned function's (plans, [its last replayed (facts, replay)]), for clear_plans()
+_ALL_PLANS: list[tuple[dict, list]] = []
 
 
 class PlanStats:
@@ -108,8 +111,9 @@ def plan_stats() -> PlanStats:
 
 def clear_plans() -> None:
     """Forget every plan (and reset the counters)."""
-    for table in _ALL_PLANS:
-        table.clear()
+    for plans, recent in _ALL_PLANS:
+        plans.clear()
+        recent[0] = (None, None)
     _STATS.__init__()
 
 
@@ -146,37 +150,41 @@ def _sequence_fact(value):
     return _UNKEYABLE
 
 
-def call_key(args: tuple, kwargs: dict) -> tuple[tuple | None, list[torch.Tensor]]:
-    """``(facts, tensors)`` of a call: the hashable call facts (``None`` when an argument cannot be keyed, or the
-    first tensor is not on a GPU) and its tensor arguments in order (positional, then keyword as passed)."""
-    facts, tensors = call_facts(args, kwargs)
+def call_key(args: tuple, kwargs: dict) -> tuple[tuple | None, list[torch.Tensor], list[int]]:
+    """``(facts, tensors, pointers)`` of a call: the hashable call facts (``None`` when an argument cannot be keyed,
+    or the first tensor is not on a GPU), its tensor arguments in order (positional, then keyword as passed) and
+    their addresses (a replay's pointers are made from them)."""
+    facts, tensors, pointers = call_facts(args, kwargs)
     if facts is None or not tensors or tensors[0].get_device() < 0:
-        return None, tensors  # CPU tensors take the reference path (torch work a plan would not redo)
+        return None, tensors, pointers  # CPU tensors take the reference path (torch work a plan would not redo)
     facts[0] = platform.current_device_index()
-    return tuple(facts), tensors
+    return tuple(facts), tensors, pointers
 
 
-def call_facts(args: tuple, kwargs: dict) -> tuple[list | None, list[torch.Tensor]]:
+def call_facts(args: tuple, kwargs: dict) -> tuple[list | None, list[torch.Tensor], list[int]]:
     """The call facts as a list whose first entry is left for the current device (``None`` when an argument cannot
-    be keyed), and the tensor arguments. Every eager call computes this, so the tensor case is written out inline
-    (about a microsecond per tensor)."""
+    be keyed), the tensor arguments and their ``data_ptr()``. Every eager call computes this, so the tensor case is
+    written out inline (about half a microsecond per tensor)."""
     facts = [None]
     tensors = []
+    pointers = []
     for value in (*args, *kwargs.values()):
         kind = type(value)
         if kind is _TENSOR or kind is _PARAMETER:
-            facts.append((value.dtype, value.shape, value.stride(), value.get_device(), value.data_ptr() & 15))
+            pointer = value.data_ptr()
+            facts.append((value.dtype, value.shape, value.stride(), value.get_device(), pointer & 15))
             tensors.append(value)
+            pointers.append(pointer)
         elif kind in _SCALAR_TYPES:
             facts.append((kind, value))
         else:
             fact = _sequence_fact(value)
             if fact is _UNKEYABLE:
-                return None, tensors
+                return None, tensors, pointers
             facts.append(fact)
     if kwargs:
         facts.append(tuple(kwargs))  # which keywords were passed, in order
-    return facts, tensors
+    return facts, tensors, pointers
 
 
 def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -214,17 +222,18 @@ class _Capture:
         else:
             self.launches.append((compiled, grid, values))
 
-    def _allocation(self, buffer: torch.Tensor) -> tuple:
-        """How a replay allocates a returned buffer: ``(argument index, None)`` for ``torch.empty_like`` of a
-        contiguous argument of its shape and dtype (the cheapest allocation torch has: about 2 µs against 4-5 µs
-        for a shape tuple), else ``(None, (shape, dtype, device))``."""
+    def _allocation(self, buffer: torch.Tensor) -> Allocation:
+        """How a replay allocates a returned buffer: ``torch.empty_like`` of a contiguous argument of its shape and
+        dtype where there is one (the cheapest allocation torch has: about 2 µs against 4-5 µs for a shape tuple),
+        else a contiguous tensor of its shape."""
         for index, t in enumerate(self.tensors):
             if t.shape == buffer.shape and t.dtype == buffer.dtype and t.device == buffer.device and t.is_contiguous():
-                return (index, None)
-        return (None, (tuple(buffer.shape), buffer.dtype, buffer.device))
+                return Allocation(index, (), buffer.dtype)
+        return Allocation(None, tuple(buffer.shape), buffer.dtype)
 
-    def build(self, result) -> _Plan:
-        """The plan of this call; raises :class:`_Unplannable` when there is none (module docstring)."""
+    def build(self, result, name: str) -> Callable:
+        """The replay function of this call (:func:`kvflash.attn_common.plan_replay.replay_function`; ``name``:
+        the planned function's); raises :class:`_Unplannable` when there is none (module docstring)."""
         if self.spoiled:
             raise _Unplannable("this Triton returns no compiled kernel from a launch")
         if len({id(t) for t in self.tensors}) != len(self.tensors):
@@ -245,47 +254,42 @@ class _Capture:
                 nbytes = buffer.numel() * buffer.element_size()  # a fresh contiguous tensor
                 workspace_bytes += -(-nbytes // _WORKSPACE_ALIGN) * _WORKSPACE_ALIGN
         launches = []
-        constants = []
         for compiled, grid, values in self.launches:
-            template, slots = list(values), []
+            launch_values = list(values)
             for pos, value in enumerate(values):
                 if type(value) in _TENSOR_TYPES:
                     kind, index, offset = sources.find(value)
-                    if kind == _CONSTANT:
-                        template[pos] = value.data_ptr()
-                        constants.append(value)
-                        continue
-                    template[pos] = None
-                    if kind == _ARGUMENT:
-                        slots.append((pos, _ARGUMENT, index, offset))
+                    if kind == _CONSTANT:  # its address is baked in (keep_constant keeps it alive)
+                        launch_values[pos] = value.data_ptr()
+                    elif kind == ARGUMENT:
+                        launch_values[pos] = Pointer(ARGUMENT, index, offset)
                     elif index in own:
-                        slots.append((pos, _BUFFER, own[index], offset))
+                        launch_values[pos] = Pointer(BUFFER, own[index], offset)
                     else:
-                        slots.append((pos, _WORKSPACE, 0, workspace_at[index] + offset))
-            launches.append(_launch_call(compiled, grid, template, tuple(slots)))
-        if any(slot[1] == _WORKSPACE for launch in launches for slot in launch[4]):
+                        launch_values[pos] = Pointer(WORKSPACE, 0, workspace_at[index] + offset)
+            launcher, leading = _launcher(compiled)
+            launches.append(Launch(launcher, (tuple(grid) + (1, 1))[:3], leading, launch_values))
+        if any(type(v) is Pointer and v.kind == WORKSPACE for launch in launches for v in launch.values):
             workspace_bytes = max(workspace_bytes, _WORKSPACE_ALIGN)  # zero-size slices still need an address
         outputs = tuple((is_buffer, own[index] if is_buffer else index) for is_buffer, index in outputs)
-        buffers = tuple(self._allocation(self.buffers[index]) for index in returned_buffers)
-        device = self.tensors[0].device
-        return _Plan(
-            buffers, (workspace_bytes, device), tuple(launches), outputs if result is not None else None,
-            isinstance(result, tuple), tuple(constants),
+        return replay_function(
+            name, [self._allocation(self.buffers[index]) for index in returned_buffers], workspace_bytes,
+            self.tensors[0].device, platform.current_device_index(), launches,
+            outputs if result is not None else None, isinstance(result, tuple),
         )  # fmt: skip
 
 
-_ARGUMENT, _BUFFER, _CONSTANT, _WORKSPACE = 0, 1, 2, 3
+_CONSTANT = "constant"  # a kept constant (keep_constant), beside plan_replay's ARGUMENT and BUFFER
 _WORKSPACE_ALIGN = 256  # bytes between workspace slices: every slice as aligned as its own allocation would be
 
 
-def _launch_call(compiled, grid, template: list, slots: tuple) -> tuple:
-    """``(launcher, arguments before the stream, arguments after it, template, slots)`` of one launch.
+def _launcher(compiled) -> tuple[Callable, tuple]:
+    """``(launcher, the arguments between the stream and the kernel's)`` of one compiled kernel.
 
     On Triton 3.6 (the version whose launcher this was written against) a kernel without global or profile scratch
     memory is launched through the C function under Triton's Python launcher, with the same arguments that
     launcher passes (its ``__call__`` costs a few µs more). Elsewhere: the Python launcher, as
     :func:`kvflash.attn_common.launch.launch` calls it."""
-    g = (tuple(grid) + (1, 1))[:3]
     run = compiled.run
     direct = (
         _TRITON_VERSION.startswith("3.6.")
@@ -294,10 +298,9 @@ def _launch_call(compiled, grid, template: list, slots: tuple) -> tuple:
         and hasattr(run, "launch")
     )
     if direct:
-        after = (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
-                 compiled.packed_metadata, None, None, None)  # fmt: skip
-        return (run.launch, g, after, template, slots)
-    return (run, g, (compiled.function, compiled.packed_metadata, None, None, None), template, slots)
+        return run.launch, (compiled.function, run.launch_cooperative_grid, run.launch_pdl, None, None,
+                            compiled.packed_metadata, None, None, None)  # fmt: skip
+    return run, (compiled.function, compiled.packed_metadata, None, None, None)
 
 
 def _triton_version() -> str:
@@ -322,7 +325,7 @@ class _Sources:
     and a plan is built in the first call of every step), an untracked alias through its storage."""
 
     def __init__(self, tensors: list[torch.Tensor], buffers: list[torch.Tensor]):
-        self.groups = ((_ARGUMENT, tensors), (_BUFFER, buffers))
+        self.groups = ((ARGUMENT, tensors), (BUFFER, buffers))
         self.roots = None  # kind -> id of each tensor's root, computed at the first view
 
     def identical(self, value) -> tuple[bool, int] | None:
@@ -330,13 +333,13 @@ class _Sources:
         for kind, group in self.groups:
             for index, t in enumerate(group):
                 if value is t:
-                    return (kind == _BUFFER, index)
+                    return (kind == BUFFER, index)
         return None
 
-    def find(self, value: torch.Tensor) -> tuple[int, int, int]:
+    def find(self, value: torch.Tensor) -> tuple[str, int, int]:
         same = self.identical(value)
         if same is not None:
-            return (_BUFFER if same[0] else _ARGUMENT, same[1], 0)
+            return (BUFFER if same[0] else ARGUMENT, same[1], 0)
         root = id(_root(value))
         if root in _CONSTANTS:
             return (_CONSTANT, 0, 0)
@@ -367,65 +370,37 @@ class _Sources:
         return matches[0]
 
 
-class _Plan:
-    """The launches of one call's facts, replayed on a new call's tensors."""
-
-    __slots__ = ("buffers", "workspace", "launches", "outputs", "as_tuple", "constants", "device_index")
-
-    def __init__(self, buffers, workspace, launches, outputs, as_tuple, constants):
-        self.device_index = platform.current_device_index()  # the launches ran on it; the call facts hold it
-        self.buffers = buffers  # each returned buffer: (argument index, None) -> empty_like; (None, (shape, ...))
-        self.workspace = workspace  # (bytes, device) of the other buffers' slices
-        self.launches = launches
-        self.outputs = outputs  # None: the call returns None
-        self.as_tuple = as_tuple
-        self.constants = constants  # kept alive with the plan (their addresses are in the templates)
-
-    def replay(self, tensors: list[torch.Tensor]):
-        buffers = [
-            torch.empty_like(tensors[like]) if like is not None else torch.empty(spec[0], dtype=spec[1], device=spec[2])
-            for like, spec in self.buffers
-        ]
-        workspace_bytes, device = self.workspace
-        # Kept alive to the end of the call: later work on the stream reuses it only after these kernels.
-        workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device) if workspace_bytes else None
-        sources = (tensors, buffers, None, None)
-        stream = platform.current_stream_handle(self.device_index)
-        for launcher, grid, after, template, slots in self.launches:
-            values = template.copy()
-            for pos, kind, index, offset in slots:
-                base = workspace if kind == _WORKSPACE else sources[kind][index]
-                values[pos] = base.data_ptr() + offset
-            # Triton's launcher takes an int as a device pointer as it is (no pointer-attribute query).
-            launcher(grid[0], grid[1], grid[2], stream, *after, *values)
-        if self.outputs is None:
-            return None
-        results = tuple(buffers[index] if is_buffer else tensors[index] for is_buffer, index in self.outputs)
-        return results if self.as_tuple else results[0]
-
-
 def planned(fn: Callable) -> Callable:
     """Decorate a public kvflash function so eager calls with known facts replay their plan (module docstring).
 
     The decorated function keeps ``fn``'s signature and docstring; under ``torch.compile``, dispatch modes or the
     interpreter it is ``fn`` itself."""
     plans: dict = {}
-    _ALL_PLANS.append(plans)
+    # The facts last replayed and their replay: the layers of a step repeat one call's facts, and comparing with
+    # them skips hashing the facts (about 0.4 µs of a dict lookup's 0.9). One tuple, replaced whole, so a thread
+    # never reads one call's facts with another call's replay.
+    recent: list = [(None, None)]
+    _ALL_PLANS.append((plans, recent))
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
         if not plans_allowed():
             return fn(*args, **kwargs)
-        key, tensors = call_key(args, kwargs)
+        key, tensors, pointers = call_key(args, kwargs)
         if key is None:
             _STATS.full += 1
             return fn(*args, **kwargs)
-        plan = plans.get(key)
-        if plan is not None and plan is not _UNPLANNED:
+        last_key, last_replay = recent[0]
+        if key == last_key:
             _STATS.hits += 1
-            return plan.replay(tensors)
+            return last_replay(tensors, pointers)
+        replay = plans.get(key)
+        if replay is not None and replay is not _UNPLANNED:
+            _STATS.hits += 1
+            recent[0] = (key, replay)
+            return replay(tensors, pointers)
         _STATS.full += 1
-        if plan is _UNPLANNED or (tensors and platform.stream_capturing(tensors[0].device)):
+        if replay is _UNPLANNED or (tensors and platform.stream_capturing(tensors[0].device)):
             return fn(*args, **kwargs)
         capture = _Capture(tensors)
         _CAPTURES.append(capture)
@@ -437,7 +412,7 @@ def planned(fn: Callable) -> Callable:
         if len(plans) >= MAX_PLANS:
             del plans[next(iter(plans))]
         try:
-            plans[key] = capture.build(result)
+            plans[key] = capture.build(result, fn.__qualname__)
             _STATS.built += 1
         except _Unplannable as why:
             plans[key] = _UNPLANNED

@@ -136,9 +136,16 @@ def _triton_driver():
 @functools.cache
 def _driver_queries():
     """The active Triton driver's ``(get_current_device, get_current_stream)``, looked up once (each lookup through
-    Triton's lazy driver proxy costs about a microsecond, and every eager call asks)."""
+    Triton's lazy driver proxy costs about a microsecond, and every eager call asks).
+
+    Triton's CUDA and ROCm drivers ask ``torch.cuda.current_device``: ``torch.cuda._lazy_init()`` (three Python
+    calls once initialised) then ``torch._C._cuda_getDevice()``, which initialises CUDA lazily itself. So the C
+    function is asked directly: the same answer, about 0.3 µs less per eager call."""
     active = _triton_driver().active
-    return active.get_current_device, active.get_current_stream
+    get_device = active.get_current_device
+    if get_device is torch.cuda.current_device and hasattr(torch._C, "_cuda_getDevice"):
+        get_device = torch._C._cuda_getDevice
+    return get_device, active.get_current_stream
 
 
 def current_device_index() -> int:
