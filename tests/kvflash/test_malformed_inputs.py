@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from kvflash.attn_common import validation_enabled
+from kvflash.attn_common.launch import fast_launch_enabled
 from kvflash.attn_common.testing import poison
 
 from .varlen_cases import check_against_reference, make_case
@@ -101,13 +102,20 @@ def test_decode_route_serves_any_split_of_the_rows(device, q_lens, num_splits, c
     check_against_reference(case, out, lse, **features)
 
 
+def _reread_validate_mode():
+    """Validate mode is read once, and the fast launch (hence call plans, whose replays skip the checks) reads it
+    too: both caches are cleared so a plan built before the switch cannot serve a call made after it."""
+    validation_enabled.cache_clear()
+    fast_launch_enabled.cache_clear()
+
+
 @pytest.fixture
 def validate_on(monkeypatch):
     monkeypatch.setenv("KVFLASH_VALIDATE", "1")
-    validation_enabled.cache_clear()
+    _reread_validate_mode()
     yield
     monkeypatch.delenv("KVFLASH_VALIDATE")
-    validation_enabled.cache_clear()
+    _reread_validate_mode()
 
 
 def _i32(values, device):
