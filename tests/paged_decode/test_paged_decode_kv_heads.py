@@ -1,8 +1,7 @@
 """FP8 decode with several KV heads per program (``kv_heads > 1``): each row must meet its own head's K, V and
 descales. Distinct, non-unit per-(sequence, head) descales make a head mix-up visible. Covered with the head
 blocks: both formats, pages 1 and 16, the contiguous layout, splits, windows, softcap, sinks, ALiBi, fp8 output and
-draft tokens (``q_tokens > 1``); per-token-head descales with head blocks are in
-``test_paged_decode_per_token.py``."""
+draft tokens (``q_tokens > 1``). Per-token-head descales take one KV head per program."""
 
 import pytest
 import torch
@@ -45,6 +44,10 @@ def test_one_kv_head_per_program_when_rows_are_full():
     bf16 = choose_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=2, max_seqlen_k=100,
                                 window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True)  # fmt: skip
     assert bf16.kv_heads == 1
+    per_token = choose_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=1,
+                                     max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
+                                     interpreter=True, per_token_scales=True)  # fmt: skip
+    assert per_token.kv_heads == 1
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)

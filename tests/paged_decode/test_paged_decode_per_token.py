@@ -64,9 +64,9 @@ def test_per_token_paged(device, kv_dtype, block_size, num_splits):
 
 
 @pytest.mark.parametrize("heads", [(12, 6), (24, 8)])
-def test_per_token_several_head_blocks(device, heads):
-    """Several blocks of KV heads per sequence (``kv_heads`` 2 of Hkv 6, 4 of Hkv 8): each block reads its own
-    heads' scales (a block reading the first block's would be off by the heads' magnitudes)."""
+def test_per_token_many_kv_heads(device, heads):
+    """Hkv 6 and 8 (GQA 2 and 3): each KV head's program reads its own head's scales (one reading another head's
+    would be off by the heads' magnitudes)."""
     num_q_heads, num_kv_heads = heads
     q, kv = _case(device, [37, 66], torch.float8_e4m3fn, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                   seed=num_kv_heads)  # fmt: skip
@@ -147,9 +147,9 @@ def test_per_token_tiny_and_huge_value_scales_fp32_out(device, factor):
     assert rel < 2e-3, rel
 
 
-def test_per_token_heads_far_apart_share_a_program(device):
-    """Two KV heads in one program (GQA 2, Hkv 2: ``kv_heads = 2``) whose V scales are 2^40 apart: each row's fp16
-    operand is taken in units of its own head's scales, so neither head loses its bits to the other's range."""
+def test_per_token_heads_far_apart(device):
+    """Two KV heads whose V scales are 2^40 apart: each head's fp16 operand is taken in units of its own head's
+    scales, so neither head loses its bits to the other's range."""
     q, kv = _case(device, [45, 20], torch.float8_e4m3fn, seed=9)
     head_factor = torch.tensor([2.0**-20, 2.0**20], device=device)
     kv.v_descale = kv.v_descale * head_factor

@@ -226,35 +226,16 @@ def to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
 
 
 @triton.jit
-def scale_p_elements(p, alpha, v_scale, v_exp):
+def scale_p_columns(p, alpha, v_col_scale, v_exp):
     """Per-token V descales folded into the probabilities before the PV dot.
 
     ``p [BLOCK_M, BLOCK_N]`` fp32 (``<= 1``), ``alpha [BLOCK_M]`` the accumulator's rescale factor from the
-    softmax step, ``v_scale [R, BLOCK_N]`` fp32 the V descale of each key for each row (``R = BLOCK_M``: rows of
-    different KV heads in one tile) or for all rows (``R = 1``), 0 for masked keys, and ``v_exp [R]`` the running
-    exponent ``E``: the accumulator holds ``sum_j p_j * vscale_j * v_j / 2^E``. ``E`` becomes
+    softmax step, ``v_col_scale [BLOCK_N]`` fp32 the tile's V descale per key (0 for masked keys), ``v_exp`` the
+    running exponent ``E`` (fp32 scalar): the accumulator holds ``sum_j p_j * vscale_j * v_j / 2^E``. ``E`` becomes
     ``max(E, floor(log2(max_j |vscale_j|)))`` (clamped to ``[-100, 100]``), so ``p_j * vscale_j / 2^E`` stays
-    below 2 and, for the tile's largest scales, above fp16's subnormals (per row: a row is scaled by its own head's
-    scales, not by another head's); the powers of two are exact. Returns
-    ``(p * vscale / 2^E, alpha * 2^(E_old - E_new), E_new)``; multiply the final output rows by ``2^E``.
+    below 2 and, for the tile's largest scales, above fp16's subnormals; the powers of two are exact. Returns
+    ``(p * vscale / 2^E, alpha * 2^(E_old - E_new), E_new)``; multiply the final output by ``2^E``.
     """
-    v_max = tl.max(tl.abs(v_scale), 1)
-    # An all-zero (all-masked) tile leaves E alone.
-    tile_exp = tl.where(v_max > 0, tl.floor(tl.math.log2(tl.where(v_max > 0, v_max, 1.0))), -100.0)
-    new_exp = tl.minimum(tl.maximum(tl.maximum(v_exp, tile_exp), -100.0), 100.0)
-    alpha = alpha * tl.math.exp2(v_exp - new_exp)
-    p = p * v_scale * tl.math.exp2(-new_exp)[:, None]
-    return p, alpha, new_exp
-
-
-@triton.jit
-def scale_p_columns(p, alpha, v_col_scale, v_exp):
-    """:func:`scale_p_elements` with one V descale per key for all rows (one KV head per tile):
-    ``v_col_scale [BLOCK_N]``, ``v_exp`` a scalar running exponent. Returns ``(p, alpha, E_new)`` likewise.
-
-    Written out rather than calling :func:`scale_p_elements` with a one-row scale: the scalar exponent keeps the
-    loop's carried value a scalar (the one-row form compiled to 1077 loop instructions against 1018 in the sm_90
-    decode build)."""
     v_max = tl.max(tl.abs(v_col_scale), 0)
     # An all-zero (all-masked) tile leaves E alone.
     tile_exp = tl.where(v_max > 0, tl.floor(tl.math.log2(tl.where(v_max > 0, v_max, 1.0))), -100.0)

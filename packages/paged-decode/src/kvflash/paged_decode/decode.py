@@ -293,6 +293,7 @@ def _paged_decode_op(
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
     kv_is_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
+    per_token = is_per_token_descale(k_descale)
     cfg = choose_decode_config(
         num_seqs=num_seqs,
         num_kv_heads=num_kv_heads,
@@ -306,6 +307,7 @@ def _paged_decode_op(
         interpreter=interpreter,
         max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
         fill_rows=not defer_longer_sequences,
+        per_token_scales=per_token,
     )
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
@@ -327,7 +329,6 @@ def _paged_decode_op(
     k_strides = k.stride()[:3] if is_paged else (0,) + k.stride()[:2]
     v_strides = v.stride()[:3] if is_paged else (0,) + v.stride()[:2]
     q_strides = q.stride()
-    per_token = is_per_token_descale(k_descale)
     kd_block, kd_seq, kd_head = descale_kernel_strides(k_descale)
     vd_block, vd_seq, vd_head = descale_kernel_strides(v_descale)
     alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)

@@ -36,9 +36,8 @@ stored (token, KV head), read per tile beside K and V. K's multiplies its score 
 column of P before the PV dot, ``sum_j p_j * (v_j * vscale_j) = sum_j (p_j * vscale_j) * v_j``. So that the
 fp16 operand ``p_j * vscale_j`` neither underflows nor loses bits, it is taken in units of ``2^E``, ``E`` the
 running maximum over the tiles of ``floor(log2(max_j |vscale_j|))`` (a power of two: exact); the accumulator is
-rescaled by ``2^(E_old - E_new) <= 1`` when ``E`` grows and multiplied by ``2^E`` once at the end. With
-``KV_HEADS > 1`` the scales are gathered per (row's KV head, key) and ``E`` is kept per row, so each row's operand
-is scaled by its own head's scales.
+rescaled by ``2^(E_old - E_new) <= 1`` when ``E`` grows and multiplied by ``2^E`` once at the end. Per-token
+descales take one KV head per program (``KV_HEADS = 1``): a tile's V scales are then one row of columns.
 """
 
 import triton
@@ -50,7 +49,6 @@ from kvflash.attn_common.jit_helpers import (
     finalize_softmax,
     online_softmax_step,
     scale_p_columns,
-    scale_p_elements,
     softcap_scores,
     to_e4m3,
 )
@@ -155,6 +153,7 @@ def paged_decode_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
     tl.static_assert(HEAD_CHUNKS == 1 or KV_HEADS == 1, "a chunked group takes one KV head per program")
+    tl.static_assert(KV_HEADS == 1 or not PER_TOKEN_SCALES, "per-token-head descales take one KV head per program")
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_head_blocks = tl.cdiv(num_kv_heads, KV_HEADS)
@@ -199,12 +198,8 @@ def paged_decode_kernel(
     if PER_TOKEN_SCALES:  # per-token descales are read per tile (below)
         score_scale = softmax_scale
         v_descale = tl.full([], 1.0, dtype=tl.float32)
-        if KV_HEADS == 1:
-            kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
-            vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
-        else:  # [BLOCK_H, 1]: each row's KV head's scales (a key's scale row broadcasts over them)
-            kd_head_ptr = (k_descale_ptr + row_kv_head.to(tl.int64) * stride_kd_head)[:, None]
-            vd_head_ptr = (v_descale_ptr + row_kv_head.to(tl.int64) * stride_vd_head)[:, None]
+        kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
+        vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
     elif KV_HEADS == 1:
         # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
         k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
@@ -251,11 +246,8 @@ def paged_decode_kernel(
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
-        if PER_TOKEN_SCALES:  # E: acc holds sum_j p_j * vscale_j * v_j / 2^E (per row with several KV heads)
-            if KV_HEADS == 1:
-                v_exp = tl.full([], -100.0, dtype=tl.float32)
-            else:
-                v_exp = tl.full([BLOCK_H], -100.0, dtype=tl.float32)
+        if PER_TOKEN_SCALES:
+            v_exp = tl.full([], -100.0, dtype=tl.float32)  # E: acc holds sum_j p_j * vscale_j * v_j / 2^E
         if IS_PAGED:
             # Page ids run one tile ahead of K/V, carried through the loop: when a tile's K/V addresses come
             # from a load in the same iteration, Triton's pipeliner treats K/V as indirect loads and waits for
@@ -286,13 +278,9 @@ def paged_decode_kernel(
                 else:
                     kd_rows = key_token * stride_kd_seq
                     vd_rows = key_token * stride_vd_seq
-                # [BLOCK_N] fp32, or [BLOCK_H, BLOCK_N] with several KV heads (each row its head's scales)
-                k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=valid, other=0.0)
-                v_tok_scale = tl.load(vd_head_ptr + vd_rows, mask=valid, other=0.0)
-                if KV_HEADS == 1:
-                    tile_scale = (k_tok_scale * score_scale)[None, :]  # [1, BLOCK_N]: scales the score columns
-                else:
-                    tile_scale = k_tok_scale * score_scale
+                k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
+                v_tok_scale = tl.load(vd_head_ptr + vd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
+                tile_scale = (k_tok_scale * score_scale)[None, :]  # [1, BLOCK_N]: scales the score columns
             if HEAD_PAD == HEAD_SIZE:
                 kv_mask = valid[:, None]
             else:
@@ -326,10 +314,7 @@ def paged_decode_kernel(
                 scores = tl.where(valid[None, :], scores, float("-inf"))
             m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
             if PER_TOKEN_SCALES:
-                if KV_HEADS == 1:
-                    p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
-                else:
-                    p, alpha, v_exp = scale_p_elements(p, alpha, v_tok_scale, v_exp)
+                p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
             if KV_HEADS == 1:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             else:
@@ -347,10 +332,7 @@ def paged_decode_kernel(
             acc = acc * alpha[:, None]
         out, lse = finalize_softmax(acc, m_i, l_i)
         if PER_TOKEN_SCALES:
-            if KV_HEADS == 1:
-                out = out * tl.math.exp2(v_exp)
-            else:
-                out = out * tl.math.exp2(v_exp)[:, None]
+            out = out * tl.math.exp2(v_exp)
         # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
         out = out * v_descale
         if OUTPUT_FP8:
