@@ -134,6 +134,19 @@ def dispatch_cost(calls: int) -> dict[str, float]:
     }
 
 
+def profile_case(name: str, calls: int, top: int) -> None:
+    """cProfile ``calls`` calls of host case ``name`` after 50 untimed ones; print the ``top`` functions by own time."""
+    call, _ = build_host_call(name, torch.device("cpu"), small=True)
+    for _ in range(50):
+        call()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        call()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per case (default 2000)")
@@ -146,15 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         if args.profile not in HOST_CASES:
             parser.error(f"--profile: expected one of {names}, got {args.profile!r}")
-        call, _ = build_host_call(args.profile, torch.device("cpu"), small=True)
-        for _ in range(50):
-            call()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.calls):
-            call()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+        profile_case(args.profile, args.calls, args.top)
         return 0
     for name in names:
         row = layer_breakdown(name, args.calls, stubs)

@@ -27,11 +27,9 @@ the CPU's noise only ever adds), and with ``--profile`` the top functions of a c
 from __future__ import annotations
 
 import argparse
-import cProfile
 import functools
 import itertools
 import os
-import pstats
 import sys
 from pathlib import Path
 
@@ -40,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from cases_host import HOST_CASES, build_host_call  # noqa: E402
-from host_profile import stub_kernels, time_call  # noqa: E402
+from host_profile import profile_case, stub_kernels, time_call  # noqa: E402
 
 H200_MULTIPROCESSORS = 132
 
@@ -139,15 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         if args.profile not in names:
             parser.error(f"--profile: expected one of {names}, got {args.profile!r}")
-        call, _ = build_host_call(args.profile, torch.device("cpu"), small=True)
-        for _ in range(50):
-            call()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(args.calls):
-            call()
-        prof.disable()
-        pstats.Stats(prof).sort_stats("tottime").print_stats(args.top)
+        profile_case(args.profile, args.calls, args.top)
         return 0
     print(f"torch {torch.__version__}, CPU standing in for a GPU; best of {args.repeats} medians, µs per call")
     for name in names:
@@ -156,9 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         before = sum(stub.launches for stub in stubs) + _Run.calls
         call()  # builds the plan (a kernel's first launch reaches its stub, later ones the kept compiled kernel)
         launches = sum(stub.launches for stub in stubs) + _Run.calls - before
-        hits = 0
         total = min(time_call(call, args.calls) for _ in range(args.repeats))
-        replayed = plan_stats().hits - hits
+        replayed = plan_stats().hits
         alloc, count = min(allocation_cost(call, args.calls) for _ in range(args.repeats))
         note = "" if replayed == args.repeats * (args.calls + 20) else f"  (only {replayed} replays!)"
         print(
