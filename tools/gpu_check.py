@@ -17,6 +17,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -35,19 +36,26 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], log: pathlib.Path, timeout: float) -> tuple[int, float]:
+def _run(cmd: list[str], log: pathlib.Path, timeout: float, quiet: tuple[str, ...] = ()) -> tuple[int, float]:
+    """Run ``cmd``, every line into ``log`` as it comes (flushed: a run killed at its timeout keeps what it
+    printed), and to stdout unless it contains one of ``quiet``. Killed after ``timeout`` seconds: rc 124."""
     print("+", " ".join(cmd), flush=True)
     start = time.time()
     with log.open("w") as fh:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        timer = threading.Timer(timeout, proc.kill)  # reading stdout blocks: the deadline needs its own thread
+        timer.start()
         try:
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if not any(word in line for word in quiet):
+                    sys.stdout.write(line)
                 fh.write(line)
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = 124
+                fh.flush()
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+    if rc < 0 and time.time() - start >= timeout:
+        rc = 124
     return rc, time.time() - start
 
 
@@ -80,7 +88,9 @@ def main() -> int:
     print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
     rows = []
     junit = out / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", *args.tests, "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    # -v: every test's outcome is a line of the log as it finishes, so a run stopped by its timeout still names its
+    # failures (the -rfE summary and the junit file come only at the end); stdout shows all but the passes and skips.
+    cmd = [sys.executable, "-m", "pytest", *args.tests, "-v", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}"]
     if args.k:
         cmd += ["-k", args.k]
     if args.workers > 0:
@@ -88,7 +98,7 @@ def main() -> int:
 
         if importlib.util.find_spec("xdist") is not None:
             cmd += ["-n", str(args.workers)]
-    rc, secs = _run(cmd, out / "pytest.log", args.test_timeout)
+    rc, secs = _run(cmd, out / "pytest.log", args.test_timeout, quiet=(" PASSED", " SKIPPED"))
     counts = _junit_counts(junit)
     rows.append(("tests", rc, secs, ", ".join(f"{k} {v}" for k, v in counts.items()) or "no junit"))
     if args.bench != "none":
