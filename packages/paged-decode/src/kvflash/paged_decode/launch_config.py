@@ -33,9 +33,10 @@ MAX_BLOCK_N = 128
 # 54 KiB -> 4. H200: bf16 1 x 131072 with 33 splits (one wave of 2) 93 % of copy, with 66 (two waves) 89 %.
 NO_SPLIT_PROGRAMS_PER_SM = 2
 RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM, one KV head per program
-# FP8 with several KV heads per program (2 warps, 3 stages, 16-token tiles of 4 heads at D = 128): 188 registers,
-# 41 KiB of shared memory -> 5 fit, but H200 64 x 4096 runs fastest at 4 splits (512 programs: 78.7 % of copy;
-# 5 splits 57 %, 6 splits 63 %, 8 splits 78 %) and 128 x 8192 at 2 (512 programs, 81 %; 3 splits 68 %).
+# FP8 with several KV heads per program (2 warps, 3 stages, 16-token tiles of 4 heads at D = 128): 188 registers
+# and 41 KiB of shared memory would let 5 reside, but the H200 times behave as if 4 did: 64 x 4096 at 4 splits
+# (512 programs) 78.7 % of copy, 5 splits 57 %, 6 splits 63 %, 8 splits (two waves of 4) 78 %; 128 x 8192 at 2
+# splits (512 programs) 81 %, 3 splits 68 %.
 FP8_MULTI_HEAD_PROGRAMS_PER_SM = 4
 MIN_KEYS_PER_SPLIT = 512
 MAX_SPLITS = 256
