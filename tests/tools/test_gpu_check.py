@@ -1,0 +1,38 @@
+"""tools/gpu_check.py's runner: a command that outlives its timeout is stopped (rc 124) and the lines it printed
+before are in the log; lines holding a quiet word reach the log but not stdout."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_timeout_stops_the_run_and_keeps_its_lines(tmp_path, capsys):
+    script = (
+        "import time\nfor i in range(200):\n    print('PASSED' if i % 2 else 'FAILED', i, flush=True)\n"
+        "    time.sleep(0.05)"
+    )
+    log = tmp_path / "run.log"
+    rc, seconds = _gpu_check()._run([sys.executable, "-c", script], log, timeout=1.5, quiet=("PASSED",))
+    assert rc == 124
+    assert seconds < 10  # stopped, not run to its end (10 s)
+    lines = log.read_text().splitlines()
+    assert 4 <= len(lines) < 200 and lines[0] == "FAILED 0"
+    shown = capsys.readouterr().out
+    assert "FAILED 0" in shown and "PASSED 1" not in shown
+
+
+def test_a_run_that_ends_keeps_its_return_code(tmp_path):
+    rc, _ = _gpu_check()._run([sys.executable, "-c", "print('x'); raise SystemExit(3)"], tmp_path / "log", 30.0)
+    assert rc == 3
+    assert (tmp_path / "log").read_text() == "x\n"
