@@ -25,7 +25,7 @@ from kvflash.attn_common.launch import record_launches
 from kvflash.flash_attn_interface import flash_attn_varlen_func, merge_attn_states, reshape_and_cache_flash
 from kvflash.paged_decode import paged_decode_attention
 
-from .varlen_cases import make_case
+from .varlen_cases import LONG_DECODE, MIXED, PREFILL, SPECULATIVE, make_case
 
 BF16, E4M3, E5M2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
 STREAM = 0x5EED
@@ -184,10 +184,6 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
 
 
 DECODE = [(1, 1024)] * 8  # split over the KV length on 132 multiprocessors: two launches
-LONG_DECODE = [(1, 3000), (1, 1500)]
-SPECULATIVE = [(4, 37), (2, 90), (3, 3), (4, 64)]
-MIXED = [(1, 37), (40, 60), (3, 20), (0, 5), (17, 30), (1, 1)]
-PREFILL = [(50, 80), (33, 33), (64, 100)]
 
 VARLEN_CASES = [
     ("decode-bf16", DECODE, dict(), dict(causal=True)),

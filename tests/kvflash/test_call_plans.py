@@ -17,16 +17,12 @@ from kvflash.attn_common.testing import poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func, merge_attn_states, reshape_and_cache_flash
 from kvflash.paged_decode import paged_decode_attention
 
-from .varlen_cases import check_against_reference, make_case
+from .varlen_cases import LONG_DECODE, MIXED, PREFILL, SPECULATIVE, check_against_reference, make_case
 
 pytestmark = pytest.mark.gpu
 
 E4M3, E5M2, BF16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16
 DECODE = [(1, 37), (1, 200), (1, 5), (1, 64)]
-LONG_DECODE = [(1, 3000), (1, 1500)]  # split-KV
-SPECULATIVE = [(4, 37), (2, 90), (3, 3), (4, 64)]
-MIXED = [(1, 37), (40, 60), (3, 20), (0, 5), (17, 30), (1, 1)]
-PREFILL = [(50, 80), (33, 33), (64, 100)]
 
 # (id, sequence mix, make_case arguments, call features)
 VARLEN_CASES = [

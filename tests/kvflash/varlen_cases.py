@@ -33,6 +33,13 @@ class VarlenCase:
         )
 
 
+# Sequence mixes ((q_len, kv_len) per sequence) that the call-plan tests replay on the GPU and on the CPU stand-in.
+LONG_DECODE = [(1, 3000), (1, 1500)]  # split over the keys
+SPECULATIVE = [(4, 37), (2, 90), (3, 3), (4, 64)]
+MIXED = [(1, 37), (40, 60), (3, 20), (0, 5), (17, 30), (1, 1)]
+PREFILL = [(50, 80), (33, 33), (64, 100)]
+
+
 def check_against_reference(case: VarlenCase, out: torch.Tensor, lse: torch.Tensor, **features) -> None:
     """``out [total_q, Hq, D]`` and ``lse [Hq, total_q]`` of ``case`` under ``features`` against the float64
     reference, by FlashAttention's rule (twice PyTorch's error in the input precision + 2e-3); ``lse`` must be
