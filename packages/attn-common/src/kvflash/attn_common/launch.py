@@ -240,17 +240,11 @@ def bookkeeping_active() -> bool:
 
 
 def hooks_installed() -> bool:
-    """Triton's launch enter or exit hook is set (a profiler wants every launch's metadata): a callable (Triton
-    3.4-3.6) or a non-empty ``HookChain`` (later releases). Every eager call asks (through
-    :func:`kvflash.attn_common.call_plan.plans_allowed`), so both tests are written out."""
+    """Triton's launch enter or exit hook is set (a profiler wants every launch's metadata)."""
     knobs = _knobs()
     if knobs is None:
         return False
-    runtime = knobs.runtime
-    enter, exit_ = runtime.launch_enter_hook, runtime.launch_exit_hook
-    return (enter is not None and bool(getattr(enter, "calls", True))) or (
-        exit_ is not None and bool(getattr(exit_, "calls", True))
-    )
+    return _hook_set(knobs.runtime.launch_enter_hook) or _hook_set(knobs.runtime.launch_exit_hook)
 
 
 @functools.cache
@@ -269,6 +263,11 @@ def _knobs():
     except ImportError:  # Triton < 3.4: the generic launch only
         return None
     return knobs
+
+
+def _hook_set(hook) -> bool:
+    """A launch hook is installed: a callable (Triton 3.4-3.6) or a non-empty ``HookChain`` (later releases)."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def launch(kernel, grid: tuple[int, ...], interpreter: bool, **kwargs) -> None:

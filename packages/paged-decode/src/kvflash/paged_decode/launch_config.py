@@ -32,12 +32,11 @@ MAX_BLOCK_N = 128
 # 16-bit KV, 4 warps, 4 stages: 160 registers, 102 KiB -> 2; FP8 KV, 2 warps, 3 stages: 194 registers,
 # 54 KiB -> 4. H200: bf16 1 x 131072 with 33 splits (one wave of 2) 93 % of copy, with 66 (two waves) 89 %.
 NO_SPLIT_PROGRAMS_PER_SM = 2
-RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM, one KV head per program
 # FP8 with several KV heads per program (2 warps, 3 stages, 16-token tiles of 4 heads at D = 128): 188 registers
-# and 41 KiB of shared memory would let 5 reside, but the H200 times behave as if 4 did: 64 x 4096 at 4 splits
-# (512 programs) 78.7 % of copy, 5 splits 57 %, 6 splits 63 %, 8 splits (two waves of 4) 78 %; 128 x 8192 at 2
-# splits (512 programs) 81 %, 3 splits 68 %.
-FP8_MULTI_HEAD_PROGRAMS_PER_SM = 4
+# and 41 KiB of shared memory would let 5 reside, but the H200 times behave as if 4 did, as with one head: 64 x 4096
+# at 4 splits (512 programs) 78.7 % of copy, 5 splits 57 %, 6 splits 63 %, 8 splits (two waves of 4) 78 %;
+# 128 x 8192 at 2 splits (512 programs) 81 %, 3 splits 68 %.
+RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM
 MIN_KEYS_PER_SPLIT = 512
 MAX_SPLITS = 256
 # The interpreter runs programs one after another: small tiles keep the CPU tests short.
@@ -187,17 +186,13 @@ def choose_decode_config(
     else:
         block_n = max(MIN_BLOCK_N, min(MAX_BLOCK_N, TILE_ELEMENTS // (kv_heads * head_pad)))
     max_keys = max_seqlen_k if window_left < 0 else min(max_seqlen_k, window_left + 1)
-    if kv_heads > 1:
-        programs_per_sm = FP8_MULTI_HEAD_PROGRAMS_PER_SM
-    else:
-        programs_per_sm = RESIDENT_PROGRAMS_PER_SM[1 if kv_itemsize == 1 else 2]
     splits = resolve_num_splits(
         num_splits,
         num_programs=num_seqs * (num_kv_heads // kv_heads) * head_chunks,
         max_keys=max_keys,
         block_n=block_n,
         multiprocessor_count=multiprocessor_count,
-        programs_per_sm=programs_per_sm,
+        programs_per_sm=RESIDENT_PROGRAMS_PER_SM[1 if kv_itemsize == 1 else 2],
     )
     num_warps = 4 if block_h * head_pad <= 32 * 128 else 8
     if kv_itemsize == 1 and block_h * head_pad <= 16 * 128:
