@@ -113,10 +113,12 @@ def test_head_blocks_with_fp8_output(device, decode_case, check_decode):
                            num_splits=1, **case.kwargs)  # fmt: skip
     cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
     ref, _ = reference_attention(case.q, case.k, case.v, cu_q, compute_dtype=torch.float64, **case.kwargs)
-    want = (ref / 0.02).clamp(-448, 448).to(torch.float8_e4m3fn).double()
-    # One fp8 step of the result at most (the kernel rounds its fp32 result, the reference its float64 one).
-    step = want.abs().clamp_min(2.0**-6) * 2.0**-3
-    assert bool(((out.double() - want).abs() <= step + 1e-9).all())
+    want = (ref / 0.02).clamp(-448, 448)
+    got = out.double()
+    assert not bool(torch.isnan(got).any())  # every element written
+    # Half an fp8 step of rounding (2^-4 relative) plus the fp16 dots' error on the attention (2e-3, as the
+    # bf16-output tests allow), scaled like the output: near-zero outputs with cancelling terms need the second.
+    assert bool(((got - want).abs() <= want.abs() * 2.0**-4 + 2e-3 / 0.02).all())
 
 
 def test_head_blocks_with_draft_tokens(device, decode_case):
