@@ -12,6 +12,7 @@
 - :mod:`kvflash.attn_common.jit_helpers`: shared ``@triton.jit`` functions (imported by kernels only).
 """
 
+from kvflash.attn_common.attention_call import check_attention_call, check_query, num_seqs_from_cu_seqlens_q
 from kvflash.attn_common.checks import (
     check_block_size,
     check_bool,
@@ -25,7 +26,15 @@ from kvflash.attn_common.checks import (
     check_tensor,
 )
 from kvflash.attn_common.descale import normalize_descale
-from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES, QUERY_TORCH_DTYPES, KVFlashDType
+from kvflash.attn_common.dtypes import (
+    FP8_TORCH_DTYPES,
+    MODEL_TORCH_DTYPES,
+    OUTPUT_FP8_DTYPE,
+    QUERY_TORCH_DTYPES,
+    SCALE_TORCH_DTYPES,
+    KVFlashDType,
+    saturate_to_fp8,
+)
 from kvflash.attn_common.feature_args import (
     UNBOUNDED_WINDOW,
     check_softcap,
@@ -37,7 +46,7 @@ from kvflash.attn_common.feature_args import (
 )
 from kvflash.attn_common.features import AttentionFeatures, normalize_attention_features
 from kvflash.attn_common.kv_layout import KVLayout, check_kv_cache
-from kvflash.attn_common.output import OUTPUT_FP8_DTYPE, check_out, empty_out, normalize_output_scale
+from kvflash.attn_common.output import check_out, empty_out, normalize_output_scale
 from kvflash.attn_common.reference import gather_sequence_kv, reference_attention, reference_attention_into
 from kvflash.attn_common.type_pair import QKVTypePair
 from kvflash.attn_common.validate import validate_index_tensors, validation_enabled
@@ -49,10 +58,13 @@ __all__ = [
     "FP8_TORCH_DTYPES",
     "KVFlashDType",
     "KVLayout",
+    "MODEL_TORCH_DTYPES",
     "OUTPUT_FP8_DTYPE",
     "QKVTypePair",
     "QUERY_TORCH_DTYPES",
+    "SCALE_TORCH_DTYPES",
     "UNBOUNDED_WINDOW",
+    "check_attention_call",
     "check_block_size",
     "check_bool",
     "check_device_type",
@@ -63,6 +75,7 @@ __all__ = [
     "check_real",
     "check_kv_cache",
     "check_out",
+    "check_query",
     "empty_out",
     "check_same_device",
     "check_softcap",
@@ -75,9 +88,11 @@ __all__ = [
     "normalize_output_scale",
     "normalize_sinks",
     "normalize_window",
+    "num_seqs_from_cu_seqlens_q",
     "reference_attention",
     "reference_attention_into",
     "resolve_softmax_scale",
+    "saturate_to_fp8",
     "validate_index_tensors",
     "validation_enabled",
 ]

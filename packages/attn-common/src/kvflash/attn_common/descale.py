@@ -20,6 +20,7 @@ import math
 import torch
 
 from kvflash.attn_common.call_plan import keep_constant
+from kvflash.attn_common.dtypes import SCALE_TORCH_DTYPES
 from kvflash.attn_common.platform import stream_capturing
 
 __all__ = [
@@ -27,10 +28,8 @@ __all__ = [
     "normalize_kv_descales",
     "is_per_token_descale",
     "descale_kernel_strides",
-    "DESCALE_TORCH_DTYPES",
 ]
 
-DESCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def normalize_descale(
@@ -70,7 +69,7 @@ def normalize_descale(
         return _constant_scale(value, device).expand(num_seqs, num_kv_heads)
     if not isinstance(descale, torch.Tensor):
         raise TypeError(f"{name}: expected None, a float or a tensor, got {type(descale).__name__}")
-    if descale.dtype not in DESCALE_TORCH_DTYPES:
+    if descale.dtype not in SCALE_TORCH_DTYPES:
         raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {descale.dtype}")
     if descale.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the query's device), got one on {descale.device}")

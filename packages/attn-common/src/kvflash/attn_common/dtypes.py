@@ -10,7 +10,15 @@ import enum
 
 import torch
 
-__all__ = ["KVFlashDType", "FP8_TORCH_DTYPES", "QUERY_TORCH_DTYPES"]
+__all__ = [
+    "KVFlashDType",
+    "FP8_TORCH_DTYPES",
+    "QUERY_TORCH_DTYPES",
+    "MODEL_TORCH_DTYPES",
+    "SCALE_TORCH_DTYPES",
+    "OUTPUT_FP8_DTYPE",
+    "saturate_to_fp8",
+]
 
 
 class KVFlashDType(enum.Enum):
@@ -72,5 +80,18 @@ class KVFlashDType(enum.Enum):
 
 _FROM_TORCH = {member.torch_dtype: member for member in KVFlashDType}
 
-QUERY_TORCH_DTYPES = (torch.float16, torch.bfloat16)
-FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)
+# Every set of dtypes kvflash accepts, in one place.
+QUERY_TORCH_DTYPES = (torch.float16, torch.bfloat16)  # q, and out without output_scale
+FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)  # FP8 KV caches
+MODEL_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the cache writer and quantiser read
+SCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # descale / scale tensors
+OUTPUT_FP8_DTYPE = torch.float8_e4m3fn  # out with output_scale
+
+
+def saturate_to_fp8(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """``saturate(x / scale)`` in the FP8 ``dtype``: the division in float32 (IEEE, round to nearest even),
+    clamped to the format's finite range, so nothing becomes NaN or inf. The plain torch form every kvflash
+    writer and quantiser is checked against. ``scale`` broadcasts against ``x`` (a float, ``[]``, per row...)."""
+    fp8_max = float(torch.finfo(dtype).max)
+    scale = scale.float() if isinstance(scale, torch.Tensor) else float(scale)
+    return (x.float() / scale).clamp(-fp8_max, fp8_max).to(dtype)

@@ -11,11 +11,10 @@ import torch
 
 from kvflash.attn_common.call_plan import empty_buffer
 from kvflash.attn_common.checks import check_tensor
-from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES
+from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES, OUTPUT_FP8_DTYPE
 
-__all__ = ["OUTPUT_FP8_DTYPE", "normalize_output_scale", "empty_out", "check_out"]
+__all__ = ["normalize_output_scale", "empty_out", "check_out"]
 
-OUTPUT_FP8_DTYPE = torch.float8_e4m3fn
 
 
 def normalize_output_scale(output_scale: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -13,7 +13,7 @@ import math
 import torch
 
 from kvflash.attn_common import FP8_TORCH_DTYPES, check_tensor
-from kvflash.attn_common.descale import DESCALE_TORCH_DTYPES
+from kvflash.attn_common.dtypes import SCALE_TORCH_DTYPES
 from kvflash.attn_common.ops import define_op
 from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, amax_to_scale, fp8_finite_max
 
@@ -72,7 +72,7 @@ def scaled_fp8_quant(
             raise ValueError(f"scale: expected a positive finite float, got {scale!r}")
         scale = torch.full((1,), float(scale), dtype=torch.float32, device=x.device)
     elif scale is not None:
-        check_tensor("scale", scale, dtypes=DESCALE_TORCH_DTYPES, device=x.device, last_dim_contiguous=False)
+        check_tensor("scale", scale, dtypes=SCALE_TORCH_DTYPES, device=x.device, last_dim_contiguous=False)
         if scale.numel() != 1:
             raise ValueError(f"scale: expected one element (a per-tensor scale), got shape {list(scale.shape)}")
     return _scaled_fp8_quant_op(x, scale, dtype)
@@ -98,7 +98,7 @@ def dequantize_fp8(
         raise TypeError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         return (x_fp8.float() * float(scale)).to(dtype)
-    check_tensor("scale", scale, dtypes=DESCALE_TORCH_DTYPES, device=x_fp8.device, last_dim_contiguous=False)
+    check_tensor("scale", scale, dtypes=SCALE_TORCH_DTYPES, device=x_fp8.device, last_dim_contiguous=False)
     if scale.numel() != 1:
         try:
             broadcast = torch.broadcast_shapes(scale.shape, x_fp8.shape)

@@ -11,7 +11,7 @@ import math
 import torch
 
 from kvflash.attn_common import FP8_TORCH_DTYPES, KVFlashDType, check_tensor
-from kvflash.attn_common.descale import DESCALE_TORCH_DTYPES
+from kvflash.attn_common.dtypes import SCALE_TORCH_DTYPES
 
 __all__ = ["compute_kv_scales", "amax_to_scale", "min_scale", "split_cache_scale", "fp8_finite_max"]
 
@@ -104,7 +104,7 @@ def split_cache_scale(
         return None, value
     if not isinstance(scale, torch.Tensor):
         raise TypeError(f"{name}: expected None, a float or a tensor, got {type(scale).__name__}")
-    check_tensor(name, scale, dtypes=DESCALE_TORCH_DTYPES, device=device, last_dim_contiguous=False)
+    check_tensor(name, scale, dtypes=SCALE_TORCH_DTYPES, device=device, last_dim_contiguous=False)
     if scale.numel() != 1 and tuple(scale.shape) != (num_kv_heads,):
         raise ValueError(
             f"{name}: expected 1 element (per tensor) or shape [Hkv]=[{num_kv_heads}] (per KV head), "
