@@ -22,16 +22,12 @@ from __future__ import annotations
 import torch
 
 from kvflash.attn_common import (
-    QUERY_TORCH_DTYPES,
+    check_attention_call,
     check_bool,
-    check_device_type,
-    check_index_tensor,
     check_int,
-    check_kv_cache,
-    check_out,
-    check_tensor,
+    check_query,
     empty_out,
-    normalize_attention_features,
+    num_seqs_from_cu_seqlens_q,
     validate_index_tensors,
 )
 from kvflash.attn_common.call_plan import planned
@@ -181,32 +177,20 @@ def flash_attn_varlen_func(
     """
     _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version)
     check_bool("deterministic", deterministic)
-    check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
-    check_device_type("q", q)  # before the index tensors are compared with q's device
-    check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(None,), device=q.device)
-    num_seqs = cu_seqlens_q.shape[0] - 1
-    if num_seqs < 1:
-        raise ValueError(
-            f"cu_seqlens_q: expected at least 2 entries (num_seqs + 1), got shape {tuple(cu_seqlens_q.shape)}"
-        )
-    check_int("max_seqlen_q", max_seqlen_q, 0)
-    check_int("max_seqlen_k", max_seqlen_k, 0)
+    check_query(q)
+    num_seqs = num_seqs_from_cu_seqlens_q(q, cu_seqlens_q)
     check_int("num_splits", num_splits, 0)
-    check_bool("causal", causal)
-    # Checked and normalised once for every route (the kernel packages' run_* functions take them as they are).
-    layout = check_kv_cache(
-        q, k, v, num_seqs, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_k=max_seqlen_k,
+    # Checked and normalised once for every route (the kernel packages' run_* functions take them as they are);
+    # out: q's dtype, or fp8 with output_scale, on every route (the decode op alone also takes fp32).
+    f = check_attention_call(
+        q, k, v, num_seqs, cu_seqlens_q=None, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,  # q's: above
+        block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
+        causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
+        k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
+        kv_descale_per_token=kv_descale_per_token, out=out,
     )  # fmt: skip
-    f = normalize_attention_features(
-        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
-        k=k, kv_descale_per_token=kv_descale_per_token,
-    )  # fmt: skip
-    if out is not None:  # the contract's out: q's dtype or fp8 on every route (the decode op alone also takes fp32)
-        check_out(out, q, f.output_scale)
     kv = dict(block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
-    route = choose_route(q.shape[0], num_seqs, max_seqlen_q, q.shape[1] // layout.num_kv_heads)
+    route = choose_route(q.shape[0], num_seqs, max_seqlen_q, q.shape[1] // k.shape[-2])
     if route.decode_only:
         # The decode kernel reads each sequence's query range from cu_seqlens_q: a caller whose max_seqlen_q
         # undercounts (query lengths [2, 0] under max_seqlen_q = 1, say) is still served exactly, in more
