@@ -104,7 +104,7 @@ def _paged(q_dtype=torch.float16, kv_dtype=None, hkv=2, d=64):
 def test_kv_layout_paged_and_contiguous():
     q, k, table, used = _paged(kv_dtype=torch.float8_e4m3fn)
     layout = check_kv_cache(q, k, k, 2, block_table=table, seqused_k=used, cu_seqlens_k=None)
-    assert layout.is_paged and layout.block_size == 16 and layout.num_kv_heads == 2 and layout.types.kv_is_fp8
+    assert layout.is_paged and layout.num_kv_heads == 2 and layout.types.kv_is_fp8
     kc = torch.zeros(9, 2, 64, dtype=torch.float16)
     cu = torch.tensor([0, 4, 9], dtype=torch.int32)
     layout = check_kv_cache(q, kc, kc, 2, block_table=None, seqused_k=None, cu_seqlens_k=cu)

@@ -1,7 +1,8 @@
-"""The element types kvflash kernels take, and what each one is in torch and in Triton.
+"""The element types kvflash takes: every dtype set, the :class:`KVFlashDType` enum, and the one plain-torch
+saturating FP8 quantisation (:func:`saturate_to_fp8`) that writers, quantisers and tests are checked against.
 
-One enum, :class:`KVFlashDType`, is the single place where a torch dtype is mapped to a Triton dtype
-and where the FP8 formats' finite ranges are known. Kernels never hard-code ``448.0`` or ``57344.0``.
+Nothing else in the packages spells a dtype tuple. (The kernels' own FP8 constants live beside the jit code
+that uses them, in :mod:`kvflash.attn_common.jit_helpers`.)
 """
 
 from __future__ import annotations
@@ -40,27 +41,9 @@ class KVFlashDType(enum.Enum):
         return getattr(torch, self.value)
 
     @property
-    def triton_dtype(self):
-        """The Triton element type (``tl.float16``, ``tl.float8e4nv``, ...); imports Triton lazily."""
-        import triton.language as tl
-
-        return {
-            KVFlashDType.FLOAT16: tl.float16,
-            KVFlashDType.BFLOAT16: tl.bfloat16,
-            KVFlashDType.FLOAT8_E4M3FN: tl.float8e4nv,
-            KVFlashDType.FLOAT8_E4M3FNUZ: tl.float8e4b8,
-            KVFlashDType.FLOAT8_E5M2: tl.float8e5,
-        }[self]
-
-    @property
     def is_fp8(self) -> bool:
         """True for the three FP8 formats."""
         return self.value.startswith("float8")
-
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element."""
-        return 1 if self.is_fp8 else 2
 
     @property
     def finite_max(self) -> float:

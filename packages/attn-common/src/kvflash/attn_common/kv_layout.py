@@ -31,8 +31,6 @@ class KVLayout:
     is_paged : bool
         ``k``/``v`` are ``[num_blocks, block_size, Hkv, D]`` with a block table; else ``[total_k, Hkv, D]``.
     num_seqs, num_kv_heads, head_size : int
-    block_size : int
-        Tokens per page (``total_k`` for the contiguous layout, where it is not used).
     types : QKVTypePair
         The validated (q, kv) dtypes.
     """
@@ -41,7 +39,6 @@ class KVLayout:
     num_seqs: int
     num_kv_heads: int
     head_size: int
-    block_size: int
     types: QKVTypePair
 
 
@@ -97,7 +94,6 @@ def check_kv_cache(
         check_index_tensor("cu_seqlens_k", cu_seqlens_k, shape=(num_seqs + 1,), device=device)
         if seqused_k is not None:
             check_index_tensor("seqused_k", seqused_k, shape=(num_seqs,), device=device)
-        block_size = max(int(total_k), 1)
         is_paged = False
     if max_seqlen_k is not None:
         capacity = block_table.shape[1] * block_size if is_paged else int(k.shape[0])
@@ -105,4 +101,4 @@ def check_kv_cache(
         if max_seqlen_k > capacity:
             raise ValueError(f"max_seqlen_k: {max_seqlen_k} keys do not fit: {where} {capacity} tokens")
     check_gqa(num_q_heads, num_kv_heads)
-    return KVLayout(is_paged, num_seqs, int(num_kv_heads), int(head_size), int(block_size), types)
+    return KVLayout(is_paged, num_seqs, int(num_kv_heads), int(head_size), types)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kvflash.attn_common.descale import normalize_descale
+from kvflash.attn_common.dtypes import saturate_to_fp8
 from kvflash.attn_common.feature_args import (
     normalize_alibi_slopes,
     normalize_sinks,
@@ -176,8 +177,7 @@ def reference_attention_into(
     ``out`` is fp8 e4m3 and receives ``saturate(attention / output_scale)``. Reads lengths on the host."""
     ref_out, ref_lse = reference_attention(q, k, v, cu_seqlens_q, **features)
     if output_scale is not None:
-        fp8_max = torch.finfo(out.dtype).max
-        ref_out = (ref_out / output_scale.float()).clamp(-fp8_max, fp8_max)
+        ref_out = saturate_to_fp8(ref_out, output_scale, out.dtype)
     out.copy_(ref_out)
     if lse is not None:
         lse.copy_(ref_lse)

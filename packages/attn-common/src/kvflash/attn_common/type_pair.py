@@ -1,8 +1,7 @@
 """The Q/KV type pair: which (query dtype, KV-cache dtype) combinations a kernel accepts.
 
-This plays the role ``CutlassQKType`` plays in the Intel XPU kernels: it is built once from the
-tensors, validates them together, and every later decision (dequantise K/V tiles or not, output dtype)
-reads from it instead of re-inspecting dtypes.
+It is built once from the tensors, validates them together, and every later decision (dequantise K/V
+tiles or not, output dtype) reads from it instead of re-inspecting dtypes.
 """
 
 from __future__ import annotations
@@ -35,11 +34,6 @@ class QKVTypePair:
     def kv_is_fp8(self) -> bool:
         """True when the cache is stored in FP8 and tiles must be dequantised after loading."""
         return self.kv_dtype.is_fp8
-
-    @property
-    def out_dtype(self) -> torch.dtype:
-        """The output dtype: always the query's."""
-        return self.q_dtype.torch_dtype
 
     @classmethod
     def from_dtypes(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> QKVTypePair:

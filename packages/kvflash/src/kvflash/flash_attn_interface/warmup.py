@@ -34,9 +34,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+import triton
 
 from kvflash.attn_common import QUERY_TORCH_DTYPES, check_gqa, check_head_size, check_int, platform
-from kvflash.attn_common.intmath import cdiv
 from kvflash.attn_common.launch import compile_only, count_compilations, dry_run, record_launches
 from kvflash.chunk_prefill.launch_config import choose_launch_config, pack_heads
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, MIXED_DECODE_ROWS
@@ -262,7 +262,7 @@ def warmup(
                 "kernels compile at their first call)"
             )
     max_tokens = max_num_batched_tokens or max_num_seqs * max_seqlen_q
-    width = block_table_width or cdiv(max_seqlen_k, block_size)
+    width = block_table_width or triton.cdiv(max_seqlen_k, block_size)
     buf = _Buffers(
         q=torch.zeros(max_tokens, num_q_heads, head_size, dtype=q_dtype, device=device),
         cu_seqlens_q=torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device),
@@ -434,7 +434,7 @@ def _varlen_candidates(
             ranges.append((False, max(num_seqs, mixed_hi + 1), min(num_seqs * max_q, max_tokens)))
             for mixed, lo, hi in ranges:
                 for total_q in _total_q_values(lo, hi):
-                    tiles = cdiv(total_q, rows) + num_seqs
+                    tiles = triton.cdiv(total_q, rows) + num_seqs
                     sig = ("prefill", mixed, cfg, num_seqs == 1, num_seqs % 16, total_q == 1, total_q % 16,
                            tiles == 1, tiles % 16)  # fmt: skip
                     if sig in seen:
@@ -448,7 +448,7 @@ def _varlen_candidates(
 
 def _cache_candidates(kv_string, q_dtype, hkv, d, block_size, max_tokens, device):
     """``reshape_and_cache_flash`` calls over token counts (padding slots: nothing is written)."""
-    num_blocks = max(1, cdiv(max_tokens, block_size))
+    num_blocks = max(1, triton.cdiv(max_tokens, block_size))
     cache_dtype = kv_cache_torch_dtype(kv_string, q_dtype)
     key_cache = torch.zeros(num_blocks, block_size, hkv, d, dtype=cache_dtype, device=device)
     value_cache = torch.zeros_like(key_cache)
