@@ -230,8 +230,8 @@ def demo(session: nox.Session) -> None:
 
 @nox.session(venv_params=VENV)
 def bench(session: nox.Session) -> None:
-    """The benchmark suite (needs a GPU): tools/bench/bench.py."""
+    """The benchmark suite (needs a GPU): ``python -m tools.bench`` (nox runs it from the repository root)."""
     _share_site("python", session)
     session.install("hatchling")
     _install_local(session, PACKAGES)
-    session.run("python", str(ROOT / "tools" / "bench" / "bench.py"), *session.posargs)
+    session.run("python", "-m", "tools.bench", *session.posargs)

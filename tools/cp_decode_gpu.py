@@ -1,10 +1,14 @@
 """Context-parallel decode on several GPUs of one host (NCCL): correctness against one-GPU decode over the
 whole cache, CUDA-graph capture of the step, and the time of a 1 x 262144-token decode step on N GPUs vs 1.
 
-    python3 tools/cp_decode_gpu.py [--tokens 262144] [--dtype bfloat16|float8_e4m3fn]
+    python3 -m tools.cp_decode_gpu [--tokens 262144] [--dtype bf16|e4m3|e5m2]     # from the repository root
 
-NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1): see the device notes.
-Writes cp_decode.json to $OUT when set.
+NVLink multicast (NVLS) stays off unless the environment turns it on: NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 are set by default (the multi-GPU machines are used so).
+Caches come from the bench (``tools.bench.inputs.make_paged_cache``: scattered pages, FP8 with per-(sequence, KV
+head) descales, different on each rank). The step is timed by CUDA-graph replays between barriers (the bench's
+event timing queues calls behind a sleep on one GPU, which would time the other ranks' wait in a collective).
+Writes cp_decode_<dtype>.json to $OUT when set.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ os.environ.setdefault("NVSHMEM_DISABLE_NVLS", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
+
+from tools.bench.inputs import PagedCache, make_paged_cache  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 
@@ -56,20 +62,15 @@ def _graph_time_ms(fn, replays: int = 50, trials: int = 7, barrier=None) -> floa
     return statistics.median(times)
 
 
-def _quantize(x: torch.Tensor, kv_dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
-    if kv_dtype in (torch.float16, torch.bfloat16):
-        return x.to(kv_dtype)
-    fmax = torch.finfo(kv_dtype).max
-    return (x.float() / scale[:, None]).clamp(-fmax, fmax).to(kv_dtype)
+def _cache(tokens: int, kv_dtype: str, seed: int, device) -> PagedCache:
+    """One sequence of ``tokens`` keys in a paged cache (the bench's builder); descales ``[1, Hkv]``."""
+    return make_paged_cache([tokens], HKV, D, BLOCK, kv_dtype, torch.Generator(device=device).manual_seed(seed))
 
 
-def _paged(tokens: int, kv_dtype, scale, seed: int, device):
-    g = torch.Generator(device=device).manual_seed(seed)
-    blocks = tokens // BLOCK
-    k = torch.randn(blocks, BLOCK, HKV, D, device=device, generator=g)
-    v = torch.randn(blocks, BLOCK, HKV, D, device=device, generator=g)
-    table = torch.randperm(blocks, device=device, generator=g).to(torch.int32)[None, :]
-    return _quantize(k, kv_dtype, scale), _quantize(v, kv_dtype, scale * 3), table
+def _dequantized_rows(t: torch.Tensor, descale: torch.Tensor | None, table: torch.Tensor) -> torch.Tensor:
+    """The sequence's ``[tokens, Hkv, D]`` rows of cache ``t`` in token order, dequantised to bf16."""
+    rows = t[table[0].long()].flatten(0, 1)
+    return rows if descale is None else (rows.float() * descale[0][:, None]).bfloat16()
 
 
 def _worker(rank: int, world: int, port: int, tokens: int, dtype_name: str, out_dir: str) -> None:
@@ -80,16 +81,13 @@ def _worker(rank: int, world: int, port: int, tokens: int, dtype_name: str, out_
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=world, device_id=torch.device("cuda", rank))
     device = torch.device("cuda", rank)
-    kv_dtype = getattr(torch, dtype_name)
-    fp8 = kv_dtype not in (torch.float16, torch.bfloat16)
     shard = tokens // world
     q = torch.randn(1, HQ, D, device=device, generator=torch.Generator(device=device).manual_seed(0)).bfloat16()
     sinks = torch.linspace(-1, 1, HQ, device=device)
-    # Each rank's own per-head scales (rank-dependent): shards are quantised independently.
-    k_scale = (torch.arange(HKV, device=device) + 1 + rank) * 0.01 if fp8 else torch.ones(HKV, device=device)
-    k_cache, v_cache, table = _paged(shard, kv_dtype, k_scale, 100 + rank, device)
-    used = torch.tensor([shard], dtype=torch.int32, device=device)
-    kd, vd = (k_scale, k_scale * 3) if fp8 else (None, None)
+    # Each rank's own cache and descales (seeded by rank): shards are quantised independently.
+    cache = _cache(shard, dtype_name, 100 + rank, device)
+    k_cache, v_cache, table, used = cache.k, cache.v, cache.block_table, cache.seqused_k
+    kd, vd = cache.k_descale, cache.v_descale
     out = torch.empty_like(q)
 
     def step():
@@ -100,10 +98,8 @@ def _worker(rank: int, world: int, port: int, tokens: int, dtype_name: str, out_
     step()
     torch.cuda.synchronize()
     # Correctness: rank 0 rebuilds the whole cache (every shard dequantised to bf16, in token order).
-    deq_k = (k_cache.float() * k_scale[:, None]).bfloat16() if fp8 else k_cache
-    deq_v = (v_cache.float() * (k_scale * 3)[:, None]).bfloat16() if fp8 else v_cache
-    rows_k = deq_k[table[0].long()].reshape(shard, HKV, D)
-    rows_v = deq_v[table[0].long()].reshape(shard, HKV, D)
+    rows_k = _dequantized_rows(k_cache, kd, table)
+    rows_v = _dequantized_rows(v_cache, vd, table)
     gathered_k = [torch.empty_like(rows_k) for _ in range(world)]
     gathered_v = [torch.empty_like(rows_v) for _ in range(world)]
     dist.all_gather(gathered_k, rows_k)
@@ -119,26 +115,17 @@ def _worker(rank: int, world: int, port: int, tokens: int, dtype_name: str, out_
         )
         err = float((out.float() - single.float()).abs().max())
         result.update(max_abs_err_vs_one_gpu=err, correct=err < 2e-2)
-        # The one-GPU baseline the issue asks for: the whole context decoded on one GPU, in its own dtype.
-        base_k, base_v, base_table = _paged(tokens, kv_dtype, k_scale, 7, device)
-        base_used = torch.tensor([tokens], dtype=torch.int32, device=device)
+        # The one-GPU baseline: the whole context decoded on one GPU, in its own dtype.
+        base = _cache(tokens, dtype_name, 7, device)
         one = torch.empty_like(q)
         one_ms = _graph_time_ms(
             lambda: paged_decode_attention(
-                q,
-                base_k,
-                base_v,
-                tokens,
-                block_table=base_table,
-                seqused_k=base_used,
-                s_aux=sinks,
-                k_descale=kd,
-                v_descale=vd,
-                out=one,
+                q, base.k, base.v, tokens, block_table=base.block_table, seqused_k=base.seqused_k, s_aux=sinks,
+                k_descale=base.k_descale, v_descale=base.v_descale, out=one,
             )
-        )
+        )  # fmt: skip
         result["one_gpu_ms"] = one_ms
-        del base_k, base_v
+        del base
     dist.barrier()
     cp_ms = _graph_time_ms(step, barrier=dist.barrier)
     times = [None] * world
@@ -164,7 +151,7 @@ def _worker(rank: int, world: int, port: int, tokens: int, dtype_name: str, out_
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=262144)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "e4m3", "e5m2"], help="KV cache dtype")
     parser.add_argument("--world", type=int, default=torch.cuda.device_count())
     args = parser.parse_args()
     if args.world < 2:

@@ -27,7 +27,7 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
-from progress import ProgressBar  # noqa: E402  (tools/progress.py)
+from progress import ProgressBar  # noqa: E402
 
 from kvflash.attn_common import reference_attention  # noqa: E402
 from kvflash.flash_attn_interface import flash_attn_varlen_func, reshape_and_cache_flash  # noqa: E402

@@ -4,7 +4,7 @@ The device machine has torch and Triton but no network and no pip, so nothing is
 ``src/`` folders go on ``PYTHONPATH``. Prints a short summary table last (the device tool returns the tail).
 
     python3 tools/gpu_check.py                     # every test (GPU tier included), then a summary
-    python3 tools/gpu_check.py --bench quick       # ... then tools/bench/bench.py --quick
+    python3 tools/gpu_check.py --bench quick       # ... then python -m tools.bench --quick
     python3 tools/gpu_check.py -k decode --bench none
 
 Logs and result files go to ``$OUT`` when it is set (the device tool brings that folder back).
@@ -80,7 +80,7 @@ def main() -> int:
     out = pathlib.Path(os.environ.get("OUT", ROOT / "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
 
-    import torch  # noqa: PLC0415 - only to print what the machine is
+    import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     import triton
@@ -102,7 +102,7 @@ def main() -> int:
     counts = _junit_counts(junit)
     rows.append(("tests", rc, secs, ", ".join(f"{k} {v}" for k, v in counts.items()) or "no junit"))
     if args.bench != "none":
-        bench = [sys.executable, str(ROOT / "tools" / "bench" / "bench.py"), "--out", str(out)]
+        bench = [sys.executable, "-m", "tools.bench", "--out", str(out)]  # cwd: the repository root
         if args.bench == "quick":
             bench.append("--quick")
         rc, secs = _run(bench, out / "bench.log", 540.0)

@@ -6,12 +6,12 @@ import torch
 from kvflash.attn_common import reference_attention
 from kvflash.chunk_prefill import chunk_prefill_attention
 
-from .chunk_prefill_cases import make_case
+from ..cases import make_case
 
 
 @pytest.fixture
 def case():
-    return make_case([(3, 5), (1, 20)], seed=23)
+    return make_case([(3, 5), (1, 20)], num_q_heads=8, nan_unused=True, seed=23)
 
 
 def _call(case, **overrides):
@@ -58,14 +58,14 @@ def test_bad_arguments_raise_naming_the_argument(case, overrides, error, match):
 
 
 def test_contiguous_layout_rejects_a_block_table_shape_mismatch():
-    case = make_case([(3, 5), (1, 20)], block_size=None, seed=29)
+    case = make_case([(3, 5), (1, 20)], num_q_heads=8, block_size=None, seed=29)
     with pytest.raises(ValueError, match="cu_seqlens_k"):
         _call(case, cu_seqlens_k=case.kv_args["cu_seqlens_k"][:2])
 
 
 @pytest.mark.parametrize("fp8_out", [False, True], ids=["q-dtype-out", "fp8-out"])
 def test_custom_op_passes_opcheck(fp8_out):
-    case = make_case([(2, 3), (1, 17)], num_q_heads=4, num_kv_heads=2, head_size=32, seed=31)
+    case = make_case([(2, 3), (1, 17)], num_q_heads=4, num_kv_heads=2, head_size=32, nan_unused=True, seed=31)
     descale = torch.ones(2, 2)
     out = torch.empty(case.q.shape, dtype=torch.float8_e4m3fn if fp8_out else case.q.dtype)
     args = (

@@ -13,12 +13,15 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import poison
 from kvflash.chunk_prefill import chunk_prefill_attention
 
-from .chunk_prefill_cases import MIX, make_case, run_and_check
+from ..cases import check_chunk_prefill, make_case, reference
+
+# Decode rows (q_len 1), odd lengths, an empty query, prefill over a longer context, q_len == kv_len.
+MIX = [(1, 37), (19, 19), (5, 44), (0, 7), (26, 61), (1, 1), (3, 3)]
 
 
 def _features(name: str, num_seqs: int, num_q_heads: int, device) -> dict:
-    slopes = lambda *shape: torch.rand(*shape, device=device) * 0.3 + 0.05  # noqa: E731
-    sinks = lambda: torch.randn(num_q_heads, device=device) * 2  # noqa: E731
+    slopes = lambda *shape: torch.rand(*shape, device=device) * 0.3 + 0.05
+    sinks = lambda: torch.randn(num_q_heads, device=device) * 2
     return {
         "causal": dict(causal=True),
         "full": dict(),
@@ -47,8 +50,8 @@ def _features(name: str, num_seqs: int, num_q_heads: int, device) -> dict:
     ],
 )  # fmt: skip
 def test_features_on_a_mixed_batch(device, feature):
-    case = make_case(MIX, device=device, seed=zlib.crc32(feature.encode()) % 1000)
-    run_and_check(case, **_features(feature, case.num_seqs, 8, device))
+    case = make_case(MIX, num_q_heads=8, nan_unused=True, device=device, seed=zlib.crc32(feature.encode()) % 1000)
+    check_chunk_prefill(case, **_features(feature, case.num_seqs, 8, device))
 
 
 @pytest.mark.parametrize(
@@ -64,9 +67,9 @@ def test_features_on_a_mixed_batch(device, feature):
 def test_kv_layouts_and_gqa(device, block_size, joint_layout, capped, heads):
     case = make_case(
         MIX, num_q_heads=heads[0], num_kv_heads=heads[1], head_size=48, block_size=block_size,
-        joint_layout=joint_layout, capped=capped, device=device, seed=block_size or 7,
+        joint_layout=joint_layout, nan_unused=True, capped=capped, device=device, seed=block_size or 7,
     )  # fmt: skip
-    run_and_check(case, causal=True)
+    check_chunk_prefill(case, causal=True)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
@@ -76,36 +79,32 @@ def test_fp8_kv_with_distinct_k_and_v_descales(device, kv_dtype, descale_form):
     if descale_form == "per_head":  # [Hkv] for K and for V, different and non-unit
         k_descale = torch.tensor([0.02, 0.05], device=device)
         v_descale = torch.tensor([0.3, 0.007], device=device)
-        kv_scale = torch.stack([k_descale, v_descale]).expand(num_seqs, 2, num_kv_heads)
     else:  # [num_seqs, Hkv]: every (sequence, head) its own
         kv_scale = torch.rand(num_seqs, 2, num_kv_heads, device=device) * 0.1 + 0.01
         k_descale, v_descale = kv_scale[:, 0], kv_scale[:, 1]
-    case = make_case(MIX, kv_dtype=kv_dtype, kv_scale=kv_scale, device=device, seed=3)
-    exact_out, _ = run_and_check(case, causal=True, k_descale=k_descale, v_descale=v_descale)
+    case = make_case(MIX, num_q_heads=8, kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, nan_unused=True,
+                     device=device, seed=3)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
     # The data must tell the descales apart: a kernel that descaled V with K's scale would be far off.
-    swapped, _ = reference_attention(
-        case.q, case.k, case.v, case.cu_seqlens_q, **case.kv_args, causal=True, k_descale=k_descale,
-        v_descale=k_descale, compute_dtype=torch.float64,
-    )  # fmt: skip
+    exact_out, _ = reference(case, causal=True)
+    swapped, _ = reference(case, causal=True, v_descale=k_descale)
     assert (swapped - exact_out).abs().max() > 0.1
 
 
 def test_fp8_kv_with_float_descales_and_sinks(device):
-    case = make_case(
-        MIX, kv_dtype=torch.float8_e4m3fn, kv_scale=torch.tensor([0.5, 2.0]).view(1, 2, 1).expand(7, 2, 2),
-        device=device, seed=5,
-    )  # fmt: skip
-    run_and_check(case, causal=True, k_descale=0.5, v_descale=2.0, s_aux=torch.randn(8, device=device))
+    case = make_case(MIX, num_q_heads=8, kv_dtype=torch.float8_e4m3fn, k_descale=0.5, v_descale=2.0, nan_unused=True,
+                     device=device, seed=5)  # fmt: skip
+    check_chunk_prefill(case, causal=True, s_aux=torch.randn(8, device=device))
 
 
 def test_strided_q_and_out_buffer(device):
-    case = make_case(MIX, device=device, seed=11)
+    case = make_case(MIX, num_q_heads=8, nan_unused=True, device=device, seed=11)
     wide_q = torch.randn(case.q.shape[0], 11, 64, device=device).to(torch.float16)
     wide_q[:, 2:10] = case.q
     case.q = wide_q[:, 2:10]  # stride(1) == 64, stride(0) == 11 * 64
     buffer = poison(torch.empty(case.q.shape[0], 8, 2, 64, dtype=torch.float16, device=device))
     out = buffer[:, :, 1]  # a strided view: every other D-row of the buffer
-    run_and_check(case, out=out, causal=True)
+    check_chunk_prefill(case, out=out, causal=True)
     assert torch.isnan(buffer[:, :, 0]).all(), "wrote outside the out view"
 
 
@@ -114,19 +113,20 @@ def test_rows_with_no_visible_key(device, with_sinks):
     # seqused_k = 0 for a sequence with queries; q_len > kv_len with causal (first rows see nothing);
     # a window (0, 0) whose only key is past the end for some rows.
     seqs = [(4, 0), (6, 2), (3, 40)]
-    case = make_case(seqs, device=device, seed=13)
+    case = make_case(seqs, num_q_heads=8, nan_unused=True, device=device, seed=13)
     sinks = torch.randn(8, device=device) if with_sinks else None
-    exact_out, exact_lse = run_and_check(case, causal=True, s_aux=sinks)
+    check_chunk_prefill(case, causal=True, s_aux=sinks)
+    exact_out, exact_lse = reference(case, causal=True, s_aux=sinks)
     assert (exact_out[:4] == 0).all()
     if with_sinks:
         torch.testing.assert_close(exact_lse[:, 0].float(), sinks)
     else:
         assert torch.isneginf(exact_lse[:, :8]).all()
-    run_and_check(case, window_size=(0, 0), s_aux=sinks)
+    check_chunk_prefill(case, window_size=(0, 0), s_aux=sinks)
 
 
 def test_without_lse_returns_out_only(device):
-    case = make_case([(5, 9), (1, 30)], device=device, seed=17)
+    case = make_case([(5, 9), (1, 30)], num_q_heads=8, nan_unused=True, device=device, seed=17)
     out = poison(torch.empty_like(case.q))
     got = chunk_prefill_attention(
         case.q, case.k, case.v, case.cu_seqlens_q, case.max_seqlen_q, case.max_seqlen_k, causal=True, out=out,
@@ -141,13 +141,13 @@ def test_without_lse_returns_out_only(device):
 def test_diagonal_at_every_offset_within_a_key_tile(device, window_size):
     # kv_len - q_len takes every value 0..16, so the causal diagonal and the window edges of the query
     # tiles fall on every residue modulo the key tile: off-by-one tile bounds show somewhere.
-    case = make_case([(10, 10 + c) for c in range(17)], device=device, seed=19)
-    run_and_check(case, causal=window_size is None, window_size=window_size)
+    case = make_case([(10, 10 + c) for c in range(17)], num_q_heads=8, nan_unused=True, device=device, seed=19)
+    check_chunk_prefill(case, causal=window_size is None, window_size=window_size)
 
 
 def test_negative_and_zero_k_descale(device):
     # The kernel moves K's descale sign into q (its hot loop needs a non-negative score scale); a zero
     # descale makes every visible key equally likely.
-    case = make_case(MIX[:3], device=device, seed=37)
-    run_and_check(case, causal=True, k_descale=torch.tensor([-0.7, 0.0], device=device),
+    case = make_case(MIX[:3], num_q_heads=8, nan_unused=True, device=device, seed=37)
+    check_chunk_prefill(case, causal=True, k_descale=torch.tensor([-0.7, 0.0], device=device),
                    v_descale=torch.tensor(-1.5, device=device))  # fmt: skip

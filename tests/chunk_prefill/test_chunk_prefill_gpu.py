@@ -8,7 +8,7 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.chunk_prefill import chunk_prefill_attention
 
-from .chunk_prefill_cases import make_case, run_and_check
+from ..cases import check_chunk_prefill, make_case
 
 pytestmark = pytest.mark.gpu
 
@@ -18,15 +18,17 @@ LONG_MIX = [(1, 1000), (300, 700), (129, 129), (0, 5), (517, 1300), (1, 1), (64,
 
 @pytest.mark.parametrize("head_size", [8, 16, 24, 32, 40, 64, 72, 80, 96, 112, 120, 128, 192, 256, 320, 504, 512])
 def test_bf16_head_sizes(head_size):
-    case = make_case(LONG_MIX, head_size=head_size, dtype=torch.bfloat16, device="cuda", seed=head_size)
-    run_and_check(case, causal=True)
+    case = make_case(LONG_MIX, num_q_heads=8, head_size=head_size, q_dtype=torch.bfloat16, nan_unused=True,
+                     device="cuda", seed=head_size)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 32, 48, 64, 128, 256])
 def test_bf16_page_sizes_with_every_feature(block_size):
-    case = make_case(LONG_MIX, dtype=torch.bfloat16, block_size=block_size, device="cuda", seed=block_size)
-    run_and_check(case, causal=True)
-    run_and_check(
+    case = make_case(LONG_MIX, num_q_heads=8, q_dtype=torch.bfloat16, block_size=block_size, nan_unused=True,
+                     device="cuda", seed=block_size)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
+    check_chunk_prefill(
         case, causal=True, window_size=(200, -1), softcap=20.0, alibi_slopes=torch.rand(8, device="cuda") * 0.1,
         s_aux=torch.randn(8, device="cuda"),
     )  # fmt: skip
@@ -35,15 +37,17 @@ def test_bf16_page_sizes_with_every_feature(block_size):
 @pytest.mark.parametrize("heads", [(8, 8), (32, 8), (10, 2), (12, 2), (14, 2), (16, 1), (71, 1)])
 def test_bf16_gqa_ratios(heads):
     seqs = [(1, 300), (150, 450), (33, 33)]
-    case = make_case(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], dtype=torch.bfloat16, device="cuda", seed=1)
-    run_and_check(case, causal=True)
-    run_and_check(case, window_size=(40, 17))
+    case = make_case(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], q_dtype=torch.bfloat16, nan_unused=True,
+                     device="cuda", seed=1)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
+    check_chunk_prefill(case, window_size=(40, 17))
 
 
 @pytest.mark.parametrize("seqs", [[(1, n) for n in (1, 17, 300, 2000, 64)], [(4, 60), (3, 513), (2, 2)]])
 def test_decode_and_speculative_batches_use_small_tiles(seqs):
-    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, dtype=torch.bfloat16, device="cuda", seed=2)
-    run_and_check(case, causal=True)
+    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, q_dtype=torch.bfloat16, nan_unused=True, device="cuda",
+                     seed=2)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
@@ -51,16 +55,17 @@ def test_decode_and_speculative_batches_use_small_tiles(seqs):
 def test_fp8_kv_with_bf16_q(kv_dtype, block_size):
     kv_scale = torch.rand(len(LONG_MIX), 2, 2, device="cuda") * 0.1 + 0.01
     case = make_case(
-        LONG_MIX, dtype=torch.bfloat16, kv_dtype=kv_dtype, kv_scale=kv_scale, block_size=block_size,
-        device="cuda", seed=4,
+        LONG_MIX, num_q_heads=8, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, k_descale=kv_scale[:, 0],
+        v_descale=kv_scale[:, 1], block_size=block_size, nan_unused=True, device="cuda", seed=4,
     )  # fmt: skip
-    run_and_check(case, causal=True, k_descale=kv_scale[:, 0], v_descale=kv_scale[:, 1])
-    run_and_check(case, window_size=(100, 30), k_descale=kv_scale[:, 0], v_descale=kv_scale[:, 1], softcap=10.0)
+    check_chunk_prefill(case, causal=True)
+    check_chunk_prefill(case, window_size=(100, 30), softcap=10.0)
 
 
 def test_long_chunk_with_context():
-    case = make_case([(2048, 4096), (1000, 1000)], dtype=torch.bfloat16, block_size=64, device="cuda", seed=5)
-    run_and_check(case, causal=True)
+    case = make_case([(2048, 4096), (1000, 1000)], num_q_heads=8, q_dtype=torch.bfloat16, block_size=64,
+                     nan_unused=True, device="cuda", seed=5)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
 
 
 def test_cache_over_4_gib_uses_int64_offsets():

@@ -7,7 +7,7 @@ import torch
 from kvflash.attn_common import reference_attention
 from kvflash.chunk_prefill import chunk_prefill_attention
 
-from .chunk_prefill_cases import make_case, run_and_check
+from ..cases import check_chunk_prefill, make_case
 
 SEQS = [(1, 20), (7, 7), (5, 33), (0, 4)]
 
@@ -15,18 +15,18 @@ SEQS = [(1, 20), (7, 7), (5, 33), (0, 4)]
 @pytest.mark.parametrize("head_size", [8, 24, 40, 72, 120])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_head_sizes_and_bf16(device, head_size, dtype):
-    case = make_case(SEQS, num_q_heads=6, num_kv_heads=2, head_size=head_size, dtype=dtype, device=device,
-                     seed=head_size)  # fmt: skip
-    run_and_check(case, causal=True, softcap=4.0)
+    case = make_case(SEQS, num_q_heads=6, num_kv_heads=2, head_size=head_size, q_dtype=dtype, nan_unused=True,
+                     device=device, seed=head_size)  # fmt: skip
+    check_chunk_prefill(case, causal=True, softcap=4.0)
 
 
 def test_bf16_with_fp8_cache(device):
     scales = torch.rand(len(SEQS), 2, 2) * 0.5 + 0.2
     scales[:, 1] += 1.0  # V's descale differs from K's
-    case = make_case(SEQS, head_size=40, dtype=torch.bfloat16, kv_dtype=torch.float8_e5m2, kv_scale=scales,
-                     device=device, seed=9)  # fmt: skip
-    k_descale, v_descale = scales[:, 0].to(device), scales[:, 1].to(device)
-    run_and_check(case, causal=True, k_descale=k_descale, v_descale=v_descale)
+    case = make_case(SEQS, num_q_heads=8, head_size=40, q_dtype=torch.bfloat16, kv_dtype=torch.float8_e5m2,
+                     k_descale=scales[:, 0], v_descale=scales[:, 1], nan_unused=True, device=device,
+                     seed=9)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
 
 
 # The clamped page id lands on a page whose unused slots the case fills with NaN: the interpreter's max warns.
@@ -34,7 +34,7 @@ def test_bf16_with_fp8_cache(device):
 def test_bad_index_values_stay_inside_the_tensors(device):
     """seqused_k past the table's capacity, a page id past the cache and a query range past total_q: the
     kernel clamps them; rows of the sequences with good indices are unchanged, nothing outside out is written."""
-    case = make_case(SEQS, device=device, seed=11)
+    case = make_case(SEQS, num_q_heads=8, nan_unused=True, device=device, seed=11)
     table = case.kv_args["block_table"].clone()
     table[2, 0] = case.k.shape[0] + 10**6
     used = case.kv_args["seqused_k"].clone()

@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 
+from kvflash.attn_common import saturate_to_fp8
 from kvflash.fp8_utils import (
     KV_CACHE_DTYPES,
     compute_kv_scales,
@@ -20,11 +21,6 @@ def _bytes(t):
     return t.contiguous().view(torch.uint8)
 
 
-def _torch_quant(x, scale, dtype):
-    fmax = torch.finfo(dtype).max
-    return (x.float() / scale).clamp(-fmax, fmax).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", FP8_DTYPES)
 @pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_fp8_scaled_quant_static(device, dtype, x_dtype):
@@ -35,7 +31,7 @@ def test_fp8_scaled_quant_static(device, dtype, x_dtype):
         assert used.dtype == torch.float32 and used.shape == (1,)
         ref_scale = torch.tensor([0.0123], device=device)
         assert torch.equal(used, ref_scale)
-        assert torch.equal(_bytes(x_fp8), _bytes(_torch_quant(x, ref_scale, dtype)))
+        assert torch.equal(_bytes(x_fp8), _bytes(saturate_to_fp8(x, ref_scale, dtype)))
     assert torch.isfinite(x_fp8.float()).all()  # 4-sigma / 0.0123 > 448: saturates, never NaN
 
 
@@ -46,7 +42,7 @@ def test_fp8_scaled_quant_dynamic(device, dtype):
     fmax = torch.finfo(dtype).max
     expected_scale = x.abs().amax().float().reshape(1) / fmax
     assert torch.equal(scale, expected_scale)
-    assert torch.equal(_bytes(x_fp8), _bytes(_torch_quant(x, expected_scale, dtype)))
+    assert torch.equal(_bytes(x_fp8), _bytes(saturate_to_fp8(x, expected_scale, dtype)))
     assert x_fp8.float().abs().max() == fmax  # the largest element lands on the format max
     zeros_fp8, zero_scale = scaled_fp8_quant(torch.zeros(4, 4, device=device), dtype=dtype)
     assert (zero_scale > 0).all() and torch.isfinite(zero_scale).all()
@@ -77,7 +73,7 @@ def test_fp8_scaled_quant_op_registration():
 def test_fp8_dequantize(device, dtype):
     x = torch.randn(6, 4, 32, device=device)
     per_head = torch.tensor([0.01, 0.2, 3.0, 0.05], device=device)
-    x_fp8 = _torch_quant(x, per_head[:, None], dtype)
+    x_fp8 = saturate_to_fp8(x, per_head[:, None], dtype)
     for scale, ref in ((0.3, torch.tensor(0.3)), (torch.tensor([0.3]), torch.tensor(0.3)), (per_head[:, None], None)):
         scale = scale.to(device) if isinstance(scale, torch.Tensor) else scale
         ref = per_head[:, None] if ref is None else ref.to(device)
@@ -124,7 +120,7 @@ def test_fp8_compute_kv_scales_zero_input_is_safe(device):
             scale = compute_kv_scales(x, per_head=per_head)
             assert scale.shape == ((2,) if per_head else (1,))
             assert (scale > 0).all() and torch.isfinite(scale).all()
-            assert not _bytes(_torch_quant(x, scale.reshape(-1, 1), torch.float8_e4m3fn)).any()
+            assert not _bytes(saturate_to_fp8(x, scale.reshape(-1, 1), torch.float8_e4m3fn)).any()
 
 
 def test_fp8_compute_kv_scales_errors():

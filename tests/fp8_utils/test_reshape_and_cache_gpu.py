@@ -4,6 +4,7 @@ torch.compile, and no host synchronisation anywhere in the fp8 utilities."""
 import pytest
 import torch
 
+from kvflash.attn_common import saturate_to_fp8
 from kvflash.fp8_utils import compute_kv_scales, dequantize_fp8, reshape_and_cache_flash, scaled_fp8_quant
 
 pytestmark = pytest.mark.gpu
@@ -16,8 +17,7 @@ def _bytes(t):
 
 
 def _encode(x, scale, dtype):
-    fmax = torch.finfo(dtype).max
-    return (x.float() / scale.float().reshape(-1, 1)).clamp(-fmax, fmax).to(dtype)
+    return saturate_to_fp8(x, scale.reshape(-1, 1), dtype)
 
 
 def _expected(cache, rows, slots):

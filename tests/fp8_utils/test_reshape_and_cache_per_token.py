@@ -9,8 +9,9 @@ previous contents; the round trip ``stored * scale`` is within the format's roun
 import pytest
 import torch
 
+from kvflash.attn_common import saturate_to_fp8
 from kvflash.fp8_utils import KV_CACHE_DTYPES, kv_cache_torch_dtype, reshape_and_cache_flash
-from kvflash.fp8_utils.reshape_and_cache import _write_with_torch
+from kvflash.fp8_utils.op import _write_with_torch
 
 STRINGS = {"fp8_e4m3_per_token_head": torch.float8_e4m3fn, "fp8_e5m2_per_token_head": torch.float8_e5m2}
 NUM_BLOCKS, BLOCK_SIZE, HKV, D = 5, 16, 3, 40
@@ -33,7 +34,7 @@ def _expected(x, fp8):
     amax = x.float().abs().amax(-1)
     # A tensor divisor: torch's CUDA division by a Python number multiplies by its reciprocal (not IEEE).
     scale = (amax / amax.new_tensor(fmax)).clamp_min(1.0 / (fmax * 512.0))
-    return (x.float() / scale[..., None]).clamp(-fmax, fmax).to(fp8), scale
+    return saturate_to_fp8(x, scale[..., None], fp8), scale
 
 
 def _write(device, kv_cache_dtype, key, value, slots, fill=-7.0):

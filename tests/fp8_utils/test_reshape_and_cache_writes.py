@@ -2,12 +2,13 @@
 
 Every test compares the WHOLE cache (as bytes) with a copy updated by plain PyTorch indexing, so a write
 to a padding slot, to an out-of-range slot, to the other half of a joint cache or with the K scale applied
-to V shows up. FP8 expectations are torch's ``(x / scale).clamp(-max, max).to(fp8)`` with a tensor divisor.
+to V shows up. FP8 expectations are :func:`kvflash.attn_common.saturate_to_fp8` with a tensor divisor.
 """
 
 import pytest
 import torch
 
+from kvflash.attn_common import saturate_to_fp8
 from kvflash.fp8_utils import dequantize_fp8, reshape_and_cache_flash
 
 FP8_STRINGS = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
@@ -18,9 +19,8 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """torch's own saturating cast; ``scale`` is a float32 tensor of 1 element or [Hkv]."""
-    fmax = torch.finfo(fp8_dtype).max
-    return (x.float() / scale.float().reshape(-1, 1)).clamp(-fmax, fmax).to(fp8_dtype)
+    """The saturating cast, per row of ``[Hkv, D]``; ``scale`` is a float32 tensor of 1 element or [Hkv]."""
+    return saturate_to_fp8(x, scale.reshape(-1, 1), fp8_dtype)
 
 
 def _expected(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:

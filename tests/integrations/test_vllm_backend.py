@@ -14,12 +14,12 @@ import torch
 
 pytest.importorskip("vllm.v1.attention.backend")
 
-from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
-from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-import kvflash.integrations.vllm as kvflash_vllm  # noqa: E402
-from kvflash.attn_common import reference_attention  # noqa: E402
-from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, poison  # noqa: E402
+import kvflash.integrations.vllm as kvflash_vllm
+from kvflash.attn_common import reference_attention
+from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, poison
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HQ, HKV, D, BLOCK, NUM_BLOCKS = 4, 2, 32, 16, 12
@@ -117,7 +117,7 @@ def test_cache_update_and_forward_match_reference(device, builder, kv_cache_dtyp
     # Earlier steps wrote each sequence's context; this step writes the new tokens (plus 2 padded key rows).
     ctx = [n - q for q, n in MIX]
     write = lambda rows, slot: impl.do_kv_cache_update(layer, *(r.half().to(device) for r in rows), kv_cache,
-                                                       slot.to(device))  # noqa: E731  # fmt: skip
+                                                       slot.to(device))  # fmt: skip
     write((torch.cat([k[:c] for k, c in zip(keys, ctx)]), torch.cat([v[:c] for v, c in zip(values, ctx)])),
           torch.cat([s[:c] for s, c in zip(slots, ctx)]))  # fmt: skip
     new_k = torch.cat([k[c:] for k, c in zip(keys, ctx)] + [torch.randn(2, HKV, D, generator=g)])
@@ -137,7 +137,7 @@ def test_cache_update_and_forward_match_reference(device, builder, kv_cache_dtyp
     impl.forward(layer, query, None, None, kv_cache, metadata, output)
     assert torch.isnan(output[total_q:]).all(), "rows past num_actual_tokens are not written"
     # The stored cache holds exactly the quantised tokens; the reference reads them as a contiguous cache.
-    enc = lambda x, s: encode_fp8(x, s if per_head else float(s), fp8_dtype) if fp8 else x.half()  # noqa: E731
+    enc = lambda x, s: encode_fp8(x, s if per_head else float(s), fp8_dtype) if fp8 else x.half()
     k_ref = torch.cat([enc(k, k_scale) for k in keys])
     v_ref = torch.cat([enc(v, v_scale) for v in values])
     stored = kv_cache.transpose(1, 2).cpu()

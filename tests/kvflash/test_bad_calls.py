@@ -6,13 +6,13 @@ import torch
 
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 
-from .varlen_cases import make_case
+from ..cases import make_case
 
 MIX = [(1, 20), (4, 9)]
 
 
 def _good_paged():
-    case = make_case(MIX, hq=4, hkv=2, d=64, kv_dtype=torch.float8_e4m3fn, seed=1)
+    case = make_case(MIX, num_q_heads=4, num_kv_heads=2, head_size=64, kv_dtype=torch.float8_e4m3fn, seed=1)
     return dict(
         q=case.q,
         k=case.k,
@@ -204,7 +204,8 @@ def test_bad_call_raises_naming_the_argument(change, error, match):
 @pytest.mark.parametrize("max_seqlen_q", [1, 9])
 def test_causal_must_be_bool_on_both_routes(max_seqlen_q):
     args = _good_paged()
-    case = make_case([(1, 20), (1, 9)] if max_seqlen_q == 1 else [(9, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
+    case = make_case([(1, 20), (1, 9)] if max_seqlen_q == 1 else [(9, 20), (1, 9)], num_q_heads=4, num_kv_heads=2,
+                     head_size=64, seed=2)  # fmt: skip
     args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=max_seqlen_q, causal=1)
     with pytest.raises(TypeError, match=r"causal: expected a bool, got int"):
         flash_attn_varlen_func(**args)
@@ -212,7 +213,7 @@ def test_causal_must_be_bool_on_both_routes(max_seqlen_q):
 
 def test_decode_route_rejects_bad_calls_too():
     args = _good_paged()
-    case = make_case([(1, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
+    case = make_case([(1, 20), (1, 9)], num_q_heads=4, num_kv_heads=2, head_size=64, seed=2)
     args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=1, k_descale=torch.ones(5))
     with pytest.raises(ValueError, match=r"k_descale: expected 1 element"):
         flash_attn_varlen_func(**args)
@@ -235,7 +236,8 @@ def test_float_descales_meta_q_and_fp8_out_on_both_routes(max_seqlen_q, change, 
     """Python-float descales <= 0 raise (as reshape_and_cache_flash does) and a meta q is named as q, on the
     decode route and on the prefill route."""
     args = _good_paged()
-    case = make_case([(1, 20), (1, 9)] if max_seqlen_q == 1 else [(9, 20), (1, 9)], hq=4, hkv=2, d=64, seed=2)
+    case = make_case([(1, 20), (1, 9)] if max_seqlen_q == 1 else [(9, 20), (1, 9)], num_q_heads=4, num_kv_heads=2,
+                     head_size=64, seed=2)  # fmt: skip
     args.update(q=case.q, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=max_seqlen_q)
     if "out" in change:  # an out of this case's shape, in the dtype given
         change = dict(change, out=torch.empty(case.q.shape, dtype=change["out"]))

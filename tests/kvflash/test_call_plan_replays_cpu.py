@@ -25,10 +25,11 @@ from kvflash.attn_common.launch import record_launches
 from kvflash.flash_attn_interface import flash_attn_varlen_func, merge_attn_states, reshape_and_cache_flash
 from kvflash.paged_decode import paged_decode_attention
 
-from .varlen_cases import LONG_DECODE, MIXED, PREFILL, SPECULATIVE, make_case
+from ..cases import LONG_DECODE, MIXED, PREFILL, SPECULATIVE, make_case
 
 BF16, E4M3, E5M2 = torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2
 STREAM = 0x5EED
+SHAPES = dict(num_q_heads=8, num_kv_heads=2, head_size=128, q_dtype=BF16)  # of every case here
 
 
 class _Run:
@@ -203,8 +204,8 @@ VARLEN_CASES = [
 @pytest.mark.parametrize("name, mix, build, features", VARLEN_CASES, ids=[c[0] for c in VARLEN_CASES])
 def test_varlen_replays_launch_what_the_full_path_launches(log, triton_version, name, mix, build, features):
     def make_args(seed):
-        case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=BF16, seed=seed, **build)
-        kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale)
+        case = make_case(mix, **SHAPES, seed=seed, **build)
+        kwargs = dict(case.kwargs)
         kwargs.update(features)
         return (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k), kwargs
 
@@ -214,10 +215,10 @@ def test_varlen_replays_launch_what_the_full_path_launches(log, triton_version, 
 @pytest.mark.parametrize("fp8_out", [False, True], ids=["callers-out", "fp8-out"])
 def test_replay_into_a_callers_out(log, triton_version, fp8_out):
     def make_args(seed):
-        case = make_case(MIXED, hq=8, hkv=2, d=128, q_dtype=BF16, kv_dtype=E4M3, seed=seed)
+        case = make_case(MIXED, **SHAPES, kv_dtype=E4M3, seed=seed)
         out = torch.empty(case.q.shape, dtype=E4M3 if fp8_out else BF16)
         extra = dict(output_scale=torch.tensor([0.05])) if fp8_out else dict(return_softmax_lse=True)
-        kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, causal=True, out=out, **extra)
+        kwargs = dict(case.kwargs, causal=True, out=out, **extra)
         return (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k), kwargs
 
     _assert_replay_matches_full_path(log, flash_attn_varlen_func, make_args)
@@ -225,7 +226,7 @@ def test_replay_into_a_callers_out(log, triton_version, fp8_out):
 
 def test_paged_decode_and_merge_replays(log, triton_version):
     def decode_args(seed):
-        case = make_case(LONG_DECODE, hq=8, hkv=2, d=128, q_dtype=BF16, kv_dtype=E5M2, seed=seed)
+        case = make_case(LONG_DECODE, **SHAPES, kv_dtype=E5M2, seed=seed)
         kwargs = dict(k_descale=case.k_descale, v_descale=case.v_descale, return_lse=True, **case.kv_args)
         return (case.q, case.k, case.v, case.max_seqlen_k), kwargs
 
@@ -261,7 +262,7 @@ def test_alternating_facts_replay_their_own_plans(log, triton_version):
     its own facts' plan."""
 
     def make_args(mix, seed):
-        case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=BF16, seed=seed)
+        case = make_case(mix, **SHAPES, seed=seed)
         kwargs = dict(case.kv_args, causal=True)
         return (case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k), kwargs
 

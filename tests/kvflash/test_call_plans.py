@@ -17,12 +17,13 @@ from kvflash.attn_common.testing import poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func, merge_attn_states, reshape_and_cache_flash
 from kvflash.paged_decode import paged_decode_attention
 
-from .varlen_cases import LONG_DECODE, MIXED, PREFILL, SPECULATIVE, check_against_reference, make_case
+from ..cases import LONG_DECODE, MIXED, PREFILL, SPECULATIVE, check_against_reference, make_case
 
 pytestmark = pytest.mark.gpu
 
 E4M3, E5M2, BF16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16
 DECODE = [(1, 37), (1, 200), (1, 5), (1, 64)]
+SHAPES = dict(num_q_heads=8, num_kv_heads=2, head_size=128, q_dtype=BF16)  # of every case here
 
 # (id, sequence mix, make_case arguments, call features)
 VARLEN_CASES = [
@@ -69,7 +70,7 @@ def test_varlen_replay_equals_the_full_path(name, mix, build, features):
     clear_plans()
     results = []
     for seed in (0, 1, 2):
-        case = make_case(mix, hq=8, hkv=2, d=128, q_dtype=BF16, device="cuda", seed=seed, **build)
+        case = make_case(mix, **SHAPES, device="cuda", seed=seed, **build)
         extra = _extras(case, features, name)
         hits = plan_stats().hits
         got = case.attend(**extra)
@@ -86,7 +87,7 @@ def test_varlen_replay_equals_the_full_path(name, mix, build, features):
 def test_replay_into_a_callers_out_and_fp8_output():
     clear_plans()
     for seed in (0, 1):
-        case = make_case(MIXED, hq=8, hkv=2, d=128, q_dtype=BF16, kv_dtype=E4M3, device="cuda", seed=seed)
+        case = make_case(MIXED, **SHAPES, kv_dtype=E4M3, device="cuda", seed=seed)
         out = poison(torch.empty_like(case.q))
         result, lse = case.attend(causal=True, out=out, return_softmax_lse=True)
         assert result is out
@@ -101,7 +102,7 @@ def test_replay_into_a_callers_out_and_fp8_output():
 def test_paged_decode_and_merge_replays():
     clear_plans()
     for seed in (0, 1):
-        case = make_case(LONG_DECODE, hq=8, hkv=2, d=128, q_dtype=BF16, kv_dtype=E5M2, device="cuda", seed=seed)
+        case = make_case(LONG_DECODE, **SHAPES, kv_dtype=E5M2, device="cuda", seed=seed)
 
         args = (case.q, case.k, case.v, case.max_seqlen_k)
         kwargs = dict(k_descale=case.k_descale, v_descale=case.v_descale, return_lse=True, **case.kv_args)
@@ -138,7 +139,7 @@ def test_cache_writer_replay(kv_cache_dtype, cache_dtype):
 
 def test_bad_calls_raise_after_a_plan_exists():
     clear_plans()
-    case = make_case(DECODE, hq=8, hkv=2, d=128, q_dtype=BF16, device="cuda")
+    case = make_case(DECODE, **SHAPES, device="cuda")
     case.attend(causal=True)
     case.attend(causal=True)
     assert plan_stats().hits == 1
@@ -156,7 +157,7 @@ def test_bad_calls_raise_after_a_plan_exists():
 def test_repeated_tensor_objects_are_not_planned():
     """k is v: a plan built from it could not tell the two apart, so those facts always take the full path."""
     clear_plans()
-    case = make_case(DECODE, hq=8, hkv=2, d=128, q_dtype=BF16, device="cuda")
+    case = make_case(DECODE, **SHAPES, device="cuda")
 
     def same_kv():
         return flash_attn_varlen_func(case.q, case.k, case.k, 1, case.cu_seqlens_q, case.max_seqlen_k,
@@ -172,7 +173,7 @@ def test_converted_sinks_are_not_planned_and_stay_correct():
     """bf16 sinks are converted to float32 by a torch op in every call: a plan would skip it, so no plan."""
     clear_plans()
     for seed in (0, 1):
-        case = make_case(DECODE, hq=8, hkv=2, d=128, q_dtype=BF16, device="cuda", seed=seed)
+        case = make_case(DECODE, **SHAPES, device="cuda", seed=seed)
         sinks = torch.randn(8, device="cuda").to(BF16)
         out, lse = case.attend(causal=True, s_aux=sinks, return_softmax_lse=True)
         check_against_reference(case, out, lse, causal=True, s_aux=sinks)
@@ -192,7 +193,7 @@ def test_dispatch_modes_see_the_custom_op_after_a_plan_exists():
             return func(*args, **(kwargs or {}))
 
     clear_plans()
-    case = make_case(DECODE, hq=8, hkv=2, d=128, q_dtype=BF16, device="cuda")
+    case = make_case(DECODE, **SHAPES, device="cuda")
     case.attend(causal=True)
     case.attend(causal=True)
     mode = Ops()
@@ -203,7 +204,7 @@ def test_dispatch_modes_see_the_custom_op_after_a_plan_exists():
 
 def test_cuda_graph_capture_of_a_planned_call():
     clear_plans()
-    case = make_case(DECODE, hq=8, hkv=2, d=128, q_dtype=BF16, kv_dtype=E4M3, device="cuda")
+    case = make_case(DECODE, **SHAPES, kv_dtype=E4M3, device="cuda")
     out = torch.empty_like(case.q)
     case.attend(causal=True, out=out)  # builds the plan
     stream = torch.cuda.Stream()

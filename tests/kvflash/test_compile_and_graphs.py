@@ -6,7 +6,7 @@ import torch
 
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 
-from .varlen_cases import make_case, replay_matches_eager
+from ..cases import make_case, replay_matches_eager
 
 
 @pytest.mark.parametrize("mix", [[(1, 30), (1, 5)], [(1, 30), (6, 11)]], ids=["decode", "mixed"])

@@ -5,11 +5,10 @@ and the cache writer, fp16 and both FP8 formats with distinct non-unit K and V d
 import pytest
 import torch
 
-from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.flash_attn_interface import reshape_and_cache_flash
 
-from .varlen_cases import make_case
+from ..cases import assert_lse_close, check_against_reference, make_case, reference
 
 HEAD_SIZES = [8, 24, 40, 72, 80, 120]
 MIXES = {"decode": [(1, 21), (1, 3), (1, 40)], "mixed": [(1, 21), (6, 6), (4, 33)]}
@@ -19,17 +18,12 @@ MIXES = {"decode": [(1, 21), (1, 3), (1, 40)], "mixed": [(1, 21), (6, 6), (4, 33
 @pytest.mark.parametrize("route", list(MIXES))
 @pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn, torch.float8_e5m2], ids=["fp16", "e4m3", "e5m2"])
 def test_head_sizes_on_both_routes(device, head_size, route, kv_dtype):
-    case = make_case(MIXES[route], hq=6, hkv=2, d=head_size, kv_dtype=kv_dtype, device=device, seed=head_size)
+    case = make_case(MIXES[route], num_q_heads=6, num_kv_heads=2, head_size=head_size, kv_dtype=kv_dtype, device=device,
+                     seed=head_size)  # fmt: skip
     features = dict(causal=True, softcap=6.0, s_aux=torch.randn(6, device=device))
     out = poison(torch.empty_like(case.q))
     _, lse = case.attend(out=out, return_softmax_lse=True, num_splits=2, **features)
-    kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, **features)
-    exact, exact_lse = reference_attention(
-        case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.float64, **kwargs
-    )
-    lowp, _ = reference_attention(case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=case.q.dtype, **kwargs)
-    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
-    torch.testing.assert_close(lse.double(), exact_lse, rtol=0, atol=2e-3)
+    check_against_reference(case, out, lse, **features)
 
 
 @pytest.mark.gpu
@@ -39,18 +33,15 @@ def test_head_sizes_bf16_on_gpu(head_size, kv_dtype):
     """bf16 tl.dot on the GPU, tiles of 64/128 keys, both routes (a mixed batch, then its decode rows alone)."""
     mixed = [(1, 300), (70, 70), (33, 500), (1, 1)]
     for mix in (mixed, [(1, n) for _, n in mixed]):
-        case = make_case(mix, hq=8, hkv=2, d=head_size, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, device="cuda",
-                         seed=head_size)  # fmt: skip
+        case = make_case(mix, num_q_heads=8, num_kv_heads=2, head_size=head_size, q_dtype=torch.bfloat16,
+                         kv_dtype=kv_dtype, device="cuda", seed=head_size)  # fmt: skip
         features = dict(causal=True, window_size=(100, -1))
         out = poison(torch.empty_like(case.q))
         _, lse = case.attend(out=out, return_softmax_lse=True, **features)
-        kwargs = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale, **features)
-        exact, exact_lse = reference_attention(
-            case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.float64, **kwargs
-        )
-        lowp, _ = reference_attention(case.q, case.k, case.v, case.cu_seqlens_q, compute_dtype=torch.bfloat16, **kwargs)
+        exact, exact_lse = reference(case, **features)
+        lowp, _ = reference(case, compute_dtype=torch.bfloat16, **features)
         assert_close_fa_rule(out, exact, lowp, atol=2e-3, what=f"D={head_size} {len(mix)} sequences")
-        torch.testing.assert_close(lse.double(), exact_lse, rtol=0, atol=2e-3)
+        assert_lse_close(lse, exact_lse)
 
 
 @pytest.mark.parametrize("head_size", [8, 24, 72, 504])

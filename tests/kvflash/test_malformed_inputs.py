@@ -21,7 +21,7 @@ from kvflash.attn_common import validation_enabled
 from kvflash.attn_common.launch import fast_launch_enabled
 from kvflash.attn_common.testing import poison
 
-from .varlen_cases import check_against_reference, make_case
+from ..cases import check_against_reference, make_case
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 MEMCHECK_CASES = [
@@ -77,7 +77,8 @@ MIXED_MIX = [(1, 37), (9, 9), (5, 41), (1, 1), (3, 0)]
 def test_bf16_q_and_cache_on_every_device(device, mix, block_size):
     """bf16 q over a bf16 cache: right under the interpreter too (its bf16 tl.dot is wrong; the kernels
     take fp32 dots there), on both routes."""
-    case = make_case(mix, hq=6, hkv=2, q_dtype=torch.bfloat16, block_size=block_size, device=device, seed=41)
+    case = make_case(mix, num_q_heads=6, num_kv_heads=2, q_dtype=torch.bfloat16, block_size=block_size, device=device,
+                     seed=41)  # fmt: skip
     features = dict(causal=True, window_size=(20, -1), softcap=4.0)
     out = poison(torch.empty_like(case.q))
     _, lse = case.attend(out=out, return_softmax_lse=True, **features)
@@ -93,7 +94,8 @@ def test_decode_route_serves_any_split_of_the_rows(device, q_lens, num_splits, c
     """max_seqlen_q=1 with total_q == num_seqs goes to the decode kernel even when a sequence has two or more
     queries (the caller's max_seqlen_q is wrong): every row must still be right, at its own position."""
     mix = [(n, kv) for n, kv in zip(q_lens, [23, 40, 7, 31])]
-    case = make_case(mix, hq=4, hkv=2, block_size=block_size, device=device, seed=sum(q_lens) + len(q_lens))
+    case = make_case(mix, num_q_heads=4, num_kv_heads=2, block_size=block_size, device=device,
+                     seed=sum(q_lens) + len(q_lens))  # fmt: skip
     case = dataclasses.replace(case, max_seqlen_q=1)
     slopes = torch.rand(4, device=device) * 0.2
     features = dict(causal=causal, window_size=window, alibi_slopes=slopes, s_aux=torch.randn(4, device=device))

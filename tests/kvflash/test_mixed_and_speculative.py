@@ -9,7 +9,7 @@ from kvflash.attn_common.testing import poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, Route, choose_route
 
-from .varlen_cases import check_against_reference, cumulative, make_case, replay_matches_eager
+from ..cases import check_against_reference, cumulative, make_case, replay_matches_eager
 
 # (q_len, kv_len): drafts of 2..16 queries beside plain decode rows, an empty query range and an empty cache.
 SPECULATIVE_MIX = [(4, 37), (1, 20), (0, 9), (2, 2), (16, 50), (7, 7), (3, 0)]
@@ -36,7 +36,8 @@ def test_routes_from_shapes():
 @pytest.mark.parametrize("kv_dtype", FP8, ids=FP8_IDS)
 @pytest.mark.parametrize("block_size", [16, 1], ids=["page16", "page1"])
 def test_speculative_queries_on_the_decode_kernel(device, kv_dtype, block_size):
-    case = make_case(SPECULATIVE_MIX, hq=6, hkv=2, kv_dtype=kv_dtype, block_size=block_size, device=device, seed=11)
+    case = make_case(SPECULATIVE_MIX, num_q_heads=6, num_kv_heads=2, kv_dtype=kv_dtype, block_size=block_size,
+                     device=device, seed=11)  # fmt: skip
     assert choose_route(case.q.shape[0], len(SPECULATIVE_MIX), case.max_seqlen_q, 3).decode_only
     sinks = torch.randn(6, device=device)
     for features in (dict(causal=True, softcap=4.0, s_aux=sinks), dict(causal=True, window_size=(6, 0))):
@@ -48,7 +49,7 @@ def test_speculative_queries_on_the_decode_kernel(device, kv_dtype, block_size):
 
 
 def test_speculative_queries_with_alibi_and_a_non_causal_window(device):
-    case = make_case(SPECULATIVE_MIX, hq=4, hkv=1, device=device, seed=12)
+    case = make_case(SPECULATIVE_MIX, num_q_heads=4, num_kv_heads=1, device=device, seed=12)
     slopes = torch.rand(len(SPECULATIVE_MIX), 4, device=device)
     features = dict(window_size=(5, 2), alibi_slopes=slopes)
     out, lse = case.attend(out=poison(torch.empty_like(case.q)), return_softmax_lse=True, **features)
@@ -57,7 +58,8 @@ def test_speculative_queries_with_alibi_and_a_non_causal_window(device):
 
 def test_an_undercounting_max_seqlen_q_is_served_exactly(device):
     """max_seqlen_q = 2 while a sequence has 9 queries: the decode kernel takes several passes."""
-    case = make_case([(9, 30), (2, 5), (1, 12)], hq=4, hkv=2, kv_dtype=torch.float8_e4m3fn, device=device, seed=13)
+    case = make_case([(9, 30), (2, 5), (1, 12)], num_q_heads=4, num_kv_heads=2, kv_dtype=torch.float8_e4m3fn,
+                     device=device, seed=13)  # fmt: skip
     out = poison(torch.empty_like(case.q))
     flash_attn_varlen_func(
         case.q, case.k, case.v, 2, case.cu_seqlens_q, case.max_seqlen_k, causal=True, out=out,
@@ -73,7 +75,8 @@ def test_an_undercounting_max_seqlen_q_is_served_exactly(device):
 @pytest.mark.parametrize("kv_dtype", FP8, ids=FP8_IDS)
 @pytest.mark.parametrize("block_size", [16, None], ids=["paged", "contiguous"])
 def test_mixed_batch_rows_from_both_kernels(device, kv_dtype, block_size):
-    case = make_case(MIXED_MIX, hq=4, hkv=2, kv_dtype=kv_dtype, block_size=block_size, device=device, seed=14)
+    case = make_case(MIXED_MIX, num_q_heads=4, num_kv_heads=2, kv_dtype=kv_dtype, block_size=block_size, device=device,
+                     seed=14)  # fmt: skip
     route = choose_route(case.q.shape[0], len(MIXED_MIX), case.max_seqlen_q, 2)
     assert route == Route(False, 8)  # (1, 3, 2, 1, 5)-query sequences on the decode kernel, 40 and 17 on prefill
     sinks = torch.randn(4, device=device)
@@ -97,7 +100,8 @@ def test_serving_batches_bf16_at_gpu_size(kv_dtype, mix):
                                                  torch.randint(8, 3000, (24,), generator=g))]  # fmt: skip
     else:
         seqs = [(1, int(k)) for k in torch.randint(1, 2500, (40,), generator=g)] + [(300, 900), (77, 77), (3, 64)]
-    case = make_case(seqs, hq=32, hkv=8, d=128, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, device="cuda", seed=16)
+    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, head_size=128, q_dtype=torch.bfloat16, kv_dtype=kv_dtype,
+                     device="cuda", seed=16)  # fmt: skip
     sinks = torch.randn(32, device="cuda")
     for features in (dict(causal=True, s_aux=sinks), dict(causal=True, window_size=(700, 0), softcap=8.0)):
         out, lse = case.attend(out=poison(torch.empty_like(case.q)), return_softmax_lse=True, **features)

@@ -10,7 +10,7 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule
 from kvflash.integrations.transformers import attention_forward
 
-from .varlen_cases import cumulative
+from ..cases import cumulative
 
 
 @pytest.mark.parametrize("seqlen_q", [6, 1], ids=["prefill", "decode"])

@@ -8,7 +8,7 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, make_paged_kv
 from kvflash.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-from .varlen_cases import cumulative, make_case
+from ..cases import assert_lse_close, check_against_reference, cumulative, make_case
 
 MIX = [(1, 37), (6, 6), (4, 29), (1, 1)]
 
@@ -22,7 +22,8 @@ def _reference(q, k, v, cu_q, **kwargs):
 @pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn], ids=["fp16", "e4m3"])
 @pytest.mark.parametrize("block_size", [16, None], ids=["paged", "contiguous"])
 def test_varlen_upstream_order(device, kv_dtype, block_size):
-    case = make_case(MIX, hq=4, hkv=2, d=32, kv_dtype=kv_dtype, block_size=block_size, device=device, seed=11)
+    case = make_case(MIX, num_q_heads=4, num_kv_heads=2, head_size=32, kv_dtype=kv_dtype, block_size=block_size,
+                     device=device, seed=11)  # fmt: skip
     kv_lens = [m[1] for m in MIX]
     # Upstream passes cumulative key lengths even for a paged cache; positional, in upstream order.
     cu_k = case.kv_args.get("cu_seqlens_k", cumulative(kv_lens, device))
@@ -33,13 +34,7 @@ def test_varlen_upstream_order(device, kv_dtype, block_size):
         k_descale=case.k_descale, v_descale=case.v_descale,
     )  # fmt: skip
     assert s_dmask is None and lse.shape == (4, case.q.shape[0])
-    ref_kv = dict(case.kv_args, k_descale=case.k_descale, v_descale=case.v_descale)
-    exact, lowp, exact_lse = _reference(
-        case.q, case.k, case.v, case.cu_seqlens_q, softmax_scale=0.3, causal=True, window_size=(20, -1), **ref_kv
-    )
-    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
-    finite = torch.isfinite(exact_lse)
-    torch.testing.assert_close(lse[finite].double(), exact_lse[finite], rtol=0, atol=2e-3)
+    check_against_reference(case, out, lse, softmax_scale=0.3, causal=True, window_size=(20, -1))
     plain = flash_attn_varlen_func(
         case.q, case.k, case.v, case.cu_seqlens_q, cu_k, case.max_seqlen_q, case.max_seqlen_k,
         softmax_scale=0.3, causal=True, window_size=(20, -1), block_table=block_table,
@@ -49,14 +44,13 @@ def test_varlen_upstream_order(device, kv_dtype, block_size):
 
 
 def test_varlen_seqused_k_overrides_cumulative_lengths(device):
-    case = make_case(MIX, hq=4, hkv=2, d=32, block_size=16, device=device, seed=12)
+    case = make_case(MIX, num_q_heads=4, num_kv_heads=2, head_size=32, block_size=16, device=device, seed=12)
     wrong_cu_k = cumulative([1] * len(MIX), device)  # ignored: seqused_k gives the lengths
     out = flash_attn_varlen_func(
         case.q, case.k, case.v, case.cu_seqlens_q, wrong_cu_k, case.max_seqlen_q, case.max_seqlen_k,
         causal=True, block_table=case.kv_args["block_table"], seqused_k=case.kv_args["seqused_k"],
     )  # fmt: skip
-    exact, lowp, _ = _reference(case.q, case.k, case.v, case.cu_seqlens_q, causal=True, **case.kv_args)
-    assert_close_fa_rule(out, exact, lowp, atol=2e-3)
+    check_against_reference(case, out, causal=True)
 
 
 def _expected_cache_after_append(k_seqs, new, descale, dtype):
@@ -78,7 +72,7 @@ def test_kvcache_paged_append(device, q_dtype, kv_dtype):
     fp8 = kv_dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
     k_scale = torch.rand(hkv, generator=g) * 0.5 + 0.2 if fp8 else None
     v_scale = torch.rand(hkv, generator=g) * 2.0 + 1.5 if fp8 else None
-    enc = lambda x, s: encode_fp8(x, s, kv_dtype) if fp8 else x.to(kv_dtype)  # noqa: E731
+    enc = lambda x, s: encode_fp8(x, s, kv_dtype) if fp8 else x.to(kv_dtype)
     k_old = [enc(torch.randn(n, hkv, d, generator=g), k_scale) for n in old_lens]
     v_old = [enc(torch.randn(n, hkv, d, generator=g), v_scale) for n in old_lens]
     # Room for the new tokens: pages are allocated as if every sequence were already 2 tokens longer.
@@ -113,7 +107,7 @@ def test_kvcache_paged_append(device, q_dtype, kv_dtype):
                                         cu_seqlens_k=cu_k, causal=True, softcap=4.0, **scales)  # fmt: skip
     assert_close_fa_rule(out.cpu().reshape(-1, hq, d), exact, lowp, atol=2e-3)
     lse_flat = lse.cpu().permute(1, 0, 2).reshape(hq, -1)
-    torch.testing.assert_close(lse_flat.double(), exact_lse, rtol=0, atol=2e-3)
+    assert_lse_close(lse_flat, exact_lse)
 
 
 def test_kvcache_contiguous_batch_idx_and_int_seqlens(device):
@@ -140,14 +134,13 @@ def test_kvcache_contiguous_batch_idx_and_int_seqlens(device):
 
 
 def test_kvcache_read_only_decode(device):
-    case = make_case([(1, 33), (1, 2), (1, 17)], hq=4, hkv=2, d=32, block_size=16, device=device, seed=23)
+    case = make_case([(1, 33), (1, 2), (1, 17)], num_q_heads=4, num_kv_heads=2, head_size=32, block_size=16,
+                     device=device, seed=23)  # fmt: skip
     slopes = torch.rand(4, generator=torch.Generator().manual_seed(24)).to(device)
     out, lse = flash_attn_with_kvcache(case.q.reshape(3, 1, 4, 32), case.k, case.v,
                                        cache_seqlens=case.kv_args["seqused_k"], block_table=case.kv_args["block_table"],
                                        alibi_slopes=slopes, return_softmax_lse=True)  # fmt: skip
-    exact, lowp, exact_lse = _reference(case.q, case.k, case.v, case.cu_seqlens_q, alibi_slopes=slopes, **case.kv_args)
-    assert_close_fa_rule(out.reshape(3, 4, 32), exact, lowp, atol=2e-3)
-    torch.testing.assert_close(lse[:, :, 0].T.double(), exact_lse, rtol=0, atol=2e-3)
+    check_against_reference(case, out.reshape(3, 4, 32), lse[:, :, 0].T, alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize(

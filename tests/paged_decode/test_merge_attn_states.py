@@ -1,11 +1,13 @@
-"""merge_attn_states against the torch formula (and against attention over the union of the key sets);
--inf / +inf rows, strided views, dtypes, out_lse, bad arguments."""
+"""merge_attn_states and merge_partial_attentions against the torch formula (and against attention over the union
+of the key sets); -inf / +inf rows, strided views, dtypes, out_lse, bad arguments."""
 
 import pytest
 import torch
 
 from kvflash.attn_common.testing import poison
-from kvflash.paged_decode import merge_attn_states, paged_decode_attention
+from kvflash.paged_decode import merge_attn_states, merge_partial_attentions, paged_decode_attention
+
+from ..cases import make_case
 
 
 def torch_merge(out_p, lse_p, out_s, lse_s):
@@ -62,13 +64,13 @@ def test_default_out_and_strided_inputs(device):
     torch.testing.assert_close(got.double(), ref, atol=2e-3, rtol=2e-3)
 
 
-def test_merge_of_two_key_ranges_equals_attention_over_both(device, decode_case):
+def test_merge_of_two_key_ranges_equals_attention_over_both(device):
     """Attention over keys [0, 40) merged with keys [40, 100) equals attention over [0, 100)."""
-    case = decode_case(device, [100], num_q_heads=4, num_kv_heads=2, contiguous=True, seed=3)
+    case = make_case([(1, 100)], num_q_heads=4, num_kv_heads=2, block_size=None, device=device, seed=3)
     q, k, v = case.q, case.k, case.v
-    full, full_lse = paged_decode_attention(q, k, v, 100, cu_seqlens_k=case.kwargs["cu_seqlens_k"], return_lse=True)
+    full, full_lse = paged_decode_attention(q, k, v, 100, cu_seqlens_k=case.kv_args["cu_seqlens_k"], return_lse=True)
     # The suffix (keys 40..99) is the last 60 keys: a window of 59 keys to the left of the query.
-    suf, suf_lse = paged_decode_attention(q, k, v, 100, cu_seqlens_k=case.kwargs["cu_seqlens_k"],
+    suf, suf_lse = paged_decode_attention(q, k, v, 100, cu_seqlens_k=case.kv_args["cu_seqlens_k"],
                                           window_size=(59, -1), return_lse=True)  # fmt: skip
     cu40 = torch.tensor([0, 40], dtype=torch.int32, device=device)
     pre, pre_lse = paged_decode_attention(q, k[:40], v[:40], 40, cu_seqlens_k=cu40, return_lse=True)
@@ -107,4 +109,92 @@ def test_custom_op_opcheck(device):
     parts = make_parts(device, 3, 2, 32, torch.float16, seed=6)
     args = (*parts, torch.empty_like(parts[0]), torch.empty_like(parts[1]))
     torch.library.opcheck(torch.ops.kvflash.merge_attn_states.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip
+
+
+def torch_merge_parts(outs, lses):
+    """Float64 reference of the W-way merge: weights exp(lse_i - logsumexp(lse)); empty parts weigh 0."""
+    lses = lses.double()
+    lse = torch.logsumexp(lses, 0)  # -inf where every part is empty
+    safe = lse.masked_fill(torch.isneginf(lse), 0.0)
+    weights = torch.exp(lses - safe).transpose(1, 2)[..., None]  # [W, T, Hq, 1]
+    parts = outs.double().masked_fill(torch.isneginf(lses).transpose(1, 2)[..., None], 0.0)
+    return (parts * weights).sum(0), lse
+
+
+def make_partials(device, num_parts, tokens, heads, head_size, seed):
+    """``outs [W, T, Hq, D]`` fp32 and ``lses [W, Hq, T]`` (``T >= 5``, ``Hq >= 3``), with rows empty in one part, in
+    all but one, in all; the outputs of empty parts are NaN (never read)."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = torch.randn(num_parts, tokens, heads, head_size, generator=gen)
+    lses = torch.randn(num_parts, heads, tokens, generator=gen) * 4
+    lses[0, 1, 2] = float("-inf")  # token 2, head 1: empty in the first part
+    lses[1:, 0, 3] = float("-inf")  # token 3, head 0: empty in every part but the first
+    lses[:, 2, 4] = float("-inf")  # token 4, head 2: empty in every part
+    outs.transpose(1, 2)[torch.isneginf(lses)] = float("nan")
+    return outs.to(device), lses.to(device)
+
+
+@pytest.mark.parametrize("num_parts", [1, 3, 5])
+def test_merge_partial_attentions_matches_formula_with_empty_rows(device, num_parts):
+    outs, lses = make_partials(device, num_parts, 6, 3, 40, seed=num_parts)
+    out = poison(torch.empty(outs.shape[1:], device=device))
+    out_lse = poison(torch.empty(lses.shape[1:], device=device))
+    got, got_lse = merge_partial_attentions(outs, lses, out=out, out_lse=out_lse)
+    assert got is out and got_lse is out_lse
+    ref, ref_lse = torch_merge_parts(outs, lses)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(got).any() and not torch.isnan(got_lse).any()
+    assert torch.all(got[4, 2] == 0) and torch.isneginf(got_lse[2, 4])
+
+
+def test_merge_partial_attentions_strided_and_dtypes(device):
+    """lses as a [W, Hq, T] view of a [T, Hq, W] buffer (decode's split layout), a strided outs view, an fp16 out;
+    the default out is float32, and W = 2 equals merge_attn_states."""
+    outs, lses = make_partials(device, 2, 5, 4, 64, seed=7)
+    lses_view = lses.permute(2, 1, 0).contiguous().permute(2, 1, 0)
+    wide = torch.randn(2, 5, 8, 64, device=device)
+    wide[:, :, ::2] = outs
+    ref, ref_lse = torch_merge_parts(outs, lses)
+    got = merge_partial_attentions(wide[:, :, ::2], lses_view)
+    assert got.dtype == torch.float32 and got.shape == (5, 4, 64)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    half = merge_partial_attentions(outs, lses, out=torch.empty(5, 4, 64, dtype=torch.float16, device=device))
+    torch.testing.assert_close(half.double(), ref, atol=2e-3, rtol=2e-3)
+    pair, pair_lse = merge_attn_states(outs[0], lses[0], outs[1], lses[1], out_lse=torch.empty_like(lses[0]))
+    got, got_lse = merge_partial_attentions(outs, lses, out_lse=torch.empty_like(lses[0]))
+    torch.testing.assert_close(got, pair, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_lse, pair_lse, atol=1e-6, rtol=1e-6)
+
+
+def test_merge_partial_attentions_cpu_fallback_matches_kernel(device, monkeypatch):
+    if device.type != "cpu":
+        pytest.skip("the fallback is for CPU tensors")
+    outs, lses = make_partials(device, 3, 5, 3, 32, seed=8)
+    kernel, kernel_lse = merge_partial_attentions(outs, lses, out_lse=torch.empty_like(lses[0]))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fallback, fallback_lse = merge_partial_attentions(outs, lses, out_lse=torch.empty_like(lses[0]))
+    torch.testing.assert_close(kernel, fallback, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel_lse, fallback_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_partial_attentions_bad_arguments(device):
+    outs, lses = make_partials(device, 3, 5, 3, 32, seed=9)
+    with pytest.raises(TypeError, match="outs"):
+        merge_partial_attentions(outs.half(), lses)
+    with pytest.raises(ValueError, match="outs"):
+        merge_partial_attentions(outs[:0], lses[:0])
+    with pytest.raises(ValueError, match="lses"):
+        merge_partial_attentions(outs, lses[:2])
+    with pytest.raises(ValueError, match="out"):
+        merge_partial_attentions(outs, lses, out=torch.empty(5, 3, 16, device=device))
+    with pytest.raises(ValueError, match="out_lse"):
+        merge_partial_attentions(outs, lses, out_lse=torch.empty(5, 3, device=device))
+
+
+def test_merge_partial_attentions_opcheck(device):
+    outs, lses = make_partials(device, 3, 5, 3, 32, seed=10)
+    args = (outs, lses, torch.empty_like(outs[0]), torch.empty_like(lses[0]))
+    torch.library.opcheck(torch.ops.kvflash.merge_partial_attentions.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))  # fmt: skip

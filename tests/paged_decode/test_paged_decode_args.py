@@ -7,10 +7,12 @@ import torch
 from kvflash.attn_common.testing import poison
 from kvflash.paged_decode import paged_decode_attention
 
+from ..cases import make_case
+
 
 @pytest.fixture
-def small(device, decode_case):
-    return decode_case(device, [20, 9], num_q_heads=4, num_kv_heads=2, seed=41)
+def small(device):
+    return make_case([(1, 20), (1, 9)], num_q_heads=4, num_kv_heads=2, device=device, seed=41)
 
 
 def call(case, **overrides):
@@ -19,7 +21,7 @@ def call(case, **overrides):
     return paged_decode_attention(q, case.k, case.v, kwargs.pop("max_seqlen_k", case.max_seqlen_k), **kwargs)
 
 
-def test_out_buffer_strided_view(small, check_decode):
+def test_out_buffer_strided_view(small):
     """``out`` may be a view with strides (here every other head of a wider buffer)."""
     q = small.q
     wide = poison(torch.empty(q.shape[0], 2 * q.shape[1], q.shape[2], dtype=q.dtype, device=q.device))

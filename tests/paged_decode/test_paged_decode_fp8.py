@@ -6,12 +6,14 @@ import torch
 
 from kvflash.paged_decode import paged_decode_attention
 
+from ..cases import check_paged_decode, make_case
+
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
 @pytest.mark.parametrize("per_seq", [False, True])
-def test_fp8_distinct_descales(device, decode_case, check_decode, kv_dtype, per_seq):
+def test_fp8_distinct_descales(device, kv_dtype, per_seq):
     num_seqs, num_kv_heads = 3, 2
     if per_seq:
         k_descale = torch.tensor([[0.02, 0.05], [0.11, 0.03], [0.07, 0.3]], device=device)
@@ -19,19 +21,19 @@ def test_fp8_distinct_descales(device, decode_case, check_decode, kv_dtype, per_
     else:
         k_descale = torch.tensor([0.03, 0.12], device=device)
         v_descale = torch.tensor([0.25, 0.01], device=device)
-    case = decode_case(device, [40, 3, 66][:num_seqs], num_q_heads=6, num_kv_heads=num_kv_heads,
-                       kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, seed=11)  # fmt: skip
-    check_decode(case, num_splits=2)
+    case = make_case([(1, 40), (1, 3), (1, 66)][:num_seqs], num_q_heads=6, num_kv_heads=num_kv_heads,
+                     kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, device=device, seed=11)  # fmt: skip
+    check_paged_decode(case, num_splits=2)
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
-def test_fp8_swapped_descales_differ(device, decode_case, kv_dtype):
+def test_fp8_swapped_descales_differ(device, kv_dtype):
     """The test data is sensitive to K/V descale mix-ups: swapping them changes the answer a lot."""
     k_descale = torch.tensor([0.03, 0.12], device=device)
     v_descale = torch.tensor([0.25, 0.01], device=device)
-    case = decode_case(device, [30, 17], num_q_heads=4, num_kv_heads=2, kv_dtype=kv_dtype,
-                       k_descale=k_descale, v_descale=v_descale, seed=12)  # fmt: skip
-    kw = {key: val for key, val in case.kwargs.items() if not key.endswith("descale")}
+    case = make_case([(1, 30), (1, 17)], num_q_heads=4, num_kv_heads=2, kv_dtype=kv_dtype, k_descale=k_descale,
+                     v_descale=v_descale, device=device, seed=12)  # fmt: skip
+    kw = case.kv_args
     right = paged_decode_attention(case.q, case.k, case.v, case.max_seqlen_k, k_descale=k_descale,
                                    v_descale=v_descale, **kw)  # fmt: skip
     wrong = paged_decode_attention(case.q, case.k, case.v, case.max_seqlen_k, k_descale=v_descale,
@@ -39,20 +41,19 @@ def test_fp8_swapped_descales_differ(device, decode_case, kv_dtype):
     assert (right.float() - wrong.float()).abs().max() > 0.1
 
 
-def test_fp8_float_and_expanded_descales(device, decode_case, check_decode):
+def test_fp8_float_and_expanded_descales(device):
     """A Python float for K and an expanded stride-0 [num_seqs, Hkv] view for V."""
     v_rows = torch.tensor([[0.2, 0.05]], device=device).expand(2, 2)
-    case = decode_case(device, [25, 38], num_q_heads=4, num_kv_heads=2, kv_dtype=torch.float8_e4m3fn,
-                       k_descale=torch.tensor([0.04, 0.04], device=device), v_descale=v_rows, seed=13)  # fmt: skip
-    case.kwargs["k_descale"] = 0.04
-    check_decode(case)
+    case = make_case([(1, 25), (1, 38)], num_q_heads=4, num_kv_heads=2, kv_dtype=torch.float8_e4m3fn,
+                     k_descale=torch.tensor([0.04, 0.04], device=device), v_descale=v_rows, device=device,
+                     seed=13)  # fmt: skip
+    case.k_descale = 0.04
+    check_paged_decode(case)
 
 
-def test_fp8_contiguous_with_features(device, decode_case, check_decode):
+def test_fp8_contiguous_with_features(device):
     k_descale = torch.tensor([0.05], device=device)
     v_descale = torch.tensor([[0.3], [0.02]], device=device)  # [num_seqs, 1]: per sequence, shared by heads
-    case = decode_case(device, [44, 12], num_q_heads=4, num_kv_heads=1, kv_dtype=torch.float8_e5m2,
-                       k_descale=torch.tensor([0.05], device=device), v_descale=v_descale, contiguous=True,
-                       seed=14)  # fmt: skip
-    case.kwargs["k_descale"] = k_descale
-    check_decode(case, num_splits=3, softcap=20.0, s_aux=torch.tensor([0.5, -1.0, 2.0, 0.0], device=device))
+    case = make_case([(1, 44), (1, 12)], num_q_heads=4, num_kv_heads=1, kv_dtype=torch.float8_e5m2,
+                     k_descale=k_descale, v_descale=v_descale, block_size=None, device=device, seed=14)  # fmt: skip
+    check_paged_decode(case, num_splits=3, softcap=20.0, s_aux=torch.tensor([0.5, -1.0, 2.0, 0.0], device=device))

@@ -9,6 +9,8 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.paged_decode import paged_decode_attention
 
+from ..cases import check_paged_decode, make_case
+
 pytestmark = pytest.mark.gpu
 
 HEAD_SIZES = [8, 40, 64, 72, 80, 96, 112, 120, 128, 192, 256]
@@ -34,23 +36,23 @@ def descales(kv_dtype, num_seqs, num_kv_heads, device, seed):
 
 
 @pytest.mark.parametrize("head_size,kv_dtype,block_size,gqa,num_splits", GRID)
-def test_bf16_grid(decode_case, check_decode, head_size, kv_dtype, block_size, gqa, num_splits):
-    lens = [1, 517, 0, 2049, 33]
-    k_descale, v_descale = descales(kv_dtype, len(lens), gqa[1], "cuda", head_size)
-    case = decode_case(torch.device("cuda"), lens, num_q_heads=gqa[0], num_kv_heads=gqa[1], head_size=head_size,
-                       block_size=block_size, q_dtype=torch.bfloat16, kv_dtype=kv_dtype, k_descale=k_descale,
-                       v_descale=v_descale, seed=head_size + block_size)  # fmt: skip
-    check_decode(case, num_splits=num_splits)
+def test_bf16_grid(head_size, kv_dtype, block_size, gqa, num_splits):
+    seqs = [(1, 1), (1, 517), (1, 0), (1, 2049), (1, 33)]
+    k_descale, v_descale = descales(kv_dtype, len(seqs), gqa[1], "cuda", head_size)
+    case = make_case(seqs, num_q_heads=gqa[0], num_kv_heads=gqa[1], head_size=head_size, block_size=block_size,
+                     q_dtype=torch.bfloat16, kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale,
+                     device="cuda", seed=head_size + block_size)  # fmt: skip
+    check_paged_decode(case, num_splits=num_splits)
 
 
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES)
-def test_bf16_all_features_split(decode_case, check_decode, kv_dtype):
-    lens = [3000, 70, 0, 1200]
-    k_descale, v_descale = descales(kv_dtype, len(lens), 2, "cuda", 9)
-    case = decode_case(torch.device("cuda"), lens, num_q_heads=12, num_kv_heads=2, q_dtype=torch.bfloat16,
-                       kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, seed=10)  # fmt: skip
+def test_bf16_all_features_split(kv_dtype):
+    seqs = [(1, 3000), (1, 70), (1, 0), (1, 1200)]
+    k_descale, v_descale = descales(kv_dtype, len(seqs), 2, "cuda", 9)
+    case = make_case(seqs, num_q_heads=12, num_kv_heads=2, q_dtype=torch.bfloat16, kv_dtype=kv_dtype,
+                     k_descale=k_descale, v_descale=v_descale, device="cuda", seed=10)  # fmt: skip
     gen = torch.Generator().manual_seed(11)
-    check_decode(
+    check_paged_decode(
         case,
         num_splits=7,
         window_size=(1500, 0),
@@ -61,13 +63,12 @@ def test_bf16_all_features_split(decode_case, check_decode, kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e5m2])
-def test_long_context_128k(decode_case, check_decode, kv_dtype):
-    lens = [131072, 70001]
-    k_descale, v_descale = descales(kv_dtype, len(lens), 8, "cuda", 12)
-    case = decode_case(torch.device("cuda"), lens, num_q_heads=32, num_kv_heads=8, head_size=128, block_size=64,
-                       q_dtype=torch.bfloat16, kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale,
-                       seed=13)  # fmt: skip
-    check_decode(case, s_aux=torch.randn(32, device="cuda"))
+def test_long_context_128k(kv_dtype):
+    seqs = [(1, 131072), (1, 70001)]
+    k_descale, v_descale = descales(kv_dtype, len(seqs), 8, "cuda", 12)
+    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, head_size=128, block_size=64, q_dtype=torch.bfloat16,
+                     kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, device="cuda", seed=13)  # fmt: skip
+    check_paged_decode(case, s_aux=torch.randn(32, device="cuda"))
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
@@ -144,11 +145,10 @@ def test_cuda_graph_replay(kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.float8_e4m3fn])
-def test_many_splits_merge_in_chunks(decode_case, check_decode, kv_dtype):
+def test_many_splits_merge_in_chunks(kv_dtype):
     """80 splits at D = 256: the split-merge kernel walks the partials in several chunks."""
-    lens = [20000, 9001, 0]
-    k_descale, v_descale = descales(kv_dtype, len(lens), 2, "cuda", 16)
-    case = decode_case(torch.device("cuda"), lens, num_q_heads=4, num_kv_heads=2, head_size=256, block_size=64,
-                       q_dtype=torch.bfloat16, kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale,
-                       seed=17)  # fmt: skip
-    check_decode(case, num_splits=80, s_aux=torch.randn(4, device="cuda"))
+    seqs = [(1, 20000), (1, 9001), (1, 0)]
+    k_descale, v_descale = descales(kv_dtype, len(seqs), 2, "cuda", 16)
+    case = make_case(seqs, num_q_heads=4, num_kv_heads=2, head_size=256, block_size=64, q_dtype=torch.bfloat16,
+                     kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, device="cuda", seed=17)  # fmt: skip
+    check_paged_decode(case, num_splits=80, s_aux=torch.randn(4, device="cuda"))

@@ -9,7 +9,9 @@ import torch
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.paged_decode import paged_decode_attention
-from kvflash.paged_decode.launch_config import choose_decode_config
+from kvflash.paged_decode.launch_config import choose_paged_decode_config
+
+from ..cases import check_paged_decode, make_case, reference
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -22,7 +24,7 @@ def _descales(device, num_seqs, num_kv_heads, seed):
 
 
 def _kv_heads(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1):
-    return choose_decode_config(
+    return choose_paged_decode_config(
         num_seqs=3, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size,
         kv_itemsize=1, max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
         max_seqlen_q=max_seqlen_q,
@@ -41,58 +43,59 @@ def test_kv_heads_per_program(heads, expected_kv_heads):
 def test_one_kv_head_per_program_when_rows_are_full():
     assert _kv_heads(32, 8, 128, max_seqlen_q=4) == 1  # 4 tokens x 4 heads fill 16 rows
     assert _kv_heads(32, 8, 512, max_seqlen_q=1) == 1  # 4 heads of 512 would leave tiles under 16 tokens
-    bf16 = choose_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=2, max_seqlen_k=100,
-                                window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True)  # fmt: skip
+    bf16 = choose_paged_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=2,
+                                      max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
+                                      interpreter=True)  # fmt: skip
     assert bf16.kv_heads == 1
-    per_token = choose_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=1,
-                                     max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-                                     interpreter=True, per_token_scales=True)  # fmt: skip
+    per_token = choose_paged_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=1,
+                                           max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
+                                           interpreter=True, per_token_scales=True)  # fmt: skip
     assert per_token.kv_heads == 1
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
 @pytest.mark.parametrize("num_q_heads, num_kv_heads", [(16, 4), (8, 8), (24, 4)])
-def test_head_blocks_match_reference(device, decode_case, check_decode, kv_dtype, num_q_heads, num_kv_heads):
-    lens = [37, 1, 80]
-    k_descale, v_descale = _descales(device, len(lens), num_kv_heads, seed=num_q_heads)
+def test_head_blocks_match_reference(device, kv_dtype, num_q_heads, num_kv_heads):
+    seqs = [(1, 37), (1, 1), (1, 80)]
+    k_descale, v_descale = _descales(device, len(seqs), num_kv_heads, seed=num_q_heads)
     assert _kv_heads(num_q_heads, num_kv_heads, 64) > 1
-    case = decode_case(device, lens, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, kv_dtype=kv_dtype,
-                       k_descale=k_descale, v_descale=v_descale, seed=31)  # fmt: skip
+    case = make_case(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, kv_dtype=kv_dtype,
+                     k_descale=k_descale, v_descale=v_descale, device=device, seed=31)  # fmt: skip
     for splits in (1, 3):
-        check_decode(case, num_splits=splits)
+        check_paged_decode(case, num_splits=splits)
 
 
 @pytest.mark.parametrize("block_size", [1, 16])
-def test_head_blocks_with_every_feature(device, decode_case, check_decode, block_size):
-    lens = [50, 0, 23, 71]
-    k_descale, v_descale = _descales(device, len(lens), 4, seed=block_size)
-    case = decode_case(device, lens, num_q_heads=8, num_kv_heads=4, block_size=block_size,
-                       kv_dtype=torch.float8_e4m3fn, k_descale=k_descale, v_descale=v_descale, seed=32)  # fmt: skip
+def test_head_blocks_with_every_feature(device, block_size):
+    seqs = [(1, 50), (1, 0), (1, 23), (1, 71)]
+    k_descale, v_descale = _descales(device, len(seqs), 4, seed=block_size)
+    case = make_case(seqs, num_q_heads=8, num_kv_heads=4, block_size=block_size, kv_dtype=torch.float8_e4m3fn,
+                     k_descale=k_descale, v_descale=v_descale, device=device, seed=32)  # fmt: skip
     gen = torch.Generator().manual_seed(33)
     features = dict(
         window_size=(30, 0),
         softcap=15.0,
         s_aux=torch.randn(8, generator=gen).to(device),
-        alibi_slopes=(torch.rand(len(lens), 8, generator=gen) * 0.1).to(device),
+        alibi_slopes=(torch.rand(len(seqs), 8, generator=gen) * 0.1).to(device),
     )
-    check_decode(case, num_splits=2, **features)
+    check_paged_decode(case, num_splits=2, **features)
 
 
-def test_head_blocks_contiguous_cache(device, decode_case, check_decode):
-    lens = [19, 44]
-    k_descale, v_descale = _descales(device, len(lens), 4, seed=5)
-    case = decode_case(device, lens, num_q_heads=16, num_kv_heads=4, kv_dtype=torch.float8_e5m2,
-                       k_descale=k_descale, v_descale=v_descale, contiguous=True, seed=34)  # fmt: skip
-    check_decode(case, num_splits=2)
+def test_head_blocks_contiguous_cache(device):
+    seqs = [(1, 19), (1, 44)]
+    k_descale, v_descale = _descales(device, len(seqs), 4, seed=5)
+    case = make_case(seqs, num_q_heads=16, num_kv_heads=4, kv_dtype=torch.float8_e5m2, k_descale=k_descale,
+                     v_descale=v_descale, block_size=None, device=device, seed=34)  # fmt: skip
+    check_paged_decode(case, num_splits=2)
 
 
-def test_each_row_reads_its_own_heads_values(device, decode_case):
+def test_each_row_reads_its_own_heads_values(device):
     """V of KV head h holds h + 1 everywhere (exact in FP8): whatever the softmax, a query head of KV head h must
     give (h + 1) * v_descale[seq, h], so a row reading another head's V or V descale shows at once."""
-    lens = [40, 7]
-    k_descale, v_descale = _descales(device, len(lens), 8, seed=7)
-    case = decode_case(device, lens, num_q_heads=16, num_kv_heads=8, head_size=128, kv_dtype=torch.float8_e4m3fn,
-                       k_descale=k_descale, v_descale=v_descale, seed=36)  # fmt: skip
+    seqs = [(1, 40), (1, 7)]
+    k_descale, v_descale = _descales(device, len(seqs), 8, seed=7)
+    case = make_case(seqs, num_q_heads=16, num_kv_heads=8, head_size=128, kv_dtype=torch.float8_e4m3fn,
+                     k_descale=k_descale, v_descale=v_descale, device=device, seed=36)  # fmt: skip
     assert _kv_heads(16, 8, 128) == 4  # two blocks of four KV heads per sequence
     head_values = torch.arange(1, 9, dtype=torch.float32, device=device)[None, None, :, None]
     case.v.copy_(head_values.expand_as(case.v).to(case.v.dtype))
@@ -102,17 +105,16 @@ def test_each_row_reads_its_own_heads_values(device, decode_case):
     torch.testing.assert_close(out.float(), expected[:, :, None].expand_as(out).float(), rtol=2e-3, atol=0)
 
 
-def test_head_blocks_with_fp8_output(device, decode_case, check_decode):
-    lens = [33, 70]
-    k_descale, v_descale = _descales(device, len(lens), 4, seed=8)
-    case = decode_case(device, lens, num_q_heads=16, num_kv_heads=4, kv_dtype=torch.float8_e5m2,
-                       k_descale=k_descale, v_descale=v_descale, seed=37)  # fmt: skip
+def test_head_blocks_with_fp8_output(device):
+    seqs = [(1, 33), (1, 70)]
+    k_descale, v_descale = _descales(device, len(seqs), 4, seed=8)
+    case = make_case(seqs, num_q_heads=16, num_kv_heads=4, kv_dtype=torch.float8_e5m2, k_descale=k_descale,
+                     v_descale=v_descale, device=device, seed=37)  # fmt: skip
     output_scale = torch.tensor([0.02], device=device)
     out = torch.full(case.q.shape, float("nan")).to(torch.float8_e4m3fn).to(device)  # poisoned
     paged_decode_attention(case.q, case.k, case.v, case.max_seqlen_k, out=out, output_scale=output_scale,
                            num_splits=1, **case.kwargs)  # fmt: skip
-    cu_q = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
-    ref, _ = reference_attention(case.q, case.k, case.v, cu_q, compute_dtype=torch.float64, **case.kwargs)
+    ref, _ = reference(case)
     want = (ref / 0.02).clamp(-448, 448)
     got = out.double()
     assert not bool(torch.isnan(got).any())  # every element written
@@ -121,17 +123,17 @@ def test_head_blocks_with_fp8_output(device, decode_case, check_decode):
     assert bool(((got - want).abs() <= want.abs() * 2.0**-4 + 2e-3 / 0.02).all())
 
 
-def test_head_blocks_with_draft_tokens(device, decode_case):
+def test_head_blocks_with_draft_tokens(device):
     """Two query tokens per sequence with ``defer_longer_sequences`` (rows = token x KV head x query head): a
     program holds 2 tokens of 4 KV heads of GQA 2; causal order within the draft."""
-    lens = [30, 9, 51]
+    seqs = [(1, 30), (1, 9), (1, 51)]
     q_lens = [2, 1, 2]
-    k_descale, v_descale = _descales(device, len(lens), 4, seed=9)
-    case = decode_case(device, lens, num_q_heads=8, num_kv_heads=4, kv_dtype=torch.float8_e4m3fn,
-                       k_descale=k_descale, v_descale=v_descale, seed=38)  # fmt: skip
-    cfg = choose_decode_config(num_seqs=3, num_kv_heads=4, group=2, head_size=64, kv_itemsize=1, max_seqlen_k=51,
-                               window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
-                               max_seqlen_q=2, fill_rows=False)  # fmt: skip
+    k_descale, v_descale = _descales(device, len(seqs), 4, seed=9)
+    case = make_case(seqs, num_q_heads=8, num_kv_heads=4, kv_dtype=torch.float8_e4m3fn, k_descale=k_descale,
+                     v_descale=v_descale, device=device, seed=38)  # fmt: skip
+    cfg = choose_paged_decode_config(num_seqs=3, num_kv_heads=4, group=2, head_size=64, kv_itemsize=1, max_seqlen_k=51,
+                                     window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
+                                     max_seqlen_q=2, fill_rows=False)  # fmt: skip
     assert (cfg.q_tokens, cfg.kv_heads) == (2, 4)
     gen = torch.Generator().manual_seed(39)
     q = torch.randn(sum(q_lens), 8, 64, generator=gen).half().to(device)

@@ -6,23 +6,12 @@ The numbers below are invented to sit on either side of each threshold; they are
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "tools" / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"kvflash_bench_{name}", BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # report.py puts tools/bench on sys.path for its sibling imports
-    return module
-
-
-report = _load("report")
+from tools.bench import report
 
 COPY_GBPS, MATMUL_TFLOPS = 3000.0, 800.0
 DECODE_WORK = 1.0e9  # bytes of a bf16-KV decode case; FP8 cases move half
@@ -65,8 +54,9 @@ def _host_row(name: str, us: float) -> dict:
     return row
 
 
-def _synthetic(decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None, spec=1.2,
-               mixed=1.1, host=None) -> dict:
+def _synthetic(
+    decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None, spec=1.2, mixed=1.1, host=None
+) -> dict:
     """All targets met unless an override says otherwise. ``decode``: {(shape, dtype): frac of copy};
     ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer; ``host``:
     {row: µs per call}."""

@@ -3,18 +3,9 @@ before are in the log; lines holding a quiet word reach the log but not stdout."
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tools import gpu_check
 
 
 def test_timeout_stops_the_run_and_keeps_its_lines(tmp_path, capsys):
@@ -23,7 +14,7 @@ def test_timeout_stops_the_run_and_keeps_its_lines(tmp_path, capsys):
         "    time.sleep(0.05)"
     )
     log = tmp_path / "run.log"
-    rc, seconds = _gpu_check()._run([sys.executable, "-c", script], log, timeout=1.5, quiet=("PASSED",))
+    rc, seconds = gpu_check._run([sys.executable, "-c", script], log, timeout=1.5, quiet=("PASSED",))
     assert rc == 124
     assert seconds < 10  # stopped, not run to its end (10 s)
     lines = log.read_text().splitlines()
@@ -33,6 +24,6 @@ def test_timeout_stops_the_run_and_keeps_its_lines(tmp_path, capsys):
 
 
 def test_a_run_that_ends_keeps_its_return_code(tmp_path):
-    rc, _ = _gpu_check()._run([sys.executable, "-c", "print('x'); raise SystemExit(3)"], tmp_path / "log", 30.0)
+    rc, _ = gpu_check._run([sys.executable, "-c", "print('x'); raise SystemExit(3)"], tmp_path / "log", 30.0)
     assert rc == 3
     assert (tmp_path / "log").read_text() == "x\n"

@@ -9,6 +9,8 @@ Comparisons ("speedup", > 1 means kvflash is faster):
   square-causal cuDNN row computes more pairs than kvflash (both count only the pairs they compute);
 - a kvflash cache-writer row against eager torch doing the same write: time ratio.
 
+The targets are those of docs/design.md (Performance).
+
 Host rows (``metric == "host_us"``, group ``host``) carry ``host_us``: the median CPU microseconds of one eager call.
 """
 
@@ -34,7 +36,7 @@ LARGE_BATCH = ("64x4096", "128x8192")
 SMALL_BATCH = ("1x131072", "4x32768")
 DENSE_PREFILL = ("4x(2048+2048)", "1x16384")
 FP8 = ("e4m3", "e5m2")
-HOST_US_LIMIT = 40.0  # issue 18: CPU time of one eager call
+HOST_US_LIMIT = 40.0  # CPU µs of one eager call (docs/design.md, Performance)
 _KEY = ("group", "impl", "shape", "kv_dtype", "hq", "hkv", "d", "block")
 
 
@@ -208,7 +210,7 @@ TARGETS = [
     _Target(
         "decode-fp8",
         "Decode, FP8 KV (e4m3, e5m2), large batch, pages 16 and 64",
-        ">= 92 % of copy (issue 11)",
+        ">= 92 % of copy",
         _decode(LARGE_BATCH, FP8),
         _frac,
         _pct,
@@ -218,7 +220,7 @@ TARGETS = [
     _Target(
         "decode-fp8-time",
         "Decode, FP8 KV time / bf16 KV time, large batch",
-        "<= 0.53x (issue 11)",
+        "<= 0.53x",
         _decode(LARGE_BATCH, FP8),
         _time_vs_bf16,
         _times,
@@ -228,7 +230,7 @@ TARGETS = [
     _Target(
         "decode-small-batch-bf16",
         "Decode, bf16 KV, small batch over long context (1x131072, 4x32768), through split-KV",
-        ">= 88 % of copy (issue 11)",
+        ">= 88 % of copy",
         _decode(SMALL_BATCH, ("bf16",)),
         _frac,
         _pct,
@@ -238,7 +240,7 @@ TARGETS = [
     _Target(
         "decode-small-batch-fp8",
         "Decode, FP8 KV, small batch over long context (1x131072, 4x32768), through split-KV",
-        ">= 85 % of copy (issue 11)",
+        ">= 85 % of copy",
         _decode(SMALL_BATCH, FP8),
         _frac,
         _pct,
@@ -248,7 +250,7 @@ TARGETS = [
     _Target(
         "decode-variants",
         "Decode, 64x4096, GQA 1 / 8 and D 64 / 256, every KV dtype",
-        ">= 80 % of copy (issue 11)",
+        ">= 80 % of copy",
         _decode_variant,
         _frac,
         _pct,
@@ -268,7 +270,7 @@ TARGETS = [
     _Target(
         "prefill-fp8",
         "Chunked prefill, FP8 KV time / bf16 KV time (every prefill shape, block 16)",
-        "<= 1.0x (issue 12)",
+        "<= 1.0x",
         _prefill(None, FP8),
         _time_vs_bf16,
         _times,
@@ -278,7 +280,7 @@ TARGETS = [
     _Target(
         "spec-decode",
         "Speculative decode, q_len 2/4/8 time / q_len 1 time over the same cache (64x4096, 1x131072)",
-        "<= 1.25x (issue 13)",
+        "<= 1.25x",
         lambda r: r["group"] == "serving" and r.get("kind") == "spec" and r.get("q_len") != 1,
         _time_vs_ref,
         _times,
@@ -288,7 +290,7 @@ TARGETS = [
     _Target(
         "mixed-batch",
         "Mixed batch time / (its decode rows alone + its prefill rows alone)",
-        "<= 1.15x (issue 13)",
+        "<= 1.15x",
         lambda r: r["group"] == "serving" and r.get("kind") == "mixed" and r.get("part") == "all",
         _time_vs_ref,
         _times,
@@ -298,7 +300,7 @@ TARGETS = [
     _Target(
         "cache-writer",
         "Cache writer (reshape_and_cache_flash), 16384 x 8 x 128, bf16 -> auto, e4m3 and e5m2",
-        ">= 85 % of copy (issue 11)",
+        ">= 85 % of copy",
         lambda r: r["group"] == "cache" and r["impl"] == "kvflash",
         _frac,
         _pct,
@@ -310,7 +312,7 @@ TARGETS = [
         "Host CPU time of one eager call (median of back-to-back calls with the same call facts, as the layers "
         "of a step make them): flash_attn_varlen_func decode, prefill and mixed, reshape_and_cache_flash, "
         "merge_attn_states (the plan-miss row is shown, not judged)",
-        f"<= {HOST_US_LIMIT:g} µs per call (issue 18)",
+        f"<= {HOST_US_LIMIT:g} µs per call",
         lambda r: r["group"] == "host" and r["impl"] == "kvflash" and r.get("primary", True),
         _host_us,
         lambda v: f"{v:.1f} µs",

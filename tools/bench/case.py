@@ -1,7 +1,7 @@
 """One benchmark case: what it measures (its labels) and how (a ``run`` callable), and its result row.
 
 A case's ``run`` imports the kernel, builds inputs on the GPU, checks one slice of the output against the
-reference, times it, and returns a :class:`Measurement`. :func:`run_case` turns any exception into an
+reference, times it (:func:`measure`), and returns a :class:`Measurement`. :func:`run_case` turns any exception into an
 error row, so one broken kernel never stops the run. Labels are plain data so that ``--dry-run`` can list
 cases without a GPU and ``report.py`` can derive ratios and targets from the JSON alone.
 """
@@ -9,31 +9,51 @@ cases without a GPU and ``report.py`` can derive ratios and targets from the JSO
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["Case", "Measurement", "run_case"]
+from .timing import Timing, time_calls
+
+__all__ = ["Case", "Measurement", "binder", "measure", "run_case"]
 
 
 @dataclasses.dataclass
-class Measurement:
-    """What a case's ``run`` returns.
+class Measurement(Timing):
+    """What a case's ``run`` returns: its :class:`Timing` and what the time did.
 
     ``work`` is bytes (``metric == "bytes"``) or FLOPs (``"flops"``), counted honestly: decode
     bytes = KV read once (tokens used) + q + out; prefill FLOPs = 4 * Hq * D * visible (query, key) pairs.
     ``rel_err`` is ||out - ref|| / ||ref|| on a checked slice (None if not checked).
     """
 
-    ms: float
-    p10: float
-    p90: float
-    reps: int
-    sets: int
     work: float
     rel_err: float | None = None
     note: str = ""
+
+    @classmethod
+    def of(cls, t: Timing, work: float, rel_err: float | None = None, note: str = "") -> Measurement:
+        return cls(**dataclasses.asdict(t), work=work, rel_err=rel_err, note=note)
+
+
+def binder(fn: Callable) -> Callable[..., Callable[[], object]]:
+    """``binder(fn)(*args)`` is ``fn`` bound to ``args``: a ``measure_*`` function's default way of turning one
+    input set into the call it times."""
+    return functools.partial(functools.partial, fn)
+
+
+def measure(
+    calls: Sequence[Callable[[], object]],
+    work: float,
+    check: Callable[[], tuple[float | None, str]] | None = None,
+) -> Measurement:
+    """Run ``calls[0]`` once, check its output (``check() -> (rel_err, note)``), then time ``calls`` (one per
+    input set, in rotation)."""
+    calls[0]()
+    rel_err, note = check() if check is not None else (None, "")
+    return Measurement.of(time_calls(calls), work, rel_err, note)
 
 
 @dataclasses.dataclass

@@ -6,21 +6,23 @@ head, HEAD_PAD 128) and 256. Quick mode:
 64 x 4096 and 1 x 131072, bf16 and e4m3, block 16.
 
 Work = KV bytes of the tokens used (read once) + q + out (+ the float32 K and V scales of every token with
-per-token-head descales, impl ``kvflash-per-token``, compared with the per-head FP8 row of the same shape: issue
-17 asks for at most 1.10x its time); its ceiling is the device-to-device copy.
+per-token-head descales, impl ``kvflash-per-token``, compared with the per-head FP8 row of the same shape: at most
+1.10x its time, docs/design.md); its ceiling is the device-to-device copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
-from case import Case, Measurement
-from inputs import kv_bytes, make_paged_cache, spot_check
-from timing import rotation_sets, time_calls
 
-__all__ = ["DecodeSpec", "decode_cases"]
+from .case import Case, Measurement, binder, measure
+from .inputs import PagedCache, kv_bytes, make_paged_cache, spot_check
+from .timing import rotation_sets
+
+__all__ = ["DecodeSpec", "decode_cases", "measure_decode"]
 
 LARGE_SHAPES = [(64, 4096), (128, 8192)]
 SHAPES = LARGE_SHAPES + [(1, 131072), (4, 32768)]
@@ -68,12 +70,30 @@ def _specs(quick: bool) -> list[DecodeSpec]:
     return specs
 
 
-def _run(spec: DecodeSpec) -> Measurement:
-    if spec.varlen:
-        from kvflash.flash_attn_interface import flash_attn_varlen_func
-    else:
+def _public_call(spec: DecodeSpec) -> Callable[[PagedCache, torch.Tensor, torch.Tensor], None]:
+    """What a row times: ``paged_decode_attention``, or ``flash_attn_varlen_func`` for ``spec.varlen``."""
+    if not spec.varlen:
         from kvflash.paged_decode import paged_decode_attention
 
+        return lambda cache, q, out: paged_decode_attention(
+            q, cache.k, cache.v, spec.ctx, block_table=cache.block_table, seqused_k=cache.seqused_k, causal=True,
+            k_descale=cache.k_descale, v_descale=cache.v_descale, out=out,
+        )  # fmt: skip
+    from kvflash.flash_attn_interface import flash_attn_varlen_func
+
+    cu_q = torch.arange(spec.num_seqs + 1, dtype=torch.int32, device="cuda")
+    return lambda cache, q, out: flash_attn_varlen_func(
+        q, cache.k, cache.v, 1, cu_q, spec.ctx, seqused_k=cache.seqused_k, causal=True, block_table=cache.block_table,
+        out=out, k_descale=cache.k_descale, v_descale=cache.v_descale,
+    )  # fmt: skip
+
+
+def measure_decode(spec: DecodeSpec, bind: Callable | None = None) -> Measurement:
+    """Time the calls ``bind(cache, q, out)`` returns, one per rotated cache of ``spec`` (default: the public
+    function, :func:`_public_call`), after a spot check of the first and last sequences of the first. The launch
+    sweep binds ``launch_paged_decode`` with its own config."""
+    if bind is None:
+        bind = binder(_public_call(spec))
     gen = torch.Generator(device="cuda").manual_seed(0)
     cache_bytes = kv_bytes(spec.num_seqs * spec.ctx, spec.hkv, spec.d, spec.kv_dtype, spec.per_token)
     sets = []
@@ -83,45 +103,10 @@ def _run(spec: DecodeSpec) -> Measurement:
         q = torch.randn(spec.num_seqs, spec.hq, spec.d, dtype=torch.bfloat16, device="cuda", generator=gen)
         out = torch.full_like(q, float("nan"))
         sets.append((cache, q, out))
-    cu_q = torch.arange(spec.num_seqs + 1, dtype=torch.int32, device="cuda")
-
-    def call(cache, q, out):
-        if spec.varlen:
-            flash_attn_varlen_func(
-                q,
-                cache.k,
-                cache.v,
-                1,
-                cu_q,
-                spec.ctx,
-                seqused_k=cache.seqused_k,
-                causal=True,
-                block_table=cache.block_table,
-                out=out,
-                k_descale=cache.k_descale,
-                v_descale=cache.v_descale,
-            )
-            return
-        paged_decode_attention(
-            q,
-            cache.k,
-            cache.v,
-            spec.ctx,
-            block_table=cache.block_table,
-            seqused_k=cache.seqused_k,
-            causal=True,
-            k_descale=cache.k_descale,
-            v_descale=cache.v_descale,
-            out=out,
-        )
-
-    calls = [functools.partial(call, *s) for s in sets]
-    calls[0]()
+    calls = [bind(*s) for s in sets]
     cache, q, out = sets[0]
     last = spec.num_seqs - 1
-    err, note = spot_check(out, q, cache, [(0, 1, 0), (last, last + 1, last)])
-    t = time_calls(calls)
-    return Measurement(t.ms, t.p10, t.p90, t.reps, t.sets, spec.work_bytes(), rel_err=err, note=note)
+    return measure(calls, spec.work_bytes(), lambda: spot_check(out, q, cache, [(0, 1, 0), (last, last + 1, last)]))
 
 
 def decode_cases(quick: bool) -> list[Case]:
@@ -141,5 +126,5 @@ def decode_cases(quick: bool) -> list[Case]:
         }
         name = f"decode {s.shape} {s.hq}/{s.hkv} D{s.d} b{s.block} {s.kv_dtype}" + " varlen" * s.varlen
         name += " per-token-head" * s.per_token
-        cases.append(Case(name, labels, functools.partial(_run, s)))
+        cases.append(Case(name, labels, functools.partial(measure_decode, s)))
     return cases

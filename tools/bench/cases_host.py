@@ -1,4 +1,5 @@
-"""Host-cost cases: CPU microseconds of one eager call, per public function (issue 18: <= 40 µs each).
+"""Host-cost cases: CPU microseconds of one eager call, per public function (target: <= 40 µs each,
+docs/design.md).
 
 Engines run attention eagerly (vLLM's piecewise CUDA graphs leave it outside the graph; prefill steps are
 eager), so the Python time of a call is paid per layer per step. Each row times ``HOST_CALLS`` back-to-back
@@ -27,7 +28,8 @@ import time
 from collections.abc import Callable
 
 import torch
-from case import Case, Measurement
+
+from .case import Case, Measurement
 
 __all__ = ["HOST_CASES", "HostCase", "build_host_call", "host_cases", "HOST_CALLS", "BATCH_CALLS"]
 

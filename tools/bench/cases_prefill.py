@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
+from collections.abc import Callable
 
 import torch
-from case import Case, Measurement
-from inputs import kv_bytes, make_paged_cache, spot_check, visible_pairs
-from timing import rotation_sets, time_calls
 
-__all__ = ["PrefillSpec", "prefill_cases"]
+from .case import Case, Measurement, binder, measure
+from .inputs import kv_bytes, make_paged_cache, spot_check, visible_pairs
+from .timing import rotation_sets, time_calls
+
+__all__ = ["PrefillSpec", "measure_prefill", "prefill_cases", "prefill_seqs"]
 
 HQ, HKV, D = 32, 8, 128
 # name -> per-sequence (q_len, kv_len)
@@ -49,14 +52,16 @@ class PrefillSpec:
     varlen: bool = False  # through flash_attn_varlen_func instead of the op: measures the routing layer
     d: int = D
     causal: bool = True
+    hq: int = HQ
+    hkv: int = HKV
 
     @property
     def primary(self) -> bool:
-        return self.block == 16 and not self.varlen and self.d == D and self.causal
+        return self.block == 16 and not self.varlen and (self.hq, self.hkv, self.d) == (HQ, HKV, D) and self.causal
 
     @property
     def seqs(self) -> list[tuple[int, int]]:
-        return SHAPES[self.shape]
+        return prefill_seqs(self.shape)
 
     @property
     def label(self) -> str:
@@ -65,15 +70,49 @@ class PrefillSpec:
 
     def flops(self) -> int:
         pairs = sum(visible_pairs(q, k) if self.causal else q * k for q, k in self.seqs)
-        return 4 * HQ * self.d * pairs
+        return 4 * self.hq * self.d * pairs
 
 
-def _run_kvflash(spec: PrefillSpec) -> Measurement:
-    if spec.varlen:
-        from kvflash.flash_attn_interface import flash_attn_varlen_func
-    else:
+def prefill_seqs(shape: str) -> list[tuple[int, int]]:
+    """(q_len, kv_len) per sequence of a named shape (``SHAPES``), of ``"N x (context + new)"`` (``4x(2048+2048)``:
+    4 sequences of 2048 new queries over 2048 cached keys) or of ``"N x L"`` (``1x16384``: no context)."""
+    if shape in SHAPES:
+        return SHAPES[shape]
+    m = re.fullmatch(r"(\d+)x\((\d+)\+(\d+)\)", shape.replace(" ", ""))
+    if m:
+        n, context, new = (int(g) for g in m.groups())
+        return [(new, context + new)] * n
+    m = re.fullmatch(r"(\d+)x(\d+)", shape.replace(" ", ""))
+    if m:
+        n, length = (int(g) for g in m.groups())
+        return [(length, length)] * n
+    raise ValueError(f"shape: expected one of {list(SHAPES)}, 'Nx(context+new)' or 'NxL', got {shape!r}")
+
+
+def _public_call(spec: PrefillSpec) -> Callable:
+    """What a row times: ``chunk_prefill_attention``, or ``flash_attn_varlen_func`` for ``spec.varlen``."""
+    max_q, max_k = max(q for q, _ in spec.seqs), max(k for _, k in spec.seqs)
+    if not spec.varlen:
         from kvflash.chunk_prefill import chunk_prefill_attention
 
+        return lambda cache, q, out, cu_q: chunk_prefill_attention(
+            q, cache.k, cache.v, cu_q, max_q, max_k, block_table=cache.block_table, seqused_k=cache.seqused_k,
+            causal=spec.causal, k_descale=cache.k_descale, v_descale=cache.v_descale, out=out,
+        )  # fmt: skip
+    from kvflash.flash_attn_interface import flash_attn_varlen_func
+
+    return lambda cache, q, out, cu_q: flash_attn_varlen_func(
+        q, cache.k, cache.v, max_q, cu_q, max_k, seqused_k=cache.seqused_k, causal=spec.causal,
+        block_table=cache.block_table, out=out, k_descale=cache.k_descale, v_descale=cache.v_descale,
+    )  # fmt: skip
+
+
+def measure_prefill(spec: PrefillSpec, bind: Callable | None = None) -> Measurement:
+    """Time the calls ``bind(cache, q, out, cu_seqlens_q)`` returns, one per rotated cache of ``spec`` (default:
+    the public function, :func:`_public_call`), after a spot check of the first and last sequences of the first.
+    The launch sweep binds ``launch_chunk_prefill`` with its own config."""
+    if bind is None:
+        bind = binder(_public_call(spec))
     gen = torch.Generator(device="cuda").manual_seed(0)
     q_lens = [q for q, _ in spec.seqs]
     kv_lens = [k for _, k in spec.seqs]
@@ -81,52 +120,17 @@ def _run_kvflash(spec: PrefillSpec) -> Measurement:
     for n in q_lens:
         cu.append(cu[-1] + n)
     cu_q = torch.tensor(cu, dtype=torch.int32, device="cuda")
-    q_bytes = cu[-1] * HQ * spec.d * 2
+    q_bytes = cu[-1] * spec.hq * spec.d * 2
     sets = []
-    for _ in range(rotation_sets(kv_bytes(sum(kv_lens), HKV, spec.d, spec.kv_dtype) + 2 * q_bytes)):
-        cache = make_paged_cache(kv_lens, HKV, spec.d, spec.block, spec.kv_dtype, gen)
-        q = torch.randn(cu[-1], HQ, spec.d, dtype=torch.bfloat16, device="cuda", generator=gen)
-        sets.append((cache, q, torch.full_like(q, float("nan"))))
-
-    def call(cache, q, out):
-        if spec.varlen:
-            flash_attn_varlen_func(
-                q,
-                cache.k,
-                cache.v,
-                max(q_lens),
-                cu_q,
-                max(kv_lens),
-                seqused_k=cache.seqused_k,
-                causal=spec.causal,
-                block_table=cache.block_table,
-                out=out,
-                k_descale=cache.k_descale,
-                v_descale=cache.v_descale,
-            )
-            return
-        chunk_prefill_attention(
-            q,
-            cache.k,
-            cache.v,
-            cu_q,
-            max(q_lens),
-            max(kv_lens),
-            block_table=cache.block_table,
-            seqused_k=cache.seqused_k,
-            causal=spec.causal,
-            k_descale=cache.k_descale,
-            v_descale=cache.v_descale,
-            out=out,
-        )
-
-    calls = [functools.partial(call, *s) for s in sets]
-    calls[0]()
-    cache, q, out = sets[0]
+    for _ in range(rotation_sets(kv_bytes(sum(kv_lens), spec.hkv, spec.d, spec.kv_dtype) + 2 * q_bytes)):
+        cache = make_paged_cache(kv_lens, spec.hkv, spec.d, spec.block, spec.kv_dtype, gen)
+        q = torch.randn(cu[-1], spec.hq, spec.d, dtype=torch.bfloat16, device="cuda", generator=gen)
+        sets.append((cache, q, torch.full_like(q, float("nan")), cu_q))
+    calls = [bind(*s) for s in sets]
+    cache, q, out, _ = sets[0]
     last = len(spec.seqs) - 1
-    err, note = spot_check(out, q, cache, [(cu[0], cu[1], 0), (cu[last], cu[last + 1], last)], causal=spec.causal)
-    t = time_calls(calls)
-    return Measurement(t.ms, t.p10, t.p90, t.reps, t.sets, spec.flops(), rel_err=err, note=note)
+    slices = [(cu[0], cu[1], 0), (cu[last], cu[last + 1], last)]
+    return measure(calls, spec.flops(), lambda: spot_check(out, q, cache, slices, causal=spec.causal))
 
 
 def _bottom_right_mask(q_len: int, kv_len: int) -> torch.Tensor:
@@ -182,9 +186,8 @@ def _run_sdpa(impl: str, shape: str) -> Measurement:
         calls = [functools.partial(fn, *s, False) for s in sets]
     if impl == "sdpa-cudnn" and q_len != SHAPES[shape][0][0]:
         note += f"; square causal {q_len}x{kv_len} per sequence, rate compared"
-    t = time_calls(calls)
     flops = 4 * HQ * D * batch * visible_pairs(q_len, kv_len)
-    return Measurement(t.ms, t.p10, t.p90, t.reps, t.sets, flops, note=note)
+    return Measurement.of(time_calls(calls), flops, note=note)
 
 
 def _labels(impl: str, shape: str, kv_dtype: str, block: int | None, primary: bool, d: int = D) -> dict:
@@ -218,7 +221,7 @@ def prefill_cases(quick: bool) -> list[Case]:
         Case(
             f"prefill {s.label} b{s.block} {s.kv_dtype}" + " varlen" * s.varlen + f" D{s.d}" * (s.d != D),
             _labels("kvflash-varlen" if s.varlen else "kvflash", s.label, s.kv_dtype, s.block, s.primary, s.d),
-            functools.partial(_run_kvflash, s),
+            functools.partial(measure_prefill, s),
         )
         for s in specs
     ]

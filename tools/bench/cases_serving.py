@@ -17,9 +17,10 @@ import dataclasses
 import functools
 
 import torch
-from case import Case, Measurement
-from inputs import PagedCache, kv_bytes, make_paged_cache, spot_check, visible_pairs
-from timing import rotation_sets, time_calls
+
+from .case import Case, Measurement, measure
+from .inputs import PagedCache, kv_bytes, make_paged_cache, spot_check, visible_pairs
+from .timing import rotation_sets
 
 __all__ = ["serving_cases"]
 
@@ -61,7 +62,7 @@ class ServingSpec:
 
 def _subset(cache: PagedCache, rows: slice) -> PagedCache:
     """The sequences ``rows`` of ``cache``: same pools, their block-table rows, lengths and descales."""
-    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    pick = lambda t: None if t is None else t[rows]
     return PagedCache(cache.k, cache.v, cache.block_table[rows], cache.seqused_k[rows], pick(cache.k_descale),
                       pick(cache.v_descale))  # fmt: skip
 
@@ -96,12 +97,11 @@ def _run(spec: ServingSpec) -> Measurement:
         )  # fmt: skip
 
     calls = [functools.partial(call, *s) for s in sets]
-    calls[0]()
     cache, q, out = sets[0]
     last = len(seqs) - 1
-    err, note = spot_check(out, q, cache, [(cu[0], cu[1], 0), (cu[last], cu[last + 1], last)])
-    t = time_calls(calls)
-    return Measurement(t.ms, t.p10, t.p90, t.reps, t.sets, spec.work(), rel_err=err, note=note)
+    return measure(
+        calls, spec.work(), lambda: spot_check(out, q, cache, [(cu[0], cu[1], 0), (cu[last], cu[last + 1], last)])
+    )
 
 
 def _specs(quick: bool) -> list[ServingSpec]:

@@ -1,6 +1,7 @@
 """The device's own ceilings, measured in the same run as the cases they scale.
 
-- copy: a 1 GiB device-to-device ``copy_``, counting bytes read + bytes written (GB/s = 1e9 B/s);
+- copy: a 1 GiB device-to-device ``copy_``, counting bytes read + bytes written (GB/s = 1e9 B/s), the
+  ceiling of every byte-bound case (decode, cache writer) and of the sweeps (:func:`copy_bandwidth`);
 - bf16 matmul 8192^3 (TFLOP/s = 2 * 8192^3 / time);
 - fp8 matmul 8192^3: ``torch._scaled_mm`` with e4m3 operands, per-tensor float32 scales, bf16 output and
   ``use_fast_accum=True`` (the setting serving engines use). Informational: no target is scaled by it,
@@ -10,9 +11,10 @@
 from __future__ import annotations
 
 import torch
-from timing import rotation_sets, time_calls
 
-__all__ = ["CEILINGS", "measure_ceilings"]
+from .timing import rotation_sets, time_calls
+
+__all__ = ["CEILINGS", "copy_bandwidth", "matmul_rate", "measure_ceilings"]
 
 COPY_BYTES = 1 << 30
 # Long enough for clocks and power to settle under sustained load (the cases that follow run sustained too).
@@ -26,14 +28,16 @@ CEILINGS = {
 }
 
 
-def _copy() -> dict:
+def copy_bandwidth() -> dict:
+    """The copy ceiling: ``value`` in GB/s (bytes read + written), the median ``ms`` of one copy, ``reps``."""
     src = torch.randn(COPY_BYTES // 2, dtype=torch.bfloat16, device="cuda")
     dst = torch.empty_like(src)
     t = time_calls([lambda: dst.copy_(src)], warmup_ms=WARMUP_MS, rep_ms=REP_MS)
     return {"value": 2 * COPY_BYTES / (t.ms * 1e-3) / 1e9, "ms": t.ms, "reps": t.reps}
 
 
-def _matmul(fp8: bool) -> dict:
+def matmul_rate(fp8: bool) -> dict:
+    """The bf16 (or fp8 e4m3) matmul ceiling: ``value`` in TFLOP/s, the median ``ms`` of one matmul, ``reps``."""
     n = MATMUL_N
     gen = torch.Generator(device="cuda").manual_seed(0)
     sets = []
@@ -64,7 +68,7 @@ def measure_ceilings(log) -> dict:
     for name, (unit, what) in CEILINGS.items():
         try:
             results[name] = {"unit": unit, "what": what, "error": None} | (
-                _copy() if name == "copy" else _matmul(fp8=name == "fp8_matmul")
+                copy_bandwidth() if name == "copy" else matmul_rate(fp8=name == "fp8_matmul")
             )
         except Exception as exc:  # a missing fp8 matmul must not lose the other ceilings
             results[name] = {"unit": unit, "what": what, "value": None, "error": f"{type(exc).__name__}: {exc}"[:300]}

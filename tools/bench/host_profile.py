@@ -5,10 +5,10 @@ kernels replaced by no-op stubs *in this process only*: under the interpreter a 
 kernel on the CPU (seconds), which says nothing about the GPU host path. What remains is everything kvflash does
 in Python before the launch — argument checks, normalisation, launch-config choice, allocations, the custom-op
 dispatch and the launch-key bookkeeping — which is the part this repository controls. Triton's own launch
-(``CompiledKernel`` run on the GPU) comes on top and is measured by ``bench.py --only host`` on the device.
+(``CompiledKernel`` run on the GPU) comes on top and is measured by ``python -m tools.bench --only host`` on the device.
 
     PYTHONPATH=packages/attn-common/src:packages/chunk-prefill/src:packages/paged-decode/src:\\
-    packages/fp8-utils/src:packages/kvflash/src python3 tools/bench/host_profile.py [--profile CASE] [--calls N]
+    packages/fp8-utils/src:packages/kvflash/src python3 -m tools.bench.host_profile [--profile CASE] [--calls N]
 
 prints a median microseconds-per-call table per case and per layer, and with ``--profile`` the top functions
 of a cProfile run of that case.
@@ -23,22 +23,20 @@ import pstats
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors take the Triton launch path (not the reference)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from cases_host import HOST_CASES, build_host_call  # noqa: E402
+from .cases_host import HOST_CASES, build_host_call
 
 # Module attributes that hold a @triton.jit kernel launched by kvflash: replaced by _NoLaunch here.
 KERNEL_SITES = (
-    ("kvflash.paged_decode.decode", "paged_decode_kernel"),
-    ("kvflash.paged_decode.decode", "split_merge_kernel"),
-    ("kvflash.chunk_prefill.launcher", "chunk_prefill_kernel"),
-    ("kvflash.fp8_utils.reshape_and_cache", "reshape_and_cache_kernel"),
-    ("kvflash.paged_decode.merge_states", "merge_states_kernel"),
+    ("kvflash.paged_decode.op", "paged_decode_kernel"),
+    ("kvflash.paged_decode.merge_states_op", "split_merge_kernel"),
+    ("kvflash.chunk_prefill.op", "chunk_prefill_kernel"),
+    ("kvflash.fp8_utils.op", "reshape_and_cache_kernel"),
+    ("kvflash.paged_decode.merge_states_op", "merge_states_kernel"),
 )
 
 
@@ -148,7 +146,7 @@ def profile_case(name: str, calls: int, top: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.host_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per case (default 2000)")
     parser.add_argument("--profile", default=None, help="cProfile this case (a name from the table)")
     parser.add_argument("--top", type=int, default=25, help="functions shown with --profile")

@@ -18,7 +18,7 @@ prefill rows' 64 MiB) costs a fresh ``mmap`` where the GPU's caching allocator a
 the ``alloc`` column times the row's allocations alone so they can be told apart.
 
     PYTHONPATH=packages/attn-common/src:packages/chunk-prefill/src:packages/paged-decode/src:\\
-    packages/fp8-utils/src:packages/kvflash/src python3 tools/bench/host_replay.py [--profile CASE] [--repeats N]
+    packages/fp8-utils/src:packages/kvflash/src python3 -m tools.bench.host_replay [--profile CASE] [--repeats N]
 
 prints, per case, the median µs per replayed call (the best of ``--repeats`` medians: this measures code, and
 the CPU's noise only ever adds), and with ``--profile`` the top functions of a cProfile run of that case.
@@ -31,14 +31,13 @@ import functools
 import itertools
 import os
 import sys
-from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"  # before host_profile, which would turn it on
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from cases_host import HOST_CASES, build_host_call  # noqa: E402
-from host_profile import profile_case, stub_kernels, time_call  # noqa: E402
+import torch
+
+from .cases_host import HOST_CASES, build_host_call
+from .host_profile import profile_case, stub_kernels, time_call
 
 H200_MULTIPROCESSORS = 132
 
@@ -124,7 +123,7 @@ def allocation_cost(call, calls: int) -> tuple[float, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.host_replay", description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per repeat (default 2000)")
     parser.add_argument("--repeats", type=int, default=5, help="medians taken; the best is shown (default 5)")
     parser.add_argument("--profile", default=None, help="cProfile this case (a name from the table)")

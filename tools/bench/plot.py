@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from analysis import best_cudnn, derive
+from .analysis import best_cudnn, derive
 
 __all__ = ["plot"]
 

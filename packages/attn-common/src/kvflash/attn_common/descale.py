@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 
-
 def normalize_descale(
     name: str,
     descale: torch.Tensor | float | None,

@@ -96,22 +96,45 @@ def finalize_softmax(acc, m_i, l_i):
 
 
 @triton.jit
-def merge_lse_pair(out_a, lse_a, out_b, lse_b):
-    """Merge two partial attentions over disjoint key sets.
+def lse_merge_weights(lse, extra_lse, AXIS: tl.constexpr, USE_EXTRA: tl.constexpr):
+    """The LSE merge of partial attentions over disjoint key sets: each part's weight, the denominator, the merged LSE.
 
-    ``out_* [BLOCK_M, D]`` fp32 (each normalised by its own denominator), ``lse_* [BLOCK_M]`` natural
-    log, ``-inf`` for an empty part. Returns ``(out, lse)``; both parts empty gives ``out = 0``,
-    ``lse = -inf``.
+    ``lse``: natural-log LSEs with the parts along ``AXIS`` (``[parts]`` with ``AXIS = 0``, ``[rows, parts]`` with
+    ``AXIS = 1``), ``-inf`` for an empty part. ``extra_lse`` (``USE_EXTRA``): one more logit per row (a scalar or
+    ``[rows]``) that counts in the denominator only, such as an attention sink.
+
+    Returns ``(weights, m, denom, merged_lse)``: ``m`` the largest logit of the row, 0 when every one is ``-inf``
+    (so ``m`` is finite and nothing below is NaN); ``weights = exp(lse - m)``, 0 for an empty part (whose output the
+    caller zeroes or skips: it may hold anything); ``denom`` the sum of the weights (and ``exp(extra_lse - m)``),
+    1 where that is 0. The merged output is ``sum_i weights_i * out_i / denom`` (0 when every part is empty) and
+    ``merged_lse = m + log(denom)``, ``-inf`` when every part is empty. A caller that walks the parts in chunks
+    recomputes ``exp(lse_i - m)`` per chunk: the same weights.
     """
-    m = tl.maximum(lse_a, lse_b)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w_a = tl.exp(lse_a - m_safe)
-    w_b = tl.exp(lse_b - m_safe)
-    denom = w_a + w_b
+    m = tl.max(lse, AXIS)
+    if USE_EXTRA:
+        m = tl.maximum(m, extra_lse)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    weights = tl.exp(lse - tl.expand_dims(m, AXIS))
+    denom = tl.sum(weights, AXIS)
+    if USE_EXTRA:
+        denom += tl.exp(extra_lse - m)
     empty = denom == 0.0
-    denom_safe = tl.where(empty, 1.0, denom)
-    out = (out_a * w_a[:, None] + out_b * w_b[:, None]) / denom_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_safe + tl.log(denom_safe))
+    denom = tl.where(empty, 1.0, denom)
+    merged_lse = tl.where(empty, float("-inf"), m + tl.log(denom))
+    return weights, m, denom, merged_lse
+
+
+@triton.jit
+def merge_lse_pair(out_a, lse_a, out_b, lse_b):
+    """Merge two partial attentions over disjoint key sets (:func:`lse_merge_weights` with two parts).
+
+    ``out_* [BLOCK_M, D]`` fp32 (each normalised by its own denominator, zeroed by the caller where its part is
+    empty), ``lse_* [BLOCK_M]`` natural log, ``-inf`` for an empty part. Returns ``(out, lse)``; both parts empty
+    gives ``out = 0``, ``lse = -inf``.
+    """
+    weights, _, denom, lse = lse_merge_weights(tl.join(lse_a, lse_b), 0.0, 1, False)
+    w_a, w_b = tl.split(weights)
+    out = (out_a * w_a[:, None] + out_b * w_b[:, None]) / denom[:, None]
     return out, lse
 
 

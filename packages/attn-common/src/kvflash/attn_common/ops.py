@@ -25,9 +25,7 @@ NAMESPACE = "kvflash"
 _LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
-def define_op(
-    name: str, impl: Callable, fake: Callable, *, mutates_args: Sequence[str]
-) -> torch._ops.OpOverload:
+def define_op(name: str, impl: Callable, fake: Callable, *, mutates_args: Sequence[str]) -> torch._ops.OpOverload:
     """Define ``torch.ops.kvflash.<name>`` from ``impl`` and return its default overload.
 
     Parameters

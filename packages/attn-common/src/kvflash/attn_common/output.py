@@ -16,7 +16,6 @@ from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES, OUTPUT_FP8_DTYPE
 __all__ = ["normalize_output_scale", "empty_out", "check_out"]
 
 
-
 def normalize_output_scale(output_scale: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """``output_scale`` as a float32 ``[1]`` view (no copy), or ``None``; ``TypeError`` / ``ValueError`` naming it."""
     if output_scale is None:

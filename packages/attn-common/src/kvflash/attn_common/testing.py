@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import triton
 
-from kvflash.attn_common.intmath import cdiv
+from kvflash.attn_common.dtypes import saturate_to_fp8
 
 __all__ = [
     "PagedKV",
@@ -54,7 +55,7 @@ def make_paged_kv(
     """
     num_kv_heads, head_size = k_seqs[0].shape[1:]
     dtype, device = k_seqs[0].dtype, k_seqs[0].device
-    blocks_per_seq = [max(1, cdiv(k.shape[0], block_size)) for k in k_seqs]
+    blocks_per_seq = [max(1, triton.cdiv(k.shape[0], block_size)) for k in k_seqs]
     num_blocks = sum(blocks_per_seq) + spare_blocks
     max_blocks = max(blocks_per_seq) + 1
     perm = torch.randperm(num_blocks, generator=generator).tolist()
@@ -87,8 +88,7 @@ def encode_fp8(x: torch.Tensor, descale: torch.Tensor | float, dtype: torch.dtyp
     """
     if isinstance(descale, torch.Tensor):
         descale = descale.to(x.device, torch.float32)[:, None]
-    fmax = torch.finfo(dtype).max
-    return (x.float() / descale).clamp(-fmax, fmax).to(dtype)
+    return saturate_to_fp8(x, descale, dtype)
 
 
 def encode_fp8_per_token_head(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +101,7 @@ def encode_fp8_per_token_head(x: torch.Tensor, dtype: torch.dtype) -> tuple[torc
     amax = x.float().abs().amax(-1)
     # A tensor divisor: torch's CUDA division by a Python number multiplies by its reciprocal (not IEEE).
     scale = (amax / amax.new_tensor(fmax)).clamp_min(1.0 / (fmax * 512.0))
-    return (x.float() / scale[..., None]).clamp(-fmax, fmax).to(dtype), scale
+    return saturate_to_fp8(x, scale[..., None], dtype), scale
 
 
 def scatter_token_scales(

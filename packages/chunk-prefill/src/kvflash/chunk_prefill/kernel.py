@@ -1,4 +1,4 @@
-"""The varlen chunked-prefill attention kernel (``@triton.jit`` code only; launched by ``launcher.py``).
+"""The varlen chunked-prefill attention kernel (``@triton.jit`` code only; launched by ``op.py``).
 
 One program computes one *query tile* of one KV head: ``BLOCK_M`` rows, each a (query token, query head)
 pair. The ``G_PACK`` query heads that share a KV head are packed into the rows (row ``m`` is token
@@ -110,8 +110,8 @@ def _attend_tile(
     l_i,  # [BLOCK_M] fp32
     v_exp,  # fp32 scalar: PER_TOKEN_SCALES' running exponent (acc holds sum p * vscale * v / 2^v_exp)
     q,  # [BLOCK_M, HEAD_PAD] DOT_DTYPE
-    k_head_ptr,  # cache base + kv_head * stride_k_head
-    v_head_ptr,  # cache base + kv_head * stride_v_head
+    k_head_ptr,  # k_ptr + kv_head * stride_k_head: [num_blocks, block_size, D] or [total_k, D] of one KV head
+    v_head_ptr,  # v_ptr + kv_head * stride_v_head: [num_blocks, block_size, D] or [total_k, D] of one KV head
     pages,  # [BLOCK_N] int32 page ids of this tile (paged), loaded one tile ahead by the caller
     kv_start,
     start_n,
@@ -126,8 +126,8 @@ def _attend_tile(
     stride_k_token,
     stride_v_block,
     stride_v_token,
-    kd_head_ptr,  # PER_TOKEN_SCALES: k descales + kv_head * stride_kd_head, [num_blocks, PAGE_SIZE] / [total_k]
-    vd_head_ptr,  # PER_TOKEN_SCALES: like kd_head_ptr, for V
+    kd_head_ptr,  # PER_TOKEN_SCALES: k_descale_ptr + kv_head * stride_kd_head, [num_blocks, PAGE_SIZE] / [total_k] fp32
+    vd_head_ptr,  # PER_TOKEN_SCALES: v_descale_ptr + kv_head * stride_vd_head, [num_blocks, PAGE_SIZE] / [total_k] fp32
     stride_kd_block,
     stride_kd_token,
     stride_vd_block,
@@ -212,18 +212,17 @@ def _attend_tile(
 def chunk_prefill_kernel(
     q_ptr,  # [total_q, Hq, D] fp16/bf16
     k_ptr,  # paged [num_blocks, block_size, Hkv, D] or contiguous [total_k, Hkv, D]; q dtype or fp8
-    v_ptr,  # like k_ptr
+    v_ptr,  # paged [num_blocks, block_size, Hkv, D] or contiguous [total_k, Hkv, D]; k's dtype
     out_ptr,  # [total_q, Hq, D] q dtype, or fp8 e4m3 (OUTPUT_FP8)
-    lse_ptr,  # [Hq, total_q] fp32 (written when RETURN_LSE)
+    lse_ptr,  # [Hq, total_q] fp32 (written when WRITE_LSE)
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
     seqused_k_ptr,  # [num_seqs] int32 (paged, or contiguous with USE_SEQUSED)
     cu_seqlens_k_ptr,  # [num_seqs + 1] int32 (contiguous only)
     block_table_ptr,  # [num_seqs, max_blocks] int32 (paged only)
-    # [num_seqs, Hkv] fp32 (a view; strides may be 0); PER_TOKEN_SCALES: [num_blocks, PAGE_SIZE, Hkv] (paged) or
-    # [total_k, Hkv] fp32, indexed like the cache
-    k_descale_ptr,
-    v_descale_ptr,  # like k_descale_ptr
-    alibi_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
+    # Descales: views (strides may be 0); PER_TOKEN_SCALES: one per stored (token, KV head), indexed like the cache.
+    k_descale_ptr,  # [num_seqs, Hkv] fp32; PER_TOKEN_SCALES: [num_blocks, PAGE_SIZE, Hkv] or [total_k, Hkv] fp32
+    v_descale_ptr,  # [num_seqs, Hkv] fp32; PER_TOKEN_SCALES: [num_blocks, PAGE_SIZE, Hkv] or [total_k, Hkv] fp32
+    alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (a view; strides may be 0) (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
     num_seqs,
@@ -268,12 +267,12 @@ def chunk_prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     SAME_KV_STRIDES: tl.constexpr,  # K and V share block/token strides
     KV_FP8: tl.constexpr,  # FP8 cache: both dots run in fp16 (exact FP8 -> fp16 conversion)
-    DOT_FP32: tl.constexpr,  # dots in fp32: the Triton interpreter's bf16 tl.dot is wrong (triton issue 11584)
+    DOT_FP32: tl.constexpr,  # dots in fp32 (bf16 under the interpreter, whose bf16 tl.dot is wrong)
     USE_SEQUSED: tl.constexpr,  # contiguous layout capped by seqused_k
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr,
-    RETURN_LSE: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
@@ -350,7 +349,8 @@ def chunk_prefill_kernel(
     # which still makes every visible key equally likely.
     qk_scale = tl.maximum(softmax_scale * tl.abs(k_scale) / tl.abs(q_mult), 1e-30)
     if USE_ALIBI:
-        slopes = tl.load(alibi_ptr + seq * stride_alibi_seq + head * stride_alibi_head, mask=row_valid, other=0.0)
+        alibi_offs = seq * stride_alibi_seq + head * stride_alibi_head
+        slopes = tl.load(alibi_slopes_ptr + alibi_offs, mask=row_valid, other=0.0)
         slopes_log2 = slopes * LOG2E
     else:
         slopes_log2 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -428,6 +428,6 @@ def chunk_prefill_kernel(
 
     o_rows = (q_start + tok).to(tl.int64) * stride_o_token + head.to(tl.int64) * stride_o_head
     tl.store(out_ptr + o_rows[:, None] + offs_d[None, :], out, mask=q_mask)
-    if RETURN_LSE:
+    if WRITE_LSE:
         lse_ptrs = lse_ptr + head.to(tl.int64) * stride_lse_head + (q_start + tok)
         tl.store(lse_ptrs, lse, mask=row_valid)

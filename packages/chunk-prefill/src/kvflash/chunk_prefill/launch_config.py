@@ -1,8 +1,9 @@
 """Launch settings for the chunked-prefill kernel: a deterministic function of shapes and Python ints.
 
 Nothing here reads tensor values, so the choice is the same at every call with the same shapes (CUDA-graph
-capturable, no host synchronisation). The table was tuned on an H100 with ``tools/time_chunk_prefill.py``;
-under the Triton interpreter one small configuration keeps CPU tests fast and still crosses tile edges.
+capturable, no host synchronisation). The table was tuned on an H100 with the tuning sweeps of ``tools/bench``
+(which pass ``config`` to :func:`kvflash.chunk_prefill.op.launch_chunk_prefill`); under the Triton interpreter one
+small configuration keeps CPU tests fast and still crosses tile edges.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from kvflash.attn_common.intmath import cdiv, next_power_of_2
+import triton
 
-__all__ = ["LaunchConfig", "choose_launch_config", "pack_heads"]
+__all__ = ["ChunkPrefillLaunchConfig", "choose_chunk_prefill_config", "pack_heads"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LaunchConfig:
+class ChunkPrefillLaunchConfig:
     """Tile shape and compiler settings of one launch.
 
     Attributes
@@ -51,7 +52,7 @@ _PREFILL_TABLE = {
     (512, True): (64, 32, 8, 2),
 }
 
-_INTERPRETER_CONFIG = LaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+_INTERPRETER_CONFIG = ChunkPrefillLaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
 
 
 def pack_heads(group: int, block_m: int) -> tuple[int, int]:
@@ -60,15 +61,15 @@ def pack_heads(group: int, block_m: int) -> tuple[int, int]:
     All of a group when it fits (``g_pack = group``), else ``block_m`` heads per program, one token each.
     """
     g_pack = min(group, block_m)
-    return g_pack, cdiv(group, g_pack)
+    return g_pack, triton.cdiv(group, g_pack)
 
 
 # Cached: a pure function of Python ints, and every layer of a model step asks it the same question (one miss
 # per step and shape, then hits: a dict lookup instead of the arithmetic below).
 @functools.lru_cache(maxsize=4096)
-def choose_launch_config(
+def choose_chunk_prefill_config(
     head_size: int, kv_is_fp8: bool, group: int, max_seqlen_q: int, *, interpreter: bool
-) -> LaunchConfig:
+) -> ChunkPrefillLaunchConfig:
     """Pick the launch settings.
 
     Parameters
@@ -87,10 +88,10 @@ def choose_launch_config(
     """
     if interpreter:
         return _INTERPRETER_CONFIG
-    head_pad = max(next_power_of_2(head_size), 64)
+    head_pad = max(triton.next_power_of_2(head_size), 64)
     block_m, block_n, num_warps, num_stages = _PREFILL_TABLE[(head_pad, kv_is_fp8)]
     rows_needed = max(1, max_seqlen_q) * min(group, block_m)
     if rows_needed < block_m:
-        block_m = max(16, next_power_of_2(rows_needed))
+        block_m = max(16, triton.next_power_of_2(rows_needed))
         num_warps = 4
-    return LaunchConfig(block_m, block_n, num_warps, num_stages)
+    return ChunkPrefillLaunchConfig(block_m, block_n, num_warps, num_stages)

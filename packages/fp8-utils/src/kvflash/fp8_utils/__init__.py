@@ -9,8 +9,8 @@
 """
 
 from kvflash.fp8_utils.cache_dtype import KV_CACHE_DTYPES, kv_cache_torch_dtype
+from kvflash.fp8_utils.op import reshape_and_cache_flash
 from kvflash.fp8_utils.quant import dequantize_fp8, scaled_fp8_quant
-from kvflash.fp8_utils.reshape_and_cache import reshape_and_cache_flash
 from kvflash.fp8_utils.scales import compute_kv_scales
 
 __version__ = "0.1.0"

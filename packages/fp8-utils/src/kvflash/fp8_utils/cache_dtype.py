@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import platform
+from kvflash.attn_common import MODEL_TORCH_DTYPES, platform
 
 __all__ = [
     "KV_CACHE_DTYPES",
@@ -29,9 +29,6 @@ __all__ = [
 PER_TOKEN_HEAD_SUFFIX = "_per_token_head"
 PER_TOKEN_HEAD_KV_CACHE_DTYPES = ("fp8_e4m3_per_token_head", "fp8_e5m2_per_token_head")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2") + PER_TOKEN_HEAD_KV_CACHE_DTYPES
-
-# Model dtypes "auto" may stand for (the dtype of the keys and values written into the cache).
-MODEL_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _E4M3_STRINGS = ("fp8", "fp8_e4m3")
 _E4M3_FAMILY = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)

@@ -1,7 +1,8 @@
 """Per-tensor FP8 quantise / dequantise of whole tensors (weights, activations, test data).
 
-Saturating: ``x_fp8 = clamp(x / scale, -fp8_max, fp8_max)`` rounded to nearest even, so values beyond the
-range become ``±fp8_max`` instead of NaN (torch's plain cast gives NaN for e4m3 and inf for e5m2).
+Saturating: ``x_fp8 = clamp(x / scale, -fp8_max, fp8_max)`` rounded to nearest even
+(:func:`kvflash.attn_common.saturate_to_fp8`), so values beyond the range become ``±fp8_max`` instead of NaN
+(torch's plain cast gives NaN for e4m3 and inf for e5m2).
 Elementwise torch ops: they run on every device torch does, fuse under ``torch.compile`` and never
 synchronise with the host.
 """
@@ -12,10 +13,15 @@ import math
 
 import torch
 
-from kvflash.attn_common import FP8_TORCH_DTYPES, check_tensor
-from kvflash.attn_common.dtypes import SCALE_TORCH_DTYPES
+from kvflash.attn_common import (
+    FP8_TORCH_DTYPES,
+    MODEL_TORCH_DTYPES,
+    SCALE_TORCH_DTYPES,
+    check_tensor,
+    saturate_to_fp8,
+)
 from kvflash.attn_common.ops import define_op
-from kvflash.fp8_utils.scales import INPUT_TORCH_DTYPES, amax_to_scale, fp8_finite_max
+from kvflash.fp8_utils.scales import amax_to_scale, fp8_finite_max
 
 __all__ = ["scaled_fp8_quant", "dequantize_fp8"]
 
@@ -30,8 +36,7 @@ def _scaled_fp8_quant_impl(
     else:
         # A fresh tensor: a custom op's outputs may not alias its inputs.
         scale = scale.reshape(1).to(torch.float32, copy=True)
-    x_fp8 = (x.float() / scale).clamp(-fp8_max, fp8_max).to(dtype)
-    return x_fp8, scale
+    return saturate_to_fp8(x, scale, dtype), scale
 
 
 def _scaled_fp8_quant_fake(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype):
@@ -65,7 +70,7 @@ def scaled_fp8_quant(
     scale : torch.Tensor
         float32 ``[1]``: the scale used.
     """
-    check_tensor("x", x, dtypes=INPUT_TORCH_DTYPES, last_dim_contiguous=False)
+    check_tensor("x", x, dtypes=MODEL_TORCH_DTYPES, last_dim_contiguous=False)
     fp8_finite_max("dtype", dtype)
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         if not math.isfinite(scale) or scale <= 0:
@@ -94,7 +99,7 @@ def dequantize_fp8(
         float16, bfloat16 (default) or float32.
     """
     check_tensor("x_fp8", x_fp8, dtypes=FP8_TORCH_DTYPES, last_dim_contiguous=False)
-    if dtype not in INPUT_TORCH_DTYPES:
+    if dtype not in MODEL_TORCH_DTYPES:
         raise TypeError(f"dtype: expected torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         return (x_fp8.float() * float(scale)).to(dtype)

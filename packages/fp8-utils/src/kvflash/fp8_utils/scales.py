@@ -10,13 +10,9 @@ import math
 
 import torch
 
-from kvflash.attn_common import FP8_TORCH_DTYPES, KVFlashDType, check_tensor
-from kvflash.attn_common.dtypes import SCALE_TORCH_DTYPES
+from kvflash.attn_common import FP8_TORCH_DTYPES, MODEL_TORCH_DTYPES, SCALE_TORCH_DTYPES, KVFlashDType, check_tensor
 
 __all__ = ["compute_kv_scales", "amax_to_scale", "min_scale", "split_cache_scale", "fp8_finite_max"]
-
-INPUT_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
 
 # Built once: a dict lookup traces under torch.compile, iterating the KVFlashDType enum does not.
 _FP8_FINITE_MAX = {dtype: KVFlashDType.from_torch(dtype).finite_max for dtype in FP8_TORCH_DTYPES}
@@ -72,7 +68,7 @@ def compute_kv_scales(
         gets ``1 / (fp8_max * 512)``. Pass it as ``k_scale`` / ``v_scale`` to ``reshape_and_cache_flash``
         and as ``k_descale`` / ``v_descale`` to the attention kernels.
     """
-    check_tensor("x", x, dtypes=INPUT_TORCH_DTYPES, ndim=3, last_dim_contiguous=False)
+    check_tensor("x", x, dtypes=MODEL_TORCH_DTYPES, ndim=3, last_dim_contiguous=False)
     fp8_max = fp8_finite_max("fp8_dtype", fp8_dtype)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 1:
         raise ValueError(f"margin: expected a finite float >= 1, got {margin!r}")

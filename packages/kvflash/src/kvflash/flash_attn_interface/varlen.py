@@ -33,7 +33,7 @@ from kvflash.attn_common import (
 from kvflash.attn_common.call_plan import planned
 from kvflash.chunk_prefill.op import run_chunk_prefill
 from kvflash.flash_attn_interface.routing import choose_route
-from kvflash.paged_decode.decode import run_paged_decode
+from kvflash.paged_decode.op import run_paged_decode
 
 __all__ = ["flash_attn_varlen_func"]
 

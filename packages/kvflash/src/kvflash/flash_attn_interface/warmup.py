@@ -38,12 +38,12 @@ import triton
 
 from kvflash.attn_common import QUERY_TORCH_DTYPES, check_gqa, check_head_size, check_int, platform
 from kvflash.attn_common.launch import compile_only, count_compilations, dry_run, record_launches
-from kvflash.chunk_prefill.launch_config import choose_launch_config, pack_heads
+from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config, pack_heads
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, MIXED_DECODE_ROWS
 from kvflash.flash_attn_interface.varlen import flash_attn_varlen_func
 from kvflash.fp8_utils import kv_cache_torch_dtype, reshape_and_cache_flash
 from kvflash.paged_decode import merge_attn_states
-from kvflash.paged_decode.launch_config import MIN_KEYS_PER_SPLIT, choose_decode_config
+from kvflash.paged_decode.launch_config import MIN_KEYS_PER_SPLIT, choose_paged_decode_config
 
 __all__ = ["warmup", "WarmupReport", "main"]
 
@@ -399,7 +399,7 @@ def _varlen_candidates(
         for num_seqs in range(1, min(max_num_seqs, max_tokens) + 1):
 
             def config(max_k, num_seqs=num_seqs, max_q=max_q):
-                return choose_decode_config(
+                return choose_paged_decode_config(
                     num_seqs=num_seqs, num_kv_heads=hkv, group=group, head_size=d, kv_itemsize=itemsize,
                     max_seqlen_k=max_k, window_left=window_left, num_splits=splits, multiprocessor_count=sms,
                     interpreter=interpreter, max_seqlen_q=max_q,
@@ -424,7 +424,7 @@ def _varlen_candidates(
     bounds_q = sorted({b for b in _PREFILL_Q_BOUNDS if b < max_seqlen_q} | {max_seqlen_q})
     seqs = sorted(set(range(1, min(max_num_seqs, _DENSE_SEQS) + 1)) | {max_num_seqs})
     for max_q in bounds_q:
-        cfg = choose_launch_config(d, fp8, group, max_q, interpreter=interpreter)
+        cfg = choose_chunk_prefill_config(d, fp8, group, max_q, interpreter=interpreter)
         g_pack, _ = pack_heads(group, cfg.block_m)
         rows = cfg.block_m // g_pack
         for num_seqs in seqs:

@@ -7,7 +7,7 @@ table and lengths; a shard may be empty). A step is:
    (never rounded to q's dtype: the result is rounded once, after the merge), ``lse_r [Hq, num_seqs]``
    (``-inf`` where the shard is empty);
 2. one ``all_gather_into_tensor`` of the packed ``(out_r, lse_r)`` (float32) over the group;
-3. an LSE merge of the ``world_size`` partials with :func:`kvflash.paged_decode.merge_attn_states`.
+3. one LSE merge of the ``world_size`` partials with :func:`kvflash.paged_decode.merge_partial_attentions`.
 
 No host synchronisation anywhere, so a step can be captured in a CUDA graph (NCCL collectives are
 capturable). Sinks are added on rank 0 only, so the merged denominator counts them once. Features that
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from kvflash.attn_common import check_tensor
-from kvflash.paged_decode import merge_attn_states, paged_decode_attention
+from kvflash.paged_decode import merge_partial_attentions, paged_decode_attention
 
 __all__ = ["context_parallel_decode", "merge_partial_attention"]
 
@@ -34,7 +34,8 @@ def _all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, group: dist.Pro
 
 
 def merge_partial_attention(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge ``W`` partial attentions over disjoint key sets.
+    """Merge ``W`` partial attentions over disjoint key sets: :func:`kvflash.paged_decode.merge_partial_attentions`
+    (one launch), returning the merged LSE too.
 
     Parameters
     ----------
@@ -47,12 +48,8 @@ def merge_partial_attention(outs: torch.Tensor, lses: torch.Tensor) -> tuple[tor
     -------
     (out ``[T, Hq, D]`` float32, lse ``[Hq, T]`` float32); rows empty in every part give 0 and ``-inf``.
     """
-    out, lse = outs[0], lses[0]
-    for r in range(1, outs.shape[0]):
-        out, lse = merge_attn_states(
-            out, lse, outs[r], lses[r], out=torch.empty_like(out), out_lse=torch.empty_like(lse)
-        )
-    return out, lse
+    out_lse = torch.empty(lses.shape[1:], dtype=torch.float32, device=lses.device)
+    return merge_partial_attentions(outs, lses, out_lse=out_lse)
 
 
 def context_parallel_decode(

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from kvflash.attn_common.intmath import cdiv, next_power_of_2
+import triton
 
-__all__ = ["DecodeLaunchConfig", "choose_decode_config", "resolve_num_splits", "MAX_SPLITS"]
+__all__ = ["PagedDecodeLaunchConfig", "choose_paged_decode_config", "resolve_num_splits", "MAX_SPLITS"]
 
 # Rows per program ((query token, KV head, query head) triples): tl.dot needs at least 16; above 64 a KV head's
 # group is cut into chunks (and the tokens of a sequence into passes) so that the accumulator stays in registers.
@@ -44,7 +44,7 @@ INTERPRETER_BLOCK_N = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeLaunchConfig:
+class PagedDecodeLaunchConfig:
     """Launch settings of one decode call.
 
     Attributes
@@ -53,7 +53,7 @@ class DecodeLaunchConfig:
         Rows per program (power of two, >= 16): ``q_tokens`` tokens x ``kv_heads`` KV heads x ``h_rows`` query
         heads, padded.
     head_chunks : int
-        Programs per KV head (``cdiv(group, block_h)``; more than 1 only for groups over 64 heads).
+        Programs per KV head (``triton.cdiv(group, block_h)``; more than 1 only for groups over 64 heads).
     h_rows : int
         Query heads per token in a program's rows (the group, or ``block_h`` when it is chunked).
     q_tokens : int
@@ -100,7 +100,7 @@ def resolve_num_splits(
     ``NO_SPLIT_PROGRAMS_PER_SM`` per SM, then into as many splits as fill one wave of ``programs_per_sm``
     resident programs per SM without passing it, never below ``MIN_KEYS_PER_SPLIT`` keys per split.
     """
-    max_tiles = max(1, cdiv(max_keys, block_n))
+    max_tiles = max(1, triton.cdiv(max_keys, block_n))
     if num_splits == 1:
         return 1
     if num_splits > 1:
@@ -108,13 +108,13 @@ def resolve_num_splits(
     if num_programs >= multiprocessor_count * NO_SPLIT_PROGRAMS_PER_SM:
         return 1
     wanted = (multiprocessor_count * programs_per_sm) // max(num_programs, 1)
-    return max(1, min(wanted, cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
+    return max(1, min(wanted, triton.cdiv(max_keys, MIN_KEYS_PER_SPLIT), max_tiles, MAX_SPLITS))
 
 
 # Cached: a pure function of Python ints, and every layer of a model step asks it the same question (one miss
 # per step and shape, then hits: a dict lookup instead of the arithmetic below).
 @functools.lru_cache(maxsize=4096)
-def choose_decode_config(
+def choose_paged_decode_config(
     *,
     num_seqs: int,
     num_kv_heads: int,
@@ -129,7 +129,7 @@ def choose_decode_config(
     max_seqlen_q: int = 1,
     fill_rows: bool = True,
     per_token_scales: bool = False,
-) -> DecodeLaunchConfig:
+) -> PagedDecodeLaunchConfig:
     """Pick the decode launch settings from shapes and Python ints.
 
     Parameters
@@ -163,14 +163,14 @@ def choose_decode_config(
     """
     if group > MAX_BLOCK_H:
         q_tokens, block_h = 1, MAX_BLOCK_H
-        head_chunks, h_rows = cdiv(group, block_h), block_h
+        head_chunks, h_rows = triton.cdiv(group, block_h), block_h
     else:
         q_tokens = max(1, min(max_seqlen_q, MAX_BLOCK_H // group))
-        block_h = max(MIN_BLOCK_H, next_power_of_2(q_tokens * group))
+        block_h = max(MIN_BLOCK_H, triton.next_power_of_2(q_tokens * group))
         if fill_rows and q_tokens > 1:
             q_tokens = min(block_h, MAX_BLOCK_H) // group
         head_chunks, h_rows = 1, group
-    head_pad = max(16, next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
+    head_pad = max(16, triton.next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
     kv_heads = 1
     if kv_itemsize == 1 and head_chunks == 1 and not per_token_scales:
         # FP8 is instruction-bound: rows left as padding take the next KV heads, a power of two dividing Hkv
@@ -201,6 +201,6 @@ def choose_decode_config(
     # H200, 64 x 4096 and 128 x 8192: FP8 (2 warps) 2 stages 67-69 % of copy, 3 stages 76-78 %, 4 stages 57-67 %
     # (3 programs per SM instead of 4); bf16 (4 warps) 3 stages 83-97 %, 4 stages 98-101 %.
     num_stages = 1 if interpreter else (3 if kv_itemsize == 1 else 4)
-    return DecodeLaunchConfig(
+    return PagedDecodeLaunchConfig(
         block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages
     )

@@ -1,55 +1,60 @@
-"""The split-merge kernel: combine the per-split partial attentions of the decode kernel.
+"""The n-way merge kernel (jit only): combine ``W`` partial attentions over disjoint key sets by their LSE.
 
-One program handles one (sequence, query head). Each split left a normalised fp32 output row and the
-natural-log LSE of its keys (``-inf`` for a split without keys). With ``M = max_i lse_i`` (the sink's
-logit included), the merged row is ``sum_i exp(lse_i - M) * out_i / Z`` with
-``Z = sum_i exp(lse_i - M) + exp(sink - M)``, and its LSE is ``M + log Z``. The sink is counted here,
-once, never per split.
+It serves decode's split-KV (the fp32 partials of the splits, sinks added here) and
+:func:`kvflash.paged_decode.merge_partial_attentions` (context-parallel shards). One program handles one
+(token, query head). Each part left a normalised fp32 output row and the natural-log LSE of its keys (``-inf``
+for a part without keys, whose output row is never read: it may hold anything). The weights, the merged LSE and
+the ``-inf`` handling are :func:`kvflash.attn_common.jit_helpers.lse_merge_weights`: with ``m`` the largest LSE
+(the sink's logit included), the merged row is ``sum_i exp(lse_i - m) * out_i / Z`` with
+``Z = sum_i exp(lse_i - m) + exp(sink - m)``, and its LSE is ``m + log Z``; a row empty in every part gives 0 and
+``-inf``. The sink is counted here, once, never per part.
 """
 
 import triton
 import triton.language as tl
 
-from kvflash.attn_common.jit_helpers import to_e4m3
+from kvflash.attn_common.jit_helpers import lse_merge_weights, to_e4m3
 
 
 @triton.jit
 def split_merge_kernel(
-    partial_out_ptr,  # [num_splits, num_seqs, Hq, HEAD_SIZE] fp32, contiguous
-    partial_lse_ptr,  # [num_seqs, Hq, num_splits] fp32, contiguous; natural log
+    outs_ptr,  # [num_splits, T, Hq, HEAD_SIZE] fp32, stride(-1) == 1
+    lses_ptr,  # [num_splits, Hq, T] fp32, any strides; natural log, -inf for an empty part
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
-    out_ptr,  # [num_seqs, Hq, HEAD_SIZE] q dtype (fp32 allowed), or fp8 e4m3 (OUTPUT_FP8)
-    lse_ptr,  # [Hq, num_seqs] fp32
-    num_q_heads,
-    num_splits,
-    stride_po_split,
-    stride_o_seq,
+    out_ptr,  # [T, Hq, HEAD_SIZE] fp16/bf16/fp32, or fp8 e4m3 (OUTPUT_FP8); stride(-1) == 1
+    lse_ptr,  # [Hq, T] fp32 (WRITE_LSE)
+    num_splits,  # W, the parts
+    stride_outs_split,
+    stride_outs_token,
+    stride_outs_head,
+    stride_lses_split,
+    stride_lses_token,
+    stride_lses_head,
+    stride_o_token,
     stride_o_head,
+    stride_lse_token,
     stride_lse_head,
-    stride_lse_seq,
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE
     SPLITS_PAD: tl.constexpr,  # next power of two >= num_splits
     SPLIT_CHUNK: tl.constexpr,  # partial rows loaded per step (a power of two <= SPLITS_PAD)
     USE_SINKS: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
     OUTPUT_FP8: tl.constexpr,  # out = saturate(merged / output_scale) in fp8 e4m3
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before the fp8 cast
 ):
-    seq = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    row = seq * num_q_heads + head  # index of (seq, head) in the contiguous partial buffers
+    lses_row_ptr = lses_ptr + token * stride_lses_token + head * stride_lses_head
+    outs_row_ptr = outs_ptr + token * stride_outs_token + head * stride_outs_head
 
     offs_s = tl.arange(0, SPLITS_PAD)
-    lse_all = tl.load(partial_lse_ptr + row * num_splits + offs_s, mask=offs_s < num_splits, other=float("-inf"))
-    m = tl.max(lse_all, 0)
+    lse_all = tl.load(lses_row_ptr + offs_s * stride_lses_split, mask=offs_s < num_splits, other=float("-inf"))
+    sink = float("-inf")
     if USE_SINKS:
         sink = tl.load(sinks_ptr + head)
-        m = tl.maximum(m, sink)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.sum(tl.exp(lse_all - m_safe), 0)
-    if USE_SINKS:
-        denom += tl.exp(sink - m_safe)
+    _, m, denom, merged_lse = lse_merge_weights(lse_all, sink, 0, USE_SINKS)
 
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
@@ -57,19 +62,18 @@ def split_merge_kernel(
     acc = tl.zeros([HEAD_PAD], dtype=tl.float32)
     for first in range(0, num_splits, SPLIT_CHUNK):
         splits = first + offs_c
-        s_mask = splits < num_splits
-        lse = tl.load(partial_lse_ptr + row * num_splits + splits, mask=s_mask, other=float("-inf"))
-        weight = tl.exp(lse - m_safe)  # 0 for empty splits, whose partial rows are 0 too
-        part_offs = splits.to(tl.int64)[:, None] * stride_po_split + row * HEAD_SIZE + offs_d[None, :]
-        part = tl.load(partial_out_ptr + part_offs, mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        lse = tl.load(lses_row_ptr + splits * stride_lses_split, mask=splits < num_splits, other=float("-inf"))
+        weight = tl.exp(lse - m)  # lse_merge_weights' weights, one chunk at a time
+        # An empty part (lse -inf: past num_splits too) weighs 0 and is not read, so a NaN there cannot leak.
+        part_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
+        part_offs = splits.to(tl.int64)[:, None] * stride_outs_split + offs_d[None, :]
+        part = tl.load(outs_row_ptr + part_offs, mask=part_mask, other=0.0)
         acc += tl.sum(part * weight[:, None], 0)
 
-    empty = denom == 0.0
-    denom_safe = tl.where(empty, 1.0, denom)
     if OUTPUT_FP8:  # one reciprocal of the output scale, folded into the normalisation
-        out = to_e4m3(acc * (1.0 / (denom_safe * tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
+        out = to_e4m3(acc * (1.0 / (denom * tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
     else:
-        out = (acc / denom_safe).to(out_ptr.dtype.element_ty)
-    lse_out = tl.where(empty, float("-inf"), m_safe + tl.log(denom_safe))
-    tl.store(out_ptr + seq * stride_o_seq + head * stride_o_head + offs_d, out, mask=d_mask)
-    tl.store(lse_ptr + head * stride_lse_head + seq * stride_lse_seq, lse_out)
+        out = (acc / denom).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + token * stride_o_token + head * stride_o_head + offs_d, out, mask=d_mask)
+    if WRITE_LSE:
+        tl.store(lse_ptr + head * stride_lse_head + token * stride_lse_token, merged_lse)

@@ -1,4 +1,4 @@
-"""The split-KV decode kernel: the few query tokens of each sequence over a paged or contiguous KV cache.
+"""The split-KV decode kernel (jit only): the few query tokens of each sequence over a paged or contiguous KV cache.
 
 One program handles one (sequence, block of ``KV_HEADS`` KV heads, split) and up to ``Q_TOKENS`` query tokens
 of the sequence: the tokens' ``GROUP`` query heads of each KV head are stacked as the rows of one
@@ -10,7 +10,7 @@ scores, and ``P V`` sums ``P_h V_h`` with ``P_h`` the rows of head ``h``. The so
 pipeline's bookkeeping of one tile then serve ``KV_HEADS`` heads (FP8 decode is instruction-bound). That serves decode
 (one token), speculative-decode verification (a few draft tokens) and the decode rows of a mixed batch
 alike. A sequence with more than ``Q_TOKENS`` queries is walked in chunks of ``Q_TOKENS`` tokens (each
-chunk reads its keys again), unless ``SKIP_LONG``: then the chunked-prefill kernel serves it and this
+chunk reads its keys again), unless ``DEFER_LONGER_SEQUENCES``: then the chunked-prefill kernel serves it and this
 kernel leaves its rows alone. The split's keys are walked in tiles of ``BLOCK_N`` tokens that may span
 several pages: the block-table entries of the tile are gathered per token, one tile ahead of the K/V loads.
 
@@ -55,7 +55,7 @@ from kvflash.attn_common.jit_helpers import (
 
 
 @triton.jit
-def load_kv_tile(head_ptr, token_offsets, offs_d, mask, IS_FP8: tl.constexpr, FP8_V_FENCE: tl.constexpr,
+def load_kv_tile(head_ptr, token_offsets, offs_d, mask, KV_FP8: tl.constexpr, FP8_V_FENCE: tl.constexpr,
                  DOT_FP32: tl.constexpr):  # fmt: skip
     """One KV head's ``[BLOCK_N, HEAD_PAD]`` K or V tile (``token_offsets [BLOCK_N]`` int64 element offsets of the
     tile's tokens from ``head_ptr``), in the dtype the dots take: FP8 converted to fp16 (exact), fp32 with
@@ -63,7 +63,7 @@ def load_kv_tile(head_ptr, token_offsets, offs_d, mask, IS_FP8: tl.constexpr, FP
     that Triton cannot hoist the conversion above it and re-lays V out as fp16 (ldmatrix.trans) instead of reading
     it from shared memory byte by byte."""
     tile = tl.load(head_ptr + token_offsets[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    if IS_FP8:
+    if KV_FP8:
         tile = tile.to(tl.float16)
         if FP8_V_FENCE:
             tile = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tile], dtype=tl.float16, is_pure=False, pack=2)
@@ -74,36 +74,38 @@ def load_kv_tile(head_ptr, token_offsets, offs_d, mask, IS_FP8: tl.constexpr, FP
 
 @triton.jit
 def paged_decode_kernel(
-    q_ptr,  # [total_q, Hq, HEAD_SIZE] fp16/bf16 (total_q == num_seqs without USE_CU_Q)
+    q_ptr,  # [total_q, Hq, HEAD_SIZE] fp16/bf16 (total_q == num_seqs without USE_CU_SEQLENS_Q)
     k_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; q dtype or fp8
-    v_ptr,  # same layout and dtype as k_ptr (strides may differ)
+    v_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; k's dtype, own strides
     block_table_ptr,  # [num_seqs, max_blocks] int32 (IS_PAGED)
-    seqused_k_ptr,  # [num_seqs] int32 (HAS_SEQUSED)
+    seqused_k_ptr,  # [num_seqs] int32 (IS_PAGED or USE_SEQUSED)
     cu_seqlens_k_ptr,  # [num_seqs + 1] int32 (not IS_PAGED)
-    cu_seqlens_q_ptr,  # [num_seqs + 1] int32 (USE_CU_Q)
+    cu_seqlens_q_ptr,  # [num_seqs + 1] int32 (USE_CU_SEQLENS_Q)
     # [num_seqs, Hkv] fp32 (stride-0 views allowed); PER_TOKEN_SCALES: [num_blocks, PAGE_SIZE, Hkv] (IS_PAGED) or
     # [total_k, Hkv] fp32, indexed like the cache
     k_descale_ptr,
-    v_descale_ptr,  # like k_descale_ptr
+    v_descale_ptr,  # [num_seqs, Hkv] fp32, or per-token like k_descale_ptr (PER_TOKEN_SCALES)
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
     # [total_q, Hq, HEAD_SIZE] q dtype, fp32 or fp8 e4m3 (OUTPUT_FP8), or [num_splits, total_q, Hq, HEAD_SIZE] fp32
     # (IS_SPLIT)
     out_ptr,
-    lse_ptr,  # [Hq, total_q] fp32, or [total_q, Hq, num_splits] fp32 (IS_SPLIT); natural log
+    # [Hq, total_q] fp32, or [num_splits, Hq, total_q] fp32 (IS_SPLIT: a view of a [total_q, Hq, num_splits]
+    # buffer, so the split-merge kernel reads a row's LSEs together); natural log
+    lse_ptr,
     num_kv_heads,
     num_splits,
     total_q,  # q.shape[0]: query ranges are clamped to [0, total_q]
     kv_capacity,  # max_blocks * PAGE_SIZE (IS_PAGED) or total_k: KV lengths are clamped to it
     num_blocks,  # IS_PAGED: page ids are clamped to [0, num_blocks)
-    stride_q_seq,
+    stride_q_token,
     stride_q_head,
     stride_k_block,
-    stride_k_tok,
+    stride_k_token,
     stride_k_head,
     stride_v_block,
-    stride_v_tok,
+    stride_v_token,
     stride_v_head,
     stride_bt_seq,
     stride_kd_seq,  # PER_TOKEN_SCALES: the token (in-page) stride
@@ -115,10 +117,10 @@ def paged_decode_kernel(
     stride_alibi_seq,
     stride_alibi_head,
     stride_o_split,
-    stride_o_seq,
+    stride_o_token,
     stride_o_head,
     stride_lse_split,
-    stride_lse_seq,
+    stride_lse_token,
     stride_lse_head,
     softmax_scale,
     softcap,
@@ -135,20 +137,20 @@ def paged_decode_kernel(
     BLOCK_N: tl.constexpr,  # tokens per tile
     PAGE_SIZE: tl.constexpr,  # tokens per page (IS_PAGED)
     IS_PAGED: tl.constexpr,
-    HAS_SEQUSED: tl.constexpr,
-    IS_FP8: tl.constexpr,
+    USE_SEQUSED: tl.constexpr,
+    KV_FP8: tl.constexpr,
     IS_SPLIT: tl.constexpr,  # write fp32 partials for the split-merge kernel (sinks are added there)
-    USE_CU_Q: tl.constexpr,  # query ranges from cu_seqlens_q (else query s of sequence s, one each)
-    SKIP_LONG: tl.constexpr,  # sequences with more than Q_TOKENS queries are the prefill kernel's
+    USE_CU_SEQLENS_Q: tl.constexpr,  # query ranges from cu_seqlens_q (else query s of sequence s, one each)
+    DEFER_LONGER_SEQUENCES: tl.constexpr,  # sequences with more than Q_TOKENS queries are the prefill kernel's
     ROW_MASK: tl.constexpr,  # mask keys per row (Q_TOKENS > 1: causal order within a chunk)
-    DOT_FP32: tl.constexpr,  # dots in fp32: the Triton interpreter's bf16 tl.dot is wrong (triton issue 11584)
+    DOT_FP32: tl.constexpr,  # dots in fp32: the Triton interpreter's bf16 tl.dot is wrong (docs/design.md, Tests)
     USE_SOFTCAP: tl.constexpr,
     USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr,
     FP8_V_FENCE: tl.constexpr,  # NVIDIA only: keep the fp8 -> fp16 conversion of V ahead of its relayout
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
-    PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (IS_FP8 only)
+    PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
@@ -162,24 +164,24 @@ def paged_decode_kernel(
     seq = pid // (HEAD_CHUNKS * kv_head_blocks)
     seq64 = seq.to(tl.int64)
     # The sequence's query rows [q_first, q_first + q_len), clamped to [0, total_q] (decreasing: empty).
-    if USE_CU_Q:
+    if USE_CU_SEQLENS_Q:
         q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq), 0), total_q)
         q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_first), total_q) - q_first
     else:
         q_first = seq
         q_len = 1
-    if SKIP_LONG:
+    if DEFER_LONGER_SEQUENCES:
         if q_len > Q_TOKENS:
             return
 
     # Lengths are clamped to the addressable keys (index values are never checked on the host).
     if IS_PAGED:
         kv_len = tl.minimum(tl.maximum(tl.load(seqused_k_ptr + seq), 0), kv_capacity)
-        k_start = 0
+        kv_start = 0
     else:
-        k_start = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq), 0), kv_capacity)
-        kv_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq + 1), k_start), kv_capacity) - k_start
-        if HAS_SEQUSED:
+        kv_start = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq), 0), kv_capacity)
+        kv_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_k_ptr + seq + 1), kv_start), kv_capacity) - kv_start
+        if USE_SEQUSED:
             kv_len = tl.maximum(tl.minimum(kv_len, tl.load(seqused_k_ptr + seq)), 0)
 
     rows = tl.arange(0, BLOCK_H)
@@ -237,9 +239,9 @@ def paged_decode_kernel(
         split_start = first_key + split * keys_per_split
         split_end = tl.minimum(split_start + keys_per_split, key_end)
 
-        q_offs = q_rows[:, None] * stride_q_seq + q_heads[:, None] * stride_q_head + offs_d[None, :]
+        q_offs = q_rows[:, None] * stride_q_token + q_heads[:, None] * stride_q_head + offs_d[None, :]
         q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
-        if IS_FP8:
+        if KV_FP8:
             q = q.to(tl.float16)
         if DOT_FP32:
             q = q.to(tl.float32)
@@ -264,12 +266,12 @@ def paged_decode_kernel(
                 ahead = pos + BLOCK_N
                 next_page = tl.load(block_row_ptr + ahead // PAGE_SIZE, mask=ahead < split_end, other=0)
                 in_page = (pos % PAGE_SIZE).to(tl.int64)
-                k_rows = page * stride_k_block + in_page * stride_k_tok
-                v_rows = page * stride_v_block + in_page * stride_v_tok
+                k_rows = page * stride_k_block + in_page * stride_k_token
+                v_rows = page * stride_v_block + in_page * stride_v_token
             else:
-                key_token = (k_start + pos).to(tl.int64)
-                k_rows = key_token * stride_k_tok
-                v_rows = key_token * stride_v_tok
+                key_token = (kv_start + pos).to(tl.int64)
+                k_rows = key_token * stride_k_token
+                v_rows = key_token * stride_v_token
             tile_scale = score_scale
             if PER_TOKEN_SCALES:
                 if IS_PAGED:
@@ -286,8 +288,8 @@ def paged_decode_kernel(
             else:
                 kv_mask = valid[:, None] & d_mask[None, :]
             if KV_HEADS == 1:
-                k = load_kv_tile(k_head_ptr, k_rows, offs_d, kv_mask, IS_FP8, False, DOT_FP32)
-                v = load_kv_tile(v_head_ptr, v_rows, offs_d, kv_mask, IS_FP8, FP8_V_FENCE, DOT_FP32)
+                k = load_kv_tile(k_head_ptr, k_rows, offs_d, kv_mask, KV_FP8, False, DOT_FP32)
+                v = load_kv_tile(v_head_ptr, v_rows, offs_d, kv_mask, KV_FP8, FP8_V_FENCE, DOT_FP32)
                 qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
             else:
                 # Every row's query against every KV head of the program; each row keeps its own head's scores.
@@ -295,7 +297,7 @@ def paged_decode_kernel(
                 for h in tl.static_range(KV_HEADS):
                     # A head past Hkv (never, as launched: KV_HEADS divides Hkv) re-reads the last; its rows are masked.
                     head_h = tl.minimum(kv_head + h, num_kv_heads - 1).to(tl.int64)
-                    k = load_kv_tile(k_ptr + head_h * stride_k_head, k_rows, offs_d, kv_mask, IS_FP8, False, DOT_FP32)
+                    k = load_kv_tile(k_ptr + head_h * stride_k_head, k_rows, offs_d, kv_mask, KV_FP8, False, DOT_FP32)
                     qk = tl.where((row_kv == h)[:, None], tl.dot(q, tl.trans(k)), qk)
             if USE_SOFTCAP or USE_ALIBI:
                 scores = qk * tile_scale
@@ -323,7 +325,7 @@ def paged_decode_kernel(
                 for h in tl.static_range(KV_HEADS):
                     head_h = tl.minimum(kv_head + h, num_kv_heads - 1).to(tl.int64)
                     v = load_kv_tile(
-                        v_ptr + head_h * stride_v_head, v_rows, offs_d, kv_mask, IS_FP8, FP8_V_FENCE, DOT_FP32
+                        v_ptr + head_h * stride_v_head, v_rows, offs_d, kv_mask, KV_FP8, FP8_V_FENCE, DOT_FP32
                     )
                     acc = tl.dot(tl.where((row_kv == h)[:, None], p, 0.0).to(v.dtype), v, acc)
 
@@ -340,12 +342,12 @@ def paged_decode_kernel(
         else:
             out = out.to(out_ptr.dtype.element_ty)
 
-        o_offs = split.to(tl.int64) * stride_o_split + q_rows[:, None] * stride_o_seq
+        o_offs = split.to(tl.int64) * stride_o_split + q_rows[:, None] * stride_o_token
         o_offs += q_heads[:, None] * stride_o_head
         tl.store(
             out_ptr + o_offs + offs_d[None, :],
             out,
             mask=row_mask[:, None] & d_mask[None, :],
         )
-        lse_offs = split.to(tl.int64) * stride_lse_split + q_rows * stride_lse_seq + q_heads * stride_lse_head
+        lse_offs = split.to(tl.int64) * stride_lse_split + q_rows * stride_lse_token + q_heads * stride_lse_head
         tl.store(lse_ptr + lse_offs, lse, mask=row_mask)

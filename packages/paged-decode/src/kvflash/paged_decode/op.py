@@ -1,44 +1,40 @@
 """``paged_decode_attention``: split-KV decode over a paged (or contiguous) KV cache, FP8 included.
 
-The public function checks and normalises the arguments (through ``kvflash.attn_common``), then calls
-the ``kvflash::paged_decode_attention`` custom op, which picks launch settings from shapes, launches the
-decode kernel and, when the keys are split, the split-merge kernel. No tensor value is read on the host.
+The flow of docs/house_style.md: :func:`paged_decode_attention` checks its arguments (through
+:func:`kvflash.attn_common.check_attention_call` and its own decode checks) and allocates, then calls the
+``kvflash::paged_decode_attention`` custom op, which chooses the launch settings
+(:func:`kvflash.paged_decode.launch_config.choose_paged_decode_config`) and launches through
+:func:`launch_paged_decode`: the decode kernel (``kernel.py``) and, when the keys are split, the n-way merge kernel
+(``split_merge_kernel.py``, through :func:`kvflash.paged_decode.merge_states_op.launch_merge_partial_attentions`).
+No tensor value is read on the host.
 """
 
 import torch
+import triton
 
 from kvflash.attn_common import (
     FP8_TORCH_DTYPES,
-    QUERY_TORCH_DTYPES,
     AttentionFeatures,
+    check_attention_call,
     check_bool,
-    check_device_type,
-    check_index_tensor,
     check_int,
-    check_kv_cache,
-    check_out,
+    check_query,
     check_tensor,
     empty_out,
     kernel_window,
-    normalize_attention_features,
     platform,
     reference_attention_into,
     validate_index_tensors,
 )
 from kvflash.attn_common.call_plan import empty_buffer, planned
 from kvflash.attn_common.descale import descale_kernel_strides, is_per_token_descale
-from kvflash.attn_common.intmath import cdiv, next_power_of_2
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
-from kvflash.paged_decode.decode_kernel import paged_decode_kernel
-from kvflash.paged_decode.launch_config import MAX_BLOCK_H, choose_decode_config
-from kvflash.paged_decode.split_merge_kernel import split_merge_kernel
+from kvflash.paged_decode.kernel import paged_decode_kernel
+from kvflash.paged_decode.launch_config import MAX_BLOCK_H, PagedDecodeLaunchConfig, choose_paged_decode_config
+from kvflash.paged_decode.merge_states_op import launch_merge_partial_attentions
 
-__all__ = ["paged_decode_attention", "run_paged_decode"]
-
-# Partial-output elements the split-merge kernel loads per step: all splits at once up to 64 x 128, so the
-# merge of a long single sequence (few programs, many splits) is not a chain of dependent loads.
-MERGE_TILE_ELEMENTS = 8192
+__all__ = ["paged_decode_attention", "run_paged_decode", "launch_paged_decode"]
 
 
 @planned
@@ -153,8 +149,7 @@ def paged_decode_attention(
         ``out`` shaped like ``q`` in ``q``'s dtype (``out``'s; fp8 e4m3 with ``output_scale``), and ``lse`` when
         ``return_lse``.
     """
-    check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
-    check_device_type("q", q)
+    check_query(q)
     if block_table is not None:
         check_tensor("block_table", block_table, dtypes=(torch.int32,), ndim=2)
         num_seqs = block_table.shape[0]
@@ -168,27 +163,16 @@ def paged_decode_attention(
             f"q: expected shape [num_seqs, Hq, D] with num_seqs={num_seqs} (one query token per sequence without "
             f"cu_seqlens_q), got {tuple(q.shape)}"
         )
-    check_int("max_seqlen_k", max_seqlen_k)
     check_int("max_seqlen_q", max_seqlen_q, 1)
     check_bool("defer_longer_sequences", defer_longer_sequences)
     check_int("num_splits", num_splits)  # 0 = automatic, 1 = no split, n = at most n
-    check_bool("causal", causal)
-    if cu_seqlens_q is not None:
-        check_index_tensor("cu_seqlens_q", cu_seqlens_q, shape=(num_seqs + 1,), device=q.device)
-    layout = check_kv_cache(
-        q,
-        k,
-        v,
-        num_seqs,
-        block_table=block_table,
-        seqused_k=seqused_k,
-        cu_seqlens_k=cu_seqlens_k,
-        max_seqlen_k=max_seqlen_k,
-    )
-    f = normalize_attention_features(
-        q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
-        alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
-        k=k, kv_descale_per_token=kv_descale_per_token,
+    # out: q's dtype, or float32 (context-parallel partials), or fp8 e4m3 with output_scale.
+    f = check_attention_call(
+        q, k, v, num_seqs, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
+        causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
+        k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
+        kv_descale_per_token=kv_descale_per_token, out=out, out_extra_dtypes=(torch.float32,),
     )  # fmt: skip
     return run_paged_decode(
         q, k, v, f, max_seqlen_k, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
@@ -215,10 +199,10 @@ def run_paged_decode(
     return_lse: bool,
     defer_longer_sequences: bool,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`paged_decode_attention` after its checks: ``q``, the KV cache and its index tensors (with
-    :func:`kvflash.attn_common.check_kv_cache`), ``cu_seqlens_q`` and the ints are checked, and ``features`` is
-    what :func:`kvflash.attn_common.normalize_attention_features` returned for them. Checks ``out``, ``lse`` and
-    the ``defer_longer_sequences`` bound, allocates what is missing and runs the op.
+    """:func:`paged_decode_attention` after its checks: ``features`` is what
+    :func:`kvflash.attn_common.check_attention_call` returned for these arguments (``out`` included), and the
+    decode's own ints are checked. Checks ``lse`` and the ``defer_longer_sequences`` bound, allocates what is
+    missing and runs the op.
 
     For callers that have done those checks themselves (``flash_attn_varlen_func``: the mixed route runs this and
     the chunked-prefill kernel on one set of checked arguments), so an eager call checks each argument once.
@@ -235,8 +219,6 @@ def run_paged_decode(
     f = features
     if out is None:
         out = empty_out(q, f.output_scale)
-    else:
-        check_out(out, q, f.output_scale, extra_dtypes=(torch.float32,))
     if lse is None:
         lse = empty_buffer((num_q_heads, q.shape[0]), torch.float32, q.device)
     else:
@@ -253,7 +235,7 @@ def run_paged_decode(
     return (out, lse) if return_lse else out
 
 
-def _paged_decode_op(
+def _paged_decode_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -279,7 +261,8 @@ def _paged_decode_op(
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, or rank-3 per-token-head
     ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32; window edges ``-1`` = unbounded,
-    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``)."""
+    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``): the CPU reference without Triton, else the launch settings
+    and the launch."""
     interpreter = platform.interpreter_enabled()
     if not platform.runs_triton(q.device, interpreter):
         _reference_decode(
@@ -287,18 +270,40 @@ def _paged_decode_op(
             out, lse, softmax_scale, window_left, window_right, softcap, output_scale,
         )  # fmt: skip
         return
-    total_q, num_q_heads, head_size = q.shape
-    is_paged = block_table is not None
-    num_seqs = block_table.shape[0] if is_paged else cu_seqlens_k.shape[0] - 1
+    config = _choose_config(
+        q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale, max_seqlen_q, max_seqlen_k, window_left, num_splits,
+        defer_longer_sequences, interpreter,
+    )  # fmt: skip
+    launch_paged_decode(
+        q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
+        lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
+        defer_longer_sequences, output_scale, config=config,
+    )  # fmt: skip
+
+
+def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
+      s_aux, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
+      defer_longer_sequences, output_scale) -> None:  # fmt: skip
+    return None
+
+
+# torch.ops.kvflash.paged_decode_attention (attn_common.ops: one C++ dispatch per eager call).
+_PAGED_DECODE_OP = define_op(
+    "paged_decode_attention", _paged_decode_impl, _paged_decode_fake, mutates_args=("out", "lse")
+)
+
+
+def _choose_config(
+    q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale, max_seqlen_q, max_seqlen_k, window_left, num_splits,
+    defer_longer_sequences, interpreter,
+) -> PagedDecodeLaunchConfig:  # fmt: skip
+    """:func:`choose_paged_decode_config` for the op's normalised arguments."""
     num_kv_heads = k.shape[-2]
-    group = num_q_heads // num_kv_heads
-    kv_is_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
-    per_token = is_per_token_descale(k_descale)
-    cfg = choose_decode_config(
-        num_seqs=num_seqs,
+    return choose_paged_decode_config(
+        num_seqs=block_table.shape[0] if block_table is not None else cu_seqlens_k.shape[0] - 1,
         num_kv_heads=num_kv_heads,
-        group=group,
-        head_size=head_size,
+        group=q.shape[1] // num_kv_heads,
+        head_size=q.shape[2],
         kv_itemsize=k.element_size(),
         max_seqlen_k=max_seqlen_k,
         window_left=window_left,
@@ -307,23 +312,67 @@ def _paged_decode_op(
         interpreter=interpreter,
         max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
         fill_rows=not defer_longer_sequences,
-        per_token_scales=per_token,
+        per_token_scales=is_per_token_descale(k_descale),
     )
+
+
+def launch_paged_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_table: torch.Tensor | None,
+    seqused_k: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    cu_seqlens_q: torch.Tensor | None,
+    k_descale: torch.Tensor,
+    v_descale: torch.Tensor,
+    alibi_slopes: torch.Tensor | None,
+    s_aux: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    num_splits: int,
+    defer_longer_sequences: bool,
+    output_scale: torch.Tensor | None,
+    config: PagedDecodeLaunchConfig | None = None,
+) -> None:
+    """The keyword launches of a decode call on the op's normalised arguments: the decode kernel, then, when the
+    keys are split, the n-way merge of the fp32 split partials into ``out`` and ``lse`` (sinks and the fp8 output
+    applied there). ``config`` overrides :func:`choose_paged_decode_config` (the tuning sweeps pass it)."""
+    interpreter = platform.interpreter_enabled()
+    cfg = config
+    if cfg is None:
+        cfg = _choose_config(
+            q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale, max_seqlen_q, max_seqlen_k, window_left,
+            num_splits, defer_longer_sequences, interpreter,
+        )  # fmt: skip
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
+    total_q, num_q_heads, head_size = q.shape
+    is_paged = block_table is not None
+    num_seqs = block_table.shape[0] if is_paged else cu_seqlens_k.shape[0] - 1
+    num_kv_heads = k.shape[-2]
+    kv_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
     is_split = cfg.num_splits > 1
     if is_split:
         part_out = empty_buffer((cfg.num_splits, total_q, num_q_heads, head_size), torch.float32, q.device)
-        part_lse = empty_buffer((total_q, num_q_heads, cfg.num_splits), torch.float32, q.device)
+        # [num_splits, Hq, total_q], a view of a [total_q, Hq, num_splits] buffer: a row's split LSEs lie together
+        # for the merge.
+        part_lse = empty_buffer((total_q, num_q_heads, cfg.num_splits), torch.float32, q.device).permute(2, 1, 0)
         dst_out, dst_lse = part_out, part_lse
         o_strides = part_out.stride()[:3]
-        part_lse_strides = part_lse.stride()
-        lse_strides = (part_lse_strides[2], part_lse_strides[0], part_lse_strides[1])
+        lse_strides = part_lse.stride()
     else:
         dst_out, dst_lse = out, lse
-        out_strides, lse_2d_strides = out.stride(), lse.stride()
+        out_strides = out.stride()
         o_strides = (0, out_strides[0], out_strides[1])
-        lse_strides = (0, lse_2d_strides[1], lse_2d_strides[0])
+        lse_strides = (0,) + lse.stride()
+    # o_strides: (split, token, head); lse_strides: (split, head, token).
     # Unused pointers get a valid tensor of the right kind; the constexpr flags keep them unread.
     # Stride tuples read once (each .stride(i) is a separate call into torch).
     k_strides = k.stride()[:3] if is_paged else (0,) + k.stride()[:2]
@@ -333,7 +382,7 @@ def _paged_decode_op(
     vd_block, vd_seq, vd_head = descale_kernel_strides(v_descale)
     alibi_strides = alibi_slopes.stride() if alibi_slopes is not None else (0, 0)
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
-    grid = (num_seqs * cdiv(num_kv_heads, cfg.kv_heads) * cfg.head_chunks, cfg.num_splits)
+    grid = (num_seqs * triton.cdiv(num_kv_heads, cfg.kv_heads) * cfg.head_chunks, cfg.num_splits)
     kernel_left, kernel_right = kernel_window(window_left, window_right)
     if grid[0] > 0:
         launch(
@@ -359,13 +408,13 @@ def _paged_decode_op(
             total_q=total_q,
             kv_capacity=block_table.shape[1] * k.shape[1] if is_paged else k.shape[0],
             num_blocks=k.shape[0] if is_paged else 1,
-            stride_q_seq=q_strides[0],
+            stride_q_token=q_strides[0],
             stride_q_head=q_strides[1],
             stride_k_block=k_strides[0],
-            stride_k_tok=k_strides[1],
+            stride_k_token=k_strides[1],
             stride_k_head=k_strides[2],
             stride_v_block=v_strides[0],
-            stride_v_tok=v_strides[1],
+            stride_v_token=v_strides[1],
             stride_v_head=v_strides[2],
             stride_bt_seq=block_table.stride(0) if is_paged else 0,
             stride_kd_seq=kd_seq,
@@ -377,16 +426,16 @@ def _paged_decode_op(
             stride_alibi_seq=alibi_strides[0],
             stride_alibi_head=alibi_strides[1],
             stride_o_split=o_strides[0],
-            stride_o_seq=o_strides[1],
+            stride_o_token=o_strides[1],
             stride_o_head=o_strides[2],
             stride_lse_split=lse_strides[0],
-            stride_lse_seq=lse_strides[1],
-            stride_lse_head=lse_strides[2],
+            stride_lse_token=lse_strides[2],
+            stride_lse_head=lse_strides[1],
             softmax_scale=softmax_scale,
             softcap=softcap,
             window_left=kernel_left,
             window_right=kernel_right,
-            GROUP=group,
+            GROUP=num_q_heads // num_kv_heads,
             KV_HEADS=cfg.kv_heads,
             HEAD_CHUNKS=cfg.head_chunks,
             H_ROWS=cfg.h_rows,
@@ -397,64 +446,26 @@ def _paged_decode_op(
             BLOCK_N=cfg.block_n,
             PAGE_SIZE=k.shape[1] if is_paged else 1,
             IS_PAGED=is_paged,
-            HAS_SEQUSED=seqused_k is not None,
-            IS_FP8=kv_is_fp8,
+            USE_SEQUSED=seqused_k is not None,
+            KV_FP8=kv_fp8,
             IS_SPLIT=is_split,
-            USE_CU_Q=cu_seqlens_q is not None,
-            SKIP_LONG=defer_longer_sequences,
+            USE_CU_SEQLENS_Q=cu_seqlens_q is not None,
+            DEFER_LONGER_SEQUENCES=defer_longer_sequences,
             ROW_MASK=cfg.q_tokens > 1,
-            # The interpreter's bf16 tl.dot returns garbage (triton issue 11584): there, bf16 dots run in fp32.
-            DOT_FP32=interpreter and not kv_is_fp8 and q.dtype == torch.bfloat16,
+            # The interpreter's bf16 tl.dot is wrong (docs/design.md, Tests): there, bf16 dots run in fp32.
+            DOT_FP32=interpreter and not kv_fp8 and q.dtype == torch.bfloat16,
             USE_SOFTCAP=softcap > 0,
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
-            FP8_V_FENCE=kv_is_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
+            FP8_V_FENCE=kv_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
             OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
-            PER_TOKEN_SCALES=per_token,
+            PER_TOKEN_SCALES=is_per_token_descale(k_descale),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
-    if is_split and total_q > 0:
-        splits_pad = max(2, next_power_of_2(cfg.num_splits))
-        launch(
-            split_merge_kernel,
-            (total_q, num_q_heads),
-            interpreter,
-            partial_out_ptr=part_out,
-            partial_lse_ptr=part_lse,
-            sinks_ptr=s_aux if s_aux is not None else part_lse,
-            output_scale_ptr=output_scale if output_scale is not None else part_lse,
-            out_ptr=out,
-            lse_ptr=lse,
-            num_q_heads=num_q_heads,
-            num_splits=cfg.num_splits,
-            stride_po_split=part_out.stride(0),
-            stride_o_seq=out.stride(0),
-            stride_o_head=out.stride(1),
-            stride_lse_head=lse.stride(0),
-            stride_lse_seq=lse.stride(1),
-            HEAD_SIZE=head_size,
-            HEAD_PAD=cfg.head_pad,
-            SPLITS_PAD=splits_pad,
-            SPLIT_CHUNK=max(1, min(splits_pad, MERGE_TILE_ELEMENTS // cfg.head_pad)),
-            USE_SINKS=s_aux is not None,
-            OUTPUT_FP8=output_scale is not None,
-            ROUND_IN_SOFTWARE=interpreter,
-            num_warps=4,
-        )
-
-
-def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
-      s_aux, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
-      defer_longer_sequences, output_scale) -> None:  # fmt: skip
-    return None
-
-
-# torch.ops.kvflash.paged_decode_attention (attn_common.ops: one C++ dispatch per eager call).
-_PAGED_DECODE_OP = define_op(
-    "paged_decode_attention", _paged_decode_op, _paged_decode_fake, mutates_args=("out", "lse")
-)
+    if is_split:
+        launch_merge_partial_attentions(part_out, part_lse, out, lse, s_aux=s_aux, output_scale=output_scale)
 
 
 def _reference_decode(

@@ -4,10 +4,10 @@ cases, in one process.
 On the GPU machine, from the repository root::
 
     PYTHONPATH=packages/attn-common/src:packages/chunk-prefill/src:packages/paged-decode/src:\\
-    packages/fp8-utils/src:packages/kvflash/src python tools/bench/bench.py [--quick] [--out DIR]
+    packages/fp8-utils/src:packages/kvflash/src python -m tools.bench [--quick] [--out DIR]
 
 writes DIR/results.json, DIR/BENCHMARKS.md and DIR/kvflash_bench.png, and prints a table.
-``python tools/bench/report.py --from DIR/results.json`` then regenerates the repository's BENCHMARKS.md.
+``python -m tools.bench report --from DIR/results.json`` then regenerates the repository's BENCHMARKS.md.
 ``--dry-run`` lists the cases without a GPU.
 """
 
@@ -23,9 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from case import Case, run_case  # noqa: E402
+from .case import Case, run_case
 
 GROUPS = ("decode", "prefill", "cache", "serving", "host")
 
@@ -36,11 +34,11 @@ def log(msg: str) -> None:
 
 def build_cases(quick: bool, only: tuple[str, ...]) -> list[Case]:
     """The case list (no GPU touched: kernels are imported when a case runs)."""
-    from cases_cache import cache_cases
-    from cases_decode import decode_cases
-    from cases_host import host_cases
-    from cases_prefill import prefill_cases
-    from cases_serving import serving_cases
+    from .cases_cache import cache_cases
+    from .cases_decode import decode_cases
+    from .cases_host import host_cases
+    from .cases_prefill import prefill_cases
+    from .cases_serving import serving_cases
 
     makers = {
         "decode": decode_cases,
@@ -97,7 +95,12 @@ def environment(mode: str) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="Other commands: 'python -m tools.bench report --help' (BENCHMARKS.md from a results JSON), "
+        "'python -m tools.bench sweep --help' (launch-config sweeps of one kernel).",
+    )
     parser.add_argument("--quick", action="store_true", help="a small subset (fits one device call with the GPU tests)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="output folder (default ./bench-out)")
     parser.add_argument(
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     mode = "quick" if args.quick else "full"
     cases = build_cases(args.quick, args.only)
     if args.dry_run:
-        from ceilings import CEILINGS
+        from .ceilings import CEILINGS
 
         log(f"mode {mode}: {len(CEILINGS)} ceilings, {len(cases)} cases")
         for name, (_, what) in CEILINGS.items():
@@ -129,11 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     if not torch.cuda.is_available():
-        log("no GPU: bench.py times CUDA kernels; use --dry-run to list the cases")
+        log("no GPU: the bench times CUDA kernels; use --dry-run to list the cases")
         return 2
-    from analysis import derive, evaluate_targets
-    from ceilings import measure_ceilings
-    from report import text_table, write_report
+    from .analysis import derive, evaluate_targets
+    from .ceilings import measure_ceilings
+    from .report import text_table, write_report
 
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     results_path.write_text(json.dumps(data, indent=1))
     try:
         write_report(data, args.out / "BENCHMARKS.md", args.out / "kvflash_bench.png", source=results_path)
-    except Exception as exc:  # the JSON is written; report.py --from can retry the markdown and plot
+    except Exception as exc:  # the JSON is written; the report command can retry the markdown and plot
         log(f"report failed ({type(exc).__name__}: {exc}); results are in {results_path}")
     log("")
     log(text_table(derive(data)))
