@@ -4,29 +4,13 @@ torch.compile, and no host synchronisation anywhere in the fp8 utilities."""
 import pytest
 import torch
 
-from kvflash.attn_common import saturate_to_fp8
 from kvflash.fp8_utils import compute_kv_scales, dequantize_fp8, reshape_and_cache_flash, scaled_fp8_quant
+
+from .writer_cases import as_bytes, encode, expected_cache
 
 pytestmark = pytest.mark.gpu
 
 FORMATS = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-
-
-def _bytes(t):
-    return t.contiguous().view(torch.uint8)
-
-
-def _encode(x, scale, dtype):
-    return saturate_to_fp8(x, scale.reshape(-1, 1), dtype)
-
-
-def _expected(cache, rows, slots):
-    num_blocks, block_size = cache.shape[:2]
-    out = _bytes(cache.clone())
-    ok = (slots >= 0) & (slots < num_blocks * block_size)
-    s = slots[ok]
-    out[s // block_size, s % block_size] = _bytes(rows[ok])
-    return out
 
 
 def _block_slots(num_tokens, num_blocks, block_size, gen):
@@ -58,12 +42,12 @@ def test_reshape_and_cache_gpu_serving_size(kv_cache_dtype, per_head):
     else:
         k_scale = compute_kv_scales(key, cache_dtype, per_head=per_head, margin=1.1)
         v_scale = compute_kv_scales(value, cache_dtype, per_head=per_head)
-        k_rows, v_rows = _encode(key, k_scale, cache_dtype), _encode(value, v_scale, cache_dtype)
-    expected = _bytes(joint.clone())
-    expected[:, 0] = _expected(joint[:, 0], k_rows, slots)
-    expected[:, 1] = _expected(joint[:, 1], v_rows, slots)
+        k_rows, v_rows = encode(key, k_scale, cache_dtype), encode(value, v_scale, cache_dtype)
+    expected = as_bytes(joint.clone())
+    expected[:, 0] = expected_cache(joint[:, 0], k_rows, slots)
+    expected[:, 1] = expected_cache(joint[:, 1], v_rows, slots)
     reshape_and_cache_flash(key, value, joint[:, 0], joint[:, 1], slots, kv_cache_dtype, k_scale, v_scale)
-    assert torch.equal(_bytes(joint), expected)
+    assert torch.equal(as_bytes(joint), expected)
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.bfloat16])
@@ -91,8 +75,8 @@ def test_reshape_and_cache_gpu_cache_over_4gib(cache_dtype):
     reshape_and_cache_flash(key, value, key_cache, value_cache, slots, kv_cache_dtype, scale, scale)
     ok = slots[:-1]
     for x, cache in ((key, key_cache), (value, value_cache)):
-        rows = x[:-1] if scale is None else _encode(x[:-1], scale, cache_dtype)
-        assert torch.equal(_bytes(cache[ok // block_size, ok % block_size]), _bytes(rows))
+        rows = x[:-1] if scale is None else encode(x[:-1], scale, cache_dtype)
+        assert torch.equal(as_bytes(cache[ok // block_size, ok % block_size]), as_bytes(rows))
         assert int(cache.view(-1).ne(0).sum()) == (num_tokens - 1) * num_kv_heads * head_size
     del key_cache, value_cache
     torch.cuda.empty_cache()
@@ -117,8 +101,10 @@ def test_reshape_and_cache_gpu_cuda_graph_replay():
     before_k, before_v = key_cache.clone(), value_cache.clone()
     graph.replay()
     torch.cuda.synchronize()
-    assert torch.equal(_bytes(key_cache), _expected(before_k, _encode(key, k_scale, torch.float8_e4m3fn), slots))
-    assert torch.equal(_bytes(value_cache), _expected(before_v, _encode(value, v_scale, torch.float8_e4m3fn), slots))
+    assert torch.equal(as_bytes(key_cache), expected_cache(before_k, encode(key, k_scale, torch.float8_e4m3fn), slots))
+    assert torch.equal(
+        as_bytes(value_cache), expected_cache(before_v, encode(value, v_scale, torch.float8_e4m3fn), slots)
+    )
 
 
 def test_fp8_utils_gpu_never_sync_with_host():
@@ -160,7 +146,7 @@ def test_reshape_and_cache_gpu_torch_compile_fullgraph():
 
     before = joint.clone()
     k_scale, v_scale = step(key, value, joint, slots)
-    expected = _bytes(before.clone())
-    expected[:, 0] = _expected(before[:, 0], _encode(key, k_scale, torch.float8_e4m3fn), slots)
-    expected[:, 1] = _expected(before[:, 1], _encode(value, v_scale, torch.float8_e4m3fn), slots)
-    assert torch.equal(_bytes(joint), expected)
+    expected = as_bytes(before.clone())
+    expected[:, 0] = expected_cache(before[:, 0], encode(key, k_scale, torch.float8_e4m3fn), slots)
+    expected[:, 1] = expected_cache(before[:, 1], encode(value, v_scale, torch.float8_e4m3fn), slots)
+    assert torch.equal(as_bytes(joint), expected)

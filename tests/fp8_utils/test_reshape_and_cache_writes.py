@@ -8,29 +8,11 @@ to V shows up. FP8 expectations are :func:`kvflash.attn_common.saturate_to_fp8` 
 import pytest
 import torch
 
-from kvflash.attn_common import saturate_to_fp8
 from kvflash.fp8_utils import dequantize_fp8, reshape_and_cache_flash
 
+from .writer_cases import as_bytes, encode, expected_cache
+
 FP8_STRINGS = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8)
-
-
-def _encode(x: torch.Tensor, scale: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
-    """The saturating cast, per row of ``[Hkv, D]``; ``scale`` is a float32 tensor of 1 element or [Hkv]."""
-    return saturate_to_fp8(x, scale.reshape(-1, 1), fp8_dtype)
-
-
-def _expected(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``cache`` (a copy, as bytes) with ``rows[t]`` at ``slots[t]`` for every slot inside the cache."""
-    num_blocks, block_size = cache.shape[:2]
-    out = _bytes(cache.clone())
-    ok = (slots >= 0) & (slots < num_blocks * block_size)
-    s = slots[ok]
-    out[s // block_size, s % block_size] = _bytes(rows[ok])
-    return out
 
 
 def _random_cache(shape, dtype, device, gen) -> torch.Tensor:
@@ -77,13 +59,13 @@ def test_reshape_and_cache_fp8_round_trip(device, fp8_dtype, scale_kind, in_dtyp
     slots = _slots(num_tokens, num_blocks * block_size, gen, device)
     (k_arg, k_ref), (v_arg, v_ref) = _scales(scale_kind, num_kv_heads, device, gen)
     k_ref, v_ref = k_ref.to(device), v_ref.to(device)
-    expected_k = _expected(key_cache, _encode(key, k_ref, fp8_dtype), slots)
-    expected_v = _expected(value_cache, _encode(value, v_ref, fp8_dtype), slots)
+    expected_k = expected_cache(key_cache, encode(key, k_ref, fp8_dtype), slots)
+    expected_v = expected_cache(value_cache, encode(value, v_ref, fp8_dtype), slots)
 
     reshape_and_cache_flash(key, value, key_cache, value_cache, slots, FP8_STRINGS[fp8_dtype], k_arg, v_arg)
 
-    assert torch.equal(_bytes(key_cache), expected_k)
-    assert torch.equal(_bytes(value_cache), expected_v)
+    assert torch.equal(as_bytes(key_cache), expected_k)
+    assert torch.equal(as_bytes(value_cache), expected_v)
     # Round trip: gather the written rows and dequantise; within half an FP8 step of the input.
     ok = slots >= 0
     ok &= slots < num_blocks * block_size
@@ -115,8 +97,8 @@ def test_reshape_and_cache_fp8_rounds_ties_to_even(device, fp8_dtype):
     slots = torch.arange(num_tokens, device=device)
     reshape_and_cache_flash(values, -values, key_cache, value_cache, slots, FP8_STRINGS[fp8_dtype], 1.0, 1.0)
     one = torch.ones(1, device=device)
-    assert torch.equal(_bytes(key_cache[:, 0]), _bytes(_encode(values, one, fp8_dtype)))
-    assert torch.equal(_bytes(value_cache[:, 0]), _bytes(_encode(-values, one, fp8_dtype)))
+    assert torch.equal(as_bytes(key_cache[:, 0]), as_bytes(encode(values, one, fp8_dtype)))
+    assert torch.equal(as_bytes(value_cache[:, 0]), as_bytes(encode(-values, one, fp8_dtype)))
 
 
 # Per-head scales for the division test: ordinary, tiny, subnormal, huge. The GPU kernel divides through a
@@ -152,8 +134,8 @@ def test_reshape_and_cache_fp8_division_is_ieee_at_every_rounding_edge(device, f
     slots = torch.arange(num_tokens, device=device)
     scale = scale.to(device)
     reshape_and_cache_flash(key, -key, key_cache, value_cache, slots, FP8_STRINGS[fp8_dtype], scale, scale)
-    assert torch.equal(_bytes(key_cache[:, 0]), _bytes(_encode(key, scale, fp8_dtype)))
-    assert torch.equal(_bytes(value_cache[:, 0]), _bytes(_encode(-key, scale, fp8_dtype)))
+    assert torch.equal(as_bytes(key_cache[:, 0]), as_bytes(encode(key, scale, fp8_dtype)))
+    assert torch.equal(as_bytes(value_cache[:, 0]), as_bytes(encode(-key, scale, fp8_dtype)))
 
 
 @pytest.mark.parametrize("fp8_dtype", list(FP8_STRINGS))
@@ -185,12 +167,12 @@ def test_reshape_and_cache_auto_copies_exactly(device, in_dtype):
     key_cache = _random_cache((num_blocks, block_size, num_kv_heads, head_size), in_dtype, device, gen)
     value_cache = _random_cache((num_blocks, block_size, num_kv_heads, head_size), in_dtype, device, gen)
     slots = _slots(num_tokens, num_blocks * block_size, gen, device)
-    expected_k, expected_v = _expected(key_cache, key, slots), _expected(value_cache, value, slots)
+    expected_k, expected_v = expected_cache(key_cache, key, slots), expected_cache(value_cache, value, slots)
     # Tensor scales are accepted for "auto" and unused (engines pass them unconditionally).
     k_scale = torch.tensor([0.5], device=device)
     reshape_and_cache_flash(key, value, key_cache, value_cache, slots, "auto", k_scale, None)
-    assert torch.equal(_bytes(key_cache), expected_k)
-    assert torch.equal(_bytes(value_cache), expected_v)
+    assert torch.equal(as_bytes(key_cache), expected_k)
+    assert torch.equal(as_bytes(value_cache), expected_v)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8", "fp8_e5m2"])
@@ -208,14 +190,14 @@ def test_reshape_and_cache_joint_cache_and_strided_inputs(device, kv_cache_dtype
     if kv_cache_dtype == "auto":
         k_rows, v_rows = key, value
     else:
-        k_rows, v_rows = _encode(key, k_scale, cache_dtype), _encode(value, v_scale, cache_dtype)
-    expected = _bytes(joint.clone())
-    expected[:, 0] = _expected(joint[:, 0], k_rows, slots)
-    expected[:, 1] = _expected(joint[:, 1], v_rows, slots)
+        k_rows, v_rows = encode(key, k_scale, cache_dtype), encode(value, v_scale, cache_dtype)
+    expected = as_bytes(joint.clone())
+    expected[:, 0] = expected_cache(joint[:, 0], k_rows, slots)
+    expected[:, 1] = expected_cache(joint[:, 1], v_rows, slots)
 
     reshape_and_cache_flash(key, value, joint[:, 0], joint[:, 1], slots, kv_cache_dtype, k_scale, v_scale)
 
-    assert torch.equal(_bytes(joint), expected)
+    assert torch.equal(as_bytes(joint), expected)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e4m3", "fp8_e5m2"])
@@ -229,12 +211,12 @@ def test_reshape_and_cache_uint8_cache_takes_format_from_string(device, kv_cache
     slots = _slots(num_tokens, num_blocks * block_size, gen, device)
     fp8_dtype = torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
     k_scale, v_scale = torch.tensor([0.01], device=device), torch.tensor([0.04], device=device)
-    expected_k = _expected(key_cache, _encode(key, k_scale, fp8_dtype), slots)
-    expected_v = _expected(value_cache, _encode(value, v_scale, fp8_dtype), slots)
+    expected_k = expected_cache(key_cache, encode(key, k_scale, fp8_dtype), slots)
+    expected_v = expected_cache(value_cache, encode(value, v_scale, fp8_dtype), slots)
     reshape_and_cache_flash(key, value, key_cache, value_cache, slots, kv_cache_dtype, k_scale, v_scale)
     assert key_cache.dtype == torch.uint8
-    assert torch.equal(_bytes(key_cache), expected_k)
-    assert torch.equal(_bytes(value_cache), expected_v)
+    assert torch.equal(as_bytes(key_cache), expected_k)
+    assert torch.equal(as_bytes(value_cache), expected_v)
 
 
 def test_reshape_and_cache_mixed_float_and_tensor_scales(device):
@@ -247,10 +229,10 @@ def test_reshape_and_cache_mixed_float_and_tensor_scales(device):
     v_scale = torch.tensor([0.3, 0.05], device=device)
     reshape_and_cache_flash(key, value, key_cache, value_cache, slots, "fp8", 0.25, v_scale)
     k_scale = torch.tensor([0.25], device=device)
-    expected_k = _expected(torch.zeros_like(key_cache), _encode(key, k_scale, torch.float8_e4m3fn), slots)
-    expected_v = _expected(torch.zeros_like(value_cache), _encode(value, v_scale, torch.float8_e4m3fn), slots)
-    assert torch.equal(_bytes(key_cache), expected_k)
-    assert torch.equal(_bytes(value_cache), expected_v)
+    expected_k = expected_cache(torch.zeros_like(key_cache), encode(key, k_scale, torch.float8_e4m3fn), slots)
+    expected_v = expected_cache(torch.zeros_like(value_cache), encode(value, v_scale, torch.float8_e4m3fn), slots)
+    assert torch.equal(as_bytes(key_cache), expected_k)
+    assert torch.equal(as_bytes(value_cache), expected_v)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8", "fp8_e5m2"])
@@ -268,7 +250,7 @@ def test_reshape_and_cache_torch_fallback_matches_kernel(monkeypatch, device, kv
     reshape_and_cache_flash(key.to(device), value.to(device), kernel[0], kernel[1], *args)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     reshape_and_cache_flash(key, value, caches[0], caches[1], slots, kv_cache_dtype, k_scale, v_scale)
-    assert torch.equal(_bytes(caches), _bytes(kernel.cpu()))
+    assert torch.equal(as_bytes(caches), as_bytes(kernel.cpu()))
 
 
 def test_reshape_and_cache_no_tokens_is_a_no_op(device):
@@ -277,4 +259,4 @@ def test_reshape_and_cache_no_tokens_is_a_no_op(device):
     value_cache = torch.zeros_like(key_cache)
     slots = torch.empty(0, dtype=torch.int64, device=device)
     reshape_and_cache_flash(key, key, key_cache, value_cache, slots, "fp8", 0.5, 0.5)
-    assert not _bytes(key_cache).any() and not _bytes(value_cache).any()
+    assert not as_bytes(key_cache).any() and not as_bytes(value_cache).any()
