@@ -14,6 +14,8 @@ from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token
 from kvflash.flash_attn_interface import flash_attn_varlen_func, reshape_and_cache_flash
 from kvflash.fp8_utils import compute_kv_scales
 
+from ..cases import assert_lse_close
+
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 STRING = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
 HQ, HKV, D = 4, 2, 32
@@ -61,7 +63,7 @@ def test_varlen_per_token_routes(device, kv_dtype, route, block_size):
     ref, ref_lse = reference_attention(q, kv.k, kv.v, cu_q, compute_dtype=torch.float64, **ref_kw)
     low, _ = reference_attention(q, kv.k, kv.v, cu_q, compute_dtype=torch.float16, **ref_kw)
     assert_close_fa_rule(got, ref, low, atol=2e-3)
-    torch.testing.assert_close(lse.double(), ref_lse.to(lse.device), rtol=0, atol=2e-3)
+    assert_lse_close(lse, ref_lse, atol=2e-3)
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
