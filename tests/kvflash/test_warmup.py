@@ -222,6 +222,42 @@ def test_warmed_features_cover_serving_with_them():
     assert not _new_keys(keys, report.keys)
 
 
+def test_warmed_per_token_head_caches_cover_serving_with_them():
+    """A per-token-head cache (one float32 scale per stored token and KV head): the warm-up reaches what decode,
+    speculative, mixed and prefill steps over it and the writer computing its scales launch (enumerated only)."""
+    report = warmup(
+        num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
+        kv_cache_dtypes=("fp8_e4m3_per_token_head",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600,
+        max_num_batched_tokens=40, num_blocks=NUM_BLOCKS, merge_states=False, device="cpu", execute=False,
+    )  # fmt: skip
+    assert any(describe_key(k).get("PER_TOKEN_SCALES") for k in report.keys if k[0] == "paged_decode_kernel")
+    gen = torch.Generator().manual_seed(11)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e4m3fn) for _ in range(2))
+    k_scale, v_scale = (torch.rand(NUM_BLOCKS, PAGE, HKV, generator=gen) + 0.5 for _ in range(2))
+    table = torch.zeros(3, -(-600 // PAGE), dtype=torch.int32)  # the warm-up's default width
+    rng = random.Random(4)
+    with record_launches() as keys, dry_run():
+        for _ in range(40):
+            num_seqs = rng.randint(1, 3)
+            q_lens = [rng.choice([1, 1, 2, 8, 20]) for _ in range(num_seqs)]
+            kv_lens = [rng.randint(q, 600) for q in q_lens]
+            offsets = [0]
+            for n in q_lens:
+                offsets.append(offsets[-1] + n)
+            flash_attn_varlen_func(
+                torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16), k_cache, v_cache, max(q_lens),
+                torch.tensor(offsets, dtype=torch.int32), max(kv_lens), block_table=table[:num_seqs],
+                seqused_k=torch.tensor(kv_lens, dtype=torch.int32), k_descale=k_scale, v_descale=v_scale,
+                causal=True,
+            )  # fmt: skip
+        for tokens in (1, 5, 16, 40):
+            key = torch.randn(tokens, HKV, D, generator=gen).half()
+            slots = torch.randperm(NUM_BLOCKS * PAGE, generator=gen)[:tokens].to(torch.int64)
+            reshape_and_cache_flash(key, key, k_cache, v_cache, slots, "fp8_e4m3_per_token_head", k_scale, v_scale)
+    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel"}
+    assert not _new_keys(keys, report.keys)
+
+
 @pytest.mark.parametrize(
     "override, error, match",
     [

@@ -42,6 +42,7 @@ from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config, pac
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, MIXED_DECODE_ROWS
 from kvflash.flash_attn_interface.varlen import flash_attn_varlen_func
 from kvflash.fp8_utils import kv_cache_torch_dtype, reshape_and_cache_flash
+from kvflash.fp8_utils.cache_dtype import check_kv_cache_dtype, is_per_token_head
 from kvflash.paged_decode import merge_attn_states
 from kvflash.paged_decode.launch_config import MIN_KEYS_PER_SPLIT, choose_paged_decode_config
 
@@ -104,13 +105,16 @@ class _Buffers:
     block_table: torch.Tensor  # [max_num_seqs, width] int32, zeros: page 0
 
 
-def _kv_cache(num_blocks: int, block_size: int, hkv: int, d: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A ``[num_blocks, block_size, Hkv, D]`` cache with a real pool's strides class and size, in one page of memory
-    when the block stride is a multiple of 16 (a stride of 0 specialises like one), else materialised."""
-    page = torch.zeros(1, block_size, hkv, d, dtype=dtype, device=device)
-    if (block_size * hkv * d) % 16 == 0:
-        return page.expand(num_blocks, block_size, hkv, d)
-    return torch.zeros(num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+def _kv_cache(
+    num_blocks: int, block_size: int, hkv: int, d: int | None, dtype: torch.dtype, device
+) -> torch.Tensor:
+    """A ``[num_blocks, block_size, Hkv, D]`` cache (``d=None``: the ``[num_blocks, block_size, Hkv]`` per-token
+    scales beside it) with a real pool's strides class and size, in one page of memory when the block stride is a
+    multiple of 16 (a stride of 0 specialises like one), else materialised."""
+    shape = (num_blocks, block_size, hkv) + ((d,) if d is not None else ())
+    if (block_size * hkv * (d or 1)) % 16 == 0:
+        return torch.zeros((1,) + shape[1:], dtype=dtype, device=device).expand(shape)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _fill_lengths(buf: _Buffers, q_lens: Sequence[int]) -> None:
@@ -184,7 +188,8 @@ def warmup(
         float16 or bfloat16: the queries' (and the model's) dtype.
     kv_cache_dtypes : iterable of str
         ``kv_cache_dtype`` strings of the caches served: ``"auto"`` (``q_dtype``), ``"fp8"``/``"fp8_e4m3"``,
-        ``"fp8_e5m2"``.
+        ``"fp8_e5m2"``, and the per-token-head ``"fp8_e4m3_per_token_head"`` / ``"fp8_e5m2_per_token_head"``
+        (attention with ``[num_blocks, block_size, Hkv]`` descales, the writer computing them).
     max_num_seqs : int
         Most sequences in one step.
     max_seqlen_q : int
@@ -254,13 +259,7 @@ def warmup(
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    kv_cache_dtypes = tuple(kv_cache_dtypes)
-    for kv_string in kv_cache_dtypes:
-        if isinstance(kv_string, str) and kv_string.endswith("_per_token_head"):
-            raise NotImplementedError(
-                f"kv_cache_dtypes: warm-up does not enumerate per-token-head descales yet, got {kv_string!r} (their "
-                "kernels compile at their first call)"
-            )
+    kv_cache_dtypes = tuple(check_kv_cache_dtype(kv_string) for kv_string in kv_cache_dtypes)
     max_tokens = max_num_batched_tokens or max_num_seqs * max_seqlen_q
     width = block_table_width or triton.cdiv(max_seqlen_k, block_size)
     buf = _Buffers(
@@ -288,6 +287,11 @@ def warmup(
         kv_dtype = kv_cache_torch_dtype(kv_string, q_dtype)
         k_cache = _kv_cache(num_blocks, block_size, num_kv_heads, head_size, kv_dtype, device)
         v_cache = _kv_cache(num_blocks, block_size, num_kv_heads, head_size, kv_dtype, device)
+        # Per-token-head caches: one float32 descale per stored (token, KV head), indexed like the cache.
+        token_scales = None
+        if is_per_token_head(kv_string):
+            token_scales = tuple(_kv_cache(num_blocks, block_size, num_kv_heads, None, torch.float32, device)
+                                 for _ in range(2))  # fmt: skip
         features = itertools.product(causal, window_sizes, softcaps, sinks, alibi, return_softmax_lse, num_splits)
         for is_causal, window, softcap, use_sinks, use_alibi, lse, splits in features:
             extra = dict(causal=is_causal, window_size=window, softcap=softcap, return_softmax_lse=lse)
@@ -298,11 +302,12 @@ def warmup(
             fp8 = kv_dtype != q_dtype
             for make in _varlen_candidates(
                 buf, k_cache, v_cache, fp8, extra, splits, num_q_heads, num_kv_heads, head_size, max_num_seqs,
-                max_seqlen_q, max_seqlen_k, max_tokens, window, per_seq_descales, device,
+                max_seqlen_q, max_seqlen_k, max_tokens, window, per_seq_descales, token_scales, device,
             ):  # fmt: skip
                 consider(make)
         if cache_writer:
-            for make in _cache_candidates(kv_string, q_dtype, num_kv_heads, head_size, block_size, max_tokens, device):
+            for make in _cache_candidates(kv_string, q_dtype, num_kv_heads, head_size, block_size, max_tokens,
+                                          token_scales is not None, device):  # fmt: skip
                 consider(make)
     if merge_states:
         for make in _merge_candidates(q_dtype, num_q_heads, head_size, max_tokens, device):
@@ -359,9 +364,10 @@ def _compile_in_parallel(calls: list[Callable[[], None]], device: torch.device, 
 
 def _varlen_candidates(
     buf, k_cache, v_cache, fp8, extra, splits, hq, hkv, d, max_num_seqs, max_seqlen_q, max_seqlen_k, max_tokens,
-    window, per_seq_descales, device,
+    window, per_seq_descales, token_scales, device,
 ):  # fmt: skip
-    """Candidate ``flash_attn_varlen_func`` calls of every route, deduplicated by a cheap pre-signature."""
+    """Candidate ``flash_attn_varlen_func`` calls of every route, deduplicated by a cheap pre-signature.
+    ``token_scales``: the ``(k, v)`` per-token-head descales of a per-token-head cache, else ``None``."""
     group = hq // hkv
     interpreter = platform.interpreter_enabled() and device.type == "cpu"
     sms = platform.multiprocessor_count(device)
@@ -374,7 +380,9 @@ def _varlen_candidates(
             num_seqs, total_q = len(q_lens), sum(q_lens)
             _fill_lengths(buf, q_lens)
             descales = {}
-            if fp8:
+            if token_scales is not None:
+                descales = dict(k_descale=token_scales[0], v_descale=token_scales[1])
+            elif fp8:
                 shape = (num_seqs, hkv) if per_seq_descales else (1,)
                 descales = dict(
                     k_descale=torch.ones(shape, dtype=torch.float32, device=device),
@@ -402,7 +410,7 @@ def _varlen_candidates(
                 return choose_paged_decode_config(
                     num_seqs=num_seqs, num_kv_heads=hkv, group=group, head_size=d, kv_itemsize=itemsize,
                     max_seqlen_k=max_k, window_left=window_left, num_splits=splits, multiprocessor_count=sms,
-                    interpreter=interpreter, max_seqlen_q=max_q,
+                    interpreter=interpreter, max_seqlen_q=max_q, per_token_scales=token_scales is not None,
                 )  # fmt: skip
 
             bounds = [max_seqlen_k]
@@ -446,19 +454,24 @@ def _varlen_candidates(
                     yield make(q_lens, max_q, max_seqlen_k)
 
 
-def _cache_candidates(kv_string, q_dtype, hkv, d, block_size, max_tokens, device):
-    """``reshape_and_cache_flash`` calls over token counts (padding slots: nothing is written)."""
+def _cache_candidates(kv_string, q_dtype, hkv, d, block_size, max_tokens, per_token, device):
+    """``reshape_and_cache_flash`` calls over token counts (padding slots: nothing is written). ``per_token``: the
+    scales are the ``[num_blocks, block_size, Hkv]`` float32 outputs of a per-token-head string."""
     num_blocks = max(1, triton.cdiv(max_tokens, block_size))
     cache_dtype = kv_cache_torch_dtype(kv_string, q_dtype)
     key_cache = torch.zeros(num_blocks, block_size, hkv, d, dtype=cache_dtype, device=device)
     value_cache = torch.zeros_like(key_cache)
     scale = torch.ones(1, dtype=torch.float32, device=device)
+    k_scale = v_scale = scale
+    if per_token:
+        k_scale, v_scale = (torch.ones(num_blocks, block_size, hkv, dtype=torch.float32, device=device)
+                            for _ in range(2))  # fmt: skip
     keys = torch.zeros(max_tokens, hkv, d, dtype=q_dtype, device=device)
     slots = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
     for tokens in sorted(set(range(1, min(max_tokens, 80) + 1)) | set(range(max(1, max_tokens - 33), max_tokens + 1))):
 
         def build(tokens=tokens):
-            args = (keys[:tokens], keys[:tokens], key_cache, value_cache, slots[:tokens], kv_string, scale, scale)
+            args = (keys[:tokens], keys[:tokens], key_cache, value_cache, slots[:tokens], kv_string, k_scale, v_scale)
             return lambda: reshape_and_cache_flash(*args)
 
         yield build
