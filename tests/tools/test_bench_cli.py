@@ -28,8 +28,8 @@ def test_bench_help():
 
 @pytest.mark.parametrize(
     "command, shown",
-    [("sweep", "{decode,prefill,cache}"), ("sweep decode", "--sweep SPEC"), ("sweep cache", "block_rows"),
-     ("report", "--from")],
+    [("sweep", "{decode,prefill,cache}"), ("sweep decode", "--sweep SPEC"), ("sweep decode", "--q-len"),
+     ("sweep cache", "block_rows"), ("report", "--from")],
 )  # fmt: skip
 def test_subcommand_help(command, shown):
     run = _bench(*command.split(), "--help")

@@ -40,6 +40,7 @@ class DecodeSpec:
     kv_dtype: str = "bf16"
     varlen: bool = False  # through flash_attn_varlen_func instead of the op: measures the routing layer
     per_token: bool = False  # per-token-head descales [num_blocks, block_size, Hkv] (FP8 only)
+    q_len: int = 1  # queries per sequence (speculative-decode verification; the launch sweep's --q-len)
 
     @property
     def primary(self) -> bool:
@@ -50,7 +51,7 @@ class DecodeSpec:
         return f"{self.num_seqs}x{self.ctx}"
 
     def work_bytes(self) -> int:
-        q_and_out = 2 * self.num_seqs * self.hq * self.d * 2  # bf16 q read + bf16 out written
+        q_and_out = 2 * self.num_seqs * self.q_len * self.hq * self.d * 2  # bf16 q read + bf16 out written
         return kv_bytes(self.num_seqs * self.ctx, self.hkv, self.d, self.kv_dtype, self.per_token) + q_and_out
 
 
@@ -72,20 +73,26 @@ def _specs(quick: bool) -> list[DecodeSpec]:
 
 def _public_call(spec: DecodeSpec) -> Callable[[PagedCache, torch.Tensor, torch.Tensor], None]:
     """What a row times: ``paged_decode_attention``, or ``flash_attn_varlen_func`` for ``spec.varlen``."""
+    cu_q = query_offsets(spec)
     if not spec.varlen:
         from kvflash.paged_decode import paged_decode_attention
 
+        queries = {} if spec.q_len == 1 else dict(cu_seqlens_q=cu_q, max_seqlen_q=spec.q_len)
         return lambda cache, q, out: paged_decode_attention(
             q, cache.k, cache.v, spec.ctx, block_table=cache.block_table, seqused_k=cache.seqused_k, causal=True,
-            k_descale=cache.k_descale, v_descale=cache.v_descale, out=out,
+            k_descale=cache.k_descale, v_descale=cache.v_descale, out=out, **queries,
         )  # fmt: skip
     from kvflash.flash_attn_interface import flash_attn_varlen_func
 
-    cu_q = torch.arange(spec.num_seqs + 1, dtype=torch.int32, device="cuda")
     return lambda cache, q, out: flash_attn_varlen_func(
-        q, cache.k, cache.v, 1, cu_q, spec.ctx, seqused_k=cache.seqused_k, causal=True, block_table=cache.block_table,
-        out=out, k_descale=cache.k_descale, v_descale=cache.v_descale,
+        q, cache.k, cache.v, spec.q_len, cu_q, spec.ctx, seqused_k=cache.seqused_k, causal=True,
+        block_table=cache.block_table, out=out, k_descale=cache.k_descale, v_descale=cache.v_descale,
     )  # fmt: skip
+
+
+def query_offsets(spec: DecodeSpec) -> torch.Tensor:
+    """``cu_seqlens_q [num_seqs + 1]`` int32 on the GPU: ``spec.q_len`` queries per sequence."""
+    return torch.arange(0, (spec.num_seqs + 1) * spec.q_len, spec.q_len, dtype=torch.int32, device="cuda")
 
 
 def measure_decode(spec: DecodeSpec, bind: Callable | None = None) -> Measurement:
@@ -100,13 +107,15 @@ def measure_decode(spec: DecodeSpec, bind: Callable | None = None) -> Measuremen
     for _ in range(rotation_sets(cache_bytes)):
         cache = make_paged_cache([spec.ctx] * spec.num_seqs, spec.hkv, spec.d, spec.block, spec.kv_dtype, gen,
                                  per_token=spec.per_token)  # fmt: skip
-        q = torch.randn(spec.num_seqs, spec.hq, spec.d, dtype=torch.bfloat16, device="cuda", generator=gen)
+        q = torch.randn(spec.num_seqs * spec.q_len, spec.hq, spec.d, dtype=torch.bfloat16, device="cuda",
+                        generator=gen)  # fmt: skip
         out = torch.full_like(q, float("nan"))
         sets.append((cache, q, out))
     calls = [bind(*s) for s in sets]
     cache, q, out = sets[0]
-    last = spec.num_seqs - 1
-    return measure(calls, spec.work_bytes(), lambda: spot_check(out, q, cache, [(0, 1, 0), (last, last + 1, last)]))
+    last, n = spec.num_seqs - 1, spec.q_len
+    checked = [(0, n, 0), (last * n, (last + 1) * n, last)]  # (first query row, end, sequence)
+    return measure(calls, spec.work_bytes(), lambda: spot_check(out, q, cache, checked))
 
 
 def decode_cases(quick: bool) -> list[Case]:

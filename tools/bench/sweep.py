@@ -81,8 +81,11 @@ def _decode_cases(args) -> list:
 
     hq, hkv = (int(x) for x in args.heads.split("/"))
     return [
-        DecodeSpec(n, ctx, hq=hq, hkv=hkv, d=args.head_size, block=page, kv_dtype=kv, per_token=args.per_token)
+        DecodeSpec(
+            n, ctx, hq=hq, hkv=hkv, d=args.head_size, block=page, kv_dtype=kv, per_token=args.per_token, q_len=q_len
+        )  # fmt: skip
         for n, ctx in (_pair(s) for s in _split(args.shapes))
+        for q_len in (int(x) for x in _split(args.q_len))
         for page in (int(p) for p in _split(args.page))
         for kv in _split(args.kv)
     ]
@@ -111,7 +114,7 @@ def _decode_chosen(spec, setting: dict[str, int]):
     return choose_paged_decode_config(
         num_seqs=spec.num_seqs, num_kv_heads=spec.hkv, group=spec.hq // spec.hkv, head_size=spec.d,
         kv_itemsize=1 if spec.kv_dtype != "bf16" else 2, max_seqlen_k=spec.ctx, window_left=-1,
-        num_splits=setting.get("num_splits", 0), per_token_scales=spec.per_token,
+        num_splits=setting.get("num_splits", 0), per_token_scales=spec.per_token, max_seqlen_q=spec.q_len,
         multiprocessor_count=platform.multiprocessor_count(torch.device("cuda")),
         interpreter=platform.interpreter_enabled(),
     )  # fmt: skip
@@ -122,16 +125,18 @@ def _decode_measure(spec, config):
 
     from kvflash.paged_decode.op import launch_paged_decode
 
-    from .cases_decode import measure_decode
+    from .cases_decode import measure_decode, query_offsets
+
+    cu_q = None if spec.q_len == 1 else query_offsets(spec)
 
     def bind(cache, q, out):
-        f = _attention_features(cache, q, out, None, 1, spec.ctx, causal=True)
-        lse = torch.empty(spec.hq, spec.num_seqs, dtype=torch.float32, device=q.device)
-        # As the op passes them for one query per sequence: num_splits 0 (automatic; the chooser's input, unused
-        # with a config), no deferred sequences.
+        f = _attention_features(cache, q, out, cu_q, spec.q_len, spec.ctx, causal=True)
+        lse = torch.empty(spec.hq, q.shape[0], dtype=torch.float32, device=q.device)
+        # As the op passes them: num_splits 0 (automatic; the chooser's input, unused with a config), no deferred
+        # sequences.
         return functools.partial(
-            launch_paged_decode, q, cache.k, cache.v, cache.block_table, cache.seqused_k, None, None, f.k_descale,
-            f.v_descale, f.alibi_slopes, f.s_aux, out, lse, 1, spec.ctx, f.softmax_scale, f.window_left,
+            launch_paged_decode, q, cache.k, cache.v, cache.block_table, cache.seqused_k, None, cu_q, f.k_descale,
+            f.v_descale, f.alibi_slopes, f.s_aux, out, lse, spec.q_len, spec.ctx, f.softmax_scale, f.window_left,
             f.window_right, f.softcap, 0, False, f.output_scale, config=config,
         )  # fmt: skip
 
@@ -303,6 +308,7 @@ def _case_label(spec) -> str:
         scales = "" if spec.kv_cache_dtype == "auto" or spec.per_token else f" {spec.scales} scales"
         return f"{spec.tokens}x{spec.hkv}x{spec.d} p{spec.block} {spec.kv_cache_dtype}{scales}"
     label = f"{spec.shape} {spec.hq}/{spec.hkv} D{spec.d} p{spec.block} {spec.kv_dtype}"
+    label += f" q_len {spec.q_len}" * (getattr(spec, "q_len", 1) > 1)
     return label + " per-token-head" * getattr(spec, "per_token", False)
 
 
@@ -396,6 +402,9 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--shapes", default="64x4096", help="NUM_SEQSxKV_LEN, comma-separated (default 64x4096)")
             p.add_argument("--kv", default="bf16,e4m3", help="KV dtypes among bf16,e4m3,e5m2 (default bf16,e4m3)")
             p.add_argument("--per-token", action="store_true", help="per-token-head descales (FP8 KV only)")
+            p.add_argument(
+                "--q-len", default="1", help="queries per sequence, comma-separated (speculative decode: 2..16)"
+            )
         elif kind == "prefill":
             p.add_argument(
                 "--shapes", default="4x(2048+2048)",
