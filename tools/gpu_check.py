@@ -75,7 +75,8 @@ def main() -> int:
     parser.add_argument(
         "--workers", type=int, default=8, help="pytest-xdist workers (0: none); Triton compiles in each"
     )
-    parser.add_argument("--test-timeout", type=float, default=420.0, help="seconds for the whole pytest run")
+    # The whole tier took 389 s with 8 workers on a fresh H200 machine (f7415f3); the device allows 600 s a command.
+    parser.add_argument("--test-timeout", type=float, default=540.0, help="seconds for the whole pytest run")
     args = parser.parse_args()
     out = pathlib.Path(os.environ.get("OUT", ROOT / "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
