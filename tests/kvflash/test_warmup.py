@@ -25,7 +25,7 @@ from kvflash.fp8_utils import kv_cache_torch_dtype
 
 HQ, HKV, D, PAGE = 4, 2, 32, 16
 MAX_SEQS, MAX_Q, MAX_K, MAX_TOKENS, NUM_BLOCKS = 4, 24, 1100, 48, 300
-KV_STRINGS = ("auto", "fp8_e4m3")
+KV_STRINGS = ("auto", "fp8_e4m3", "fp8_e5m2_per_token_head")
 
 
 @dataclasses.dataclass
@@ -39,6 +39,7 @@ class Engine:
     seqused_k: torch.Tensor
     cu_seqlens_q: torch.Tensor
     kv_string: str
+    token_scales: tuple[torch.Tensor, torch.Tensor] | None  # per-token-head caches: [NUM_BLOCKS, PAGE, HKV] each
 
     @classmethod
     def make(cls, kv_string: str, q_dtype: torch.dtype, device, gen: torch.Generator) -> Engine:
@@ -54,6 +55,9 @@ class Engine:
             seqused_k=torch.zeros(MAX_SEQS, dtype=torch.int32, device=device),
             cu_seqlens_q=torch.zeros(MAX_SEQS + 1, dtype=torch.int32, device=device),
             kv_string=kv_string,
+            token_scales=tuple(torch.rand(NUM_BLOCKS, PAGE, HKV, generator=gen).add(0.5).to(device) for _ in range(2))
+            if kv_string.endswith("_per_token_head")
+            else None,
         )
 
     def step(self, q_lens: list[int], kv_lens: list[int], **features):
@@ -65,7 +69,9 @@ class Engine:
         self.cu_seqlens_q[: num_seqs + 1].copy_(torch.tensor(offsets, dtype=torch.int32))
         self.seqused_k[:num_seqs].copy_(torch.tensor(kv_lens, dtype=torch.int32))
         descales = {}
-        if self.kv_string != "auto":
+        if self.token_scales is not None:
+            descales = dict(k_descale=self.token_scales[0], v_descale=self.token_scales[1])
+        elif self.kv_string != "auto":
             descales = dict(
                 k_descale=torch.rand(num_seqs, HKV, device=self.q.device) + 0.5,
                 v_descale=torch.rand(num_seqs, HKV, device=self.q.device) + 0.5,
