@@ -1,7 +1,8 @@
 """Launch-config sweeps: one kernel timed over a grid of launch settings, as the bench times it (GPU).
 
     python -m tools.bench sweep decode  [--shapes 64x4096,1x131072] [--kv bf16,e4m3] [--page 16] [--heads 32/8]
-                                        [--head-size 128] --sweep "kv_heads=1,4;block_n=32,64" [--compiled]
+                                        [--head-size 128] [--q-len 1,8] --sweep "kv_heads=1,4;block_n=32,64"
+                                        [--compiled]
     python -m tools.bench sweep prefill [--shapes "4x(2048+2048),1x16384"] [--kv bf16,e4m3] [--page 16,64]
                                         --sweep "block_m=64,128;block_n=64,128;warps=4,8;stages=2,3"
     python -m tools.bench sweep cache   [--tokens 16384] [--kv auto,fp8_e4m3,fp8_e5m2_per_token_head] [--scales head]
