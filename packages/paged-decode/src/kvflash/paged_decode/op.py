@@ -261,23 +261,18 @@ def _paged_decode_impl(
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, or rank-3 per-token-head
     ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32; window edges ``-1`` = unbounded,
-    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``): the CPU reference without Triton, else the launch settings
-    and the launch."""
-    interpreter = platform.interpreter_enabled()
-    if not platform.runs_triton(q.device, interpreter):
+    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``): the CPU reference without Triton, else the launch (which
+    chooses the launch settings)."""
+    if not platform.runs_triton(q.device, platform.interpreter_enabled()):
         _reference_decode(
             q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
             out, lse, softmax_scale, window_left, window_right, softcap, output_scale,
         )  # fmt: skip
         return
-    config = _choose_config(
-        q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale, max_seqlen_q, max_seqlen_k, window_left, num_splits,
-        defer_longer_sequences, interpreter,
-    )  # fmt: skip
     launch_paged_decode(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
         lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
-        defer_longer_sequences, output_scale, config=config,
+        defer_longer_sequences, output_scale, config=None,
     )  # fmt: skip
 
 
