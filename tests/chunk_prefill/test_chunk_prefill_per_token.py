@@ -13,6 +13,8 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token_kv, poison
 from kvflash.chunk_prefill import chunk_prefill_attention
 
+from ..cases import cumulative
+
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 MIX = [(1, 37), (19, 19), (5, 44), (0, 7), (26, 61), (3, 3)]
 
@@ -29,7 +31,7 @@ def _case(device, seqs, kv_dtype, *, block_size=16, num_q_heads=4, num_kv_heads=
     v_seqs = [_draw(kv, num_kv_heads, head_size, gen) for _, kv in seqs]
     kv = make_fp8_per_token_kv(k_seqs, v_seqs, kv_dtype, block_size, generator=gen, device=device)
     q = torch.randn(sum(s[0] for s in seqs), num_q_heads, head_size, generator=gen).to(q_dtype).to(device)
-    cu_q = torch.tensor([0] + [s[0] for s in seqs]).cumsum(0).to(torch.int32).to(device)
+    cu_q = cumulative([s[0] for s in seqs], device)
     return q, cu_q, kv
 
 

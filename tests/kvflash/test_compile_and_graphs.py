@@ -6,7 +6,7 @@ import torch
 
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 
-from ..cases import make_case, replay_matches_eager
+from ..cases import cumulative, make_case, replay_matches_eager
 
 
 @pytest.mark.parametrize("mix", [[(1, 30), (1, 5)], [(1, 30), (6, 11)]], ids=["decode", "mixed"])
@@ -59,7 +59,7 @@ def test_cuda_graph_replay_with_new_lengths_and_tables(kind):
     num_blocks = 4 * (max_k // bs + 1) + 8
     k_cache = torch.randn(num_blocks, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn)
     v_cache = torch.randn(num_blocks, bs, hkv, d, device="cuda").to(torch.float8_e4m3fn)
-    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    cu_q = cumulative(q_lens, "cuda")
     q = torch.randn(sum(q_lens), hq, d, device="cuda", dtype=torch.bfloat16)
     table = torch.zeros(4, max_k // bs + 1, dtype=torch.int32, device="cuda")
     used = torch.zeros(4, dtype=torch.int32, device="cuda")

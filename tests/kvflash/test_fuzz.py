@@ -26,7 +26,7 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, make_paged_kv, poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 
-from ..cases import assert_lse_close
+from ..cases import assert_lse_close, cumulative
 
 CPU_CASES = int(os.environ.get("KVFLASH_FUZZ_CASES", "48"))
 GPU_CASES = int(os.environ.get("KVFLASH_FUZZ_GPU_CASES", "120"))
@@ -127,12 +127,12 @@ def build_call(cfg: FuzzConfig, seed: int, device) -> dict:
             ks.append((k / k_values[s][:, None]).to(cfg.kv_dtype))
             vs.append((v / v_values[s][:, None]).to(cfg.kv_dtype))
     lengths = [kv for _, kv in cfg.seqs]
-    cu_q = torch.tensor([0] + torch.tensor([n for n, _ in cfg.seqs]).cumsum(0).tolist(), dtype=torch.int32)
+    cu_q = cumulative([n for n, _ in cfg.seqs], "cpu")
     call = dict(q=q, cu_seqlens_q=cu_q, max_seqlen_q=max(n for n, _ in cfg.seqs))
     if cfg.page_size is None:
         call.update(
             k=torch.cat(ks), v=torch.cat(vs),
-            cu_seqlens_k=torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32),
+            cu_seqlens_k=cumulative(lengths, "cpu"),
         )  # fmt: skip
         used = lengths
         if cfg.seqused_cap:

@@ -14,7 +14,7 @@ from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token
 from kvflash.flash_attn_interface import flash_attn_varlen_func, reshape_and_cache_flash
 from kvflash.fp8_utils import compute_kv_scales
 
-from ..cases import assert_lse_close
+from ..cases import assert_lse_close, cumulative
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 STRING = {torch.float8_e4m3fn: "fp8_e4m3", torch.float8_e5m2: "fp8_e5m2"}
@@ -32,7 +32,7 @@ def _case(device, seqs, kv_dtype, block_size, seed):
     kv = make_fp8_per_token_kv([_draw(n, gen) for _, n in seqs], [_draw(n, gen) for _, n in seqs], kv_dtype,
                                block_size, generator=gen, device=device)  # fmt: skip
     q = torch.randn(sum(s[0] for s in seqs), HQ, D, generator=gen).half().to(device)
-    cu_q = torch.tensor([0] + [s[0] for s in seqs]).cumsum(0).to(torch.int32).to(device)
+    cu_q = cumulative([s[0] for s in seqs], device)
     return q, cu_q, kv
 
 
