@@ -23,9 +23,14 @@ from kvflash.attn_common.launch import count_compilations, describe_key, dry_run
 from kvflash.flash_attn_interface import flash_attn_varlen_func, merge_attn_states, reshape_and_cache_flash, warmup
 from kvflash.fp8_utils import kv_cache_torch_dtype
 
+from ..cases import cumulative
+
 HQ, HKV, D, PAGE = 4, 2, 32, 16
 MAX_SEQS, MAX_Q, MAX_K, MAX_TOKENS, NUM_BLOCKS = 4, 24, 1100, 48, 300
 KV_STRINGS = ("auto", "fp8_e4m3", "fp8_e5m2_per_token_head")
+# Where enumeration-only tests (execute=False, dry runs) put their tensors: the device whose launch path records
+# keys. CPU tensors on a GPU machine take the PyTorch reference, which launches nothing and so records nothing.
+DRY_DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 @dataclasses.dataclass
@@ -200,31 +205,22 @@ def test_warmed_features_cover_serving_with_them():
         kv_cache_dtypes=("fp8_e5m2",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600, max_num_batched_tokens=40,
         num_blocks=NUM_BLOCKS, block_table_width=width, window_sizes=((63, 0),), softcaps=(20.0,), sinks=(True,),
         alibi=(True,), num_splits=(0, 1), per_seq_descales=False, cache_writer=False, merge_states=False,
-        device="cpu", execute=False,
+        device=DRY_DEVICE, execute=False,
     )  # fmt: skip
-    assert report.compiled is None and {k[0] for k in report.keys} <= {"paged_decode_kernel", "chunk_prefill_kernel",
-                                                                     "split_merge_kernel"}  # fmt: skip
+    kernels = {k[0] for k in report.keys}
+    assert report.compiled is None and {"paged_decode_kernel", "chunk_prefill_kernel"} <= kernels <= {
+        "paged_decode_kernel", "chunk_prefill_kernel", "split_merge_kernel"}  # fmt: skip
     gen = torch.Generator().manual_seed(7)
-    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e5m2) for _ in range(2))
-    table = torch.zeros(3, width, dtype=torch.int32)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e5m2).to(DRY_DEVICE)
+                        for _ in range(2))  # fmt: skip
+    table = torch.zeros(3, width, dtype=torch.int32, device=DRY_DEVICE)
     features = dict(
-        window_size=(63, 0), softcap=20.0, s_aux=torch.zeros(HQ), alibi_slopes=torch.ones(HQ),
-        k_descale=torch.tensor([0.5]), v_descale=torch.tensor([0.25]), causal=True,
+        window_size=(63, 0), softcap=20.0, s_aux=torch.zeros(HQ, device=DRY_DEVICE),
+        alibi_slopes=torch.ones(HQ, device=DRY_DEVICE), k_descale=torch.tensor([0.5], device=DRY_DEVICE),
+        v_descale=torch.tensor([0.25], device=DRY_DEVICE), causal=True,
     )  # fmt: skip
-    rng = random.Random(3)
-    with record_launches() as keys, dry_run():
-        for _ in range(40):
-            num_seqs = rng.randint(1, 3)
-            q_lens = [rng.choice([1, 1, 3, 20]) for _ in range(num_seqs)]
-            kv_lens = [rng.randint(q, 600) for q in q_lens]
-            offsets = [0]
-            for n in q_lens:
-                offsets.append(offsets[-1] + n)
-            flash_attn_varlen_func(
-                torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16), k_cache, v_cache, max(q_lens),
-                torch.tensor(offsets, dtype=torch.int32), max(kv_lens), block_table=table[:num_seqs],
-                seqused_k=torch.tensor(kv_lens, dtype=torch.int32), num_splits=rng.choice([0, 1]), **features,
-            )  # fmt: skip
+    keys = _dry_steps(random.Random(3), k_cache, v_cache, table, (1, 1, 3, 20), (0, 1), **features)
+    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel"}
     assert not _new_keys(keys, report.keys)
 
 
@@ -234,34 +230,41 @@ def test_warmed_per_token_head_caches_cover_serving_with_them():
     report = warmup(
         num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
         kv_cache_dtypes=("fp8_e4m3_per_token_head",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600,
-        max_num_batched_tokens=40, num_blocks=NUM_BLOCKS, merge_states=False, device="cpu", execute=False,
+        max_num_batched_tokens=40, num_blocks=NUM_BLOCKS, merge_states=False, device=DRY_DEVICE, execute=False,
     )  # fmt: skip
     assert any(describe_key(k).get("PER_TOKEN_SCALES") for k in report.keys if k[0] == "paged_decode_kernel")
     gen = torch.Generator().manual_seed(11)
-    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e4m3fn) for _ in range(2))
-    k_scale, v_scale = (torch.rand(NUM_BLOCKS, PAGE, HKV, generator=gen) + 0.5 for _ in range(2))
-    table = torch.zeros(3, -(-600 // PAGE), dtype=torch.int32)  # the warm-up's default width
-    rng = random.Random(4)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e4m3fn).to(DRY_DEVICE)
+                        for _ in range(2))  # fmt: skip
+    k_scale, v_scale = ((torch.rand(NUM_BLOCKS, PAGE, HKV, generator=gen) + 0.5).to(DRY_DEVICE) for _ in range(2))
+    table = torch.zeros(3, -(-600 // PAGE), dtype=torch.int32, device=DRY_DEVICE)  # the warm-up's default width
+    keys = _dry_steps(random.Random(4), k_cache, v_cache, table, (1, 1, 2, 8, 20), (0,), k_descale=k_scale,
+                      v_descale=v_scale, causal=True)  # fmt: skip
+    with record_launches() as writes, dry_run():
+        for tokens in (1, 5, 16, 40):
+            key = torch.randn(tokens, HKV, D, generator=gen).half().to(DRY_DEVICE)
+            slots = torch.randperm(NUM_BLOCKS * PAGE, generator=gen)[:tokens].to(torch.int64).to(DRY_DEVICE)
+            reshape_and_cache_flash(key, key, k_cache, v_cache, slots, "fp8_e4m3_per_token_head", k_scale, v_scale)
+    keys |= writes
+    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel"}
+    assert not _new_keys(keys, report.keys)
+
+
+def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, **features) -> set:
+    """Launch keys of 40 dry-run calls over up to 3 sequences with query lengths drawn from ``q_choices`` and
+    ``num_splits`` from ``splits``; tensors on ``DRY_DEVICE``."""
     with record_launches() as keys, dry_run():
         for _ in range(40):
             num_seqs = rng.randint(1, 3)
-            q_lens = [rng.choice([1, 1, 2, 8, 20]) for _ in range(num_seqs)]
+            q_lens = [rng.choice(q_choices) for _ in range(num_seqs)]
             kv_lens = [rng.randint(q, 600) for q in q_lens]
-            offsets = [0]
-            for n in q_lens:
-                offsets.append(offsets[-1] + n)
             flash_attn_varlen_func(
-                torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16), k_cache, v_cache, max(q_lens),
-                torch.tensor(offsets, dtype=torch.int32), max(kv_lens), block_table=table[:num_seqs],
-                seqused_k=torch.tensor(kv_lens, dtype=torch.int32), k_descale=k_scale, v_descale=v_scale,
-                causal=True,
+                torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16, device=DRY_DEVICE), k_cache, v_cache,
+                max(q_lens), cumulative(q_lens, DRY_DEVICE), max(kv_lens), block_table=table[:num_seqs],
+                seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device=DRY_DEVICE), num_splits=rng.choice(splits),
+                **features,
             )  # fmt: skip
-        for tokens in (1, 5, 16, 40):
-            key = torch.randn(tokens, HKV, D, generator=gen).half()
-            slots = torch.randperm(NUM_BLOCKS * PAGE, generator=gen)[:tokens].to(torch.int64)
-            reshape_and_cache_flash(key, key, k_cache, v_cache, slots, "fp8_e4m3_per_token_head", k_scale, v_scale)
-    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel"}
-    assert not _new_keys(keys, report.keys)
+    return keys
 
 
 @pytest.mark.parametrize(
