@@ -35,7 +35,12 @@ def test_valid_pairs(q_dtype, kv_dtype):
 @pytest.mark.parametrize(
     "q_dtype, k_dtype, v_dtype, match",
     [
-        (torch.float32, torch.float32, torch.float32, r"q: expected dtype float16 or bfloat16, got torch.float32"),
+        (
+            torch.float32,
+            torch.float32,
+            torch.float32,
+            r"q: expected dtype float16, bfloat16 or float8_e4m3fn, got torch.float32",
+        ),
         (torch.float16, torch.float8_e4m3fn, torch.float8_e5m2, r"k torch.float8_e4m3fn and v torch.float8_e5m2"),
         (
             torch.bfloat16,
@@ -44,11 +49,26 @@ def test_valid_pairs(q_dtype, kv_dtype):
             r"k/v dtype torch.float16 does not pair with q dtype torch.bfloat16",
         ),
         (torch.float16, torch.int8, torch.int8, r"k: dtype torch.int8 is not supported"),
+        (
+            torch.float8_e4m3fn,
+            torch.bfloat16,
+            torch.bfloat16,
+            r"q: a float8_e4m3fn query needs an FP8 KV cache \(k/v float8_e4m3fn or float8_e5m2\), got k/v",
+        ),
+        (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e4m3fnuz, r"q: a float8_e4m3fn query needs"),
+        (torch.float8_e5m2, torch.float8_e5m2, torch.float8_e5m2, r"q: expected dtype float16, bfloat16 or float8"),
     ],
 )
 def test_invalid_pairs_name_both_dtypes(q_dtype, k_dtype, v_dtype, match):
     with pytest.raises(TypeError, match=match):
         QKVTypePair.from_dtypes(q_dtype, k_dtype, v_dtype)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_query_pairs_with_fp8_caches(kv_dtype):
+    pair = QKVTypePair.from_dtypes(torch.float8_e4m3fn, kv_dtype, kv_dtype)
+    assert pair.q_is_fp8 and pair.kv_is_fp8 and pair.kv_dtype.torch_dtype == kv_dtype
+    assert not QKVTypePair.from_dtypes(torch.bfloat16, kv_dtype, kv_dtype).q_is_fp8
 
 
 def test_from_tensors():

@@ -46,9 +46,14 @@ BAD_CALLS = [
         NotImplementedError,
         r"scheduler_metadata",
     ),
-    ("q_descale", dict(q_descale=torch.ones(1)), NotImplementedError, r"q_descale"),
+    ("q_descale", dict(q_descale=torch.ones(1)), ValueError, r"q_descale: descales an fp8 \(float8_e4m3fn\) query"),
     ("fa_version", dict(fa_version=7), ValueError, r"fa_version: expected 2 or 3"),
-    ("q_fp32", dict(q=torch.randn(5, 4, 64)), TypeError, r"q: expected dtype float16 or bfloat16, got float32"),
+    (
+        "q_fp32",
+        dict(q=torch.randn(5, 4, 64)),
+        TypeError,
+        r"q: expected dtype float16 or bfloat16 or float8_e4m3fn, got float32",
+    ),
     ("q_rank", dict(q=torch.randn(5, 256).half()), ValueError, r"q: expected a 3-D tensor"),
     (
         "q_stride",

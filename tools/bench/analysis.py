@@ -5,6 +5,8 @@ regenerated anywhere and tested on the CPU.
 Comparisons ("speedup", > 1 means kvflash is faster):
 - a ``flash_attn_varlen_func`` row against the same case through the op it routes to: time ratio;
 - an FP8-KV kvflash row against the same kvflash case with bf16 KV: time ratio (same attention, half the bytes);
+- an fp8-query row (``kvflash-q-fp8``) against the bf16-KV row of the same prefill case, or the bf16-query row of
+  the same FP8 decode case: time ratio;
 - a bf16-KV kvflash prefill row against the faster SDPA cuDNN row of its shape: TFLOP/s ratio, since the
   square-causal cuDNN row computes more pairs than kvflash (both count only the pairs they compute);
 - a kvflash cache-writer row against eager torch doing the same write: time ratio.
@@ -45,10 +47,10 @@ def _key(row: dict, **override) -> tuple:
 
 
 def ok(row: dict) -> bool:
-    """The row ran and its spot check (if any) passed."""
+    """The row ran and its spot check (if any) passed (``CHECK_TOL``, or the row's own ``check_tol``: fp8 queries)."""
     if row.get("error") or row.get("ms") is None:
         return False
-    return row.get("rel_err") is None or row["rel_err"] <= CHECK_TOL
+    return row.get("rel_err") is None or row["rel_err"] <= row.get("check_tol", CHECK_TOL)
 
 
 def derive(data: dict) -> list[dict]:
@@ -74,6 +76,10 @@ def derive(data: dict) -> list[dict]:
             continue
         if r["impl"] in ("kvflash-varlen", "kvflash-per-token"):  # against the same case through the op / per head
             ref = index.get(_key(r, impl="kvflash"))
+            if ref:
+                r["ref"], r["speedup"] = ref["name"], ref["ms"] / r["ms"]
+        elif r["impl"] == "kvflash-q-fp8":  # prefill: against bf16 KV; decode: against the exact path's FP8 KV
+            ref = index.get(_key(r, impl="kvflash", kv_dtype="bf16" if r["group"] == "prefill" else r["kv_dtype"]))
             if ref:
                 r["ref"], r["speedup"] = ref["name"], ref["ms"] / r["ms"]
         elif r["group"] == "cache":
@@ -273,6 +279,27 @@ TARGETS = [
         "<= 1.0x",
         _prefill(None, FP8),
         _time_vs_bf16,
+        _times,
+        lambda v: v <= 1.0,
+        max,
+    ),
+    _Target(
+        "prefill-q-fp8",
+        "Chunked prefill with an fp8 query (e4m3, q_descale) over FP8 KV: throughput / bf16-KV throughput, "
+        "4x(2048+2048) and 1x16384, pages 16 and 64",
+        ">= 1.3x",
+        lambda r: r["group"] == "prefill" and r["impl"] == "kvflash-q-fp8",
+        lambda r, rows: r["speedup"],
+        _times,
+        lambda v: v >= 1.3,
+        min,
+    ),
+    _Target(
+        "decode-q-fp8",
+        "Decode with an fp8 query over FP8 KV: time / the bf16-query time of the same case",
+        "<= 1.0x",
+        lambda r: r["group"] == "decode" and r["impl"] == "kvflash-q-fp8",
+        _time_vs_ref,
         _times,
         lambda v: v <= 1.0,
         max,

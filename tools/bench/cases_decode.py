@@ -7,7 +7,9 @@ head, HEAD_PAD 128) and 256. Quick mode:
 
 Work = KV bytes of the tokens used (read once) + q + out (+ the float32 K and V scales of every token with
 per-token-head descales, impl ``kvflash-per-token``, compared with the per-head FP8 row of the same shape: at most
-1.10x its time, docs/design.md); its ceiling is the device-to-device copy.
+1.10x its time, docs/design.md); its ceiling is the device-to-device copy. fp8-query rows (impl ``kvflash-q-fp8``,
+``quantize_query`` per (sequence, KV head)) are compared with the bf16-query row of the same FP8 case (at most 1.0x
+its time, docs/design.md); their work counts the query as bf16, like the row they are compared with.
 """
 
 from __future__ import annotations
@@ -41,10 +43,12 @@ class DecodeSpec:
     varlen: bool = False  # through flash_attn_varlen_func instead of the op: measures the routing layer
     per_token: bool = False  # per-token-head descales [num_blocks, block_size, Hkv] (FP8 only)
     q_len: int = 1  # queries per sequence (speculative-decode verification; the launch sweep's --q-len)
+    q_fp8: bool = False  # an fp8 e4m3 query with q_descale (FP8 caches only)
 
     @property
     def primary(self) -> bool:
-        return (self.hq, self.hkv, self.d, self.block, self.varlen, self.per_token) == (32, 8, 128, 16, False, False)
+        return (self.hq, self.hkv, self.d, self.block, self.varlen, self.per_token, self.q_fp8) == (
+            32, 8, 128, 16, False, False, False)  # fmt: skip
 
     @property
     def shape(self) -> str:
@@ -58,7 +62,8 @@ class DecodeSpec:
 def _specs(quick: bool) -> list[DecodeSpec]:
     if quick:
         return [DecodeSpec(b, c, kv_dtype=t) for b, c in [(64, 4096), (1, 131072)] for t in ["bf16", "e4m3"]] + [
-            DecodeSpec(64, 4096, kv_dtype="e4m3", per_token=True)
+            DecodeSpec(64, 4096, kv_dtype="e4m3", per_token=True),
+            DecodeSpec(64, 4096, kv_dtype="e4m3", q_fp8=True),
         ]
     specs = [DecodeSpec(b, c, kv_dtype=t) for b, c in SHAPES for t in DTYPES]
     specs += [DecodeSpec(b, c, block=64, kv_dtype=t) for b, c in LARGE_SHAPES for t in DTYPES]
@@ -68,6 +73,7 @@ def _specs(quick: bool) -> list[DecodeSpec]:
     specs += [DecodeSpec(1, 131072, block=64, kv_dtype=t) for t in ["bf16", "e4m3"]]
     specs += [DecodeSpec(64, 4096, kv_dtype=t, varlen=True) for t in ["bf16", "e4m3"]]
     specs += [DecodeSpec(b, c, kv_dtype=t, per_token=True) for b, c in SHAPES for t in ["e4m3", "e5m2"]]
+    specs += [DecodeSpec(b, c, kv_dtype=t, q_fp8=True) for b, c in [(64, 4096), (1, 131072)] for t in ["e4m3", "e5m2"]]
     return specs
 
 
@@ -78,9 +84,9 @@ def _public_call(spec: DecodeSpec) -> Callable[[PagedCache, torch.Tensor, torch.
         from kvflash.paged_decode import paged_decode_attention
 
         queries = {} if spec.q_len == 1 else dict(cu_seqlens_q=cu_q, max_seqlen_q=spec.q_len)
-        return lambda cache, q, out: paged_decode_attention(
+        return lambda cache, q, out, q_descale=None: paged_decode_attention(
             q, cache.k, cache.v, spec.ctx, block_table=cache.block_table, seqused_k=cache.seqused_k, causal=True,
-            k_descale=cache.k_descale, v_descale=cache.v_descale, out=out, **queries,
+            k_descale=cache.k_descale, v_descale=cache.v_descale, out=out, q_descale=q_descale, **queries,
         )  # fmt: skip
     from kvflash.flash_attn_interface import flash_attn_varlen_func
 
@@ -110,12 +116,20 @@ def measure_decode(spec: DecodeSpec, bind: Callable | None = None) -> Measuremen
         q = torch.randn(spec.num_seqs * spec.q_len, spec.hq, spec.d, dtype=torch.bfloat16, device="cuda",
                         generator=gen)  # fmt: skip
         out = torch.full_like(q, float("nan"))
-        sets.append((cache, q, out))
+        if spec.q_fp8:
+            from kvflash.fp8_utils import quantize_query
+
+            offsets = query_offsets(spec)
+            q, q_descale = quantize_query(q, spec.hkv, granularity="per_sequence_kv_head", cu_seqlens_q=offsets)
+            sets.append((cache, q, out, q_descale))
+        else:
+            sets.append((cache, q, out))
     calls = [bind(*s) for s in sets]
-    cache, q, out = sets[0]
+    cache, q, out = sets[0][:3]
+    q_descale = sets[0][3] if spec.q_fp8 else None
     last, n = spec.num_seqs - 1, spec.q_len
     checked = [(0, n, 0), (last * n, (last + 1) * n, last)]  # (first query row, end, sequence)
-    return measure(calls, spec.work_bytes(), lambda: spot_check(out, q, cache, checked))
+    return measure(calls, spec.work_bytes(), lambda: spot_check(out, q, cache, checked, q_descale=q_descale))
 
 
 def decode_cases(quick: bool) -> list[Case]:
@@ -123,7 +137,13 @@ def decode_cases(quick: bool) -> list[Case]:
     for s in _specs(quick):
         labels = {
             "group": "decode",
-            "impl": "kvflash-varlen" if s.varlen else "kvflash-per-token" if s.per_token else "kvflash",
+            "impl": "kvflash-varlen"
+            if s.varlen
+            else "kvflash-per-token"
+            if s.per_token
+            else "kvflash-q-fp8"
+            if s.q_fp8
+            else "kvflash",
             "shape": s.shape,
             "kv_dtype": s.kv_dtype,
             "hq": s.hq,
@@ -134,6 +154,6 @@ def decode_cases(quick: bool) -> list[Case]:
             "metric": "bytes",
         }
         name = f"decode {s.shape} {s.hq}/{s.hkv} D{s.d} b{s.block} {s.kv_dtype}" + " varlen" * s.varlen
-        name += " per-token-head" * s.per_token
+        name += " per-token-head" * s.per_token + " q-e4m3" * s.q_fp8
         cases.append(Case(name, labels, functools.partial(measure_decode, s)))
     return cases

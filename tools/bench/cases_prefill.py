@@ -6,6 +6,10 @@ e4m3 KV at block 16 and 64, e5m2 at block 16; quick mode: 4 x (2048 + 2048), bf1
 
 Work = 4 * Hq * D * visible (query, key) pairs; its ceiling is the bf16 matmul rate.
 
+fp8-query rows (impl ``kvflash-q-fp8``): the bf16 query quantised by ``quantize_query`` per (sequence, KV head),
+over the FP8 cache, both dots on fp8 tensor cores; compared with the bf16-KV row of the same shape. Their spot
+check allows a larger error (``FP8_QUERY_CHECK_TOL``): P is rounded to e4m3 (3 mantissa bits).
+
 SDPA (dense [B, H, S, D] tensors, GQA through ``enable_gqa`` or, if refused, K/V repeated to Hq heads):
 - ``sdpa-cudnn``: cuDNN, ``is_causal`` over all ``kv_len`` queries (square). SDPA's ``is_causal`` is
   top-left, so for 2048 new over 2048 context this computes a 4096-long causal problem: its TFLOP/s
@@ -39,9 +43,13 @@ SHAPES = {
     "mixed 120x2048+8x(1024+512)": [(1, 2048)] * 120 + [(512, 1536)] * 8,
 }
 DENSE_SHAPES = ["4x(2048+2048)", "1x16384"]
+FP8_KV = ["e4m3", "e5m2"]
 # Off the primary configuration (full mode): head sizes 64 and 256, and full (non-causal) attention.
 VARIANT_HEAD_SIZES = (64, 256)
 NON_CAUSAL_SUFFIX = " non-causal"
+# Relative error allowed in an fp8-query row's spot check: e4m3 probabilities carry about 2^-5.5 RMS relative error
+# each, which random inputs (many comparable keys) do not average away.
+FP8_QUERY_CHECK_TOL = 5e-2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +62,14 @@ class PrefillSpec:
     causal: bool = True
     hq: int = HQ
     hkv: int = HKV
+    q_dtype: str = "bf16"  # "e4m3": an fp8 query with q_descale (kv_dtype then FP8)
 
     @property
     def primary(self) -> bool:
-        return self.block == 16 and not self.varlen and (self.hq, self.hkv, self.d) == (HQ, HKV, D) and self.causal
+        return (
+            self.block == 16 and not self.varlen and (self.hq, self.hkv, self.d) == (HQ, HKV, D) and self.causal
+            and self.q_dtype == "bf16"
+        )  # fmt: skip
 
     @property
     def seqs(self) -> list[tuple[int, int]]:
@@ -95,15 +107,16 @@ def _public_call(spec: PrefillSpec) -> Callable:
     if not spec.varlen:
         from kvflash.chunk_prefill import chunk_prefill_attention
 
-        return lambda cache, q, out, cu_q: chunk_prefill_attention(
+        return lambda cache, q, out, cu_q, q_descale=None: chunk_prefill_attention(
             q, cache.k, cache.v, cu_q, max_q, max_k, block_table=cache.block_table, seqused_k=cache.seqused_k,
-            causal=spec.causal, k_descale=cache.k_descale, v_descale=cache.v_descale, out=out,
+            causal=spec.causal, k_descale=cache.k_descale, v_descale=cache.v_descale, out=out, q_descale=q_descale,
         )  # fmt: skip
     from kvflash.flash_attn_interface import flash_attn_varlen_func
 
-    return lambda cache, q, out, cu_q: flash_attn_varlen_func(
+    return lambda cache, q, out, cu_q, q_descale=None: flash_attn_varlen_func(
         q, cache.k, cache.v, max_q, cu_q, max_k, seqused_k=cache.seqused_k, causal=spec.causal,
         block_table=cache.block_table, out=out, k_descale=cache.k_descale, v_descale=cache.v_descale,
+        q_descale=q_descale,
     )  # fmt: skip
 
 
@@ -125,12 +138,22 @@ def measure_prefill(spec: PrefillSpec, bind: Callable | None = None) -> Measurem
     for _ in range(rotation_sets(kv_bytes(sum(kv_lens), spec.hkv, spec.d, spec.kv_dtype) + 2 * q_bytes)):
         cache = make_paged_cache(kv_lens, spec.hkv, spec.d, spec.block, spec.kv_dtype, gen)
         q = torch.randn(cu[-1], spec.hq, spec.d, dtype=torch.bfloat16, device="cuda", generator=gen)
-        sets.append((cache, q, torch.full_like(q, float("nan")), cu_q))
+        out = torch.full_like(q, float("nan"))
+        if spec.q_dtype == "e4m3":
+            from kvflash.fp8_utils import quantize_query
+
+            q, q_descale = quantize_query(q, spec.hkv, granularity="per_sequence_kv_head", cu_seqlens_q=cu_q)
+            sets.append((cache, q, out, cu_q, q_descale))
+        else:
+            sets.append((cache, q, out, cu_q))
     calls = [bind(*s) for s in sets]
-    cache, q, out, _ = sets[0]
+    cache, q, out = sets[0][:3]
+    q_descale = sets[0][4] if spec.q_dtype == "e4m3" else None
     last = len(spec.seqs) - 1
     slices = [(cu[0], cu[1], 0), (cu[last], cu[last + 1], last)]
-    return measure(calls, spec.flops(), lambda: spot_check(out, q, cache, slices, causal=spec.causal))
+    return measure(
+        calls, spec.flops(), lambda: spot_check(out, q, cache, slices, causal=spec.causal, q_descale=q_descale)
+    )
 
 
 def _bottom_right_mask(q_len: int, kv_len: int) -> torch.Tensor:
@@ -191,7 +214,7 @@ def _run_sdpa(impl: str, shape: str) -> Measurement:
 
 
 def _labels(impl: str, shape: str, kv_dtype: str, block: int | None, primary: bool, d: int = D) -> dict:
-    return {
+    labels = {
         "group": "prefill",
         "impl": impl,
         "shape": shape,
@@ -203,11 +226,19 @@ def _labels(impl: str, shape: str, kv_dtype: str, block: int | None, primary: bo
         "primary": primary,
         "metric": "flops",
     }
+    if impl == "kvflash-q-fp8":
+        labels["check_tol"] = FP8_QUERY_CHECK_TOL
+    return labels
+
+
+def _impl(spec: PrefillSpec) -> str:
+    return "kvflash-q-fp8" if spec.q_dtype == "e4m3" else ("kvflash-varlen" if spec.varlen else "kvflash")
 
 
 def prefill_cases(quick: bool) -> list[Case]:
     if quick:
         specs = [PrefillSpec("4x(2048+2048)", t) for t in ["bf16", "e4m3"]]
+        specs += [PrefillSpec("4x(2048+2048)", "e4m3", q_dtype="e4m3")]
         sdpa = [(impl, "4x(2048+2048)") for impl in ["sdpa-cudnn", "sdpa-cudnn-mask"]]
     else:
         specs = [PrefillSpec(s, t, b) for s in SHAPES for b in [16, 64] for t in ["bf16", "e4m3"]]
@@ -215,12 +246,16 @@ def prefill_cases(quick: bool) -> list[Case]:
         specs += [PrefillSpec(s, varlen=True) for s in ["4x(2048+2048)", "mixed 120x2048+8x(1024+512)"]]
         specs += [PrefillSpec("4x(2048+2048)", t, d=d) for d in VARIANT_HEAD_SIZES for t in ["bf16", "e4m3"]]
         specs += [PrefillSpec("4x(2048+2048)", t, causal=False) for t in ["bf16", "e4m3"]]
+        specs += [PrefillSpec(s, t, b, q_dtype="e4m3") for s in DENSE_SHAPES for b in [16, 64] for t in FP8_KV]
         sdpa = [(impl, s) for s in DENSE_SHAPES for impl in ["sdpa-cudnn", "sdpa-cudnn-mask", "sdpa-flash"]]
         sdpa = [(impl, s) for impl, s in sdpa if not (impl == "sdpa-cudnn-mask" and SHAPES[s][0][0] == SHAPES[s][0][1])]
     cases = [
         Case(
-            f"prefill {s.label} b{s.block} {s.kv_dtype}" + " varlen" * s.varlen + f" D{s.d}" * (s.d != D),
-            _labels("kvflash-varlen" if s.varlen else "kvflash", s.label, s.kv_dtype, s.block, s.primary, s.d),
+            f"prefill {s.label} b{s.block} {s.kv_dtype}"
+            + " varlen" * s.varlen
+            + f" D{s.d}" * (s.d != D)
+            + " q-e4m3" * (s.q_dtype == "e4m3"),
+            _labels(_impl(s), s.label, s.kv_dtype, s.block, s.primary, s.d),
             functools.partial(measure_prefill, s),
         )
         for s in specs

@@ -95,6 +95,7 @@ def spot_check(
     slices: list[tuple[int, int, int]],
     rows: int = 64,
     causal: bool = True,
+    q_descale: torch.Tensor | None = None,
 ) -> tuple[float | None, str]:
     """Largest ||out - ref|| / ||ref|| over the last ``rows`` queries of each ``(q_start, q_end, seq)``.
 
@@ -104,14 +105,15 @@ def spot_check(
     that cannot run returns ``(None, why)``: the timing still counts, the row says it was not checked.
     """
     try:
-        return max(_slice_error(out, q, cache, *s, rows, causal) for s in slices), ""
+        return max(_slice_error(out, q, cache, *s, rows, causal, q_descale) for s in slices), ""
     except Exception as exc:  # the oracle is not what is measured: report, do not lose the timing
         return None, f"not checked ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
 
 
 def _slice_error(
-    out: torch.Tensor, q: torch.Tensor, cache: PagedCache, q_start: int, q_end: int, seq: int, rows: int, causal: bool
-):
+    out: torch.Tensor, q: torch.Tensor, cache: PagedCache, q_start: int, q_end: int, seq: int, rows: int, causal: bool,
+    q_descale: torch.Tensor | None = None,
+):  # fmt: skip
     from kvflash.attn_common import reference_attention
 
     n = min(rows, q_end - q_start)
@@ -127,6 +129,7 @@ def _slice_error(
         causal=causal,
         k_descale=_seq_descale(cache.k_descale, one),
         v_descale=_seq_descale(cache.v_descale, one),
+        q_descale=_seq_descale(q_descale, one),  # an fp8 query's [num_seqs, Hkv]
         compute_dtype=torch.float32,
     )
     got = out[sl].float()

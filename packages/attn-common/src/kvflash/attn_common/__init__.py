@@ -27,6 +27,8 @@ from kvflash.attn_common.checks import (
 )
 from kvflash.attn_common.descale import normalize_descale
 from kvflash.attn_common.dtypes import (
+    ATTENTION_QUERY_DTYPES,
+    FP8_QUERY_DTYPE,
     FP8_TORCH_DTYPES,
     MODEL_TORCH_DTYPES,
     OUTPUT_FP8_DTYPE,
@@ -54,7 +56,9 @@ from kvflash.attn_common.validate import validate_index_tensors, validation_enab
 __version__ = "0.1.0"
 
 __all__ = [
+    "ATTENTION_QUERY_DTYPES",
     "AttentionFeatures",
+    "FP8_QUERY_DTYPE",
     "FP8_TORCH_DTYPES",
     "KVFlashDType",
     "KVLayout",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from kvflash.attn_common.checks import check_bool, check_device_type, check_index_tensor, check_int, check_tensor
-from kvflash.attn_common.dtypes import QUERY_TORCH_DTYPES
+from kvflash.attn_common.dtypes import ATTENTION_QUERY_DTYPES
 from kvflash.attn_common.features import AttentionFeatures, normalize_attention_features
 from kvflash.attn_common.kv_layout import check_kv_cache
 from kvflash.attn_common.output import check_out
@@ -20,8 +20,9 @@ __all__ = ["check_query", "num_seqs_from_cu_seqlens_q", "check_attention_call"]
 
 
 def check_query(q: torch.Tensor) -> torch.Tensor:
-    """``q [tokens, Hq, D]`` fp16/bf16 on a supported device (checked before anything is compared with it)."""
-    check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3)
+    """``q [tokens, Hq, D]`` fp16/bf16 (or float8_e4m3fn, paired with an FP8 cache by the KV-cache check) on a
+    supported device (checked before anything is compared with it)."""
+    check_tensor("q", q, dtypes=ATTENTION_QUERY_DTYPES, ndim=3)
     return check_device_type("q", q)
 
 
@@ -59,15 +60,16 @@ def check_attention_call(
     kv_descale_per_token: bool | None,
     out: torch.Tensor | None,
     out_extra_dtypes: tuple[torch.dtype, ...] = (),
+    q_descale: torch.Tensor | float | None = None,
 ) -> AttentionFeatures:
     """Check every shared argument of an attention call over ``num_seqs`` sequences; return the normalised features.
 
-    ``q`` has passed :func:`check_query` (the caller derived ``num_seqs`` from its route's index tensor). Checks,
-    in order: the Python ints and bools, ``cu_seqlens_q`` (``[num_seqs + 1]`` int32, when given), the KV cache and
-    its index tensors (:func:`kvflash.attn_common.check_kv_cache`), every feature argument
-    (:func:`kvflash.attn_common.normalize_attention_features`) and ``out`` (``q``'s shape; ``q``'s dtype or one of
-    ``out_extra_dtypes``, fp8 e4m3 with ``output_scale``). Raises ``TypeError`` / ``ValueError`` naming the
-    argument, what was expected and what came. Reads no tensor value.
+    ``q`` has passed :func:`check_query` (the caller derived ``num_seqs`` from its route's index tensor). Checks, in
+    order: the Python ints and bools, ``cu_seqlens_q`` (``[num_seqs + 1]`` int32, when given), the KV cache and its
+    index tensors (:func:`kvflash.attn_common.check_kv_cache`), every feature argument
+    (:func:`kvflash.attn_common.normalize_attention_features`, ``q_descale`` included) and ``out`` (``q``'s shape;
+    ``q``'s dtype or one of ``out_extra_dtypes``, fp8 e4m3 with ``output_scale``; fp16 or bf16 for an fp8 ``q``).
+    Raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came. Reads no tensor value.
     """
     check_int("max_seqlen_q", max_seqlen_q)
     check_int("max_seqlen_k", max_seqlen_k)
@@ -81,7 +83,7 @@ def check_attention_call(
     features = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
-        k=k, kv_descale_per_token=kv_descale_per_token,
+        k=k, kv_descale_per_token=kv_descale_per_token, q_descale=q_descale,
     )  # fmt: skip
     if out is not None:
         check_out(out, q, features.output_scale, extra_dtypes=out_extra_dtypes)

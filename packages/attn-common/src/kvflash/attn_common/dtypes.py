@@ -18,6 +18,8 @@ __all__ = [
     "MODEL_TORCH_DTYPES",
     "SCALE_TORCH_DTYPES",
     "OUTPUT_FP8_DTYPE",
+    "FP8_QUERY_DTYPE",
+    "ATTENTION_QUERY_DTYPES",
     "saturate_to_fp8",
 ]
 
@@ -69,6 +71,8 @@ FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m
 MODEL_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the cache writer and quantiser read
 SCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # descale / scale tensors
 OUTPUT_FP8_DTYPE = torch.float8_e4m3fn  # out with output_scale
+FP8_QUERY_DTYPE = torch.float8_e4m3fn  # an fp8 query (with q_descale, over an FP8 cache)
+ATTENTION_QUERY_DTYPES = QUERY_TORCH_DTYPES + (FP8_QUERY_DTYPE,)  # every q an attention call takes
 
 
 def saturate_to_fp8(x: torch.Tensor, scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from kvflash.attn_common.dtypes import QUERY_TORCH_DTYPES, KVFlashDType
+from kvflash.attn_common.dtypes import FP8_QUERY_DTYPE, QUERY_TORCH_DTYPES, KVFlashDType
 
 __all__ = ["QKVTypePair"]
 
@@ -22,7 +22,7 @@ class QKVTypePair:
     Attributes
     ----------
     q_dtype : KVFlashDType
-        fp16 or bf16.
+        fp16 or bf16; or float8_e4m3fn over an FP8 cache (an fp8 query, real value ``q * q_descale``).
     kv_dtype : KVFlashDType
         K and V share it: ``q_dtype`` itself, or one of the FP8 formats.
     """
@@ -34,6 +34,11 @@ class QKVTypePair:
     def kv_is_fp8(self) -> bool:
         """True when the cache is stored in FP8 and tiles must be dequantised after loading."""
         return self.kv_dtype.is_fp8
+
+    @property
+    def q_is_fp8(self) -> bool:
+        """True for an fp8 query: the prefill dots then run on fp8 tensor cores."""
+        return self.q_dtype.is_fp8
 
     @classmethod
     def from_dtypes(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> QKVTypePair:
@@ -47,11 +52,18 @@ class QKVTypePair:
 
     @classmethod
     def _validate(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> QKVTypePair:
-        if q_dtype not in QUERY_TORCH_DTYPES:
-            raise TypeError(f"q: expected dtype float16 or bfloat16, got {q_dtype}")
+        if q_dtype not in QUERY_TORCH_DTYPES and q_dtype != FP8_QUERY_DTYPE:
+            raise TypeError(f"q: expected dtype float16, bfloat16 or float8_e4m3fn, got {q_dtype}")
         if k_dtype != v_dtype:
             raise TypeError(f"k and v must share one dtype, got k {k_dtype} and v {v_dtype}")
         kv = KVFlashDType.from_torch(k_dtype, "k")
+        if q_dtype == FP8_QUERY_DTYPE:
+            if k_dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+                raise TypeError(
+                    f"q: a float8_e4m3fn query needs an FP8 KV cache (k/v float8_e4m3fn or float8_e5m2), got k/v "
+                    f"{k_dtype}"
+                )
+            return cls(KVFlashDType.from_torch(q_dtype, "q"), kv)
         if not kv.is_fp8 and k_dtype != q_dtype:
             raise TypeError(
                 f"k/v dtype {k_dtype} does not pair with q dtype {q_dtype}: the KV cache must have q's dtype "

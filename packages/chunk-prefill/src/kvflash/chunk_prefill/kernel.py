@@ -18,6 +18,13 @@ FP8 caches: K/V tiles are converted to fp16 in registers (one exact instruction 
 three) and both dots run in fp16; a bf16 q is moved to fp16 once per program with a per-row power of two.
 K's descale folds into the score scale, V's into the output, once per program.
 
+``Q_FP8`` (an fp8 e4m3 query with its per-(sequence, KV head) descale, over an FP8 cache): both dots run on the
+fp8 tensor cores. q and the K tile go to ``tl.dot`` as stored (q's descale folds into the score scale beside K's);
+P is quantised to e4m3 in units of ``1 / P_FP8_SCALE`` (so probabilities down to 2^-16 keep a value) and meets the
+V tile as stored (e4m3 or e5m2). Two-level accumulation: each tile's ``P V`` is a fresh dot whose sum over the
+tile's keys stays in the tensor core's own accumulator, and is added to the fp32 accumulator outside the dot
+(Triton does not fold that add into an fp8 dot on sm_90), so the long sum over tiles is exact fp32.
+
 ``PER_TOKEN_SCALES`` (its own specialisation; off, the kernel is unchanged): one descale per stored (token, KV
 head), loaded per tile beside K and V through the same page ids. K's multiplies the score column before the
 softmax, ``s_j = (q . k_j) * kscale_j * softmax_scale``; V's multiplies P's column before the PV dot, in units
@@ -29,15 +36,22 @@ import triton
 import triton.language as tl
 
 from kvflash.attn_common.jit_helpers import (
+    E4M3_MANTISSA_BITS,
+    E4M3_MIN_NORMAL,
     add_sink_to_denominator,
     alibi_bias,
     finalize_softmax,
     key_visibility,
     online_softmax_step_scaled,
+    round_to_fp8_grid,
     scale_p_columns,
     softcap_scores,
     to_e4m3,
 )
+
+# Q_FP8: P goes to e4m3 as P * P_FP8_SCALE. P <= 1 (below 2 with per-token V scales) stays below 448 without a
+# clamp, and a probability of 2^-16 is still e4m3's smallest subnormal instead of zero.
+P_FP8_SCALE = tl.constexpr(128.0)
 
 
 @triton.jit
@@ -144,6 +158,8 @@ def _attend_tile(
     MASKED: tl.constexpr,
     MASK_LEFT: tl.constexpr,
     PER_TOKEN_SCALES: tl.constexpr,
+    Q_FP8: tl.constexpr,
+    ROUND_IN_SOFTWARE: tl.constexpr,
 ):
     """Attend one ``BLOCK_N`` key tile; returns ``(acc, m_i, l_i, v_exp)``.
 
@@ -172,7 +188,10 @@ def _attend_tile(
         k = tl.load(k_ptrs)
         v = tl.load(v_ptrs)
 
-    qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
+    if Q_FP8:  # fp8 x fp8 (K e4m3 or e5m2, as stored)
+        qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+    else:
+        qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
     if PER_TOKEN_SCALES:
         kd_rows = _kv_row_offsets(pages, kv_start, offs_n, stride_kd_block, stride_kd_token, IS_PAGED, PAGE_SIZE)
         vd_rows = _kv_row_offsets(pages, kv_start, offs_n, stride_vd_block, stride_vd_token, IS_PAGED, PAGE_SIZE)
@@ -203,14 +222,20 @@ def _attend_tile(
     m_i, l_i, p, alpha = online_softmax_step_scaled(m_i, l_i, scores, scale_log2)
     if PER_TOKEN_SCALES:
         p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc)
+    if Q_FP8:  # P in e4m3 units of 1 / P_FP8_SCALE; the tile's dot, then an fp32 add (two-level accumulation)
+        p = p * P_FP8_SCALE
+        if ROUND_IN_SOFTWARE:
+            p = round_to_fp8_grid(p, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+    else:
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc)
     return acc, m_i, l_i, v_exp
 
 
 @triton.jit
 def chunk_prefill_kernel(
-    q_ptr,  # [total_q, Hq, D] fp16/bf16
+    q_ptr,  # [total_q, Hq, D] fp16/bf16, or fp8 e4m3 (Q_FP8)
     k_ptr,  # paged [num_blocks, block_size, Hkv, D] or contiguous [total_k, Hkv, D]; q dtype or fp8
     v_ptr,  # paged [num_blocks, block_size, Hkv, D] or contiguous [total_k, Hkv, D]; k's dtype
     out_ptr,  # [total_q, Hq, D] q dtype, or fp8 e4m3 (OUTPUT_FP8)
@@ -225,6 +250,7 @@ def chunk_prefill_kernel(
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (a view; strides may be 0) (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
+    q_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0) (Q_FP8)
     num_seqs,
     num_q_tiles,
     num_kv_heads,
@@ -256,6 +282,8 @@ def chunk_prefill_kernel(
     stride_vd_block,  # PER_TOKEN_SCALES and paged only
     stride_alibi_seq,
     stride_alibi_head,
+    stride_qd_seq,
+    stride_qd_head,
     GROUP: tl.constexpr,  # Hq // Hkv
     G_PACK: tl.constexpr,  # query heads per program (<= GROUP)
     NUM_HEAD_GROUPS: tl.constexpr,  # cdiv(GROUP, G_PACK)
@@ -276,11 +304,15 @@ def chunk_prefill_kernel(
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
+    Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): both dots on fp8 tensor cores
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
-    # FP8 tiles convert to fp16 in one instruction per pair (to bf16 it takes three on sm_90), exactly.
-    DOT_DTYPE: tl.constexpr = tl.float32 if DOT_FP32 else (tl.float16 if KV_FP8 else q_ptr.dtype.element_ty)
+    # FP8 tiles convert to fp16 in one instruction per pair (to bf16 it takes three on sm_90), exactly; an fp8 q
+    # keeps every operand in fp8.
+    DOT_DTYPE: tl.constexpr = (
+        tl.float32 if DOT_FP32 else (tl.float16 if KV_FP8 and not Q_FP8 else q_ptr.dtype.element_ty)
+    )
 
     # ---- which (tile, KV head, head group) this program computes ----
     pid = tl.program_id(0)
@@ -334,11 +366,13 @@ def chunk_prefill_kernel(
     else:
         k_scale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
         v_scale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+    if Q_FP8:  # q's descale scales every score of the row, as K's does: (q . k) * qd * kd
+        k_scale = k_scale * tl.load(q_descale_ptr + seq * stride_qd_seq + kv_head * stride_qd_head)
     kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
     vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
     v_exp = tl.full([], -100.0, dtype=tl.float32)
     q_mult = tl.where(k_scale < 0, -1.0, 1.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
-    if KV_FP8:
+    if KV_FP8 and not Q_FP8:
         # q goes to fp16 with a per-row power of two that puts its largest element in [2^13, 2^15]: exact for
         # bf16 values (8 significant bits) down to 2^-31 of the row's largest, and no overflow.
         q_max = tl.max(tl.abs(q.to(tl.float32)), 1)
@@ -383,7 +417,8 @@ def chunk_prefill_kernel(
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=True,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=True, Q_FP8=Q_FP8,
+            ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
     pages = _tile_pages(block_table_row_ptr, full_lo + offs_tile, kv_len, num_blocks, IS_PAGED, PAGE_SIZE)
@@ -396,7 +431,8 @@ def chunk_prefill_kernel(
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=False, MASK_LEFT=False,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=False, MASK_LEFT=False, Q_FP8=Q_FP8,
+            ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
     tail_lo = tl.maximum(full_lo, full_hi)
@@ -410,7 +446,8 @@ def chunk_prefill_kernel(
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=False,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=False, Q_FP8=Q_FP8,
+            ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
 
@@ -421,6 +458,8 @@ def chunk_prefill_kernel(
     out, lse = finalize_softmax(acc, m_i, l_i)
     if PER_TOKEN_SCALES:
         out = out * tl.math.exp2(v_exp)
+    if Q_FP8:
+        v_scale = v_scale * (1.0 / P_FP8_SCALE)
     if OUTPUT_FP8:  # the V descale and the output scale's reciprocal (loaded once) fold into one factor
         out = to_e4m3(out * (v_scale * (1.0 / tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
     else:

@@ -53,6 +53,8 @@ _PREFILL_TABLE = {
 }
 
 _INTERPRETER_CONFIG = ChunkPrefillLaunchConfig(block_m=32, block_n=16, num_warps=4, num_stages=1)
+# fp8 dots take K >= 32: the PV dot's K is block_n.
+_INTERPRETER_CONFIG_Q_FP8 = ChunkPrefillLaunchConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
 
 
 def pack_heads(group: int, block_m: int) -> tuple[int, int]:
@@ -68,7 +70,7 @@ def pack_heads(group: int, block_m: int) -> tuple[int, int]:
 # per step and shape, then hits: a dict lookup instead of the arithmetic below).
 @functools.lru_cache(maxsize=4096)
 def choose_chunk_prefill_config(
-    head_size: int, kv_is_fp8: bool, group: int, max_seqlen_q: int, *, interpreter: bool
+    head_size: int, kv_is_fp8: bool, group: int, max_seqlen_q: int, *, interpreter: bool, q_is_fp8: bool = False
 ) -> ChunkPrefillLaunchConfig:
     """Pick the launch settings.
 
@@ -85,9 +87,11 @@ def choose_chunk_prefill_config(
         smaller ``block_m`` so that one query token's packed heads do not leave most rows empty.
     interpreter : bool
         Running under ``TRITON_INTERPRET=1``.
+    q_is_fp8 : bool
+        An fp8 query (fp8 dots: ``block_n >= 32``). The FP8-cache row of the table serves it.
     """
     if interpreter:
-        return _INTERPRETER_CONFIG
+        return _INTERPRETER_CONFIG_Q_FP8 if q_is_fp8 else _INTERPRETER_CONFIG
     head_pad = max(triton.next_power_of_2(head_size), 64)
     block_m, block_n, num_warps, num_stages = _PREFILL_TABLE[(head_pad, kv_is_fp8)]
     rows_needed = max(1, max_seqlen_q) * min(group, block_m)

@@ -62,6 +62,7 @@ def chunk_prefill_attention(
     skip_q_len: int = 0,
     output_scale: torch.Tensor | None = None,
     kv_descale_per_token: bool | None = None,
+    q_descale: torch.Tensor | float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention of new query tokens over a paged or contiguous (possibly FP8) KV cache.
 
@@ -72,7 +73,8 @@ def chunk_prefill_attention(
     ----------
     q : torch.Tensor
         ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``. ``D`` is 8..512, a
-        multiple of 8.
+        multiple of 8. Or ``float8_e4m3fn`` over an FP8 cache, with ``q_descale``: both dots then run on fp8
+        tensor cores (P quantised to e4m3, two-level accumulation).
     k, v : torch.Tensor
         Paged ``[num_blocks, block_size, Hkv, D]`` (strided views allowed, e.g. ``[:, 0]`` / ``[:, 1]`` of a
         joint ``[num_blocks, 2, block_size, Hkv, D]`` cache) with ``block_table`` and ``seqused_k``, or
@@ -117,9 +119,12 @@ def chunk_prefill_attention(
         ``None`` (default): per-token-head iff a paged descale has rank 3. ``True``: both descales are
         per-token-head (the only way to pass the contiguous ``[total_k, Hkv]`` form, which would read like
         ``[num_seqs, Hkv]`` when the counts are equal). ``False``: per-(sequence, KV head) forms only.
+    q_descale : torch.Tensor or float, optional
+        An fp8 ``q`` only (else ``ValueError``): the real query is ``q * q_descale``, with the per-(sequence, KV
+        head) forms of ``k_descale`` (``None`` = 1.0; :func:`kvflash.fp8_utils.quantize_query` makes both).
     out : torch.Tensor, optional
-        ``[total_q, Hq, D]`` in ``q``'s dtype (may be a strided view); written in place. ``float8_e4m3fn``
-        with ``output_scale`` (and only then).
+        ``[total_q, Hq, D]`` in ``q``'s dtype (fp16 or bf16 for an fp8 ``q``; may be a strided view); written in
+        place. ``float8_e4m3fn`` with ``output_scale`` (and only then).
     return_lse : bool
         Also return the natural-log softmax denominator.
     skip_q_len : int
@@ -133,8 +138,8 @@ def chunk_prefill_attention(
     Returns
     -------
     out : torch.Tensor
-        ``[total_q, Hq, D]`` in ``q``'s dtype (``float8_e4m3fn`` with ``output_scale``). Rows with no visible key
-        are 0.
+        ``[total_q, Hq, D]`` in ``q``'s dtype (bf16 for an fp8 ``q``; ``float8_e4m3fn`` with ``output_scale``).
+        Rows with no visible key are 0.
     lse : torch.Tensor
         Only with ``return_lse``: ``[Hq, total_q]`` float32, the sink included; ``-inf`` for rows with no
         visible key and no sink.
@@ -146,7 +151,7 @@ def chunk_prefill_attention(
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, block_table=block_table, seqused_k=seqused_k,
         cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
-        output_scale=output_scale, kv_descale_per_token=kv_descale_per_token, out=out,
+        output_scale=output_scale, kv_descale_per_token=kv_descale_per_token, out=out, q_descale=q_descale,
     )  # fmt: skip
     check_int("skip_q_len", skip_q_len, 0)
     return run_chunk_prefill(
@@ -185,7 +190,7 @@ def run_chunk_prefill(
     lse = _chunk_prefill_op(
         q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, f.softmax_scale,
         f.window_left, f.window_right, f.softcap, f.alibi_slopes, f.s_aux, f.k_descale, f.v_descale, return_lse,
-        skip_q_len, f.output_scale,
+        skip_q_len, f.output_scale, f.q_descale,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -211,11 +216,13 @@ def _chunk_prefill_impl(
     return_lse: bool,
     skip_q_len: int,
     output_scale: torch.Tensor | None,
+    q_descale: torch.Tensor | None,
 ) -> torch.Tensor:
     """Write attention into ``out [total_q, Hq, D]``; return ``lse [Hq, total_q]`` fp32 (``[Hq, 0]`` when
     ``return_lse`` is False). Arguments are normalised: window edges ``-1`` = unbounded, causal folded
     into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32 (or rank-3 per-token-head
-    ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32), ``output_scale`` ``[1]`` fp32 (fp8 ``out``)."""
+    ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32), ``output_scale`` ``[1]`` fp32 (fp8 ``out``),
+    ``q_descale`` ``[num_seqs, Hkv]`` fp32 for an fp8 ``q`` (else ``None``)."""
     total_q, num_q_heads, _ = q.shape
     lse = empty_buffer((num_q_heads, total_q if return_lse else 0), torch.float32, q.device)
     if not runs_triton(q.device):
@@ -223,7 +230,7 @@ def _chunk_prefill_impl(
             out, lse if return_lse else None, q, k, v, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k,
             cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, window_size=(window_left, window_right),
             softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
-            output_scale=output_scale,
+            output_scale=output_scale, q_descale=q_descale,
         )  # fmt: skip
         return lse
     launch_chunk_prefill(
@@ -231,14 +238,14 @@ def _chunk_prefill_impl(
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         window_left=window_left, window_right=window_right, softcap=softcap, alibi_slopes=alibi_slopes,
         s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, skip_q_len=skip_q_len, output_scale=output_scale,
-        config=None,
+        q_descale=q_descale, config=None,
     )  # fmt: skip
     return lse
 
 
 def _chunk_prefill_fake(q, k, v, out, cu_seqlens_q, max_seqlen_q, block_table, seqused_k, cu_seqlens_k, softmax_scale,
       window_left, window_right, softcap, alibi_slopes, s_aux, k_descale, v_descale, return_lse,
-      skip_q_len, output_scale):  # fmt: skip
+      skip_q_len, output_scale, q_descale):  # fmt: skip
     total_q, num_q_heads, _ = q.shape
     return q.new_empty((num_q_heads, total_q if return_lse else 0), dtype=torch.float32)
 
@@ -269,6 +276,7 @@ def launch_chunk_prefill(
     v_descale: torch.Tensor,
     skip_q_len: int = 0,
     output_scale: torch.Tensor | None = None,
+    q_descale: torch.Tensor | None = None,
     config: ChunkPrefillLaunchConfig | None = None,
 ) -> None:
     """Launch the kernel: writes ``out [total_q, Hq, D]`` and, when given, ``lse [Hq, total_q]`` fp32.
@@ -277,6 +285,7 @@ def launch_chunk_prefill(
     unbounded).
     Sequences with at most ``skip_q_len`` queries are left untouched (the decode kernel serves them).
     ``output_scale`` (``[1]`` fp32): ``out`` is fp8 e4m3 and receives ``saturate(attention / output_scale)``.
+    ``q_descale`` (``[num_seqs, Hkv]`` fp32): given exactly for an fp8 ``q``.
     ``config`` overrides :func:`kvflash.chunk_prefill.launch_config.choose_chunk_prefill_config` (the tuning
     sweeps of ``tools/bench``).
     """
@@ -286,9 +295,12 @@ def launch_chunk_prefill(
     num_kv_heads = k.shape[-2]
     group = num_q_heads // num_kv_heads
     kv_is_fp8 = k.dtype in FP8_TORCH_DTYPES  # the (q, kv) pair was checked by check_attention_call
+    q_is_fp8 = q_descale is not None
     interpreter = interpreter_enabled()
     if config is None:
-        config = choose_chunk_prefill_config(head_size, kv_is_fp8, group, max_seqlen_q, interpreter=interpreter)
+        config = choose_chunk_prefill_config(
+            head_size, kv_is_fp8, group, max_seqlen_q, interpreter=interpreter, q_is_fp8=q_is_fp8
+        )
     if total_q == 0:
         return
     g_pack, num_head_groups = pack_heads(group, config.block_m)
@@ -324,6 +336,7 @@ def launch_chunk_prefill(
         alibi_slopes_ptr=alibi,
         sinks_ptr=sinks,
         output_scale_ptr=output_scale if output_scale is not None else k_descale,
+        q_descale_ptr=q_descale if q_is_fp8 else k_descale,
         num_seqs=num_seqs,
         num_q_tiles=num_q_tiles,
         num_kv_heads=num_kv_heads,
@@ -355,14 +368,17 @@ def launch_chunk_prefill(
         stride_vd_block=vd_block,
         stride_alibi_seq=alibi_strides[0],
         stride_alibi_head=alibi_strides[1],
+        stride_qd_seq=q_descale.stride(0) if q_is_fp8 else 0,
+        stride_qd_head=q_descale.stride(1) if q_is_fp8 else 0,
         GROUP=group,
         G_PACK=g_pack,
         NUM_HEAD_GROUPS=num_head_groups,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         HEAD_SIZE=head_size,
-        # At least 16: tl.dot needs K >= 16 (D = 8); the padding is masked on every load and store.
-        HEAD_PAD=max(16, triton.next_power_of_2(head_size)),
+        # At least 16: tl.dot needs K >= 16 (D = 8), 32 for fp8 operands; the padding is masked on every load and
+        # store.
+        HEAD_PAD=max(32 if q_is_fp8 else 16, triton.next_power_of_2(head_size)),
         IS_PAGED=is_paged,
         PAGE_SIZE=k.shape[1] if is_paged else 1,
         SAME_KV_STRIDES=ks[:-2] == vs[:-2],
@@ -378,6 +394,7 @@ def launch_chunk_prefill(
         OUTPUT_FP8=output_scale is not None,
         ROUND_IN_SOFTWARE=interpreter,
         PER_TOKEN_SCALES=per_token,
+        Q_FP8=q_is_fp8,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

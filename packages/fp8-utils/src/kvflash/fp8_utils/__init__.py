@@ -5,21 +5,26 @@
   ``torch.ops.kvflash.reshape_and_cache_flash``).
 - :func:`compute_kv_scales`: dynamic scales ``amax / fp8_max * margin``, per tensor or per KV head.
 - :func:`scaled_fp8_quant` / :func:`dequantize_fp8`: per-tensor FP8 quantise (static or dynamic) and back.
+- :func:`quantize_query`: a 16-bit query to fp8 e4m3 with its ``q_descale`` (per tensor, per KV head, or per
+  (sequence, KV head)), for the fp8-query attention path.
 - :data:`KV_CACHE_DTYPES` and :func:`kv_cache_torch_dtype`: the engines' ``kv_cache_dtype`` strings.
 """
 
 from kvflash.fp8_utils.cache_dtype import KV_CACHE_DTYPES, kv_cache_torch_dtype
 from kvflash.fp8_utils.op import reshape_and_cache_flash
 from kvflash.fp8_utils.quant import dequantize_fp8, scaled_fp8_quant
+from kvflash.fp8_utils.query import QUERY_SCALE_GRANULARITIES, quantize_query
 from kvflash.fp8_utils.scales import compute_kv_scales
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KV_CACHE_DTYPES",
+    "QUERY_SCALE_GRANULARITIES",
     "compute_kv_scales",
     "dequantize_fp8",
     "kv_cache_torch_dtype",
+    "quantize_query",
     "reshape_and_cache_flash",
     "scaled_fp8_quant",
 ]

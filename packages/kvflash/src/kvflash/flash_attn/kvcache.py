@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import FP8_TORCH_DTYPES, check_tensor
+from kvflash.attn_common import FP8_QUERY_DTYPE, FP8_TORCH_DTYPES, QUERY_TORCH_DTYPES, check_tensor
 from kvflash.flash_attn_interface import flash_attn_varlen_func as _fork_varlen
 from kvflash.fp8_utils import reshape_and_cache_flash
 
@@ -69,8 +69,10 @@ def _write_slots(table: torch.Tensor, block_size: int, cache_seqlens: torch.Tens
 def _append(k, v, k_pages, v_pages, table, cache_seqlens, q, k_descale, v_descale) -> None:
     batch, seqlen_new = q.shape[0], k.shape[1]
     hkv, d = k_pages.shape[2], k_pages.shape[3]
-    check_tensor("k", k, dtypes=(q.dtype,), shape=(batch, seqlen_new, hkv, d))
-    check_tensor("v", v, dtypes=(q.dtype,), shape=(batch, seqlen_new, hkv, d))
+    # New keys and values come in the model's dtype: q's, or (an fp8 q) fp16 / bf16.
+    new_dtypes = QUERY_TORCH_DTYPES if q.dtype == FP8_QUERY_DTYPE else (q.dtype,)
+    check_tensor("k", k, dtypes=new_dtypes, shape=(batch, seqlen_new, hkv, d))
+    check_tensor("v", v, dtypes=(k.dtype,), shape=(batch, seqlen_new, hkv, d))
     if k_pages.dtype in FP8_TORCH_DTYPES:
         cache_dtype = _FP8_CACHE_DTYPE_NAMES.get(k_pages.dtype)
         if cache_dtype is None:
@@ -126,13 +128,15 @@ def flash_attn_with_kvcache(
     k_descale: torch.Tensor | float | None = None,
     v_descale: torch.Tensor | float | None = None,
     s_aux: torch.Tensor | None = None,
+    q_descale: torch.Tensor | float | None = None,
 ):
     """Attention of ``q`` over a KV cache, after appending ``k``/``v`` to it in place (upstream semantics).
 
     Parameters
     ----------
     q : torch.Tensor
-        ``[batch, seqlen_q, Hq, D]`` fp16 or bf16.
+        ``[batch, seqlen_q, Hq, D]`` fp16 or bf16; or ``float8_e4m3fn`` with ``q_descale`` over an FP8 cache
+        (appending ``k``/``v`` then needs them in a 16-bit dtype).
     k_cache, v_cache : torch.Tensor
         Contiguous ``[batch_cache, seqlen_cache, Hkv, D]``, or paged ``[num_blocks, page_block_size, Hkv, D]``
         with ``block_table``. dtype: ``q``'s, or ``float8_e4m3fn`` / ``float8_e5m2`` (with descales).
@@ -166,11 +170,13 @@ def flash_attn_with_kvcache(
         ``NotImplementedError`` (write them with ``reshape_and_cache_flash`` under a ``*_per_token_head`` string).
     s_aux : torch.Tensor, optional
         Keyword only. Sinks ``[Hq]`` float32.
+    q_descale : torch.Tensor or float, optional
+        Keyword only, an fp8 ``q`` only: the real query is ``q * q_descale``, broadcastable to ``[batch, Hkv]``.
 
     Returns
     -------
     out : torch.Tensor
-        ``[batch, seqlen_q, Hq, D]`` in ``q``'s dtype.
+        ``[batch, seqlen_q, Hq, D]`` in ``q``'s dtype (bf16 for an fp8 ``q``).
     (out, softmax_lse) : tuple
         With ``return_softmax_lse``.
     """
@@ -213,6 +219,7 @@ def flash_attn_with_kvcache(
         alibi_slopes=alibi_slopes,
         block_table=table,
         return_softmax_lse=return_softmax_lse,
+        q_descale=q_descale,
         k_descale=k_descale,
         v_descale=v_descale,
         num_splits=num_splits,

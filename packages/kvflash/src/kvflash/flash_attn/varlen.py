@@ -42,6 +42,7 @@ def flash_attn_varlen_func(
     k_descale: torch.Tensor | float | None = None,
     v_descale: torch.Tensor | float | None = None,
     s_aux: torch.Tensor | None = None,
+    q_descale: torch.Tensor | float | None = None,
     num_splits: int = 0,
 ):
     """Variable-length attention, FlashAttention's upstream signature (paged and FP8 caches allowed).
@@ -49,7 +50,8 @@ def flash_attn_varlen_func(
     Parameters
     ----------
     q : torch.Tensor
-        ``[total_q, Hq, D]`` fp16 or bf16, ``stride(-1) == 1``.
+        ``[total_q, Hq, D]`` fp16 or bf16, ``stride(-1) == 1``; or ``float8_e4m3fn`` with ``q_descale`` over an
+        FP8 cache (see :func:`kvflash.flash_attn_interface.flash_attn_varlen_func`).
     k, v : torch.Tensor
         Contiguous ``[total_k, Hkv, D]`` (sequence ``s`` is rows ``cu_seqlens_k[s]:cu_seqlens_k[s+1]``), or paged
         ``[num_blocks, page_block_size, Hkv, D]`` with ``block_table``. dtype: ``q``'s, or ``float8_e4m3fn`` /
@@ -92,13 +94,15 @@ def flash_attn_varlen_func(
         :func:`kvflash.flash_attn_interface.flash_attn_varlen_func` (``kv_descale_per_token=True``).
     s_aux : torch.Tensor, optional
         Keyword only. Sinks ``[Hq]`` float32: one extra logit per head in the softmax denominator.
+    q_descale : torch.Tensor or float, optional
+        Keyword only, an fp8 ``q`` only: the real query is ``q * q_descale``, broadcastable to ``[batch, Hkv]``.
     num_splits : int
         Keyword only. Split-KV for decode: 0 automatic, 1 none, ``n > 1`` at most ``n``.
 
     Returns
     -------
     out : torch.Tensor
-        ``[total_q, Hq, D]`` in ``q``'s dtype.
+        ``[total_q, Hq, D]`` in ``q``'s dtype (bf16 for an fp8 ``q``).
     (out, softmax_lse, S_dmask) : tuple
         With ``return_attn_probs``: ``softmax_lse [Hq, total_q]`` float32 (natural log; ``-inf`` for rows with
         no visible key) and ``None``.
@@ -132,6 +136,7 @@ def flash_attn_varlen_func(
         deterministic=deterministic,
         block_table=block_table,
         return_softmax_lse=return_attn_probs,
+        q_descale=q_descale,
         k_descale=k_descale,
         v_descale=v_descale,
         num_splits=num_splits,

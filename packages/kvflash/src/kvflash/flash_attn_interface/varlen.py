@@ -40,7 +40,7 @@ __all__ = ["flash_attn_varlen_func"]
 SUPPORTED_FA_VERSIONS = (2, 3)
 
 
-def _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version) -> None:
+def _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, fa_version) -> None:
     if dropout_p != 0.0:
         raise NotImplementedError(
             f"dropout_p: kvflash kernels are inference kernels; only 0.0 is supported, got {dropout_p}"
@@ -53,8 +53,6 @@ def _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q
         raise NotImplementedError(
             "scheduler_metadata: kvflash schedules from shapes; precomputed metadata is not supported"
         )
-    if q_descale is not None:
-        raise NotImplementedError("q_descale: queries are fp16/bf16 in kvflash; FP8 queries are not supported")
     if fa_version not in SUPPORTED_FA_VERSIONS:
         raise ValueError(f"fa_version: expected 2 or 3 (it selects nothing in kvflash), got {fa_version!r}")
 
@@ -82,7 +80,7 @@ def flash_attn_varlen_func(
     return_softmax_lse: bool = False,
     out: torch.Tensor | None = None,
     scheduler_metadata: torch.Tensor | None = None,
-    q_descale: torch.Tensor | None = None,
+    q_descale: torch.Tensor | float | None = None,
     k_descale: torch.Tensor | float | None = None,
     v_descale: torch.Tensor | float | None = None,
     num_splits: int = 0,
@@ -96,7 +94,11 @@ def flash_attn_varlen_func(
     Parameters
     ----------
     q : torch.Tensor
-        ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``.
+        ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``. Or ``float8_e4m3fn`` (with
+        ``q_descale``) over an FP8 cache: prefill rows then run both dots on fp8 tensor cores (P quantised to
+        e4m3 in units of 1/128, each key tile's ``P V`` added to an fp32 accumulator: two-level accumulation);
+        decode rows convert the query to fp16 exactly and run the exact FP8-cache path.
+        :func:`kvflash.fp8_utils.quantize_query` makes ``q`` and ``q_descale`` from a 16-bit query.
     k, v : torch.Tensor
         Paged ``[num_blocks, block_size, Hkv, D]`` (NHD pages; strided views such as slices of a joint
         ``[num_blocks, 2, block_size, Hkv, D]`` cache are fine) with ``block_table`` and ``seqused_k``; or
@@ -135,9 +137,9 @@ def flash_attn_varlen_func(
     return_softmax_lse : bool
         Also return ``lse [Hq, total_q]`` float32 (natural log of the full softmax denominator).
     out : torch.Tensor, optional
-        ``[total_q, Hq, D]`` in ``q``'s dtype; may be a strided view. ``float8_e4m3fn`` with ``output_scale``
-        (and only then: another dtype with ``output_scale`` raises naming ``out``, an fp8 ``out`` without it
-        raises naming ``output_scale``).
+        ``[total_q, Hq, D]`` in ``q``'s dtype (fp16 or bf16 for an fp8 ``q``); may be a strided view. ``float8_e4m3fn``
+        with ``output_scale`` (and only then: another dtype with ``output_scale`` raises naming ``out``, an fp8 ``out``
+        without it raises naming ``output_scale``).
     k_descale, v_descale : torch.Tensor or float, optional
         The real value of a stored element is ``stored * descale``: a float, or a float32/fp16/bf16 tensor
         broadcastable to ``[num_seqs, Hkv]`` (1 element, ``[Hkv]``, ``[num_seqs, Hkv]``, stride-0 views).
@@ -147,6 +149,9 @@ def flash_attn_varlen_func(
         by its shape), ``[total_k, Hkv]`` for a contiguous one (only with ``kv_descale_per_token=True``). Key
         ``j`` of head ``h`` is ``k_stored[j, h] * k_descale[j, h]``; K and V take the same mode (both
         per-token-head or neither); every route (decode, prefill, mixed) reads them.
+    q_descale : torch.Tensor or float, optional
+        With an fp8 ``q`` only (a 16-bit ``q`` with ``q_descale`` raises ``ValueError`` naming it): the real
+        query is ``q * q_descale``, in the per-(sequence, KV head) forms of ``k_descale`` (``None`` = 1.0).
     kv_descale_per_token : bool, optional
         A kvflash extension. ``None`` (default): per-token-head iff a paged descale has rank 3. ``True``: both
         descales are per-token-head (required for the contiguous ``[total_k, Hkv]`` form, which would read like
@@ -164,18 +169,18 @@ def flash_attn_varlen_func(
         float32, one element (static output quantisation): the output is ``float8_e4m3fn`` holding
         ``saturate(attention / output_scale)``, clamped to +-448 in the kernels' epilogues (prefill, decode,
         split merge; every route), never NaN for finite input. ``lse`` stays float32 and unscaled.
-    dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale
+    dropout_p, return_attn_probs, q_v, scheduler_metadata
         Not supported: anything but the defaults raises ``NotImplementedError`` naming the argument.
 
     Returns
     -------
     out : torch.Tensor
-        ``[total_q, Hq, D]`` in ``q``'s dtype (``float8_e4m3fn`` with ``output_scale``); rows with no visible key
-        are 0.
+        ``[total_q, Hq, D]`` in ``q``'s dtype (``out``'s, or bf16, for an fp8 ``q``; ``float8_e4m3fn`` with
+        ``output_scale``); rows with no visible key are 0.
     lse : torch.Tensor
         Only with ``return_softmax_lse``: ``[Hq, total_q]`` float32; ``-inf`` for rows with no visible key.
     """
-    _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, q_descale, fa_version)
+    _reject_unsupported(dropout_p, return_attn_probs, q_v, scheduler_metadata, fa_version)
     check_bool("deterministic", deterministic)
     check_query(q)
     num_seqs = num_seqs_from_cu_seqlens_q(q, cu_seqlens_q)
@@ -187,7 +192,7 @@ def flash_attn_varlen_func(
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
         k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
-        kv_descale_per_token=kv_descale_per_token, out=out,
+        kv_descale_per_token=kv_descale_per_token, out=out, q_descale=q_descale,
     )  # fmt: skip
     kv = dict(block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
     route = choose_route(q.shape[0], num_seqs, max_seqlen_q, q.shape[1] // k.shape[-2])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kvflash.attn_common import check_tensor
+from kvflash.attn_common import FP8_QUERY_DTYPE, QUERY_TORCH_DTYPES, check_tensor
 from kvflash.paged_decode import merge_partial_attentions, paged_decode_attention
 
 __all__ = ["context_parallel_decode", "merge_partial_attention"]
@@ -72,6 +72,7 @@ def context_parallel_decode(
     out: torch.Tensor | None = None,
     return_lse: bool = False,
     kv_descale_per_token: bool | None = None,
+    q_descale: torch.Tensor | float | None = None,
 ):
     """Decode one query per sequence against a KV cache sharded across ``group``.
 
@@ -80,7 +81,8 @@ def context_parallel_decode(
     Parameters
     ----------
     q : torch.Tensor
-        ``[num_seqs, Hq, D]`` fp16/bf16, identical on every rank.
+        ``[num_seqs, Hq, D]`` fp16/bf16, identical on every rank; or ``float8_e4m3fn`` with ``q_descale`` over FP8
+        shards (as in :func:`kvflash.paged_decode.paged_decode_attention`).
     k_cache, v_cache : torch.Tensor
         This rank's pages ``[num_blocks, block_size, Hkv, D]``, q's dtype or FP8.
     block_table : torch.Tensor
@@ -96,14 +98,15 @@ def context_parallel_decode(
         their own scales. Or per-token-head: float32 ``[num_blocks, block_size, Hkv]`` indexed like this rank's
         pages (FP8 caches only), as ``reshape_and_cache_flash`` writes them under a ``*_per_token_head``
         ``kv_cache_dtype``.
-    kv_descale_per_token : bool, optional
-        As in :func:`kvflash.paged_decode.paged_decode_attention` (``None``: per-token-head iff rank 3).
+    kv_descale_per_token, q_descale : optional
+        As in :func:`kvflash.paged_decode.paged_decode_attention` (``None``: per-token-head iff rank 3; ``q_descale``
+        with an fp8 ``q`` only).
     softmax_scale, softcap, s_aux, num_splits
         As in :func:`kvflash.paged_decode.paged_decode_attention`; ``s_aux`` is counted once (rank 0).
     window_size, alibi_slopes
         Not supported here (they need the shard's global key positions): anything but ``None`` raises.
     out : torch.Tensor, optional
-        ``[num_seqs, Hq, D]`` in q's dtype.
+        ``[num_seqs, Hq, D]`` in q's dtype (fp16 or bf16 for an fp8 ``q``; default bf16 then).
     return_lse : bool
         Also return the merged ``lse [Hq, num_seqs]`` float32.
     """
@@ -111,8 +114,9 @@ def context_parallel_decode(
         raise NotImplementedError("window_size: context-parallel decode does not know each shard's global positions")
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: context-parallel decode does not know each shard's global positions")
+    out_dtypes = QUERY_TORCH_DTYPES if q.dtype == FP8_QUERY_DTYPE else (q.dtype,)
     if out is not None:
-        check_tensor("out", out, dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device)
+        check_tensor("out", out, dtypes=out_dtypes, shape=tuple(q.shape), device=q.device)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     num_seqs, num_heads, head_size = q.shape
@@ -131,6 +135,7 @@ def context_parallel_decode(
         k_descale=k_descale,
         v_descale=v_descale,
         kv_descale_per_token=kv_descale_per_token,
+        q_descale=q_descale,
         num_splits=num_splits,
         out=local_out,
         return_lse=True,
@@ -145,6 +150,6 @@ def context_parallel_decode(
     lses = gathered[:, out_numel:].reshape(world, num_heads, num_seqs)
     merged, merged_lse = merge_partial_attention(outs, lses)
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=out_dtypes[-1], device=q.device)  # q's dtype, bf16 for an fp8 q
     out.copy_(merged)
     return (out, merged_lse) if return_lse else out

@@ -30,6 +30,10 @@ on NVIDIA ``FP8_V_FENCE`` keeps Triton from folding V's conversion into a byte-w
 A bf16 query converts to fp16 exactly while ``|q| < 65504``. The K descale is folded into the score scale
 and the V descale is applied to the output once, so dequantisation costs no per-element multiply.
 
+``Q_FP8`` (an fp8 e4m3 query with its per-(sequence, KV head) ``q_descale``): decode reads K and V once per
+query token, so fp8 tensor cores would save nothing here; the query converts to fp16 exactly, its descale joins
+K's in the score scale, and the dots are the exact FP8-cache path's.
+
 ``PER_TOKEN_SCALES`` (a separate specialisation; off, the kernel is what it was without it): one descale per
 stored (token, KV head), read per tile beside K and V. K's multiplies its score column,
 ``s_j = (q . k_j) * kscale_j * softmax_scale``, folded into the per-column score factor; V's multiplies the
@@ -74,7 +78,7 @@ def load_kv_tile(head_ptr, token_offsets, offs_d, mask, KV_FP8: tl.constexpr, FP
 
 @triton.jit
 def paged_decode_kernel(
-    q_ptr,  # [total_q, Hq, HEAD_SIZE] fp16/bf16 (total_q == num_seqs without USE_CU_SEQLENS_Q)
+    q_ptr,  # [total_q, Hq, HEAD_SIZE] fp16/bf16 or fp8 e4m3 (Q_FP8) (total_q == num_seqs without USE_CU_SEQLENS_Q)
     k_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; q dtype or fp8
     v_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; k's dtype, own strides
     block_table_ptr,  # [num_seqs, max_blocks] int32 (IS_PAGED)
@@ -88,6 +92,7 @@ def paged_decode_kernel(
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
+    q_descale_ptr,  # [num_seqs, Hkv] fp32, a view (strides may be 0) (Q_FP8)
     # [total_q, Hq, HEAD_SIZE] q dtype, fp32 or fp8 e4m3 (OUTPUT_FP8), or [num_splits, total_q, Hq, HEAD_SIZE] fp32
     # (IS_SPLIT)
     out_ptr,
@@ -116,6 +121,8 @@ def paged_decode_kernel(
     stride_vd_block,  # PER_TOKEN_SCALES and IS_PAGED only
     stride_alibi_seq,
     stride_alibi_head,
+    stride_qd_seq,
+    stride_qd_head,
     stride_o_split,
     stride_o_token,
     stride_o_head,
@@ -151,6 +158,7 @@ def paged_decode_kernel(
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
+    Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): converted to fp16, descale in the score scale
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
@@ -197,6 +205,13 @@ def paged_decode_kernel(
     d_mask = offs_d < HEAD_SIZE
     offs_n = tl.arange(0, BLOCK_N)
 
+    if Q_FP8:  # (q . k) * q_descale: a factor of the score scale like K's descale
+        if KV_HEADS == 1:
+            q_descale = tl.load(q_descale_ptr + seq * stride_qd_seq + kv_head * stride_qd_head)
+        else:  # [BLOCK_H, 1]: each row's KV head's
+            q_descale = tl.load(q_descale_ptr + seq * stride_qd_seq + row_kv_head * stride_qd_head, mask=head_mask)
+            q_descale = q_descale[:, None]
+        softmax_scale = softmax_scale * q_descale
     if PER_TOKEN_SCALES:  # per-token descales are read per tile (below)
         score_scale = softmax_scale
         v_descale = tl.full([], 1.0, dtype=tl.float32)
@@ -209,7 +224,7 @@ def paged_decode_kernel(
         v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
     else:  # per row: [BLOCK_H, 1], each row's KV head's descales
         k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + row_kv_head * stride_kd_head, mask=head_mask)
-        score_scale = (softmax_scale * k_descale)[:, None]
+        score_scale = softmax_scale * k_descale[:, None]
         v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + row_kv_head * stride_vd_head, mask=head_mask)
         v_descale = v_descale[:, None]
     if OUTPUT_FP8:  # the output scale's reciprocal, loaded once, folds into the V descale

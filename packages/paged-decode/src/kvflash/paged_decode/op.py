@@ -64,6 +64,7 @@ def paged_decode_attention(
     lse: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
     kv_descale_per_token: bool | None = None,
+    q_descale: torch.Tensor | float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the few query tokens of each sequence over its KV cache (decode), split over the keys.
 
@@ -76,7 +77,9 @@ def paged_decode_attention(
     q : torch.Tensor
         ``[num_seqs, Hq, D]`` fp16/bf16, ``stride(-1) == 1``, or ``[total_q, Hq, D]`` with ``cu_seqlens_q``.
         Query ``i`` of a sequence with ``q_len`` queries and ``kv_len`` keys sits at position
-        ``p = kv_len - q_len + i`` (bottom-right aligned; ``p = kv_len - 1`` for a single query).
+        ``p = kv_len - q_len + i`` (bottom-right aligned; ``p = kv_len - 1`` for a single query). Or
+        ``float8_e4m3fn`` over an FP8 cache, with ``q_descale``: converted to fp16 exactly in the kernel (decode
+        reads each key once per token, so fp8 tensor cores would save nothing), the same dots as a 16-bit query.
     k, v : torch.Tensor
         Paged ``[num_blocks, block_size, Hkv, D]`` (strided views allowed) with ``block_table`` and
         ``seqused_k``, or contiguous ``[total_k, Hkv, D]`` with ``cu_seqlens_k``. Dtype: ``q``'s, or
@@ -114,12 +117,15 @@ def paged_decode_attention(
         ``None`` (default): per-token-head iff a paged descale has rank 3. ``True``: both descales are
         per-token-head (the only way to pass the contiguous ``[total_k, Hkv]`` form, which would read like
         ``[num_seqs, Hkv]`` when the counts are equal). ``False``: per-(sequence, KV head) forms only.
+    q_descale : torch.Tensor or float, optional
+        An fp8 ``q`` only (else ``ValueError``): the real query is ``q * q_descale``, per (sequence, KV head) in the
+        forms ``k_descale`` takes (``None`` = 1.0).
     num_splits : int
         0 = automatic split-KV (from shapes and the SM count), 1 = no split, ``n > 1`` = at most ``n``.
     out : torch.Tensor, optional
-        Shaped like ``q``, in ``q``'s dtype or float32 (the unrounded result, for callers that merge
-        partial attentions themselves, such as context-parallel decode), ``stride(-1) == 1``; written in place.
-        ``float8_e4m3fn`` with ``output_scale`` (and only then).
+        Shaped like ``q``, in ``q``'s dtype (fp16 or bf16 for an fp8 ``q``) or float32 (the unrounded result, for
+        callers that merge partial attentions themselves, such as context-parallel decode), ``stride(-1) == 1``; written
+        in place. ``float8_e4m3fn`` with ``output_scale`` (and only then).
     return_lse : bool
         Also return ``lse [Hq, q.shape[0]]`` float32 (natural log; ``-inf`` for a row without keys and
         sinks).
@@ -146,7 +152,8 @@ def paged_decode_attention(
     Returns
     -------
     torch.Tensor or (torch.Tensor, torch.Tensor)
-        ``out`` shaped like ``q`` in ``q``'s dtype (``out``'s; fp8 e4m3 with ``output_scale``), and ``lse`` when
+        ``out`` shaped like ``q`` in ``q``'s dtype (``out``'s; bf16 for an fp8 ``q``; fp8 e4m3 with ``output_scale``),
+        and ``lse`` when
         ``return_lse``.
     """
     check_query(q)
@@ -172,7 +179,7 @@ def paged_decode_attention(
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
         k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
-        kv_descale_per_token=kv_descale_per_token, out=out, out_extra_dtypes=(torch.float32,),
+        kv_descale_per_token=kv_descale_per_token, out=out, out_extra_dtypes=(torch.float32,), q_descale=q_descale,
     )  # fmt: skip
     return run_paged_decode(
         q, k, v, f, max_seqlen_k, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
@@ -230,7 +237,7 @@ def run_paged_decode(
     _PAGED_DECODE_OP(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
         f.s_aux, out, lse, max_seqlen_q, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap,
-        1 if defer_longer_sequences else num_splits, defer_longer_sequences, f.output_scale,
+        1 if defer_longer_sequences else num_splits, defer_longer_sequences, f.output_scale, f.q_descale,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -258,27 +265,29 @@ def _paged_decode_impl(
     num_splits: int,
     defer_longer_sequences: bool,
     output_scale: torch.Tensor | None,
+    q_descale: torch.Tensor | None,
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, or rank-3 per-token-head
     ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32; window edges ``-1`` = unbounded,
-    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``): the CPU reference without Triton, else the launch (which
+    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``; ``q_descale`` ``[num_seqs, Hkv]`` fp32 exactly for an fp8
+    ``q``): the CPU reference without Triton, else the launch (which
     chooses the launch settings)."""
     if not platform.runs_triton(q.device, platform.interpreter_enabled()):
         _reference_decode(
             q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
-            out, lse, softmax_scale, window_left, window_right, softcap, output_scale,
+            out, lse, softmax_scale, window_left, window_right, softcap, output_scale, q_descale,
         )  # fmt: skip
         return
     launch_paged_decode(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
         lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
-        defer_longer_sequences, output_scale, config=None,
+        defer_longer_sequences, output_scale, q_descale, config=None,
     )  # fmt: skip
 
 
 def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
       s_aux, out, lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
-      defer_longer_sequences, output_scale) -> None:  # fmt: skip
+      defer_longer_sequences, output_scale, q_descale) -> None:  # fmt: skip
     return None
 
 
@@ -334,6 +343,7 @@ def launch_paged_decode(
     num_splits: int,
     defer_longer_sequences: bool,
     output_scale: torch.Tensor | None,
+    q_descale: torch.Tensor | None = None,
     config: PagedDecodeLaunchConfig | None = None,
 ) -> None:
     """The keyword launches of a decode call on the op's normalised arguments: the decode kernel, then, when the
@@ -396,6 +406,7 @@ def launch_paged_decode(
             alibi_slopes_ptr=alibi_slopes if alibi_slopes is not None else k_descale,
             sinks_ptr=s_aux if s_aux is not None else k_descale,
             output_scale_ptr=output_scale if output_scale is not None else k_descale,
+            q_descale_ptr=q_descale if q_descale is not None else k_descale,
             out_ptr=dst_out,
             lse_ptr=dst_lse,
             num_kv_heads=num_kv_heads,
@@ -420,6 +431,8 @@ def launch_paged_decode(
             stride_vd_block=vd_block,
             stride_alibi_seq=alibi_strides[0],
             stride_alibi_head=alibi_strides[1],
+            stride_qd_seq=q_descale.stride(0) if q_descale is not None else 0,
+            stride_qd_head=q_descale.stride(1) if q_descale is not None else 0,
             stride_o_split=o_strides[0],
             stride_o_token=o_strides[1],
             stride_o_head=o_strides[2],
@@ -456,6 +469,7 @@ def launch_paged_decode(
             OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
             PER_TOKEN_SCALES=is_per_token_descale(k_descale),
+            Q_FP8=q_descale is not None,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -465,7 +479,7 @@ def launch_paged_decode(
 
 def _reference_decode(
     q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
-    lse, softmax_scale, window_left, window_right, softcap, output_scale,
+    lse, softmax_scale, window_left, window_right, softcap, output_scale, q_descale,
 ) -> None:  # fmt: skip
     """CPU tensors without the interpreter: the plain PyTorch reference (reads lengths on the host)."""
     num_seqs = q.shape[0]
@@ -475,5 +489,5 @@ def _reference_decode(
         out, lse, q, k, v, cu_seqlens_q,
         block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale,
         window_size=(window_left, window_right), softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
-        k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
+        k_descale=k_descale, v_descale=v_descale, output_scale=output_scale, q_descale=q_descale,
     )  # fmt: skip
