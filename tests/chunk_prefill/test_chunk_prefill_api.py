@@ -63,18 +63,22 @@ def test_contiguous_layout_rejects_a_block_table_shape_mismatch():
         _call(case, cu_seqlens_k=case.kv_args["cu_seqlens_k"][:2])
 
 
-@pytest.mark.parametrize("fp8_out", [False, True], ids=["q-dtype-out", "fp8-out"])
-def test_custom_op_passes_opcheck(fp8_out):
-    case = make_case([(2, 3), (1, 17)], num_q_heads=4, num_kv_heads=2, head_size=32, nan_unused=True, seed=31)
+@pytest.mark.parametrize("kind", ["q-dtype-out", "fp8-out", "fp8-query"])
+def test_custom_op_passes_opcheck(kind):
+    fp8_out, fp8_query = kind == "fp8-out", kind == "fp8-query"
+    case = make_case([(2, 3), (1, 17)], num_q_heads=4, num_kv_heads=2, head_size=32, nan_unused=True, seed=31,
+                     kv_dtype=torch.float8_e4m3fn if fp8_query else None)  # fmt: skip
     descale = torch.ones(2, 2)
-    out = torch.empty(case.q.shape, dtype=torch.float8_e4m3fn if fp8_out else case.q.dtype)
+    q = case.q.to(torch.float8_e4m3fn) if fp8_query else case.q
+    out_dtype = torch.float8_e4m3fn if fp8_out else (torch.bfloat16 if fp8_query else case.q.dtype)
+    out = torch.empty(case.q.shape, dtype=out_dtype)
     args = (
-        case.q, case.k, case.v, out, case.cu_seqlens_q, case.max_seqlen_q,
+        q, case.k, case.v, out, case.cu_seqlens_q, case.max_seqlen_q,
         case.kv_args["block_table"], case.kv_args["seqused_k"], None, 0.3, -1, 0, 0.0, None, None, descale,
-        descale, True, 0, torch.full((1,), 0.25) if fp8_out else None,
+        descale, True, 0, torch.full((1,), 0.25) if fp8_out else None, torch.full((2, 2), 0.5) if fp8_query else None,
     )  # fmt: skip
-    # test_schema compares the outputs with CPU ops that fp8 lacks: the fp8 output checks fake and AOT dispatch.
-    utils = ("test_faketensor", "test_aot_dispatch_static") if fp8_out else None
+    # test_schema compares the tensors with CPU ops that fp8 lacks: fp8 tensors check fake and AOT dispatch.
+    utils = ("test_faketensor", "test_aot_dispatch_static") if fp8_out or fp8_query else None
     torch.library.opcheck(torch.ops.kvflash.chunk_prefill.default, args, **({"test_utils": utils} if utils else {}))
 
 

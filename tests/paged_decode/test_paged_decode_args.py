@@ -110,7 +110,7 @@ def test_custom_op_opcheck(small, fp8_out):
         small.q, small.k, small.v, small.kwargs["block_table"], small.kwargs["seqused_k"], None,
         torch.arange(num_seqs + 1, dtype=torch.int32, device=device), scale, scale, None, None,
         out, torch.empty(num_q_heads, num_seqs, device=device), 1, 20, 0.125, -1, 0, 0.0, 2,
-        False, output_scale,
+        False, output_scale, None,
     )  # fmt: skip
     # test_schema compares the outputs with CPU ops that fp8 lacks: the fp8 output checks fake and AOT dispatch.
     utils = ("test_faketensor", "test_aot_dispatch_static") if fp8_out else ("test_schema", "test_faketensor",

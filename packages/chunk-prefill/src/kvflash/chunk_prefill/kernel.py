@@ -18,18 +18,18 @@ FP8 caches: K/V tiles are converted to fp16 in registers (one exact instruction 
 three) and both dots run in fp16; a bf16 q is moved to fp16 once per program with a per-row power of two.
 K's descale folds into the score scale, V's into the output, once per program.
 
-``Q_FP8`` (an fp8 e4m3 query with its per-(sequence, KV head) descale, over an FP8 cache): both dots run on the
-fp8 tensor cores. q and the K tile go to ``tl.dot`` as stored (q's descale folds into the score scale beside K's);
-P is quantised to e4m3 in units of ``1 / P_FP8_SCALE`` (so probabilities down to 2^-16 keep a value) and meets the
-V tile as stored (e4m3 or e5m2). Two-level accumulation: each tile's ``P V`` is a fresh dot whose sum over the
-tile's keys stays in the tensor core's own accumulator, and is added to the fp32 accumulator outside the dot
-(Triton does not fold that add into an fp8 dot on sm_90), so the long sum over tiles is exact fp32.
+``Q_FP8`` (an fp8 e4m3 query with its per-(sequence, KV head) descale, over an FP8 cache): the QK dot runs on the
+fp8 tensor cores, q and the K tile as stored (q's descale folds into the score scale beside K's). With ``PV_FP8`` so
+does the PV dot: P is quantised to e4m3 in units of ``1 / P_FP8_SCALE`` (so probabilities down to 2^-16 keep a
+value) and meets the V tile as stored (e4m3 or e5m2). Two-level accumulation: each tile's ``P V`` is a fresh dot
+whose sum over the tile's keys stays in the tensor core's own accumulator, and is added to the fp32 accumulator
+outside the dot (Triton does not fold that add into an fp8 dot on sm_90), so the long sum over tiles is exact fp32.
+Without it P and V (converted exactly) meet in fp16, as for a 16-bit query.
 
 ``PER_TOKEN_SCALES`` (its own specialisation; off, the kernel is unchanged): one descale per stored (token, KV
-head), loaded per tile beside K and V through the same page ids. K's multiplies the score column before the
-softmax, ``s_j = (q . k_j) * kscale_j * softmax_scale``; V's multiplies P's column before the PV dot, in units
-of a running power of two (:func:`kvflash.attn_common.jit_helpers.scale_p_columns`), so values stay exactly
-dequantised.
+head), loaded per tile beside K and V through the same page ids. K's multiplies the score column before the softmax,
+``s_j = (q . k_j) * kscale_j * softmax_scale``; V's multiplies P's column before the PV dot, in units of a running
+power of two (:func:`kvflash.attn_common.jit_helpers.scale_p_columns`), so values stay exactly dequantised.
 """
 
 import triton
@@ -159,6 +159,7 @@ def _attend_tile(
     MASK_LEFT: tl.constexpr,
     PER_TOKEN_SCALES: tl.constexpr,
     Q_FP8: tl.constexpr,
+    PV_FP8: tl.constexpr,
     ROUND_IN_SOFTWARE: tl.constexpr,
 ):
     """Attend one ``BLOCK_N`` key tile; returns ``(acc, m_i, l_i, v_exp)``.
@@ -222,11 +223,14 @@ def _attend_tile(
     m_i, l_i, p, alpha = online_softmax_step_scaled(m_i, l_i, scores, scale_log2)
     if PER_TOKEN_SCALES:
         p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
-    if Q_FP8:  # P in e4m3 units of 1 / P_FP8_SCALE; the tile's dot, then an fp32 add (two-level accumulation)
+    if PV_FP8:  # P in e4m3 units of 1 / P_FP8_SCALE; the tile's dot, then an fp32 add (two-level accumulation)
         p = p * P_FP8_SCALE
         if ROUND_IN_SOFTWARE:
             p = round_to_fp8_grid(p, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+    elif Q_FP8:  # P and V (converted exactly) in fp16
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
     else:
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), acc)
@@ -304,7 +308,8 @@ def chunk_prefill_kernel(
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
-    Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): both dots on fp8 tensor cores
+    Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): the QK dot on fp8 tensor cores
+    PV_FP8: tl.constexpr,  # (Q_FP8 only) the PV dot on fp8 tensor cores too; else P and V in fp16
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
@@ -417,7 +422,7 @@ def chunk_prefill_kernel(
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=True, Q_FP8=Q_FP8,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=True, Q_FP8=Q_FP8, PV_FP8=PV_FP8,
             ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
@@ -431,7 +436,7 @@ def chunk_prefill_kernel(
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=False, MASK_LEFT=False, Q_FP8=Q_FP8,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=False, MASK_LEFT=False, Q_FP8=Q_FP8, PV_FP8=PV_FP8,
             ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
@@ -446,7 +451,7 @@ def chunk_prefill_kernel(
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
-            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=False, Q_FP8=Q_FP8,
+            PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=False, Q_FP8=Q_FP8, PV_FP8=PV_FP8,
             ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
@@ -458,7 +463,7 @@ def chunk_prefill_kernel(
     out, lse = finalize_softmax(acc, m_i, l_i)
     if PER_TOKEN_SCALES:
         out = out * tl.math.exp2(v_exp)
-    if Q_FP8:
+    if PV_FP8:
         v_scale = v_scale * (1.0 / P_FP8_SCALE)
     if OUTPUT_FP8:  # the V descale and the output scale's reciprocal (loaded once) fold into one factor
         out = to_e4m3(out * (v_scale * (1.0 / tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)

@@ -28,12 +28,15 @@ class ChunkPrefillLaunchConfig:
         Keys per inner-loop step.
     num_warps, num_stages : int
         Triton's warps per program and software-pipelining depth.
+    pv_fp8 : bool
+        An fp8 query only: the PV dot on fp8 tensor cores too (P rounded to e4m3), else in fp16.
     """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    pv_fp8: bool = True
 
 
 # (padded head size, fp8 KV) -> (block_m, block_n, num_warps, num_stages) for prefill-sized tiles: the fastest
