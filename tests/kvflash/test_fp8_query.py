@@ -6,15 +6,17 @@ K's and V's, which differ from each other). The reference is the float64 attenti
 
 - decode rows (``max_seqlen_q <= 16``) convert the query to fp16 exactly and run the exact FP8-cache dots:
   FlashAttention's rule against the same computation in bf16 (the output dtype);
-- prefill rows run both dots on fp8 tensor cores with P rounded to e4m3 (3 mantissa bits, a relative error of at
-  most 2^-4 per probability): ``|out - ref| <= 2^-4 * max |v|`` (the largest real value of the sequence's V; the
-  bound of an error of 2^-4 in every weight of a convex combination) plus the bf16 rounding of the output, and the
-  relative RMS error over the whole output below 2^-5 (a kernel that descales with a wrong scale is off by tens of
-  per cent).
+- prefill rows run the QK dot on fp8 tensor cores, and PV in fp16 or (launch config ``pv_fp8``, tested here
+  through ``launch_chunk_prefill``) in fp8 with P rounded to e4m3 (3 mantissa bits, a relative error of at most
+  2^-4 per probability). One bound covers both: ``|out - ref| <= 2^-4 * max |v|`` (the largest real value of the
+  sequence's V; the bound of an error of 2^-4 in every weight of a convex combination) plus the bf16 rounding of
+  the output, and the relative RMS error over the whole output below 2^-5 (a kernel that descales with a wrong
+  scale is off by tens of per cent).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -83,6 +85,36 @@ def test_prefill_and_mixed_rows_with_fp8_query(device, kv_dtype, block_size):
     exact, exact_lse = reference(case, q_descale=q_descale, causal=True)
     assert_fp8_dot_error(out, exact, v_max_per_row(case))
     assert_lse_close(lse, exact_lse, atol=5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("pv_fp8", [False, True], ids=["pv-fp16", "pv-fp8"])
+def test_both_pv_paths_of_the_prefill_kernel(device, kv_dtype, pv_fp8):
+    """The default launch (PV in fp16) and the fp8 PV dot (P in e4m3, two-level accumulation) of an fp8 query."""
+    from kvflash.attn_common import check_attention_call
+    from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
+    from kvflash.chunk_prefill.op import launch_chunk_prefill
+
+    case, q_descale = fp8_query_case(PREFILL_MIX, kv_dtype, device, seed=13)
+    out = poison(torch.empty(case.q.shape, dtype=torch.bfloat16, device=device))
+    f = check_attention_call(
+        case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
+        max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=None, softmax_scale=None, causal=True, window_size=None,
+        softcap=0.0, alibi_slopes=None, s_aux=None, output_scale=None, kv_descale_per_token=None, out=out,
+        q_descale=q_descale, **case.kwargs,
+    )  # fmt: skip
+    chosen = choose_chunk_prefill_config(64, True, 2, case.max_seqlen_q, interpreter=device == "cpu", q_is_fp8=True)
+    assert not chosen.pv_fp8
+    config = dataclasses.replace(chosen, pv_fp8=pv_fp8)
+    launch_chunk_prefill(
+        case.q, case.k, case.v, out, None, case.cu_seqlens_q, case.max_seqlen_q, **case.kv_args, cu_seqlens_k=None,
+        softmax_scale=f.softmax_scale, window_left=f.window_left, window_right=f.window_right, softcap=0.0,
+        alibi_slopes=None, s_aux=None, k_descale=f.k_descale, v_descale=f.v_descale, q_descale=f.q_descale,
+        config=config,
+    )  # fmt: skip
+    exact, _ = reference(case, q_descale=q_descale, causal=True)
+    assert_fp8_dot_error(out, exact, v_max_per_row(case))
 
 
 @pytest.mark.parametrize("device", DEVICES)

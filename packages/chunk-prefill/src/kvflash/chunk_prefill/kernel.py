@@ -24,7 +24,8 @@ does the PV dot: P is quantised to e4m3 in units of ``1 / P_FP8_SCALE`` (so prob
 value) and meets the V tile as stored (e4m3 or e5m2). Two-level accumulation: each tile's ``P V`` is a fresh dot
 whose sum over the tile's keys stays in the tensor core's own accumulator, and is added to the fp32 accumulator
 outside the dot (Triton does not fold that add into an fp8 dot on sm_90), so the long sum over tiles is exact fp32.
-Without it P and V (converted exactly) meet in fp16, as for a 16-bit query.
+Without it (the default: Triton transposes fp8 V tiles through registers, which halves the throughput) P and V
+(converted exactly) meet in fp16, as for a 16-bit query, and P is not rounded to fp8.
 
 ``PER_TOKEN_SCALES`` (its own specialisation; off, the kernel is unchanged): one descale per stored (token, KV
 head), loaded per tile beside K and V through the same page ids. K's multiplies the score column before the softmax,

@@ -73,8 +73,9 @@ def chunk_prefill_attention(
     ----------
     q : torch.Tensor
         ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``. ``D`` is 8..512, a
-        multiple of 8. Or ``float8_e4m3fn`` over an FP8 cache, with ``q_descale``: both dots then run on fp8
-        tensor cores (P quantised to e4m3, two-level accumulation).
+        multiple of 8. Or ``float8_e4m3fn`` over an FP8 cache, with ``q_descale``: the QK dot then runs on fp8
+        tensor cores, PV in fp16 (or in fp8 with P quantised to e4m3 and two-level accumulation, when the launch
+        config's ``pv_fp8`` asks for it).
     k, v : torch.Tensor
         Paged ``[num_blocks, block_size, Hkv, D]`` (strided views allowed, e.g. ``[:, 0]`` / ``[:, 1]`` of a
         joint ``[num_blocks, 2, block_size, Hkv, D]`` cache) with ``block_table`` and ``seqused_k``, or

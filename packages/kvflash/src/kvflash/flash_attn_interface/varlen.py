@@ -95,9 +95,10 @@ def flash_attn_varlen_func(
     ----------
     q : torch.Tensor
         ``[total_q, Hq, D]`` fp16 or bf16, any strides with ``stride(-1) == 1``. Or ``float8_e4m3fn`` (with
-        ``q_descale``) over an FP8 cache: prefill rows then run both dots on fp8 tensor cores (P quantised to
-        e4m3 in units of 1/128, each key tile's ``P V`` added to an fp32 accumulator: two-level accumulation);
-        decode rows convert the query to fp16 exactly and run the exact FP8-cache path.
+        ``q_descale``) over an FP8 cache: prefill rows then run the QK dot on fp8 tensor cores (q and K as
+        stored) and PV in fp16 (V converted exactly; an fp8 PV dot is a launch-config option, see
+        :class:`kvflash.chunk_prefill.launch_config.ChunkPrefillLaunchConfig`); decode rows convert the query to
+        fp16 exactly and run the exact FP8-cache path.
         :func:`kvflash.fp8_utils.quantize_query` makes ``q`` and ``q_descale`` from a 16-bit query.
     k, v : torch.Tensor
         Paged ``[num_blocks, block_size, Hkv, D]`` (NHD pages; strided views such as slices of a joint
