@@ -18,7 +18,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 import kvflash.integrations.vllm as kvflash_vllm
-from kvflash.attn_common import reference_attention
+from kvflash.attn_common import reference_attention, saturate_to_fp8
 from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, poison
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -93,18 +93,27 @@ def _impl(kv_cache_dtype, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "kv_cache_dtype, storage, per_head",
-    [("auto", torch.float16, False), ("fp8_e4m3", torch.float8_e4m3fn, True), ("fp8", torch.uint8, False),
-     ("fp8_e5m2", torch.uint8, True)],
+    "kv_cache_dtype, storage, per_head, query_fp8, fused_out",
+    [("auto", torch.float16, False, False, False), ("fp8_e4m3", torch.float8_e4m3fn, True, False, False),
+     ("fp8", torch.uint8, False, False, False), ("fp8_e5m2", torch.uint8, True, False, False),
+     ("fp8_e4m3", torch.float8_e4m3fn, True, True, False), ("fp8_e5m2", torch.uint8, False, True, True),
+     ("auto", torch.float16, False, False, True)],
+    ids=["auto", "e4m3-per-head", "fp8-bytes", "e5m2-bytes-per-head", "e4m3-fp8-query", "e5m2-fp8-query-fp8-out",
+         "auto-fp8-out"],
 )  # fmt: skip
-def test_cache_update_and_forward_match_reference(device, builder, kv_cache_dtype, storage, per_head):
+def test_cache_update_and_forward_match_reference(
+    device, builder, kv_cache_dtype, storage, per_head, query_fp8, fused_out
+):
+    """``query_fp8``: vLLM's layer quantised the query with its static ``_q_scale`` (``supports_quant_query_input``);
+    ``fused_out``: the fused static fp8 output quantisation (``output_scale``, ``fused_output_quant_supported``)."""
     g = torch.Generator().manual_seed(31)
     fp8 = kv_cache_dtype != "auto"
     fp8_dtype = torch.float8_e5m2 if kv_cache_dtype == "fp8_e5m2" else torch.float8_e4m3fn
     shape = (HKV,) if per_head else (1,)
     k_scale = torch.rand(shape, generator=g) * 0.3 + 0.05 if fp8 else torch.ones(1)
     v_scale = torch.rand(shape, generator=g) * 0.5 + 0.4 if fp8 else torch.ones(1)
-    layer = types.SimpleNamespace(_k_scale=k_scale.to(device), _v_scale=v_scale.to(device))
+    q_scale = torch.tensor([0.02])
+    layer = types.SimpleNamespace(_k_scale=k_scale.to(device), _v_scale=v_scale.to(device), _q_scale=q_scale.to(device))
     # vLLM's logical layer cache [num_blocks, Hkv, block_size, 2 * D], physically NHD; stale garbage inside.
     raw = (torch.rand(NUM_BLOCKS, BLOCK, HKV, 2 * D, generator=g) * 50).to(torch.float16 if not fp8 else fp8_dtype)
     kv_cache = raw.view(storage).to(device).transpose(1, 2)
@@ -125,7 +134,12 @@ def test_cache_update_and_forward_match_reference(device, builder, kv_cache_dtyp
     write((new_k, new_v), torch.cat([s[c:] for s, c in zip(slots, ctx)]))
     total_q = sum(q for q, _ in MIX)
     query = torch.randn(total_q + 2, HQ, D, generator=g).half().to(device)  # 2 padded rows (CUDA-graph padding)
+    if query_fp8:  # what vLLM's layer hands over: saturate(query / _q_scale) in e4m3
+        query = saturate_to_fp8(query, layer._q_scale, torch.float8_e4m3fn)
     output = poison(torch.empty(total_q + 2, HQ * D, dtype=torch.float16, device=device))
+    output_scale = None
+    if fused_out:
+        output, output_scale = output.to(torch.float8_e4m3fn), torch.tensor([0.01], device=device)
     cu_q = torch.tensor([0] + torch.tensor([q for q, _ in MIX]).cumsum(0).tolist(), dtype=torch.int32)
     seq_lens = torch.tensor([n for _, n in MIX], dtype=torch.int32)
     common = CommonAttentionMetadata(
@@ -134,8 +148,8 @@ def test_cache_update_and_forward_match_reference(device, builder, kv_cache_dtyp
         block_table_tensor=pages.to(device), slot_mapping=torch.cat([s[c:] for s, c in zip(slots, ctx)]).to(device),
     )  # fmt: skip
     metadata = builder.build(0, common)
-    impl.forward(layer, query, None, None, kv_cache, metadata, output)
-    assert torch.isnan(output[total_q:]).all(), "rows past num_actual_tokens are not written"
+    impl.forward(layer, query, None, None, kv_cache, metadata, output, output_scale=output_scale)
+    assert torch.isnan(output[total_q:].float()).all(), "rows past num_actual_tokens are not written"
     # The stored cache holds exactly the quantised tokens; the reference reads them as a contiguous cache.
     enc = lambda x, s: encode_fp8(x, s if per_head else float(s), fp8_dtype) if fp8 else x.half()
     k_ref = torch.cat([enc(k, k_scale) for k in keys])
@@ -151,9 +165,15 @@ def test_cache_update_and_forward_match_reference(device, builder, kv_cache_dtyp
     ref_args = dict(cu_seqlens_k=cu_k, softmax_scale=0.3, causal=True, window_size=(11, 0), softcap=6.0,
                     s_aux=impl.sinks.cpu(), **descales)  # fmt: skip
     q = query[:total_q].cpu()
+    if query_fp8:
+        ref_args["q_descale"] = q_scale
     exact, _ = reference_attention(q, k_ref, v_ref, cu_q, compute_dtype=torch.float64, **ref_args)
     lowp, _ = reference_attention(q, k_ref, v_ref, cu_q, compute_dtype=torch.float16, **ref_args)
-    assert_close_fa_rule(output[:total_q].cpu().view(total_q, HQ, D), exact, lowp, atol=2e-3)
+    got = output[:total_q].cpu().view(total_q, HQ, D)
+    if fused_out:  # both rounded to the e4m3 output grid, then read back in real units
+        got = got.double() * 0.01
+        lowp = saturate_to_fp8(lowp, 0.01, torch.float8_e4m3fn).double() * 0.01
+    assert_close_fa_rule(got, exact, lowp, atol=2e-3)
 
 
 @pytest.mark.parametrize(
@@ -166,10 +186,14 @@ def test_unsupported_configurations_are_named(kwargs, name):
         _impl(kwargs.pop("kv_cache_dtype", "auto"), **kwargs)
 
 
-def test_fused_output_quantisation_is_refused():
-    impl = _impl("auto")
-    with pytest.raises(NotImplementedError, match="output_scale"):
-        impl.forward(None, None, None, None, None, None, None, output_scale=torch.ones(1))
+def test_fused_output_and_query_quantisation_are_declared():
+    from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8DynamicTensorSym, kFp8StaticTensorSym
+
+    assert _impl("auto").fused_output_quant_supported(kFp8StaticTensorSym)
+    assert not _impl("auto").fused_output_quant_supported(kFp8DynamicTensorSym)
+    assert _impl("fp8_e5m2").supports_quant_query_input() and not _impl("auto").supports_quant_query_input()
+    with pytest.raises(NotImplementedError, match="output_block_scale"):
+        _impl("auto").forward(None, None, None, None, None, None, None, output_block_scale=torch.ones(1))
 
 
 def test_full_cuda_graphs_for_single_token_decode_only():

@@ -173,11 +173,23 @@ class KvflashAttentionImpl(AttentionImpl[TritonAttentionMetadata]):
         reshape_and_cache_flash(key[:num_tokens], value[:num_tokens], key_cache, value_cache, slot_mapping,
                                 _KV_CACHE_DTYPES[self.kv_cache_dtype], layer._k_scale, layer._v_scale)  # fmt: skip
 
+    def fused_output_quant_supported(self, quant_key) -> bool:
+        """Static per-tensor fp8 output quantisation fuses into the kernels' epilogues (``output_scale``)."""
+        from vllm.model_executor.layers.quantization.utils.quant_utils import kFp8StaticTensorSym
+
+        return quant_key == kFp8StaticTensorSym
+
+    def supports_quant_query_input(self) -> bool:
+        """Over an FP8 cache the layer may hand the query over in fp8 e4m3 (with its static ``_q_scale``)."""
+        return _KV_CACHE_DTYPES[self.kv_cache_dtype] != "auto"
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None) -> torch.Tensor:  # fmt: skip
-        """Attention of ``query [num_tokens, Hq, D]`` over the cache into ``output`` (``[num_tokens, Hq, D]``)."""
-        if output_scale is not None or output_block_scale is not None:
-            raise NotImplementedError("output_scale: fused output quantisation is not supported by kvflash")
+        """Attention of ``query [num_tokens, Hq, D]`` (the model's dtype, or fp8 e4m3 quantised by the layer with
+        ``layer._q_scale``) over the cache into ``output`` (``[num_tokens, Hq, D]``; fp8 e4m3 holding
+        ``saturate(attention / output_scale)`` when vLLM fused its static output quantisation)."""
+        if output_block_scale is not None:
+            raise NotImplementedError("output_block_scale: block-scaled (nvfp4) output quantisation is not supported")
         if attn_metadata is None:  # vLLM's profiling run: no metadata, nothing to attend to
             return output.fill_(0)
         if isinstance(attn_metadata.causal, torch.Tensor):
@@ -188,7 +200,8 @@ class KvflashAttentionImpl(AttentionImpl[TritonAttentionMetadata]):
             raise NotImplementedError("rswa_window: restricted sliding-window prefixes are not supported")
         num_tokens = attn_metadata.num_actual_tokens
         out = output.view(-1, self.num_heads, self.head_size)[:num_tokens]
-        key_cache, value_cache = self._pages(kv_cache, query.dtype)
+        query_fp8 = query.dtype == torch.float8_e4m3fn
+        key_cache, value_cache = self._pages(kv_cache, torch.float16 if query_fp8 else query.dtype)
         k_descale, v_descale = self._descales(layer)
         if self.alibi_slopes is not None and self.alibi_slopes.device != query.device:
             self.alibi_slopes = self.alibi_slopes.to(query.device)  # once: the layer's device does not change
@@ -197,6 +210,7 @@ class KvflashAttentionImpl(AttentionImpl[TritonAttentionMetadata]):
             attn_metadata.max_seq_len, seqused_k=attn_metadata.seq_lens, block_table=attn_metadata.block_table,
             softmax_scale=self.scale, causal=bool(attn_metadata.causal), window_size=self.sliding_window,
             softcap=self.logits_soft_cap, alibi_slopes=self.alibi_slopes, out=out, k_descale=k_descale,
-            v_descale=v_descale, s_aux=self.sinks,
+            v_descale=v_descale, s_aux=self.sinks, q_descale=layer._q_scale if query_fp8 else None,
+            output_scale=output_scale,
         )  # fmt: skip
         return output
