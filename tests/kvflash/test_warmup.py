@@ -250,21 +250,47 @@ def test_warmed_per_token_head_caches_cover_serving_with_them():
     assert not _new_keys(keys, report.keys)
 
 
-def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, **features) -> set:
+def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, fp8_query=False, **features) -> set:
     """Launch keys of 40 dry-run calls over up to 3 sequences with query lengths drawn from ``q_choices`` and
-    ``num_splits`` from ``splits``; tensors on ``DRY_DEVICE``."""
+    ``num_splits`` from ``splits``; tensors on ``DRY_DEVICE``. ``fp8_query``: e4m3 queries writing into an fp16
+    ``out`` (``q_descale`` comes with ``features``)."""
     with record_launches() as keys, dry_run():
         for _ in range(40):
             num_seqs = rng.randint(1, 3)
             q_lens = [rng.choice(q_choices) for _ in range(num_seqs)]
             kv_lens = [rng.randint(q, 600) for q in q_lens]
+            q = torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16, device=DRY_DEVICE)
+            if fp8_query:
+                features["out"], q = q, q.to(torch.float8_e4m3fn)
             flash_attn_varlen_func(
-                torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16, device=DRY_DEVICE), k_cache, v_cache,
-                max(q_lens), cumulative(q_lens, DRY_DEVICE), max(kv_lens), block_table=table[:num_seqs],
-                seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device=DRY_DEVICE), num_splits=rng.choice(splits),
-                **features,
+                q, k_cache, v_cache, max(q_lens), cumulative(q_lens, DRY_DEVICE), max(kv_lens),
+                block_table=table[:num_seqs], seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device=DRY_DEVICE),
+                num_splits=rng.choice(splits), **features,
             )  # fmt: skip
     return keys
+
+
+def test_warmed_fp8_queries_cover_serving_with_them():
+    """fp8 e4m3 queries with ``q_descale`` over an FP8 cache, into an fp16 ``out`` (enumerated only); the same
+    serving loop with 16-bit queries reaches variants the fp8-query warm-up did not (it is another kernel)."""
+    report = warmup(
+        num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
+        kv_cache_dtypes=("fp8_e4m3",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600, max_num_batched_tokens=40,
+        num_blocks=NUM_BLOCKS, per_seq_descales=False, fp8_queries=True, cache_writer=False, merge_states=False,
+        device=DRY_DEVICE, execute=False,
+    )  # fmt: skip
+    assert any(describe_key(k).get("Q_FP8") for k in report.keys if k[0] == "chunk_prefill_kernel")
+    gen = torch.Generator().manual_seed(12)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e4m3fn).to(DRY_DEVICE)
+                        for _ in range(2))  # fmt: skip
+    table = torch.zeros(3, -(-600 // PAGE), dtype=torch.int32, device=DRY_DEVICE)
+    one = torch.ones(1, device=DRY_DEVICE)
+    scales = dict(k_descale=one, v_descale=one, causal=True)
+    keys = _dry_steps(random.Random(6), k_cache, v_cache, table, (1, 1, 3, 20), (0,), True, q_descale=one, **scales)
+    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel"}
+    assert not _new_keys(keys, report.keys)
+    keys = _dry_steps(random.Random(6), k_cache, v_cache, table, (1, 1, 3, 20), (0,), **scales)
+    assert _new_keys(keys, report.keys)
 
 
 @pytest.mark.parametrize(
@@ -277,6 +303,7 @@ def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, *
         (dict(block_table_width=10), ValueError, "block_table_width"),
         (dict(kv_cache_dtypes=("fp4",)), ValueError, "kv_cache_dtype"),
         (dict(compile_workers=0), ValueError, "compile_workers"),
+        (dict(fp8_queries=1), TypeError, "fp8_queries"),
     ],
 )
 def test_bad_warmup_arguments_are_named(override, error, match):

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import triton
 
-from kvflash.attn_common import QUERY_TORCH_DTYPES, check_gqa, check_head_size, check_int, platform
+from kvflash.attn_common import FP8_QUERY_DTYPE, QUERY_TORCH_DTYPES, check_gqa, check_head_size, check_int, platform
 from kvflash.attn_common.launch import compile_only, count_compilations, dry_run, record_launches
 from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config, pack_heads
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, MIXED_DECODE_ROWS
@@ -100,6 +100,8 @@ class _Buffers:
     """Persistent input buffers sliced per call, as an engine slices its own (same alignment, same strides)."""
 
     q: torch.Tensor  # [max_tokens, Hq, D]
+    q_fp8: torch.Tensor | None  # [max_tokens, Hq, D] float8_e4m3fn (fp8_queries)
+    out: torch.Tensor | None  # [max_tokens, Hq, D] q's dtype: the out buffer of fp8-query calls (fp8_queries)
     cu_seqlens_q: torch.Tensor  # [max_num_seqs + 1] int32
     seqused_k: torch.Tensor  # [max_num_seqs] int32, zeros: the kernels read no key
     block_table: torch.Tensor  # [max_num_seqs, width] int32, zeros: page 0
@@ -170,6 +172,7 @@ def warmup(
     return_softmax_lse: Iterable[bool] = (False,),
     num_splits: Iterable[int] = (0,),
     per_seq_descales: bool = True,
+    fp8_queries: bool = False,
     cache_writer: bool = True,
     merge_states: bool = True,
     device: torch.device | str | None = None,
@@ -209,6 +212,10 @@ def warmup(
         The ``num_splits`` values the engine passes (0: automatic).
     per_seq_descales : bool
         FP8 caches: descales passed as ``[num_seqs, Hkv]`` tensors (True) or as one-element tensors (False).
+    fp8_queries : bool
+        Over the FP8 caches, queries arrive in ``float8_e4m3fn`` with ``q_descale`` (shaped like the K/V
+        descales), writing into an ``out`` buffer of ``q_dtype`` (as vLLM's layer does when its backend takes
+        quantised queries); ``"auto"`` caches keep ``q_dtype`` queries.
     cache_writer, merge_states : bool
         Also warm ``reshape_and_cache_flash`` (every dtype above, one-element scale tensors) and
         ``merge_attn_states`` (``q_dtype`` partials, with and without ``out_lse``).
@@ -262,8 +269,14 @@ def warmup(
     kv_cache_dtypes = tuple(check_kv_cache_dtype(kv_string) for kv_string in kv_cache_dtypes)
     max_tokens = max_num_batched_tokens or max_num_seqs * max_seqlen_q
     width = block_table_width or triton.cdiv(max_seqlen_k, block_size)
+    if not isinstance(fp8_queries, bool):
+        raise TypeError(f"fp8_queries: expected a bool, got {type(fp8_queries).__name__}")
     buf = _Buffers(
         q=torch.zeros(max_tokens, num_q_heads, head_size, dtype=q_dtype, device=device),
+        q_fp8=torch.zeros(max_tokens, num_q_heads, head_size, dtype=FP8_QUERY_DTYPE, device=device)
+        if fp8_queries
+        else None,
+        out=torch.zeros(max_tokens, num_q_heads, head_size, dtype=q_dtype, device=device) if fp8_queries else None,
         cu_seqlens_q=torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device),
         seqused_k=torch.zeros(max_num_seqs, dtype=torch.int32, device=device),
         block_table=torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device),
@@ -380,15 +393,19 @@ def _varlen_candidates(
             num_seqs, total_q = len(q_lens), sum(q_lens)
             _fill_lengths(buf, q_lens)
             descales = {}
+            shape = (num_seqs, hkv) if per_seq_descales else (1,)
             if token_scales is not None:
                 descales = dict(k_descale=token_scales[0], v_descale=token_scales[1])
             elif fp8:
-                shape = (num_seqs, hkv) if per_seq_descales else (1,)
                 descales = dict(
                     k_descale=torch.ones(shape, dtype=torch.float32, device=device),
                     v_descale=torch.ones(shape, dtype=torch.float32, device=device),
                 )
-            args = (buf.q[:total_q], k_cache, v_cache, max_q, buf.cu_seqlens_q[: num_seqs + 1].clone(), max_k)
+            q = buf.q[:total_q]
+            if fp8 and buf.q_fp8 is not None:  # an fp8 query, its descale, and the model-dtype out buffer
+                q = buf.q_fp8[:total_q]
+                descales.update(q_descale=torch.ones(shape, dtype=torch.float32, device=device), out=buf.out[:total_q])
+            args = (q, k_cache, v_cache, max_q, buf.cu_seqlens_q[: num_seqs + 1].clone(), max_k)
             kwargs = dict(
                 block_table=buf.block_table[:num_seqs], seqused_k=buf.seqused_k[:num_seqs], num_splits=splits,
                 **descales, **extra,
@@ -432,7 +449,9 @@ def _varlen_candidates(
     bounds_q = sorted({b for b in _PREFILL_Q_BOUNDS if b < max_seqlen_q} | {max_seqlen_q})
     seqs = sorted(set(range(1, min(max_num_seqs, _DENSE_SEQS) + 1)) | {max_num_seqs})
     for max_q in bounds_q:
-        cfg = choose_chunk_prefill_config(d, fp8, group, max_q, interpreter=interpreter)
+        cfg = choose_chunk_prefill_config(
+            d, fp8, group, max_q, interpreter=interpreter, q_is_fp8=fp8 and buf.q_fp8 is not None
+        )
         g_pack, _ = pack_heads(group, cfg.block_m)
         rows = cfg.block_m // g_pack
         for num_seqs in seqs:
@@ -504,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-seqlen-k", type=int, default=8192)
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-blocks", type=int, default=4096)
+    parser.add_argument("--fp8-queries", action="store_true", help="fp8 e4m3 queries over the FP8 caches")
     parser.add_argument("--dry-run", action="store_true", help="count the variants only; compile nothing")
     args = parser.parse_args(argv)
     report = warmup(
@@ -518,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
         max_seqlen_k=args.max_seqlen_k,
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_blocks=args.num_blocks,
+        fp8_queries=args.fp8_queries,
         execute=not args.dry_run,
     )
     print(report)
