@@ -204,7 +204,7 @@ def test_warmed_features_cover_serving_with_them():
         num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
         kv_cache_dtypes=("fp8_e5m2",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600, max_num_batched_tokens=40,
         num_blocks=NUM_BLOCKS, block_table_width=width, window_sizes=((63, 0),), softcaps=(20.0,), sinks=(True,),
-        alibi=(True,), num_splits=(0, 1), per_seq_descales=False, cache_writer=False, merge_states=False,
+        alibi=(True,), num_splits=(0, 1), descale_forms=("per_tensor",), cache_writer=False, merge_states=False,
         device=DRY_DEVICE, execute=False,
     )  # fmt: skip
     kernels = {k[0] for k in report.keys}
@@ -270,13 +270,39 @@ def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, f
     return keys
 
 
+@pytest.mark.parametrize("forms", [("per_kv_head",), ("per_tensor", "per_sequence_kv_head")])
+def test_warmed_descale_forms_cover_engines_passing_them(forms):
+    """Descales passed as ``[Hkv]`` (vLLM's per-head scales) are a specialisation of their own: warmed with
+    ``"per_kv_head"`` the attention and writer calls reach no new variant, warmed without it they do."""
+    report = warmup(
+        num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
+        kv_cache_dtypes=("fp8_e4m3",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600, max_num_batched_tokens=40,
+        num_blocks=NUM_BLOCKS, descale_forms=forms, merge_states=False, device=DRY_DEVICE, execute=False,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(14)
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e4m3fn).to(DRY_DEVICE)
+                        for _ in range(2))  # fmt: skip
+    table = torch.zeros(3, -(-600 // PAGE), dtype=torch.int32, device=DRY_DEVICE)
+    per_head = torch.tensor([0.5, 0.25], device=DRY_DEVICE)  # [Hkv]
+    keys = _dry_steps(random.Random(8), k_cache, v_cache, table, (1, 1, 3, 20), (0,), k_descale=per_head,
+                      v_descale=per_head, causal=True)  # fmt: skip
+    with record_launches() as writes, dry_run():
+        for tokens in (1, 5, 16, 40):
+            key = torch.randn(tokens, HKV, D, generator=gen).half().to(DRY_DEVICE)
+            slots = torch.randperm(NUM_BLOCKS * PAGE, generator=gen)[:tokens].to(torch.int64).to(DRY_DEVICE)
+            reshape_and_cache_flash(key, key, k_cache, v_cache, slots, "fp8_e4m3", per_head, per_head)
+    keys |= writes
+    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel"}
+    assert bool(_new_keys(keys, report.keys)) == ("per_kv_head" not in forms)
+
+
 def test_warmed_fp8_queries_cover_serving_with_them():
     """fp8 e4m3 queries with ``q_descale`` over an FP8 cache, into an fp16 ``out`` (enumerated only); the same
     serving loop with 16-bit queries reaches variants the fp8-query warm-up did not (it is another kernel)."""
     report = warmup(
         num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
         kv_cache_dtypes=("fp8_e4m3",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600, max_num_batched_tokens=40,
-        num_blocks=NUM_BLOCKS, per_seq_descales=False, fp8_queries=True, cache_writer=False, merge_states=False,
+        num_blocks=NUM_BLOCKS, descale_forms=("per_tensor",), fp8_queries=True, cache_writer=False, merge_states=False,
         device=DRY_DEVICE, execute=False,
     )  # fmt: skip
     assert any(describe_key(k).get("Q_FP8") for k in report.keys if k[0] == "chunk_prefill_kernel")
@@ -304,6 +330,7 @@ def test_warmed_fp8_queries_cover_serving_with_them():
         (dict(kv_cache_dtypes=("fp4",)), ValueError, "kv_cache_dtype"),
         (dict(compile_workers=0), ValueError, "compile_workers"),
         (dict(fp8_queries=1), TypeError, "fp8_queries"),
+        (dict(descale_forms=("per_head",)), ValueError, "descale_forms"),
     ],
 )
 def test_bad_warmup_arguments_are_named(override, error, match):

@@ -46,7 +46,10 @@ from kvflash.fp8_utils.cache_dtype import check_kv_cache_dtype, is_per_token_hea
 from kvflash.paged_decode import merge_attn_states
 from kvflash.paged_decode.launch_config import MIN_KEYS_PER_SPLIT, choose_paged_decode_config
 
-__all__ = ["warmup", "WarmupReport", "main"]
+__all__ = ["warmup", "WarmupReport", "main", "DESCALE_FORMS"]
+
+# The shapes an engine passes descales in (warmup's descale_forms): [1], [Hkv], [num_seqs, Hkv].
+DESCALE_FORMS = ("per_tensor", "per_kv_head", "per_sequence_kv_head")
 
 # Batch sizes enumerated one by one for the mixed and prefill routes (past it, residues mod 16 repeat).
 _DENSE_SEQS = 48
@@ -171,7 +174,7 @@ def warmup(
     alibi: Iterable[bool] = (False,),
     return_softmax_lse: Iterable[bool] = (False,),
     num_splits: Iterable[int] = (0,),
-    per_seq_descales: bool = True,
+    descale_forms: Iterable[str] = ("per_sequence_kv_head",),
     fp8_queries: bool = False,
     cache_writer: bool = True,
     merge_states: bool = True,
@@ -210,8 +213,11 @@ def warmup(
         ``alibi_slopes`` tensors are passed.
     num_splits : iterable of int
         The ``num_splits`` values the engine passes (0: automatic).
-    per_seq_descales : bool
-        FP8 caches: descales passed as ``[num_seqs, Hkv]`` tensors (True) or as one-element tensors (False).
+    descale_forms : iterable of str
+        FP8 caches: the shapes the engine passes its K/V descales (and, with ``fp8_queries``, ``q_descale``) in,
+        each a specialisation of its own: ``"per_tensor"`` (``[1]``), ``"per_kv_head"`` (``[Hkv]``, vLLM's
+        per-head scales) and ``"per_sequence_kv_head"`` (``[num_seqs, Hkv]``). The cache writer is warmed with
+        ``[1]`` scales, and with ``[Hkv]`` ones for ``"per_kv_head"``.
     fp8_queries : bool
         Over the FP8 caches, queries arrive in ``float8_e4m3fn`` with ``q_descale`` (shaped like the K/V
         descales), writing into an ``out`` buffer of ``q_dtype`` (as vLLM's layer does when its backend takes
@@ -271,6 +277,10 @@ def warmup(
     width = block_table_width or triton.cdiv(max_seqlen_k, block_size)
     if not isinstance(fp8_queries, bool):
         raise TypeError(f"fp8_queries: expected a bool, got {type(fp8_queries).__name__}")
+    descale_forms = tuple(descale_forms)
+    for form in descale_forms:
+        if form not in DESCALE_FORMS:
+            raise ValueError(f"descale_forms: expected entries among {DESCALE_FORMS}, got {form!r}")
     buf = _Buffers(
         q=torch.zeros(max_tokens, num_q_heads, head_size, dtype=q_dtype, device=device),
         q_fp8=torch.zeros(max_tokens, num_q_heads, head_size, dtype=FP8_QUERY_DTYPE, device=device)
@@ -313,15 +323,20 @@ def warmup(
             if use_alibi:
                 extra["alibi_slopes"] = torch.ones(num_q_heads, dtype=torch.float32, device=device)
             fp8 = kv_dtype != q_dtype
-            for make in _varlen_candidates(
-                buf, k_cache, v_cache, fp8, extra, splits, num_q_heads, num_kv_heads, head_size, max_num_seqs,
-                max_seqlen_q, max_seqlen_k, max_tokens, window, per_seq_descales, token_scales, device,
-            ):  # fmt: skip
-                consider(make)
+            # Descale shapes specialise the kernels (their strides); a per-token-head or 16-bit cache has one form.
+            forms = descale_forms if fp8 and token_scales is None else (None,)
+            for form in forms:
+                for make in _varlen_candidates(
+                    buf, k_cache, v_cache, fp8, extra, splits, num_q_heads, num_kv_heads, head_size, max_num_seqs,
+                    max_seqlen_q, max_seqlen_k, max_tokens, window, form, token_scales, device,
+                ):  # fmt: skip
+                    consider(make)
         if cache_writer:
-            for make in _cache_candidates(kv_string, q_dtype, num_kv_heads, head_size, block_size, max_tokens,
-                                          token_scales is not None, device):  # fmt: skip
-                consider(make)
+            per_head_scales = "per_kv_head" in descale_forms and kv_dtype != q_dtype and token_scales is None
+            for scale_heads in (1, num_kv_heads) if per_head_scales else (1,):
+                for make in _cache_candidates(kv_string, q_dtype, num_kv_heads, head_size, block_size, max_tokens,
+                                              token_scales is not None, scale_heads, device):  # fmt: skip
+                    consider(make)
     if merge_states:
         for make in _merge_candidates(q_dtype, num_q_heads, head_size, max_tokens, device):
             consider(make)
@@ -377,7 +392,7 @@ def _compile_in_parallel(calls: list[Callable[[], None]], device: torch.device, 
 
 def _varlen_candidates(
     buf, k_cache, v_cache, fp8, extra, splits, hq, hkv, d, max_num_seqs, max_seqlen_q, max_seqlen_k, max_tokens,
-    window, per_seq_descales, token_scales, device,
+    window, descale_form, token_scales, device,
 ):  # fmt: skip
     """Candidate ``flash_attn_varlen_func`` calls of every route, deduplicated by a cheap pre-signature.
     ``token_scales``: the ``(k, v)`` per-token-head descales of a per-token-head cache, else ``None``."""
@@ -393,7 +408,9 @@ def _varlen_candidates(
             num_seqs, total_q = len(q_lens), sum(q_lens)
             _fill_lengths(buf, q_lens)
             descales = {}
-            shape = (num_seqs, hkv) if per_seq_descales else (1,)
+            shape = {"per_tensor": (1,), "per_kv_head": (hkv,), "per_sequence_kv_head": (num_seqs, hkv)}.get(
+                descale_form, (1,)
+            )
             if token_scales is not None:
                 descales = dict(k_descale=token_scales[0], v_descale=token_scales[1])
             elif fp8:
@@ -473,14 +490,15 @@ def _varlen_candidates(
                     yield make(q_lens, max_q, max_seqlen_k)
 
 
-def _cache_candidates(kv_string, q_dtype, hkv, d, block_size, max_tokens, per_token, device):
-    """``reshape_and_cache_flash`` calls over token counts (padding slots: nothing is written). ``per_token``: the
-    scales are the ``[num_blocks, block_size, Hkv]`` float32 outputs of a per-token-head string."""
+def _cache_candidates(kv_string, q_dtype, hkv, d, block_size, max_tokens, per_token, scale_heads, device):
+    """``reshape_and_cache_flash`` calls over token counts (padding slots: nothing is written), with ``[scale_heads]``
+    scales (1 or ``Hkv``). ``per_token``: the scales are the ``[num_blocks, block_size, Hkv]`` float32 outputs of a
+    per-token-head string."""
     num_blocks = max(1, triton.cdiv(max_tokens, block_size))
     cache_dtype = kv_cache_torch_dtype(kv_string, q_dtype)
     key_cache = torch.zeros(num_blocks, block_size, hkv, d, dtype=cache_dtype, device=device)
     value_cache = torch.zeros_like(key_cache)
-    scale = torch.ones(1, dtype=torch.float32, device=device)
+    scale = torch.ones(scale_heads, dtype=torch.float32, device=device)
     k_scale = v_scale = scale
     if per_token:
         k_scale, v_scale = (torch.ones(num_blocks, block_size, hkv, dtype=torch.float32, device=device)
