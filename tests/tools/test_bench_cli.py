@@ -29,7 +29,7 @@ def test_bench_help():
 @pytest.mark.parametrize(
     "command, shown",
     [("sweep", "{decode,prefill,cache}"), ("sweep decode", "--sweep SPEC"), ("sweep decode", "--q-len"),
-     ("sweep cache", "block_rows"), ("report", "--from")],
+     ("sweep prefill", "--fp8-query"), ("sweep cache", "block_rows"), ("report", "--from")],
 )  # fmt: skip
 def test_subcommand_help(command, shown):
     run = _bench(*command.split(), "--help")

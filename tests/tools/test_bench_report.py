@@ -24,6 +24,8 @@ TARGET_KEYS = [
     "decode-variants",
     "prefill-vs-cudnn",
     "prefill-fp8",
+    "prefill-q-fp8",
+    "decode-q-fp8",
     "spec-decode",
     "mixed-batch",
     "cache-writer",
@@ -55,11 +57,13 @@ def _host_row(name: str, us: float) -> dict:
 
 
 def _synthetic(
-    decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None, spec=1.2, mixed=1.1, host=None
-) -> dict:
+    decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None, spec=1.2, mixed=1.1, host=None,
+    q_fp8_prefill=1.35, q_fp8_decode=1.0,
+) -> dict:  # fmt: skip
     """All targets met unless an override says otherwise. ``decode``: {(shape, dtype): frac of copy};
     ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer; ``host``:
-    {row: µs per call}."""
+    {row: µs per call}; ``q_fp8_prefill``: fp8-query prefill rate over the bf16-KV rate (its spot check at 3 %, inside
+    the row's own 5 %); ``q_fp8_decode``: fp8-query decode time over the e4m3 row's."""
     dtypes = ("bf16", "e4m3", "e5m2")
     fracs = {(s, t): (0.95 if t == "bf16" else 0.93) for s in ("64x4096", "128x8192") for t in dtypes}
     fracs |= {(s, t): (0.90 if t == "bf16" else 0.86) for s in ("1x131072", "4x32768") for t in dtypes}
@@ -71,6 +75,9 @@ def _synthetic(
     for (shape, t), frac in fracs.items():
         work = DECODE_WORK * (1 if t == "bf16" else fp8_work)
         rows.append(_row(f"decode {shape} {t}", "decode", "kvflash", shape, t, "bytes", work, frac * COPY_GBPS))
+    rows.append(_row("decode 64x4096 e4m3 q-e4m3", "decode", "kvflash-q-fp8", "64x4096", "e4m3", "bytes",
+                     DECODE_WORK * fp8_work, fracs[("64x4096", "e4m3")] * COPY_GBPS / q_fp8_decode,
+                     primary=False))  # fmt: skip
     for t in ("bf16", "e4m3"):  # a GQA-8 variant row (64/8 heads): off the primary heads, in decode-variants
         work = DECODE_WORK * (1 if t == "bf16" else fp8_work)
         frac = (variant or {}).get(t, 0.85)
@@ -79,6 +86,9 @@ def _synthetic(
     for (shape, t), rate in rates.items():
         rows.append(_row(f"prefill {shape} {t}", "prefill", "kvflash", shape, t, "flops", 1e13, rate))
     for shape in ("4x(2048+2048)", "1x16384"):
+        rate = rates[(shape, "bf16")] * q_fp8_prefill
+        rows.append(_row(f"prefill {shape} e4m3 q-e4m3", "prefill", "kvflash-q-fp8", shape, "e4m3", "flops", 1e13, rate,
+                         rel_err=0.03, check_tol=0.05, primary=False))  # fmt: skip
         rows.append(_row(f"prefill {shape} cudnn", "prefill", "sdpa-cudnn", shape, "bf16", "flops", 2e13, cudnn))
         rows.append(_row(f"prefill {shape} mask", "prefill", "sdpa-cudnn-mask", shape, "bf16", "flops", 1e13, 100.0))
     # Serving rows: q_len 4 takes ``spec`` times the q_len 1 time; the mixed call ``mixed`` times its parts' sum.
@@ -150,6 +160,8 @@ def test_all_targets_met(tmp_path):
         ({"mixed": 1.2}, {"mixed-batch"}),
         ({"host": {"decode 8x1024 e4m3": 41.0}}, {"host-cost"}),  # one row over 40 µs decides
         ({"host": {"reshape_and_cache_flash": 40.0}}, set()),  # 40 µs is within the limit
+        ({"q_fp8_prefill": 1.25}, {"prefill-q-fp8"}),  # an fp8 query at 1.25x the bf16-KV rate
+        ({"q_fp8_decode": 1.05}, {"decode-q-fp8"}),  # 5 % slower than the bf16-query FP8 decode
     ],
 )
 def test_one_target_missed(tmp_path, override, not_met):

@@ -4,7 +4,7 @@
                                         [--head-size 128] [--q-len 1,8] --sweep "kv_heads=1,4;block_n=32,64"
                                         [--compiled]
     python -m tools.bench sweep prefill [--shapes "4x(2048+2048),1x16384"] [--kv bf16,e4m3] [--page 16,64]
-                                        --sweep "block_m=64,128;block_n=64,128;warps=4,8;stages=2,3"
+                                        [--fp8-query] --sweep "block_m=64,128;block_n=64,128;warps=4,8;stages=2,3"
     python -m tools.bench sweep cache   [--tokens 16384] [--kv auto,fp8_e4m3,fp8_e5m2_per_token_head] [--scales head]
                                         --sweep "block_rows=16,32,64;warps=4,8"
 
@@ -92,7 +92,9 @@ def _decode_cases(args) -> list:
     ]
 
 
-def _attention_features(cache, q, out, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, causal: bool):
+def _attention_features(
+    cache, q, out, cu_seqlens_q, max_seqlen_q: int, max_seqlen_k: int, causal: bool, q_descale=None
+):
     """The normalised arguments the packages' ops launch with (``kvflash.attn_common.check_attention_call``)."""
     from kvflash.attn_common import check_attention_call
 
@@ -101,6 +103,7 @@ def _attention_features(cache, q, out, cu_seqlens_q, max_seqlen_q: int, max_seql
         max_seqlen_k=max_seqlen_k, block_table=cache.block_table, seqused_k=cache.seqused_k, cu_seqlens_k=None,
         softmax_scale=None, causal=causal, window_size=None, softcap=0.0, alibi_slopes=None, s_aux=None,
         k_descale=cache.k_descale, v_descale=cache.v_descale, output_scale=None, kv_descale_per_token=None, out=out,
+        q_descale=q_descale,
     )  # fmt: skip
 
 
@@ -151,8 +154,9 @@ def _prefill_cases(args) -> list:
     from .cases_prefill import PrefillSpec
 
     hq, hkv = (int(x) for x in args.heads.split("/"))
+    q_dtype = "e4m3" if args.fp8_query else "bf16"
     return [
-        PrefillSpec(shape, kv_dtype=kv, block=page, d=args.head_size, hq=hq, hkv=hkv)
+        PrefillSpec(shape, kv_dtype=kv, block=page, d=args.head_size, hq=hq, hkv=hkv, q_dtype=q_dtype)
         for shape in _split(args.shapes, keep_parentheses=True)
         for page in (int(p) for p in _split(args.page))
         for kv in _split(args.kv)
@@ -165,8 +169,9 @@ def _prefill_chosen(spec, setting: dict[str, int]):
 
     max_q = max(q for q, _ in spec.seqs)
     return choose_chunk_prefill_config(
-        spec.d, spec.kv_dtype != "bf16", spec.hq // spec.hkv, max_q, interpreter=platform.interpreter_enabled()
-    )
+        spec.d, spec.kv_dtype != "bf16", spec.hq // spec.hkv, max_q, interpreter=platform.interpreter_enabled(),
+        q_is_fp8=spec.q_dtype == "e4m3",
+    )  # fmt: skip
 
 
 def _prefill_measure(spec, config):
@@ -176,13 +181,14 @@ def _prefill_measure(spec, config):
 
     max_q, max_k = max(q for q, _ in spec.seqs), max(k for _, k in spec.seqs)
 
-    def bind(cache, q, out, cu_q):
-        f = _attention_features(cache, q, out, cu_q, max_q, max_k, causal=spec.causal)
+    def bind(cache, q, out, cu_q, q_descale=None):
+        f = _attention_features(cache, q, out, cu_q, max_q, max_k, causal=spec.causal, q_descale=q_descale)
         return functools.partial(
             launch_chunk_prefill, q, cache.k, cache.v, out, None, cu_q, max_q, block_table=cache.block_table,
             seqused_k=cache.seqused_k, cu_seqlens_k=None, softmax_scale=f.softmax_scale, window_left=f.window_left,
             window_right=f.window_right, softcap=f.softcap, alibi_slopes=f.alibi_slopes, s_aux=f.s_aux,
-            k_descale=f.k_descale, v_descale=f.v_descale, output_scale=f.output_scale, config=config,
+            k_descale=f.k_descale, v_descale=f.v_descale, output_scale=f.output_scale, q_descale=f.q_descale,
+            config=config,
         )  # fmt: skip
 
     return measure_prefill(spec, bind)
@@ -412,6 +418,10 @@ def _parser() -> argparse.ArgumentParser:
                 help="N x (context + new) or NxL, comma-separated, or the bench's names (default 4x(2048+2048))",
             )  # fmt: skip
             p.add_argument("--kv", default="bf16,e4m3", help="KV dtypes among bf16,e4m3,e5m2 (default bf16,e4m3)")
+            p.add_argument(
+                "--fp8-query", action="store_true",
+                help="fp8 e4m3 queries with q_descale (FP8 KV only; the launch config's pv_fp8=0,1 picks the PV dot)",
+            )  # fmt: skip
         else:
             p.add_argument("--tokens", type=int, default=16384, help="tokens written per call (default 16384)")
             p.add_argument("--kv-heads", type=int, default=8, help="KV heads (default 8)")

@@ -396,7 +396,7 @@ def launch_chunk_prefill(
         ROUND_IN_SOFTWARE=interpreter,
         PER_TOKEN_SCALES=per_token,
         Q_FP8=q_is_fp8,
-        PV_FP8=q_is_fp8 and config.pv_fp8,
+        PV_FP8=q_is_fp8 and bool(config.pv_fp8),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
