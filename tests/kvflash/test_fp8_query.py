@@ -121,6 +121,17 @@ def test_both_pv_paths_of_the_prefill_kernel(kv_dtype, pv_fp8):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("head_size", [8, 40, 256])
+@pytest.mark.parametrize("mix", [[(20, 40), (1, 9)], [(1, 40), (3, 9)]], ids=["prefill", "decode"])
+def test_fp8_query_head_sizes(device, head_size, mix):
+    """Head sizes off the power-of-two path: D 8 pads to the fp8 dot's K of 32, D 40 to 64; D 256 takes other tiles."""
+    case, q_descale = fp8_query_case(mix, torch.float8_e5m2, device, seed=17, head_size=head_size)
+    got = case.attend(q_descale=q_descale, causal=True)
+    exact, _ = reference(case, q_descale=q_descale, causal=True)
+    assert_fp8_dot_error(got, exact, v_max_per_row(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_dtype", KV_DTYPES, ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("num_splits", [1, 0])
 def test_decode_rows_with_fp8_query_are_exact(device, kv_dtype, num_splits):
