@@ -37,7 +37,7 @@ class QKVTypePair:
 
     @property
     def q_is_fp8(self) -> bool:
-        """True for an fp8 query: the prefill dots then run on fp8 tensor cores."""
+        """True for an fp8 query: the prefill QK dot then runs on fp8 tensor cores."""
         return self.q_dtype.is_fp8
 
     @classmethod

@@ -153,8 +153,7 @@ def paged_decode_attention(
     -------
     torch.Tensor or (torch.Tensor, torch.Tensor)
         ``out`` shaped like ``q`` in ``q``'s dtype (``out``'s; bf16 for an fp8 ``q``; fp8 e4m3 with ``output_scale``),
-        and ``lse`` when
-        ``return_lse``.
+        and ``lse`` when ``return_lse``.
     """
     check_query(q)
     if block_table is not None:
