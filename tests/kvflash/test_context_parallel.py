@@ -43,7 +43,9 @@ def _shard_bounds(length: int, world: int, seq: int) -> list[tuple[int, int]]:
     return [(cuts[r], cuts[r + 1]) for r in range(world)]
 
 
-def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int, per_token: bool = False) -> None:
+def _worker(
+    rank: int, world: int, port: int, kv_dtype_name: str, seed: int, per_token: bool = False, fp8_query: bool = False
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -53,6 +55,14 @@ def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int, per
         kv_dtype = getattr(torch, kv_dtype_name)
         fp8 = kv_dtype != torch.float16
         q, ks, vs, sinks = _global_problem(seed)
+        query = {}  # an fp8 query: e4m3 with a per-KV-head descale, the same on every rank
+        atol = 3e-3
+        if fp8_query:
+            from kvflash.fp8_utils import quantize_query
+
+            q, q_descale = quantize_query(q, HKV, granularity="per_kv_head")
+            query = dict(q_descale=q_descale)
+            atol = 3e-3 + 2.0**-8 * 2  # the bf16 output an fp8 query gets: 2^-9 relative rounding of |out| < 2
         g = torch.Generator().manual_seed(seed + 100 + rank)
         # This rank's own per-head scales (distinct for K and V, and between ranks).
         k_scale = torch.rand(HKV, generator=g) * 0.3 + 0.1 if fp8 else torch.ones(HKV)
@@ -97,6 +107,7 @@ def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int, per
             k_descale=k_descale,
             v_descale=v_descale,
             return_lse=True,
+            **query,
         )
         # Gather every rank's dequantised shard so rank 0 can build the whole cache in token order.
         shards = [None] * world
@@ -106,8 +117,10 @@ def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int, per
         whole_k = [torch.cat([shards[r][0][s] for r in range(world)]) for s in range(len(SEQ_LENS))]
         whole_v = [torch.cat([shards[r][1][s] for r in range(world)]) for s in range(len(SEQ_LENS))]
         whole = make_paged_kv(whole_k, whole_v, 8, generator=torch.Generator().manual_seed(seed))
+        # The whole cache is the dequantised fp16 shards: the single-process run takes the dequantised query.
+        q_single = (q.float() * q_descale.repeat_interleave(HQ // HKV)[:, None]).half() if fp8_query else q
         single, single_lse = paged_decode_attention(
-            q,
+            q_single,
             whole.k_cache,
             whole.v_cache,
             max(SEQ_LENS),
@@ -128,10 +141,12 @@ def _worker(rank: int, world: int, port: int, kv_dtype_name: str, seed: int, per
             s_aux=sinks,
             softcap=4.0,
             compute_dtype=torch.float64,
+            **query,
         )
-        torch.testing.assert_close(out.double(), exact, rtol=0, atol=3e-3)
+        assert out.dtype == (torch.bfloat16 if fp8_query else q.dtype)
+        torch.testing.assert_close(out.double(), exact, rtol=0, atol=atol)
         assert_lse_close(lse, exact_lse, atol=1e-3)
-        torch.testing.assert_close(out, single, rtol=0, atol=2e-3)
+        torch.testing.assert_close(out.float(), single.float(), rtol=0, atol=atol)
         torch.testing.assert_close(lse, single_lse, rtol=0, atol=1e-3)
         # Sequence 2 has no keys anywhere: out 0 and lse = sink (counted once, not world times).
         assert torch.all(out[2] == 0)
@@ -149,6 +164,11 @@ def test_context_parallel_decode_matches_single_process(world, kv_dtype):
 def test_context_parallel_decode_per_token_head_scales():
     """Each rank's shard with its own per-token-head scales ([num_blocks, block_size, Hkv], rank 3)."""
     mp.spawn(_worker, args=(2, _free_port(), "float8_e4m3fn", 31, True), nprocs=2, join=True)
+
+
+def test_context_parallel_decode_fp8_query():
+    """An fp8 e4m3 query with its q_descale over e5m2 shards: the same merged result as one process."""
+    mp.spawn(_worker, args=(2, _free_port(), "float8_e5m2", 41, False, True), nprocs=2, join=True)
 
 
 def test_position_dependent_features_are_rejected():

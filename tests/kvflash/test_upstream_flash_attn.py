@@ -7,6 +7,7 @@ import torch
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, make_paged_kv
 from kvflash.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+from kvflash.fp8_utils import quantize_query
 
 from ..cases import assert_lse_close, check_against_reference, cumulative, make_case
 
@@ -15,7 +16,9 @@ MIX = [(1, 37), (6, 6), (4, 29), (1, 1)]
 
 def _reference(q, k, v, cu_q, **kwargs):
     exact, lse = reference_attention(q, k, v, cu_q, compute_dtype=torch.float64, **kwargs)
-    lowp, _ = reference_attention(q, k, v, cu_q, compute_dtype=q.dtype, **kwargs)
+    # An fp8 query's output is bf16: that is the low precision of its computation.
+    low_dtype = torch.bfloat16 if q.dtype == torch.float8_e4m3fn else q.dtype
+    lowp, _ = reference_attention(q, k, v, cu_q, compute_dtype=low_dtype, **kwargs)
     return exact, lowp, lse
 
 
@@ -60,12 +63,14 @@ def _expected_cache_after_append(k_seqs, new, descale, dtype):
 
 
 @pytest.mark.parametrize(
-    "q_dtype, kv_dtype",
-    [(torch.float16, torch.float16), (torch.float16, torch.float8_e4m3fn), (torch.float16, torch.float8_e5m2),
-     pytest.param(torch.bfloat16, torch.float8_e4m3fn, marks=pytest.mark.gpu)],
-    ids=["fp16", "fp16-e4m3", "fp16-e5m2", "bf16-e4m3"],
+    "q_dtype, kv_dtype, fp8_query",
+    [(torch.float16, torch.float16, False), (torch.float16, torch.float8_e4m3fn, False),
+     (torch.float16, torch.float8_e5m2, False), (torch.float16, torch.float8_e5m2, True),
+     pytest.param(torch.bfloat16, torch.float8_e4m3fn, False, marks=pytest.mark.gpu)],
+    ids=["fp16", "fp16-e4m3", "fp16-e5m2", "fp16-e5m2-fp8-query", "bf16-e4m3"],
 )  # fmt: skip
-def test_kvcache_paged_append(device, q_dtype, kv_dtype):
+def test_kvcache_paged_append(device, q_dtype, kv_dtype, fp8_query):
+    """``fp8_query``: the model's fp16 keys and values are appended while the query comes in e4m3 with q_descale."""
     g = torch.Generator().manual_seed(21)
     batch, hq, hkv, d, seqlen_new, block_size = 3, 6, 2, 32, 2, 16
     old_lens = [15, 0, 40]  # 15 + 2 crosses a page boundary
@@ -86,11 +91,17 @@ def test_kvcache_paged_append(device, q_dtype, kv_dtype):
     table = paged.block_table.to(device)
     cache_seqlens = torch.tensor(old_lens, dtype=torch.int32, device=device)
     descales = dict(k_descale=k_scale.to(device), v_descale=v_scale.to(device)) if fp8 else {}
+    q_scales = {}
+    if fp8_query:
+        q8, q_descale = quantize_query(q.reshape(-1, hq, d), hkv)
+        q, q_scales = q8.reshape(q.shape), dict(q_descale=q_descale)
     out, lse = flash_attn_with_kvcache(
         q.to(device), k_cache, v_cache, k_new.to(device), v_new.to(device), cache_seqlens=cache_seqlens,
         block_table=table, causal=True, softcap=4.0, return_softmax_lse=True, **descales,
+        **{k: x.to(device) for k, x in q_scales.items()},
     )  # fmt: skip
     assert out.shape == (batch, seqlen_new, hq, d) and lse.shape == (batch, hq, seqlen_new)
+    assert out.dtype == (torch.bfloat16 if fp8_query else q_dtype)
     # The cache now holds old + new tokens exactly where upstream writes them.
     k_exp = _expected_cache_after_append(k_old, k_new.unbind(0), k_scale, kv_dtype)
     v_exp = _expected_cache_after_append(v_old, v_new.unbind(0), v_scale, kv_dtype)
@@ -104,7 +115,7 @@ def test_kvcache_paged_append(device, q_dtype, kv_dtype):
     cu_k = cumulative([n + seqlen_new for n in old_lens], "cpu")
     scales = dict(k_descale=k_scale, v_descale=v_scale) if fp8 else {}
     exact, lowp, exact_lse = _reference(q.reshape(-1, hq, d), torch.cat(k_exp), torch.cat(v_exp), cu_q,
-                                        cu_seqlens_k=cu_k, causal=True, softcap=4.0, **scales)  # fmt: skip
+                                        cu_seqlens_k=cu_k, causal=True, softcap=4.0, **scales, **q_scales)  # fmt: skip
     assert_close_fa_rule(out.cpu().reshape(-1, hq, d), exact, lowp, atol=2e-3)
     lse_flat = lse.cpu().permute(1, 0, 2).reshape(hq, -1)
     assert_lse_close(lse_flat, exact_lse)
