@@ -296,3 +296,31 @@ def replay_matches_eager(step, load_new_state, attention, out: torch.Tensor, lse
         assert not torch.isnan(out).any()
         torch.testing.assert_close(out, want, rtol=0, atol=0)
         torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+def launch_chunk_prefill_with(case: Case, out: torch.Tensor, change: dict, *, q_descale=None):
+    """``launch_chunk_prefill`` on a paged, causal ``case`` into ``out`` with the chooser's launch config changed by
+    ``change`` (``dataclasses.replace``): how tests reach the launch options no chooser picks. Returns the config
+    the chooser picked (before the change)."""
+    from kvflash.attn_common import check_attention_call, platform
+    from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
+    from kvflash.chunk_prefill.op import launch_chunk_prefill
+
+    f = check_attention_call(
+        case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
+        max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=None, softmax_scale=None, causal=True, window_size=None,
+        softcap=0.0, alibi_slopes=None, s_aux=None, output_scale=None, kv_descale_per_token=None, out=out,
+        q_descale=q_descale, **case.kwargs,
+    )  # fmt: skip
+    num_kv_heads = case.k.shape[-2]
+    chosen = choose_chunk_prefill_config(
+        case.q.shape[2], case.k.element_size() == 1, case.q.shape[1] // num_kv_heads, case.max_seqlen_q,
+        interpreter=platform.interpreter_enabled(), q_is_fp8=q_descale is not None,
+    )  # fmt: skip
+    launch_chunk_prefill(
+        case.q, case.k, case.v, out, None, case.cu_seqlens_q, case.max_seqlen_q, **case.kv_args, cu_seqlens_k=None,
+        softmax_scale=f.softmax_scale, window_left=f.window_left, window_right=f.window_right, softcap=0.0,
+        alibi_slopes=None, s_aux=None, k_descale=f.k_descale, v_descale=f.v_descale, q_descale=f.q_descale,
+        config=dataclasses.replace(chosen, **change),
+    )  # fmt: skip
+    return chosen

@@ -13,7 +13,7 @@ from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import poison
 from kvflash.chunk_prefill import chunk_prefill_attention
 
-from ..cases import check_chunk_prefill, make_case, reference
+from ..cases import check_against_reference, check_chunk_prefill, launch_chunk_prefill_with, make_case, reference
 
 # Decode rows (q_len 1), odd lengths, an empty query, prefill over a longer context, q_len == kv_len.
 MIX = [(1, 37), (19, 19), (5, 44), (0, 7), (26, 61), (1, 1), (3, 3)]
@@ -151,3 +151,16 @@ def test_negative_and_zero_k_descale(device):
     case = make_case(MIX[:3], num_q_heads=8, nan_unused=True, device=device, seed=37)
     check_chunk_prefill(case, causal=True, k_descale=torch.tensor([-0.7, 0.0], device=device),
                    v_descale=torch.tensor(-1.5, device=device))  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+def test_split_query_option_is_as_exact_as_the_default(device, kv_dtype):
+    """Launch option ``split_query`` (bf16 q over an FP8 cache: QK as two fp8 dots of q's two e4m3 terms): the same
+    FlashAttention-rule bound as the default path. bf16 dots need a GPU; under the interpreter the exact path
+    converts q to fp16 and the split path to e4m3, both without a bf16 dot."""
+    case = make_case([(40, 70), (17, 17), (1, 33)], q_dtype=torch.bfloat16, kv_dtype=kv_dtype, nan_unused=True,
+                     device=device, seed=23)  # fmt: skip
+    case.q = (case.q.float() * 30).to(torch.bfloat16)  # spread scores: a bad split would show
+    out = poison(torch.empty_like(case.q))
+    launch_chunk_prefill_with(case, out, dict(split_query=True))
+    check_against_reference(case, out, atol=1e-3, causal=True)

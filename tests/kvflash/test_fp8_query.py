@@ -16,7 +16,6 @@ K's and V's, which differ from each other). The reference is the float64 attenti
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -27,7 +26,7 @@ from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 from kvflash.fp8_utils import quantize_query
 
-from ..cases import assert_lse_close, make_case, reference
+from ..cases import assert_lse_close, launch_chunk_prefill_with, make_case, reference
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Where launch_chunk_prefill itself runs the kernel: the GPU, else the interpreter (CPU tensors on a GPU machine would
@@ -94,28 +93,10 @@ def test_prefill_and_mixed_rows_with_fp8_query(device, kv_dtype, block_size):
 @pytest.mark.parametrize("pv_fp8", [False, True], ids=["pv-fp16", "pv-fp8"])
 def test_both_pv_paths_of_the_prefill_kernel(kv_dtype, pv_fp8):
     """The default launch (PV in fp16) and the fp8 PV dot (P in e4m3, two-level accumulation) of an fp8 query."""
-    from kvflash.attn_common import check_attention_call
-    from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
-    from kvflash.chunk_prefill.op import launch_chunk_prefill
-
-    device = LAUNCH_DEVICE
-    case, q_descale = fp8_query_case(PREFILL_MIX, kv_dtype, device, seed=13)
-    out = poison(torch.empty(case.q.shape, dtype=torch.bfloat16, device=device))
-    f = check_attention_call(
-        case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
-        max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=None, softmax_scale=None, causal=True, window_size=None,
-        softcap=0.0, alibi_slopes=None, s_aux=None, output_scale=None, kv_descale_per_token=None, out=out,
-        q_descale=q_descale, **case.kwargs,
-    )  # fmt: skip
-    chosen = choose_chunk_prefill_config(64, True, 2, case.max_seqlen_q, interpreter=device == "cpu", q_is_fp8=True)
+    case, q_descale = fp8_query_case(PREFILL_MIX, kv_dtype, LAUNCH_DEVICE, seed=13)
+    out = poison(torch.empty(case.q.shape, dtype=torch.bfloat16, device=LAUNCH_DEVICE))
+    chosen = launch_chunk_prefill_with(case, out, dict(pv_fp8=pv_fp8), q_descale=q_descale)
     assert not chosen.pv_fp8
-    config = dataclasses.replace(chosen, pv_fp8=pv_fp8)
-    launch_chunk_prefill(
-        case.q, case.k, case.v, out, None, case.cu_seqlens_q, case.max_seqlen_q, **case.kv_args, cu_seqlens_k=None,
-        softmax_scale=f.softmax_scale, window_left=f.window_left, window_right=f.window_right, softcap=0.0,
-        alibi_slopes=None, s_aux=None, k_descale=f.k_descale, v_descale=f.v_descale, q_descale=f.q_descale,
-        config=config,
-    )  # fmt: skip
     exact, _ = reference(case, q_descale=q_descale, causal=True)
     assert_fp8_dot_error(out, exact, v_max_per_row(case))
 

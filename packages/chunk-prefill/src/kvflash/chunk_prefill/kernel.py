@@ -27,6 +27,12 @@ outside the dot (Triton does not fold that add into an fp8 dot on sm_90), so the
 Without it (the default: Triton transposes fp8 V tiles through registers, which halves the throughput) P and V
 (converted exactly) meet in fp16, as for a 16-bit query, and P is not rounded to fp8.
 
+``Q_SPLIT`` (a bf16 query over an FP8 cache, a launch-config option): the query, scaled per row by a power of two
+that puts its largest element in [2^7, 2^8), is written as two e4m3 terms ``q_hi + q_lo`` (a bf16 value has 8
+significant bits, each term holds 4; exact for elements down to 2^-9 of the row's largest, within 2^-17 of it
+below), and the QK dot is two fp8 dots against the K tile as stored: the MMA work of one fp16 dot, without
+converting K. PV as for ``Q_FP8``.
+
 ``PER_TOKEN_SCALES`` (its own specialisation; off, the kernel is unchanged): one descale per stored (token, KV
 head), loaded per tile beside K and V through the same page ids. K's multiplies the score column before the softmax,
 ``s_j = (q . k_j) * kscale_j * softmax_scale``; V's multiplies P's column before the PV dot, in units of a running
@@ -124,7 +130,8 @@ def _attend_tile(
     m_i,  # [BLOCK_M] fp32, log2 domain
     l_i,  # [BLOCK_M] fp32
     v_exp,  # fp32 scalar: PER_TOKEN_SCALES' running exponent (acc holds sum p * vscale * v / 2^v_exp)
-    q,  # [BLOCK_M, HEAD_PAD] DOT_DTYPE
+    q,  # [BLOCK_M, HEAD_PAD] DOT_DTYPE (Q_SPLIT: the high e4m3 term)
+    q_lo,  # [BLOCK_M, HEAD_PAD] e4m3: Q_SPLIT's low term (else unused)
     k_head_ptr,  # k_ptr + kv_head * stride_k_head: [num_blocks, block_size, D] or [total_k, D] of one KV head
     v_head_ptr,  # v_ptr + kv_head * stride_v_head: [num_blocks, block_size, D] or [total_k, D] of one KV head
     pages,  # [BLOCK_N] int32 page ids of this tile (paged), loaded one tile ahead by the caller
@@ -161,6 +168,7 @@ def _attend_tile(
     PER_TOKEN_SCALES: tl.constexpr,
     Q_FP8: tl.constexpr,
     PV_FP8: tl.constexpr,
+    Q_SPLIT: tl.constexpr,
     ROUND_IN_SOFTWARE: tl.constexpr,
 ):
     """Attend one ``BLOCK_N`` key tile; returns ``(acc, m_i, l_i, v_exp)``.
@@ -192,6 +200,9 @@ def _attend_tile(
 
     if Q_FP8:  # fp8 x fp8 (K e4m3 or e5m2, as stored)
         qk = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] fp32
+    elif Q_SPLIT:  # (q_hi + q_lo) . k: two fp8 dots, one accumulator
+        k_t = tl.trans(k)
+        qk = tl.dot(q_lo, k_t, tl.dot(q, k_t))  # [BLOCK_M, BLOCK_N] fp32
     else:
         qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))  # [BLOCK_M, BLOCK_N] fp32
     if PER_TOKEN_SCALES:
@@ -229,7 +240,7 @@ def _attend_tile(
         if ROUND_IN_SOFTWARE:
             p = round_to_fp8_grid(p, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
-    elif Q_FP8:  # P and V (converted exactly) in fp16
+    elif Q_FP8 or Q_SPLIT:  # P and V (converted exactly) in fp16
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
     else:
@@ -311,14 +322,16 @@ def chunk_prefill_kernel(
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
     Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): the QK dot on fp8 tensor cores
     PV_FP8: tl.constexpr,  # (Q_FP8 only) the PV dot on fp8 tensor cores too; else P and V in fp16
+    Q_SPLIT: tl.constexpr,  # bf16 q over an FP8 cache: QK as two fp8 dots of q's two e4m3 terms
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
     # FP8 tiles convert to fp16 in one instruction per pair (to bf16 it takes three on sm_90), exactly; an fp8 q
     # keeps every operand in fp8.
     DOT_DTYPE: tl.constexpr = (
-        tl.float32 if DOT_FP32 else (tl.float16 if KV_FP8 and not Q_FP8 else q_ptr.dtype.element_ty)
-    )
+        tl.float8e4nv if Q_SPLIT
+        else tl.float32 if DOT_FP32 else (tl.float16 if KV_FP8 and not Q_FP8 else q_ptr.dtype.element_ty)
+    )  # fmt: skip
 
     # ---- which (tile, KV head, head group) this program computes ----
     pid = tl.program_id(0)
@@ -379,12 +392,27 @@ def chunk_prefill_kernel(
     v_exp = tl.full([], -100.0, dtype=tl.float32)
     q_mult = tl.where(k_scale < 0, -1.0, 1.0) + tl.zeros([BLOCK_M], dtype=tl.float32)
     if KV_FP8 and not Q_FP8:
-        # q goes to fp16 with a per-row power of two that puts its largest element in [2^13, 2^15]: exact for
-        # bf16 values (8 significant bits) down to 2^-31 of the row's largest, and no overflow.
+        # q goes to fp16 with a per-row power of two that puts its largest element in [2^14, 2^15): exact for
+        # bf16 values (8 significant bits) down to 2^-31 of the row's largest, and no overflow. Q_SPLIT: in
+        # [2^7, 2^8), so that its high e4m3 term stays below 448.
+        TOP_EXP: tl.constexpr = 7.0 if Q_SPLIT else 14.0
         q_max = tl.max(tl.abs(q.to(tl.float32)), 1)
         q_exp = tl.floor(tl.math.log2(tl.where(q_max > 0, q_max, 1.0)))
-        q_mult = q_mult * tl.math.exp2(tl.minimum(14.0 - q_exp, 126.0))
-    q = (q.to(tl.float32) * q_mult[:, None]).to(DOT_DTYPE)
+        q_mult = q_mult * tl.math.exp2(tl.minimum(TOP_EXP - q_exp, 126.0))
+    q = q.to(tl.float32) * q_mult[:, None]
+    if Q_SPLIT:  # q = q_hi + q_lo: the high term rounds q to 4 significant bits, the low term holds the rest
+        q_hi = q
+        if ROUND_IN_SOFTWARE:
+            q_hi = round_to_fp8_grid(q_hi, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
+        q_hi = q_hi.to(tl.float8e4nv)
+        q_lo = q - q_hi.to(tl.float32)  # exact in fp32
+        if ROUND_IN_SOFTWARE:
+            q_lo = round_to_fp8_grid(q_lo, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
+        q_lo = q_lo.to(tl.float8e4nv)
+        q = q_hi
+    else:
+        q = q.to(DOT_DTYPE)
+        q_lo = q
     # Strictly positive so that masked (-inf) scores stay -inf after scaling; a zero descale becomes 1e-30,
     # which still makes every visible key equally likely.
     qk_scale = tl.maximum(softmax_scale * tl.abs(k_scale) / tl.abs(q_mult), 1e-30)
@@ -418,13 +446,13 @@ def chunk_prefill_kernel(
         next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
                                  PAGE_SIZE)  # fmt: skip
         acc, m_i, l_i, v_exp = _attend_tile(
-            acc, m_i, l_i, v_exp, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
+            acc, m_i, l_i, v_exp, q, q_lo, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
             PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=True, Q_FP8=Q_FP8, PV_FP8=PV_FP8,
-            ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
+            Q_SPLIT=Q_SPLIT, ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
     pages = _tile_pages(block_table_row_ptr, full_lo + offs_tile, kv_len, num_blocks, IS_PAGED, PAGE_SIZE)
@@ -432,13 +460,13 @@ def chunk_prefill_kernel(
         next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
                                  PAGE_SIZE)  # fmt: skip
         acc, m_i, l_i, v_exp = _attend_tile(
-            acc, m_i, l_i, v_exp, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
+            acc, m_i, l_i, v_exp, q, q_lo, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
             PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=False, MASK_LEFT=False, Q_FP8=Q_FP8, PV_FP8=PV_FP8,
-            ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
+            Q_SPLIT=Q_SPLIT, ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
     tail_lo = tl.maximum(full_lo, full_hi)
@@ -447,13 +475,13 @@ def chunk_prefill_kernel(
         next_pages = _tile_pages(block_table_row_ptr, start_n + BLOCK_N + offs_tile, kv_len, num_blocks, IS_PAGED,
                                  PAGE_SIZE)  # fmt: skip
         acc, m_i, l_i, v_exp = _attend_tile(
-            acc, m_i, l_i, v_exp, q, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
+            acc, m_i, l_i, v_exp, q, q_lo, k_head_ptr, v_head_ptr, pages, kv_start, start_n, kv_len, q_pos,
             slopes_log2, qk_scale, softcap, window_left, window_right,
             stride_k_block, stride_k_token, stride_v_block, stride_v_token,
             kd_head_ptr, vd_head_ptr, stride_kd_block, stride_kd_seq, stride_vd_block, stride_vd_seq,
             BLOCK_N, HEAD_SIZE, HEAD_PAD, IS_PAGED, PAGE_SIZE, SAME_KV_STRIDES, DOT_DTYPE, USE_SOFTCAP, USE_ALIBI,
             PER_TOKEN_SCALES=PER_TOKEN_SCALES, MASKED=True, MASK_LEFT=False, Q_FP8=Q_FP8, PV_FP8=PV_FP8,
-            ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
+            Q_SPLIT=Q_SPLIT, ROUND_IN_SOFTWARE=ROUND_IN_SOFTWARE,
         )  # fmt: skip
         pages = next_pages
 

@@ -34,6 +34,11 @@ class ChunkPrefillLaunchConfig:
         467 / 496 TFLOP/s with PV in fp16 against 227 / 225 with PV in fp8, where Triton builds the K-major fp8 V
         operand the fp8 dot needs by transposing each V tile through registers and shared memory (V is stored
         with D contiguous). bf16 KV: 383 / 427.
+    split_query : bool
+        A bf16 query over an FP8 cache only (elsewhere it changes nothing): the QK dot as two fp8 dots of the
+        query's two e4m3 terms against K as stored, PV in fp16 (the kernel module's ``Q_SPLIT``). Off by default
+        until measured: the fp8 query above shows what taking K straight into the MMA is worth (467 against 325
+        TFLOP/s for the exact path), this pays a second QK dot for exactness.
     """
 
     block_m: int
@@ -41,6 +46,7 @@ class ChunkPrefillLaunchConfig:
     num_warps: int
     num_stages: int
     pv_fp8: bool = False
+    split_query: bool = False
 
 
 # (padded head size, fp8 KV) -> (block_m, block_n, num_warps, num_stages) for prefill-sized tiles: the fastest

@@ -304,6 +304,7 @@ def launch_chunk_prefill(
         )
     if total_q == 0:
         return
+    split_query = bool(config.split_query) and kv_is_fp8 and q.dtype == torch.bfloat16
     g_pack, num_head_groups = pack_heads(group, config.block_m)
     # Each sequence adds at most one partial tile to cdiv(total_q, block_q); spare programs exit at once.
     num_q_tiles = triton.cdiv(total_q, config.block_m // g_pack) + num_seqs
@@ -379,7 +380,7 @@ def launch_chunk_prefill(
         HEAD_SIZE=head_size,
         # At least 16: tl.dot needs K >= 16 (D = 8), 32 for fp8 operands; the padding is masked on every load and
         # store.
-        HEAD_PAD=max(32 if q_is_fp8 else 16, triton.next_power_of_2(head_size)),
+        HEAD_PAD=max(32 if q_is_fp8 or split_query else 16, triton.next_power_of_2(head_size)),
         IS_PAGED=is_paged,
         PAGE_SIZE=k.shape[1] if is_paged else 1,
         SAME_KV_STRIDES=ks[:-2] == vs[:-2],
@@ -397,6 +398,7 @@ def launch_chunk_prefill(
         PER_TOKEN_SCALES=per_token,
         Q_FP8=q_is_fp8,
         PV_FP8=q_is_fp8 and bool(config.pv_fp8),
+        Q_SPLIT=split_query,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
