@@ -240,14 +240,19 @@ def test_warmed_per_token_head_caches_cover_serving_with_them():
     table = torch.zeros(3, -(-600 // PAGE), dtype=torch.int32, device=DRY_DEVICE)  # the warm-up's default width
     keys = _dry_steps(random.Random(4), k_cache, v_cache, table, (1, 1, 2, 8, 20), (0,), k_descale=k_scale,
                       v_descale=v_scale, causal=True)  # fmt: skip
-    with record_launches() as writes, dry_run():
+    keys |= _dry_writes(gen, k_cache, v_cache, "fp8_e4m3_per_token_head", k_scale, v_scale)
+    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel"}
+    assert not _new_keys(keys, report.keys)
+
+
+def _dry_writes(gen: torch.Generator, k_cache, v_cache, kv_string: str, k_scale, v_scale) -> set:
+    """Launch keys of dry-run ``reshape_and_cache_flash`` calls writing 1, 5, 16 and 40 fp16 tokens."""
+    with record_launches() as keys, dry_run():
         for tokens in (1, 5, 16, 40):
             key = torch.randn(tokens, HKV, D, generator=gen).half().to(DRY_DEVICE)
             slots = torch.randperm(NUM_BLOCKS * PAGE, generator=gen)[:tokens].to(torch.int64).to(DRY_DEVICE)
-            reshape_and_cache_flash(key, key, k_cache, v_cache, slots, "fp8_e4m3_per_token_head", k_scale, v_scale)
-    keys |= writes
-    assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel"}
-    assert not _new_keys(keys, report.keys)
+            reshape_and_cache_flash(key, key, k_cache, v_cache, slots, kv_string, k_scale, v_scale)
+    return keys
 
 
 def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, fp8_query=False, **features) -> set:
@@ -286,12 +291,7 @@ def test_warmed_descale_forms_cover_engines_passing_them(forms):
     per_head = torch.tensor([0.5, 0.25], device=DRY_DEVICE)  # [Hkv]
     keys = _dry_steps(random.Random(8), k_cache, v_cache, table, (1, 1, 3, 20), (0,), k_descale=per_head,
                       v_descale=per_head, causal=True)  # fmt: skip
-    with record_launches() as writes, dry_run():
-        for tokens in (1, 5, 16, 40):
-            key = torch.randn(tokens, HKV, D, generator=gen).half().to(DRY_DEVICE)
-            slots = torch.randperm(NUM_BLOCKS * PAGE, generator=gen)[:tokens].to(torch.int64).to(DRY_DEVICE)
-            reshape_and_cache_flash(key, key, k_cache, v_cache, slots, "fp8_e4m3", per_head, per_head)
-    keys |= writes
+    keys |= _dry_writes(gen, k_cache, v_cache, "fp8_e4m3", per_head, per_head)
     assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel"}
     assert bool(_new_keys(keys, report.keys)) == ("per_kv_head" not in forms)
 
