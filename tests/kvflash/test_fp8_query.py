@@ -21,7 +21,7 @@ import math
 import pytest
 import torch
 
-from kvflash.attn_common import gather_sequence_kv, saturate_to_fp8
+from kvflash.attn_common import gather_sequence_kv, reference_attention, saturate_to_fp8
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 from kvflash.fp8_utils import quantize_query
@@ -171,6 +171,38 @@ def test_fp8_query_out_buffers_take_fp16_and_bf16(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mix", [PREFILL_MIX, DECODE_MIX], ids=["prefill", "decode"])
+def test_per_token_head_query_descales(device, mix):
+    """``q_descale [total_q, Hq]`` with ``q_descale_per_token=True``: one factor per row of the kernels' tiles."""
+    case, q_descale = fp8_query_case(mix, torch.float8_e4m3fn, device, seed=19, granularity="per_token_head")
+    assert tuple(q_descale.shape) == (case.q.shape[0], case.q.shape[1])
+    got, lse = case.attend(q_descale=q_descale, q_descale_per_token=True, causal=True, return_softmax_lse=True)
+    exact, exact_lse = reference(case, q_descale=q_descale, q_descale_per_token=True, causal=True)
+    assert_fp8_dot_error(got, exact, v_max_per_row(case))
+    assert_lse_close(lse, exact_lse, atol=5e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_per_token_head_query_scales_keep_quiet_tokens_with_loud_ones(device):
+    """A few loud query tokens (100x): one descale per KV head sizes every token by them and pushes the quiet ones
+    into e4m3's subnormals; per-(token, head) descales keep each token's own range. Error against the float64
+    attention of the original 16-bit query."""
+    case = make_case(PREFILL_MIX, kv_dtype=torch.float8_e5m2, device=device, seed=21)
+    q16 = case.q.float()
+    q16[::17] *= 100.0
+    q16 = q16.to(torch.float16)
+    exact, _ = reference_attention(q16, case.k, case.v, case.cu_seqlens_q, causal=True, compute_dtype=torch.float64,
+                                   **case.kwargs)  # fmt: skip
+    errors = {}
+    for granularity, per_token in (("per_kv_head", False), ("per_token_head", True)):
+        q8, q_descale = quantize_query(q16, 2, granularity=granularity)
+        case.q = q8
+        got = case.attend(q_descale=q_descale, q_descale_per_token=per_token, causal=True)
+        errors[granularity] = float((got.double() - exact).norm() / exact.norm())
+    assert errors["per_token_head"] < errors["per_kv_head"] / 2, errors
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_quantize_query_round_trips_and_covers_each_group(device):
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(30, 8, 64, generator=gen).to(device, torch.bfloat16)
@@ -207,6 +239,20 @@ BAD_FP8_QUERY_CALLS = [
     ("q_descale_zero", dict(q_descale=0.0), ValueError, r"q_descale: expected a finite positive float"),
     ("out_fp8_no_scale", dict(out=torch.float8_e4m3fn), ValueError, r"output_scale: an fp8 out"),
     ("out_fp32", dict(out=torch.float32), TypeError, r"out: expected dtype float16 or bfloat16, got float32"),
+    (
+        "per_token_shape",
+        dict(q_descale=torch.ones(2, 2), q_descale_per_token=True),
+        ValueError,
+        r"q_descale: per-token-head descales must have shape \[total_q, Hq\]",
+    ),
+    ("per_token_float", dict(q_descale=0.5, q_descale_per_token=True), TypeError, r"q_descale: q_descale_per_token"),
+    ("per_token_flag", dict(q_descale_per_token="yes"), TypeError, r"q_descale_per_token: expected None, True"),
+    (
+        "per_token_16bit_q",
+        dict(q_dtype=torch.float16, q_descale=None, q_descale_per_token=True),
+        ValueError,
+        r"q_descale_per_token: applies to an fp8",
+    ),
 ]
 
 
@@ -223,6 +269,8 @@ def test_bad_fp8_query_calls_name_the_argument(change, error, match, mix):
         q8, q_descale = case.q.to(torch.float8_e4m3fn), torch.ones(2)
     q = case.q.to(change["q_dtype"]) if "q_dtype" in change else q8
     args = dict(q_descale=change.get("q_descale", q_descale), causal=True)
+    if "q_descale_per_token" in change:
+        args["q_descale_per_token"] = change["q_descale_per_token"]
     if "out" in change:
         args["out"] = torch.empty(case.q.shape, dtype=change["out"])
     with pytest.raises(error, match=match):

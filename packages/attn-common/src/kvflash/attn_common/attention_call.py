@@ -61,15 +61,17 @@ def check_attention_call(
     out: torch.Tensor | None,
     out_extra_dtypes: tuple[torch.dtype, ...] = (),
     q_descale: torch.Tensor | float | None = None,
+    q_descale_per_token: bool | None = None,
 ) -> AttentionFeatures:
     """Check every shared argument of an attention call over ``num_seqs`` sequences; return the normalised features.
 
     ``q`` has passed :func:`check_query` (the caller derived ``num_seqs`` from its route's index tensor). Checks, in
     order: the Python ints and bools, ``cu_seqlens_q`` (``[num_seqs + 1]`` int32, when given), the KV cache and its
     index tensors (:func:`kvflash.attn_common.check_kv_cache`), every feature argument
-    (:func:`kvflash.attn_common.normalize_attention_features`, ``q_descale`` included) and ``out`` (``q``'s shape;
-    ``q``'s dtype or one of ``out_extra_dtypes``, fp8 e4m3 with ``output_scale``; fp16 or bf16 for an fp8 ``q``).
-    Raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came. Reads no tensor value.
+    (:func:`kvflash.attn_common.normalize_attention_features`, ``q_descale`` and its mode too) and ``out``
+    (``q``'s shape; ``q``'s dtype or one of ``out_extra_dtypes``, fp8 e4m3 with ``output_scale``; fp16 or bf16 for
+    an fp8 ``q``). Raises ``TypeError`` / ``ValueError`` naming the argument, what was expected and what came. Reads
+    no tensor value.
     """
     check_int("max_seqlen_q", max_seqlen_q)
     check_int("max_seqlen_k", max_seqlen_k)
@@ -83,7 +85,7 @@ def check_attention_call(
     features = normalize_attention_features(
         q, layout, softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
-        k=k, kv_descale_per_token=kv_descale_per_token, q_descale=q_descale,
+        k=k, kv_descale_per_token=kv_descale_per_token, q_descale=q_descale, q_descale_per_token=q_descale_per_token,
     )  # fmt: skip
     if out is not None:
         check_out(out, q, features.output_scale, extra_dtypes=out_extra_dtypes)

@@ -25,6 +25,7 @@ from kvflash.attn_common.platform import stream_capturing
 
 __all__ = [
     "normalize_descale",
+    "normalize_q_descale",
     "normalize_kv_descales",
     "is_per_token_descale",
     "descale_kernel_strides",
@@ -114,6 +115,41 @@ def _constant_scale(value: float, device: torch.device) -> torch.Tensor:
 def _broadcasts(shape: tuple[int, ...], target: tuple[int, int]) -> bool:
     padded = (1,) * (2 - len(shape)) + shape
     return all(s in (1, t) for s, t in zip(padded, target))
+
+
+def normalize_q_descale(
+    q_descale: torch.Tensor | float | None,
+    *,
+    q: torch.Tensor,
+    num_seqs: int,
+    num_kv_heads: int,
+    per_token: bool | None,
+) -> torch.Tensor:
+    """An fp8 query's descale, normalised: a float32 ``[num_seqs, Hkv]`` view (the forms of :func:`normalize_descale`),
+    or, with ``per_token=True``, the per-(token, query head) form ``[total_q, Hq]`` float32 as a ``[1, total_q, Hq]``
+    view (rank 3, so the ops tell the modes apart by ``dim()``; a ``[total_q, Hq]`` tensor would read like
+    ``[num_seqs, Hkv]`` when the counts are equal, hence the explicit mode). ``TypeError`` / ``ValueError`` naming
+    ``q_descale`` or ``q_descale_per_token``."""
+    if per_token is not None and not isinstance(per_token, bool):
+        raise TypeError(f"q_descale_per_token: expected None, True or False, got {type(per_token).__name__}")
+    if not per_token:
+        return normalize_descale("q_descale", q_descale, num_seqs, num_kv_heads, q.device)
+    expected = (q.shape[0], q.shape[1])
+    if not isinstance(q_descale, torch.Tensor):
+        raise TypeError(
+            f"q_descale: q_descale_per_token=True needs a float32 tensor [total_q, Hq]={list(expected)}, got "
+            f"{type(q_descale).__name__}"
+        )
+    if q_descale.dtype != torch.float32:
+        raise TypeError(f"q_descale: per-token-head descales must be float32, got dtype {q_descale.dtype}")
+    if q_descale.device != q.device:
+        raise ValueError(
+            f"q_descale: expected a tensor on {q.device} (the query's device), got one on {q_descale.device}"
+        )
+    if tuple(q_descale.shape) != expected:
+        raise ValueError(f"q_descale: per-token-head descales must have shape [total_q, Hq]={list(expected)}, got "
+                         f"{list(q_descale.shape)}")  # fmt: skip
+    return q_descale.unsqueeze(0)
 
 
 def descale_kernel_strides(descale: torch.Tensor) -> tuple[int, int, int]:

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from kvflash.attn_common.descale import normalize_descale, normalize_kv_descales
+from kvflash.attn_common.descale import normalize_kv_descales, normalize_q_descale
 from kvflash.attn_common.feature_args import (
     check_softcap,
     normalize_alibi_slopes,
@@ -39,7 +39,9 @@ class AttentionFeatures:
     k_descale: torch.Tensor
     v_descale: torch.Tensor
     output_scale: torch.Tensor | None = None  # [1] fp32: out = saturate(attention / output_scale) in fp8 e4m3
-    q_descale: torch.Tensor | None = None  # [num_seqs, Hkv] fp32 view, for an fp8 q only (real q = q * q_descale)
+    # For an fp8 q only (real q = q * q_descale): a [num_seqs, Hkv] fp32 view, or per (token, query head) a
+    # [1, total_q, Hq] fp32 view (rank 3; q_descale_per_token=True)
+    q_descale: torch.Tensor | None = None
 
 
 def normalize_attention_features(
@@ -58,13 +60,16 @@ def normalize_attention_features(
     output_scale: torch.Tensor | None = None,
     kv_descale_per_token: bool | None = None,
     q_descale: torch.Tensor | float | None = None,
+    q_descale_per_token: bool | None = None,
 ) -> AttentionFeatures:
     """Validate and normalise the feature arguments of a call with query ``q [*, Hq, D]`` over ``layout``.
 
     ``k`` (the validated key cache) sizes per-token-head descales; ``kv_descale_per_token`` picks the descale
     mode (see :func:`kvflash.attn_common.descale.normalize_kv_descales`; the normalised descales' rank tells the
     mode apart afterwards). ``q_descale`` (an fp8 ``q`` only; ``None`` is 1.0) takes the per-(sequence, KV head)
-    forms of the K/V descales. Raises ``TypeError`` / ``ValueError`` naming the argument; reads no tensor values.
+    forms of the K/V descales, or with ``q_descale_per_token=True`` one float32 scale per (token, query head),
+    ``[total_q, Hq]`` (:func:`kvflash.attn_common.descale.normalize_q_descale`). Raises ``TypeError`` /
+    ``ValueError`` naming the argument; reads no tensor values.
     """
     num_q_heads = q.shape[1]
     left, right = normalize_window(window_size, causal)
@@ -74,9 +79,13 @@ def normalize_attention_features(
         kv_descale_per_token=kv_descale_per_token,
     )  # fmt: skip
     if layout.types.q_is_fp8:
-        q_scale = normalize_descale("q_descale", q_descale, layout.num_seqs, layout.num_kv_heads, q.device)
+        q_scale = normalize_q_descale(
+            q_descale, q=q, num_seqs=layout.num_seqs, num_kv_heads=layout.num_kv_heads, per_token=q_descale_per_token
+        )
     elif q_descale is not None:
         raise ValueError(f"q_descale: descales an fp8 (float8_e4m3fn) query, but q is {q.dtype}")
+    elif q_descale_per_token:
+        raise ValueError(f"q_descale_per_token: applies to an fp8 (float8_e4m3fn) query, but q is {q.dtype}")
     else:
         q_scale = None
     return AttentionFeatures(

@@ -65,6 +65,7 @@ def reference_attention(
     compute_dtype: torch.dtype = torch.float32,
     kv_descale_per_token: bool | None = None,
     q_descale: torch.Tensor | float | None = None,
+    q_descale_per_token: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention of ``q`` over a paged or contiguous KV cache, computed per sequence.
 
@@ -78,12 +79,14 @@ def reference_attention(
         and optionally ``seqused_k``). FP8 caches are dequantised as ``stored * descale``.
     cu_seqlens_q : torch.Tensor
         ``[num_seqs + 1]`` int32 query offsets.
-    causal, window_size, softcap, alibi_slopes, s_aux, k_descale, v_descale, kv_descale_per_token, q_descale
+    causal, window_size, softcap, alibi_slopes, s_aux, k_descale, v_descale, kv_descale_per_token, q_descale,
+    q_descale_per_token
         As in ``kvflash.flash_attn_interface.flash_attn_varlen_func`` (its docstring states the contract).
         Per-token-head descales (``[num_blocks, block_size, Hkv]`` paged; ``[total_k, Hkv]`` contiguous with
         ``kv_descale_per_token=True``, or the normalised ``[1, total_k, Hkv]``) are gathered like the cache:
         key ``j`` of a sequence is ``stored_j * descale_j`` per KV head. ``q_descale`` (per sequence and KV head,
-        for an fp8 ``q``): the real query is ``q * q_descale``, exactly (no fp8 rounding of P is modelled).
+        for an fp8 ``q``; per (token, query head) ``[total_q, Hq]`` with ``q_descale_per_token``, or the normalised
+        ``[1, total_q, Hq]``): the real query is ``q * q_descale``, exactly (no fp8 rounding of P is modelled).
     compute_dtype : torch.dtype
         float64 or float32 for an oracle; fp16/bf16 to mimic a computation in the input precision.
 
@@ -111,8 +114,10 @@ def reference_attention(
     else:
         k_scale = normalize_descale("k_descale", k_descale, num_seqs, num_kv_heads, q.device)
         v_scale = normalize_descale("v_descale", v_descale, num_seqs, num_kv_heads, q.device)
-    q_scale = None
-    if q_descale is not None:  # [num_seqs, Hq]: each query head takes its KV head's descale
+    q_scale = q_token_scale = None
+    if isinstance(q_descale, torch.Tensor) and (q_descale_per_token or q_descale.dim() == 3):
+        q_token_scale = q_descale.reshape(total_q, num_q_heads)  # [total_q, Hq]
+    elif q_descale is not None:  # [num_seqs, Hq]: each query head takes its KV head's descale
         q_scale = normalize_descale("q_descale", q_descale, num_seqs, num_kv_heads, q.device)
         q_scale = q_scale.repeat_interleave(group, dim=1)
     lse_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
@@ -149,6 +154,8 @@ def reference_attention(
         qs = q[q0:q1].to(compute_dtype)
         if q_scale is not None:  # [q_len, Hq, D] * [Hq, 1]
             qs = qs * q_scale[s].to(compute_dtype)[:, None]
+        if q_token_scale is not None:  # [q_len, Hq, D] * [q_len, Hq, 1]
+            qs = qs * q_token_scale[q0:q1].to(compute_dtype)[:, :, None]
         qs = qs.transpose(0, 1)  # [Hq, q_len, D]
 
         scores = torch.matmul(qs, ks.transpose(1, 2)) * scale  # [Hq, q_len, kv_len]

@@ -266,7 +266,7 @@ def chunk_prefill_kernel(
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (a view; strides may be 0) (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
-    q_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0) (Q_FP8)
+    q_descale_ptr,  # [num_seqs, Hkv] fp32 (a view; strides may be 0) (Q_FP8); Q_PER_TOKEN: [total_q, Hq] fp32
     num_seqs,
     num_q_tiles,
     num_kv_heads,
@@ -298,8 +298,8 @@ def chunk_prefill_kernel(
     stride_vd_block,  # PER_TOKEN_SCALES and paged only
     stride_alibi_seq,
     stride_alibi_head,
-    stride_qd_seq,
-    stride_qd_head,
+    stride_qd_seq,  # Q_PER_TOKEN: the token stride
+    stride_qd_head,  # Q_PER_TOKEN: the query-head stride
     GROUP: tl.constexpr,  # Hq // Hkv
     G_PACK: tl.constexpr,  # query heads per program (<= GROUP)
     NUM_HEAD_GROUPS: tl.constexpr,  # cdiv(GROUP, G_PACK)
@@ -323,6 +323,7 @@ def chunk_prefill_kernel(
     Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): the QK dot on fp8 tensor cores
     PV_FP8: tl.constexpr,  # (Q_FP8 only) the PV dot on fp8 tensor cores too; else P and V in fp16
     Q_SPLIT: tl.constexpr,  # bf16 q over an FP8 cache: QK as two fp8 dots of q's two e4m3 terms
+    Q_PER_TOKEN: tl.constexpr,  # (Q_FP8 only) q_descale per (token, query head): one factor per row
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     BLOCK_Q: tl.constexpr = BLOCK_M // G_PACK
@@ -385,7 +386,10 @@ def chunk_prefill_kernel(
     else:
         k_scale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
         v_scale = tl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
-    if Q_FP8:  # q's descale scales every score of the row, as K's does: (q . k) * qd * kd
+    if Q_PER_TOKEN:  # [BLOCK_M]: each row's (token, head) descale; the rows' factors below become per row
+        q_rows_qd = (q_start + tok).to(tl.int64) * stride_qd_seq + head.to(tl.int64) * stride_qd_head
+        k_scale = k_scale * tl.load(q_descale_ptr + q_rows_qd, mask=row_valid, other=1.0)
+    elif Q_FP8:  # q's descale scales every score of the row, as K's does: (q . k) * qd * kd
         k_scale = k_scale * tl.load(q_descale_ptr + seq * stride_qd_seq + kv_head * stride_qd_head)
     kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
     vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head

@@ -63,6 +63,7 @@ def chunk_prefill_attention(
     output_scale: torch.Tensor | None = None,
     kv_descale_per_token: bool | None = None,
     q_descale: torch.Tensor | float | None = None,
+    q_descale_per_token: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Varlen attention of new query tokens over a paged or contiguous (possibly FP8) KV cache.
 
@@ -122,7 +123,11 @@ def chunk_prefill_attention(
         ``[num_seqs, Hkv]`` when the counts are equal). ``False``: per-(sequence, KV head) forms only.
     q_descale : torch.Tensor or float, optional
         An fp8 ``q`` only (else ``ValueError``): the real query is ``q * q_descale``, with the per-(sequence, KV
-        head) forms of ``k_descale`` (``None`` = 1.0; :func:`kvflash.fp8_utils.quantize_query` makes both).
+        head) forms of ``k_descale`` (``None`` = 1.0; :func:`kvflash.fp8_utils.quantize_query` makes both), or one
+        float32 scale per (token, query head), ``[total_q, Hq]``, with ``q_descale_per_token=True``.
+    q_descale_per_token : bool, optional
+        ``True``: ``q_descale`` is the per-(token, query head) ``[total_q, Hq]`` form (explicit: it would read like
+        ``[num_seqs, Hkv]`` when the counts are equal).
     out : torch.Tensor, optional
         ``[total_q, Hq, D]`` in ``q``'s dtype (fp16 or bf16 for an fp8 ``q``; may be a strided view); written in
         place. ``float8_e4m3fn`` with ``output_scale`` (and only then).
@@ -153,6 +158,7 @@ def chunk_prefill_attention(
         cu_seqlens_k=cu_seqlens_k, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, v_descale=v_descale,
         output_scale=output_scale, kv_descale_per_token=kv_descale_per_token, out=out, q_descale=q_descale,
+        q_descale_per_token=q_descale_per_token,
     )  # fmt: skip
     check_int("skip_q_len", skip_q_len, 0)
     return run_chunk_prefill(
@@ -223,7 +229,8 @@ def _chunk_prefill_impl(
     ``return_lse`` is False). Arguments are normalised: window edges ``-1`` = unbounded, causal folded
     into ``window_right = 0``, descales ``[num_seqs, Hkv]`` fp32 (or rank-3 per-token-head
     ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32), ``output_scale`` ``[1]`` fp32 (fp8 ``out``),
-    ``q_descale`` ``[num_seqs, Hkv]`` fp32 for an fp8 ``q`` (else ``None``)."""
+    ``q_descale`` ``[num_seqs, Hkv]`` (or per token and query head ``[1, total_q, Hq]``) fp32 for an fp8 ``q`` (else
+    ``None``)."""
     total_q, num_q_heads, _ = q.shape
     lse = empty_buffer((num_q_heads, total_q if return_lse else 0), torch.float32, q.device)
     if not runs_triton(q.device):
@@ -286,7 +293,8 @@ def launch_chunk_prefill(
     unbounded).
     Sequences with at most ``skip_q_len`` queries are left untouched (the decode kernel serves them).
     ``output_scale`` (``[1]`` fp32): ``out`` is fp8 e4m3 and receives ``saturate(attention / output_scale)``.
-    ``q_descale`` (``[num_seqs, Hkv]`` fp32): given exactly for an fp8 ``q``.
+    ``q_descale`` (``[num_seqs, Hkv]`` fp32, or ``[1, total_q, Hq]`` per token and query head): given exactly for an
+    fp8 ``q``.
     ``config`` overrides :func:`kvflash.chunk_prefill.launch_config.choose_chunk_prefill_config` (the tuning
     sweeps of ``tools/bench``).
     """
@@ -370,8 +378,8 @@ def launch_chunk_prefill(
         stride_vd_block=vd_block,
         stride_alibi_seq=alibi_strides[0],
         stride_alibi_head=alibi_strides[1],
-        stride_qd_seq=q_descale.stride(0) if q_is_fp8 else 0,
-        stride_qd_head=q_descale.stride(1) if q_is_fp8 else 0,
+        stride_qd_seq=q_descale.stride(-2) if q_is_fp8 else 0,
+        stride_qd_head=q_descale.stride(-1) if q_is_fp8 else 0,
         GROUP=group,
         G_PACK=g_pack,
         NUM_HEAD_GROUPS=num_head_groups,
@@ -399,6 +407,7 @@ def launch_chunk_prefill(
         Q_FP8=q_is_fp8,
         PV_FP8=q_is_fp8 and bool(config.pv_fp8),
         Q_SPLIT=split_query,
+        Q_PER_TOKEN=q_is_fp8 and q_descale.dim() == 3,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

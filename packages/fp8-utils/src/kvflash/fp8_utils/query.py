@@ -27,8 +27,9 @@ from kvflash.fp8_utils.scales import amax_to_scale
 
 __all__ = ["quantize_query", "QUERY_SCALE_GRANULARITIES"]
 
-# "per_tensor": one descale, [1]; "per_kv_head": [Hkv]; "per_sequence_kv_head": [num_seqs, Hkv] (cu_seqlens_q).
-QUERY_SCALE_GRANULARITIES = ("per_tensor", "per_kv_head", "per_sequence_kv_head")
+# "per_tensor": one descale, [1]; "per_kv_head": [Hkv]; "per_sequence_kv_head": [num_seqs, Hkv] (cu_seqlens_q);
+# "per_token_head": [total_q, Hq] (attention then takes q_descale_per_token=True).
+QUERY_SCALE_GRANULARITIES = ("per_tensor", "per_kv_head", "per_sequence_kv_head", "per_token_head")
 
 
 def quantize_query(
@@ -51,8 +52,9 @@ def quantize_query(
         head ``h // (Hq / Hkv)``.
     granularity : str
         Dynamic scales (``scale=None``): ``"per_tensor"`` (``q_descale [1]``), ``"per_kv_head"`` (``[Hkv]``, the
-        default) or ``"per_sequence_kv_head"`` (``[num_seqs, Hkv]``, needs ``cu_seqlens_q``): the amax of the
-        elements each descale covers, over 448, times ``margin``.
+        default), ``"per_sequence_kv_head"`` (``[num_seqs, Hkv]``, needs ``cu_seqlens_q``) or ``"per_token_head"``
+        (``[total_q, Hq]``: pass ``q_descale_per_token=True`` to attention): the amax of the elements each descale
+        covers, over 448, times ``margin``.
     cu_seqlens_q : torch.Tensor, optional
         ``[num_seqs + 1]`` int32 query offsets (``"per_sequence_kv_head"`` only). Rows past ``cu_seqlens_q[-1]``
         take the last sequence's descale.
@@ -68,7 +70,7 @@ def quantize_query(
     q_fp8 : torch.Tensor
         ``[total_q, Hq, D]`` float8_e4m3fn.
     q_descale : torch.Tensor
-        float32 ``[1]``, ``[Hkv]`` or ``[num_seqs, Hkv]``: pass it as ``q_descale``.
+        float32 ``[1]``, ``[Hkv]``, ``[num_seqs, Hkv]`` or ``[total_q, Hq]``: pass it as ``q_descale``.
     """
     check_tensor("q", q, dtypes=QUERY_TORCH_DTYPES, ndim=3, last_dim_contiguous=False)
     total_q, num_q_heads, _ = q.shape
@@ -95,6 +97,9 @@ def quantize_query(
     elif granularity == "per_tensor":
         amax = grouped.abs().amax().reshape(1) if q.numel() else torch.zeros(1, device=q.device)
         descale = amax_to_scale(amax, fp8_max, margin)
+    elif granularity == "per_token_head":  # [total_q, Hq]: each row of each head its own
+        descale = amax_to_scale(q.abs().amax(dim=2).float(), fp8_max, margin)
+        return saturate_to_fp8(q, descale[:, :, None], FP8_QUERY_DTYPE), descale
     else:
         head_amax = grouped.abs().amax(dim=(2, 3)).float()  # [total_q, Hkv]
         if granularity == "per_kv_head":

@@ -88,6 +88,7 @@ def flash_attn_varlen_func(
     s_aux: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
     kv_descale_per_token: bool | None = None,
+    q_descale_per_token: bool | None = None,
 ):
     """Variable-length attention of ``q`` over a paged or contiguous KV cache (FP8 allowed).
 
@@ -152,7 +153,11 @@ def flash_attn_varlen_func(
         per-token-head or neither); every route (decode, prefill, mixed) reads them.
     q_descale : torch.Tensor or float, optional
         With an fp8 ``q`` only (a 16-bit ``q`` with ``q_descale`` raises ``ValueError`` naming it): the real
-        query is ``q * q_descale``, in the per-(sequence, KV head) forms of ``k_descale`` (``None`` = 1.0).
+        query is ``q * q_descale``, in the per-(sequence, KV head) forms of ``k_descale`` (``None`` = 1.0), or one
+        float32 scale per (token, query head), ``[total_q, Hq]``, with ``q_descale_per_token=True``.
+    q_descale_per_token : bool, optional
+        A kvflash extension: ``True`` makes ``q_descale`` the per-(token, query head) form (explicit, as
+        ``kv_descale_per_token``: ``[total_q, Hq]`` reads like ``[num_seqs, Hkv]`` when the counts are equal).
     kv_descale_per_token : bool, optional
         A kvflash extension. ``None`` (default): per-token-head iff a paged descale has rank 3. ``True``: both
         descales are per-token-head (required for the contiguous ``[total_k, Hkv]`` form, which would read like
@@ -194,6 +199,7 @@ def flash_attn_varlen_func(
         causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
         k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
         kv_descale_per_token=kv_descale_per_token, out=out, q_descale=q_descale,
+        q_descale_per_token=q_descale_per_token,
     )  # fmt: skip
     kv = dict(block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k)
     route = choose_route(q.shape[0], num_seqs, max_seqlen_q, q.shape[1] // k.shape[-2])

@@ -32,7 +32,8 @@ and the V descale is applied to the output once, so dequantisation costs no per-
 
 ``Q_FP8`` (an fp8 e4m3 query with its per-(sequence, KV head) ``q_descale``): decode reads K and V once per
 query token, so fp8 tensor cores would save nothing here; the query converts to fp16 exactly, its descale joins
-K's in the score scale, and the dots are the exact FP8-cache path's.
+K's in the score scale, and the dots are the exact FP8-cache path's. ``Q_PER_TOKEN``: one descale per (token, query
+head), a per-row factor of each chunk's scores.
 
 ``PER_TOKEN_SCALES`` (a separate specialisation; off, the kernel is what it was without it): one descale per
 stored (token, KV head), read per tile beside K and V. K's multiplies its score column,
@@ -92,7 +93,7 @@ def paged_decode_kernel(
     alibi_slopes_ptr,  # [num_seqs, Hq] fp32 (USE_ALIBI)
     sinks_ptr,  # [Hq] fp32 (USE_SINKS)
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
-    q_descale_ptr,  # [num_seqs, Hkv] fp32, a view (strides may be 0) (Q_FP8)
+    q_descale_ptr,  # [num_seqs, Hkv] fp32, a view (strides may be 0) (Q_FP8); Q_PER_TOKEN: [total_q, Hq] fp32
     # [total_q, Hq, HEAD_SIZE] q dtype, fp32 or fp8 e4m3 (OUTPUT_FP8), or [num_splits, total_q, Hq, HEAD_SIZE] fp32
     # (IS_SPLIT)
     out_ptr,
@@ -159,6 +160,7 @@ def paged_decode_kernel(
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
     Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): converted to fp16, descale in the score scale
+    Q_PER_TOKEN: tl.constexpr,  # (Q_FP8 only) q_descale per (token, query head): a per-row factor per chunk
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
@@ -205,7 +207,7 @@ def paged_decode_kernel(
     d_mask = offs_d < HEAD_SIZE
     offs_n = tl.arange(0, BLOCK_N)
 
-    if Q_FP8:  # (q . k) * q_descale: a factor of the score scale like K's descale
+    if Q_FP8 and not Q_PER_TOKEN:  # (q . k) * q_descale: a factor of the score scale like K's descale
         if KV_HEADS == 1:
             q_descale = tl.load(q_descale_ptr + seq * stride_qd_seq + kv_head * stride_qd_head)
         else:  # [BLOCK_H, 1]: each row's KV head's
@@ -255,6 +257,11 @@ def paged_decode_kernel(
         split_end = tl.minimum(split_start + keys_per_split, key_end)
 
         q_offs = q_rows[:, None] * stride_q_token + q_heads[:, None] * stride_q_head + offs_d[None, :]
+        chunk_scale = score_scale
+        if Q_PER_TOKEN:  # [BLOCK_H, 1]: each row's (token, query head) descale joins the score scale
+            qd_offs = q_rows * stride_qd_seq + q_heads * stride_qd_head
+            row_qd = tl.load(q_descale_ptr + qd_offs, mask=row_mask, other=0.0)
+            chunk_scale = score_scale * row_qd[:, None]
         q = tl.load(q_ptr + q_offs, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
         if KV_FP8:
             q = q.to(tl.float16)
@@ -287,7 +294,7 @@ def paged_decode_kernel(
                 key_token = (kv_start + pos).to(tl.int64)
                 k_rows = key_token * stride_k_token
                 v_rows = key_token * stride_v_token
-            tile_scale = score_scale
+            tile_scale = chunk_scale
             if PER_TOKEN_SCALES:
                 if IS_PAGED:
                     kd_rows = page * stride_kd_block + in_page * stride_kd_seq
@@ -297,7 +304,10 @@ def paged_decode_kernel(
                     vd_rows = key_token * stride_vd_seq
                 k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
                 v_tok_scale = tl.load(vd_head_ptr + vd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
-                tile_scale = (k_tok_scale * score_scale)[None, :]  # [1, BLOCK_N]: scales the score columns
+                if Q_PER_TOKEN:  # [BLOCK_H, BLOCK_N]: rows and columns
+                    tile_scale = k_tok_scale[None, :] * chunk_scale
+                else:
+                    tile_scale = (k_tok_scale * score_scale)[None, :]  # [1, BLOCK_N]: scales the score columns
             if HEAD_PAD == HEAD_SIZE:
                 kv_mask = valid[:, None]
             else:

@@ -65,6 +65,7 @@ def paged_decode_attention(
     output_scale: torch.Tensor | None = None,
     kv_descale_per_token: bool | None = None,
     q_descale: torch.Tensor | float | None = None,
+    q_descale_per_token: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of the few query tokens of each sequence over its KV cache (decode), split over the keys.
 
@@ -119,7 +120,11 @@ def paged_decode_attention(
         ``[num_seqs, Hkv]`` when the counts are equal). ``False``: per-(sequence, KV head) forms only.
     q_descale : torch.Tensor or float, optional
         An fp8 ``q`` only (else ``ValueError``): the real query is ``q * q_descale``, per (sequence, KV head) in the
-        forms ``k_descale`` takes (``None`` = 1.0).
+        forms ``k_descale`` takes (``None`` = 1.0), or per (token, query head) ``[q.shape[0], Hq]`` float32 with
+        ``q_descale_per_token=True``.
+    q_descale_per_token : bool, optional
+        ``True``: ``q_descale`` is the per-(token, query head) form (explicit: it would read like ``[num_seqs, Hkv]``
+        when the counts are equal).
     num_splits : int
         0 = automatic split-KV (from shapes and the SM count), 1 = no split, ``n > 1`` = at most ``n``.
     out : torch.Tensor, optional
@@ -179,6 +184,7 @@ def paged_decode_attention(
         causal=causal, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux,
         k_descale=k_descale, v_descale=v_descale, output_scale=output_scale,
         kv_descale_per_token=kv_descale_per_token, out=out, out_extra_dtypes=(torch.float32,), q_descale=q_descale,
+        q_descale_per_token=q_descale_per_token,
     )  # fmt: skip
     return run_paged_decode(
         q, k, v, f, max_seqlen_k, block_table=block_table, seqused_k=seqused_k, cu_seqlens_k=cu_seqlens_k,
@@ -268,9 +274,9 @@ def _paged_decode_impl(
 ) -> None:
     """The op on normalised arguments (descales ``[num_seqs, Hkv]`` fp32, or rank-3 per-token-head
     ``[num_blocks, block_size, Hkv]`` / ``[1, total_k, Hkv]`` fp32; window edges ``-1`` = unbounded,
-    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``; ``q_descale`` ``[num_seqs, Hkv]`` fp32 exactly for an fp8
-    ``q``): the CPU reference without Triton, else the launch (which
-    chooses the launch settings)."""
+    ``output_scale`` ``[1]`` fp32 with an fp8 ``out``; ``q_descale`` ``[num_seqs, Hkv]`` or, per token and query
+    head, ``[1, total_q, Hq]`` fp32, exactly for an fp8 ``q``): the CPU reference without Triton, else the launch
+    (which chooses the launch settings)."""
     if not platform.runs_triton(q.device, platform.interpreter_enabled()):
         _reference_decode(
             q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
@@ -430,8 +436,8 @@ def launch_paged_decode(
             stride_vd_block=vd_block,
             stride_alibi_seq=alibi_strides[0],
             stride_alibi_head=alibi_strides[1],
-            stride_qd_seq=q_descale.stride(0) if q_descale is not None else 0,
-            stride_qd_head=q_descale.stride(1) if q_descale is not None else 0,
+            stride_qd_seq=q_descale.stride(-2) if q_descale is not None else 0,
+            stride_qd_head=q_descale.stride(-1) if q_descale is not None else 0,
             stride_o_split=o_strides[0],
             stride_o_token=o_strides[1],
             stride_o_head=o_strides[2],
@@ -469,6 +475,7 @@ def launch_paged_decode(
             ROUND_IN_SOFTWARE=interpreter,
             PER_TOKEN_SCALES=is_per_token_descale(k_descale),
             Q_FP8=q_descale is not None,
+            Q_PER_TOKEN=q_descale is not None and q_descale.dim() == 3,
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
