@@ -255,10 +255,12 @@ def _dry_writes(gen: torch.Generator, k_cache, v_cache, kv_string: str, k_scale,
     return keys
 
 
-def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, fp8_query=False, **features) -> set:
+def _dry_steps(
+    rng: random.Random, k_cache, v_cache, table, q_choices, splits, fp8_query=False, q_descale_rows=None, **features
+) -> set:
     """Launch keys of 40 dry-run calls over up to 3 sequences with query lengths drawn from ``q_choices`` and
     ``num_splits`` from ``splits``; tensors on ``DRY_DEVICE``. ``fp8_query``: e4m3 queries writing into an fp16
-    ``out`` (``q_descale`` comes with ``features``)."""
+    ``out`` (``q_descale`` comes with ``features``, or per token and head as slices of ``q_descale_rows``)."""
     with record_launches() as keys, dry_run():
         for _ in range(40):
             num_seqs = rng.randint(1, 3)
@@ -267,6 +269,8 @@ def _dry_steps(rng: random.Random, k_cache, v_cache, table, q_choices, splits, f
             q = torch.zeros(sum(q_lens), HQ, D, dtype=torch.float16, device=DRY_DEVICE)
             if fp8_query:
                 features["out"], q = q, q.to(torch.float8_e4m3fn)
+            if q_descale_rows is not None:  # [total_q, Hq], sliced from a persistent buffer as engines do
+                features.update(q_descale=q_descale_rows[: q.shape[0]], q_descale_per_token=True)
             flash_attn_varlen_func(
                 q, k_cache, v_cache, max(q_lens), cumulative(q_lens, DRY_DEVICE), max(kv_lens),
                 block_table=table[:num_seqs], seqused_k=torch.tensor(kv_lens, dtype=torch.int32, device=DRY_DEVICE),
@@ -296,23 +300,27 @@ def test_warmed_descale_forms_cover_engines_passing_them(forms):
     assert bool(_new_keys(keys, report.keys)) == ("per_kv_head" not in forms)
 
 
-def test_warmed_fp8_queries_cover_serving_with_them():
-    """fp8 e4m3 queries with ``q_descale`` over an FP8 cache, into an fp16 ``out`` (enumerated only); the same
-    serving loop with 16-bit queries reaches variants the fp8-query warm-up did not (it is another kernel)."""
+@pytest.mark.parametrize("per_token", [False, True], ids=["query-descale-like-kv", "query-descale-per-token"])
+def test_warmed_fp8_queries_cover_serving_with_them(per_token):
+    """fp8 e4m3 queries with ``q_descale`` (``[1]``, or per token and head) over an FP8 cache, into an fp16 ``out``
+    (enumerated only); the same serving loop with 16-bit queries reaches variants the fp8-query warm-up did not."""
     report = warmup(
         num_q_heads=HQ, num_kv_heads=HKV, head_size=D, block_size=PAGE, q_dtype=torch.float16,
         kv_cache_dtypes=("fp8_e4m3",), max_num_seqs=3, max_seqlen_q=20, max_seqlen_k=600, max_num_batched_tokens=40,
-        num_blocks=NUM_BLOCKS, descale_forms=("per_tensor",), fp8_queries=True, cache_writer=False, merge_states=False,
-        device=DRY_DEVICE, execute=False,
+        num_blocks=NUM_BLOCKS, descale_forms=("per_tensor",), fp8_queries=True, query_descale_per_token=per_token,
+        cache_writer=False, merge_states=False, device=DRY_DEVICE, execute=False,
     )  # fmt: skip
     assert any(describe_key(k).get("Q_FP8") for k in report.keys if k[0] == "chunk_prefill_kernel")
+    assert any(describe_key(k).get("Q_PER_TOKEN") for k in report.keys) == per_token
     gen = torch.Generator().manual_seed(12)
     k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e4m3fn).to(DRY_DEVICE)
                         for _ in range(2))  # fmt: skip
     table = torch.zeros(3, -(-600 // PAGE), dtype=torch.int32, device=DRY_DEVICE)
     one = torch.ones(1, device=DRY_DEVICE)
     scales = dict(k_descale=one, v_descale=one, causal=True)
-    keys = _dry_steps(random.Random(6), k_cache, v_cache, table, (1, 1, 3, 20), (0,), True, q_descale=one, **scales)
+    rows = torch.ones(60, HQ, device=DRY_DEVICE) if per_token else None  # up to 3 sequences of 20 queries
+    keys = _dry_steps(random.Random(6), k_cache, v_cache, table, (1, 1, 3, 20), (0,), True, rows, q_descale=one,
+                      **scales)  # fmt: skip
     assert {k[0] for k in keys} >= {"paged_decode_kernel", "chunk_prefill_kernel"}
     assert not _new_keys(keys, report.keys)
     keys = _dry_steps(random.Random(6), k_cache, v_cache, table, (1, 1, 3, 20), (0,), **scales)
@@ -331,6 +339,7 @@ def test_warmed_fp8_queries_cover_serving_with_them():
         (dict(compile_workers=0), ValueError, "compile_workers"),
         (dict(fp8_queries=1), TypeError, "fp8_queries"),
         (dict(descale_forms=("per_head",)), ValueError, "descale_forms"),
+        (dict(query_descale_per_token=True), ValueError, "query_descale_per_token"),
     ],
 )
 def test_bad_warmup_arguments_are_named(override, error, match):

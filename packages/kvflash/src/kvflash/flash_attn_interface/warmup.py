@@ -105,6 +105,7 @@ class _Buffers:
     q: torch.Tensor  # [max_tokens, Hq, D]
     q_fp8: torch.Tensor | None  # [max_tokens, Hq, D] float8_e4m3fn (fp8_queries)
     out: torch.Tensor | None  # [max_tokens, Hq, D] q's dtype: the out buffer of fp8-query calls (fp8_queries)
+    q_descale: torch.Tensor | None  # [max_tokens, Hq] fp32: per-token-head query descales (query_descale_per_token)
     cu_seqlens_q: torch.Tensor  # [max_num_seqs + 1] int32
     seqused_k: torch.Tensor  # [max_num_seqs] int32, zeros: the kernels read no key
     block_table: torch.Tensor  # [max_num_seqs, width] int32, zeros: page 0
@@ -176,6 +177,7 @@ def warmup(
     num_splits: Iterable[int] = (0,),
     descale_forms: Iterable[str] = ("per_sequence_kv_head",),
     fp8_queries: bool = False,
+    query_descale_per_token: bool = False,
     cache_writer: bool = True,
     merge_states: bool = True,
     device: torch.device | str | None = None,
@@ -222,6 +224,9 @@ def warmup(
         Over the FP8 caches, queries arrive in ``float8_e4m3fn`` with ``q_descale`` (shaped like the K/V
         descales), writing into an ``out`` buffer of ``q_dtype`` (as vLLM's layer does when its backend takes
         quantised queries); ``"auto"`` caches keep ``q_dtype`` queries.
+    query_descale_per_token : bool
+        With ``fp8_queries``: the query descales are per (token, query head), ``[total_q, Hq]`` with
+        ``q_descale_per_token=True`` (their own specialisation), instead of the K/V descales' shape.
     cache_writer, merge_states : bool
         Also warm ``reshape_and_cache_flash`` (every dtype above, one-element scale tensors) and
         ``merge_attn_states`` (``q_dtype`` partials, with and without ``out_lse``).
@@ -275,8 +280,11 @@ def warmup(
     kv_cache_dtypes = tuple(check_kv_cache_dtype(kv_string) for kv_string in kv_cache_dtypes)
     max_tokens = max_num_batched_tokens or max_num_seqs * max_seqlen_q
     width = block_table_width or triton.cdiv(max_seqlen_k, block_size)
-    if not isinstance(fp8_queries, bool):
-        raise TypeError(f"fp8_queries: expected a bool, got {type(fp8_queries).__name__}")
+    for name, flag in (("fp8_queries", fp8_queries), ("query_descale_per_token", query_descale_per_token)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    if query_descale_per_token and not fp8_queries:
+        raise ValueError("query_descale_per_token: describes fp8 queries; pass fp8_queries=True too")
     descale_forms = tuple(descale_forms)
     for form in descale_forms:
         if form not in DESCALE_FORMS:
@@ -287,6 +295,9 @@ def warmup(
         if fp8_queries
         else None,
         out=torch.zeros(max_tokens, num_q_heads, head_size, dtype=q_dtype, device=device) if fp8_queries else None,
+        q_descale=torch.ones(max_tokens, num_q_heads, dtype=torch.float32, device=device)
+        if query_descale_per_token
+        else None,
         cu_seqlens_q=torch.zeros(max_num_seqs + 1, dtype=torch.int32, device=device),
         seqused_k=torch.zeros(max_num_seqs, dtype=torch.int32, device=device),
         block_table=torch.zeros(max_num_seqs, width, dtype=torch.int32, device=device),
@@ -422,6 +433,8 @@ def _varlen_candidates(
             if fp8 and buf.q_fp8 is not None:  # an fp8 query, its descale, and the model-dtype out buffer
                 q = buf.q_fp8[:total_q]
                 descales.update(q_descale=torch.ones(shape, dtype=torch.float32, device=device), out=buf.out[:total_q])
+                if buf.q_descale is not None:
+                    descales.update(q_descale=buf.q_descale[:total_q], q_descale_per_token=True)
             args = (q, k_cache, v_cache, max_q, buf.cu_seqlens_q[: num_seqs + 1].clone(), max_k)
             kwargs = dict(
                 block_table=buf.block_table[:num_seqs], seqused_k=buf.seqused_k[:num_seqs], num_splits=splits,
@@ -542,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument("--num-blocks", type=int, default=4096)
     parser.add_argument("--fp8-queries", action="store_true", help="fp8 e4m3 queries over the FP8 caches")
+    parser.add_argument(
+        "--query-descale-per-token", action="store_true", help="with --fp8-queries: q_descale per token and head"
+    )
     parser.add_argument("--dry-run", action="store_true", help="count the variants only; compile nothing")
     args = parser.parse_args(argv)
     report = warmup(
@@ -557,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         num_blocks=args.num_blocks,
         fp8_queries=args.fp8_queries,
+        query_descale_per_token=args.query_descale_per_token,
         execute=not args.dry_run,
     )
     print(report)
