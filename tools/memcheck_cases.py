@@ -36,6 +36,7 @@ def main() -> int:
 
     from kvflash.attn_common import reference_attention, saturate_to_fp8
     from kvflash.flash_attn_interface import flash_attn_varlen_func, reshape_and_cache_flash
+    from kvflash.fp8_utils import quantize_query
 
     device = torch.device(args.device)
     hq, hkv, d, page = 4, 2, 64, 16
@@ -65,8 +66,10 @@ def main() -> int:
         )  # fmt: skip
 
     def guarded(like):
-        """An output slice with NaN guard rows around it (returns the slice and the whole buffer)."""
-        buf = torch.full((like.shape[0] + 2 * GUARD, *like.shape[1:]), float("nan"), dtype=like.dtype, device=device)
+        """An output slice with NaN guard rows around it (returns the slice and the whole buffer); ``like``'s dtype,
+        bf16 for an fp8 query."""
+        dtype = torch.bfloat16 if like.dtype == torch.float8_e4m3fn else like.dtype
+        buf = torch.full((like.shape[0] + 2 * GUARD, *like.shape[1:]), float("nan"), dtype=dtype, device=device)
         return buf[GUARD : GUARD + like.shape[0]], buf
 
     def guards_untouched(buf):
@@ -84,7 +87,7 @@ def main() -> int:
     def reference(p, **changes):
         call = dict(p, **changes)
         kv = {n: call[n] for n in ("block_table", "seqused_k", "cu_seqlens_k") if call.get(n) is not None}
-        kw = {n: call[n] for n in ("k_descale", "v_descale") if n in call}
+        kw = {n: call[n] for n in ("k_descale", "v_descale", "q_descale", "q_descale_per_token") if n in call}
         return reference_attention(call["q"], call["k"], call["v"], call["cu_seqlens_q"], causal=True, **kv, **kw)
 
     def same(out, lse, ref, rows=slice(None)):
@@ -201,6 +204,23 @@ def main() -> int:
         scales = dict(k_descale=0.7, v_descale=torch.rand(3, hkv, device=device) + 1.5)
         out, lse = attend(p, num_splits=3, **scales)
         return same(out, lse, reference(p, **scales))
+
+    @case
+    def fp8_query_per_token_head_cu_seqlens_q_past_total_q():
+        p = paged([(3, 20), (5, 30)], 15, kv_dtype=torch.float8_e4m3fn)
+        q8, q_descale = quantize_query(p["q"], hkv, granularity="per_token_head")
+        p = dict(p, q=q8)
+        scales = dict(q_descale=q_descale, q_descale_per_token=True)
+        out, lse = attend(p, cu_seqlens_q=i32([0, 3, 8 + 50]), **scales)
+        return same(out, lse, reference(p, **scales))  # the last range is clamped to total_q = 8
+
+    @case
+    def fp8_query_decode_kv_lengths_beyond_the_table():
+        p = paged([(1, 20), (1, 30), (1, 5)], 16, kv_dtype=torch.float8_e5m2)
+        q8, q_descale = quantize_query(p["q"], hkv, granularity="per_sequence_kv_head", cu_seqlens_q=p["cu_seqlens_q"])
+        p = dict(p, q=q8)
+        out, lse = attend(p, seqused_k=i32([10**6, 30, -4]), num_splits=3, q_descale=q_descale)
+        return same(out, lse, reference(p, seqused_k=i32([32, 30, 0]), q_descale=q_descale))
 
     @case
     def normal_writer_fp8():
