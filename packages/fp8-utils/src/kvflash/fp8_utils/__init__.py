@@ -5,8 +5,8 @@
   ``torch.ops.kvflash.reshape_and_cache_flash``).
 - :func:`compute_kv_scales`: dynamic scales ``amax / fp8_max * margin``, per tensor or per KV head.
 - :func:`scaled_fp8_quant` / :func:`dequantize_fp8`: per-tensor FP8 quantise (static or dynamic) and back.
-- :func:`quantize_query`: a 16-bit query to fp8 e4m3 with its ``q_descale`` (per tensor, per KV head, or per
-  (sequence, KV head)), for the fp8-query attention path.
+- :func:`quantize_query`: a 16-bit query to fp8 e4m3 with its ``q_descale`` (per tensor, per KV head, per
+  (sequence, KV head) or per (token, query head)), for the fp8-query attention path.
 - :data:`KV_CACHE_DTYPES` and :func:`kv_cache_torch_dtype`: the engines' ``kv_cache_dtype`` strings.
 """
 

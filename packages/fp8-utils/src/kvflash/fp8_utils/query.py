@@ -1,10 +1,10 @@
 """Quantise a 16-bit query to fp8 e4m3 for the fp8-query attention path (``q`` + ``q_descale``).
 
 The attention kernels take one query descale per (sequence, KV head) (``[num_seqs, Hkv]`` and its broadcastable
-forms, as FlashAttention-3 and vLLM pass ``q_descale``): the query heads of a KV head's group share it, because
-the kernels fold it into the score scale of that group's tile. :func:`quantize_query` computes such a descale
-dynamically (the amax of what it covers over the e4m3 maximum) at three granularities, or applies a static one,
-and returns ``(q_fp8, q_descale)`` ready for ``flash_attn_varlen_func(q_fp8, ..., q_descale=q_descale)``.
+forms, as FlashAttention-3 and vLLM pass ``q_descale``: the query heads of a KV head's group share it), or one per
+(token, query head) (``[total_q, Hq]`` with ``q_descale_per_token=True``). :func:`quantize_query` computes such a
+descale dynamically (the amax of what it covers over the e4m3 maximum) at four granularities, or applies a static
+one, and returns ``(q_fp8, q_descale)`` ready for ``flash_attn_varlen_func(q_fp8, ..., q_descale=q_descale)``.
 
 Elementwise torch ops and scatter reductions on the device: no host synchronisation (the sequence of each token is
 found with ``searchsorted`` over ``cu_seqlens_q``), so it runs inside CUDA graphs and ``torch.compile``.
