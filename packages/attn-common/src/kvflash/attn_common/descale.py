@@ -135,21 +135,26 @@ def normalize_q_descale(
     if not per_token:
         return normalize_descale("q_descale", q_descale, num_seqs, num_kv_heads, q.device)
     expected = (q.shape[0], q.shape[1])
+    form = f"[total_q, Hq]={list(expected)}"
     if not isinstance(q_descale, torch.Tensor):
         raise TypeError(
-            f"q_descale: q_descale_per_token=True needs a float32 tensor [total_q, Hq]={list(expected)}, got "
-            f"{type(q_descale).__name__}"
+            f"q_descale: q_descale_per_token=True needs a float32 tensor {form}, got {type(q_descale).__name__}"
         )
-    if q_descale.dtype != torch.float32:
-        raise TypeError(f"q_descale: per-token-head descales must be float32, got dtype {q_descale.dtype}")
-    if q_descale.device != q.device:
-        raise ValueError(
-            f"q_descale: expected a tensor on {q.device} (the query's device), got one on {q_descale.device}"
-        )
-    if tuple(q_descale.shape) != expected:
-        raise ValueError(f"q_descale: per-token-head descales must have shape [total_q, Hq]={list(expected)}, got "
-                         f"{list(q_descale.shape)}")  # fmt: skip
+    _check_per_token_tensor("q_descale", q_descale, expected, form, q.device)
     return q_descale.unsqueeze(0)
+
+
+def _check_per_token_tensor(
+    name: str, descale: torch.Tensor, expected: tuple[int, ...], form: str, device: torch.device
+) -> None:
+    """A per-token-head descale tensor (K, V or the query's): float32, on the query's ``device``, shape ``expected``
+    (``form`` spells it for the message)."""
+    if descale.dtype != torch.float32:
+        raise TypeError(f"{name}: per-token-head descales must be float32 {form}, got dtype {descale.dtype}")
+    if descale.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the query's device), got one on {descale.device}")
+    if tuple(descale.shape) != expected:
+        raise ValueError(f"{name}: per-token-head descales must have shape {form}, got {list(descale.shape)}")
 
 
 def descale_kernel_strides(descale: torch.Tensor) -> tuple[int, int, int]:
@@ -261,12 +266,7 @@ def normalize_kv_descales(
                 f"{name}: per-token-head descales ({other}) need a float32 tensor {form} for K and for V, "
                 f"got {type(d).__name__}"
             )
-        if d.dtype != torch.float32:
-            raise TypeError(f"{name}: per-token-head descales must be float32 {form}, got dtype {d.dtype}")
-        if d.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device} (the query's device), got one on {d.device}")
-        if tuple(d.shape) != expected:
-            raise ValueError(f"{name}: per-token-head descales must have shape {form}, got {list(d.shape)}")
+        _check_per_token_tensor(name, d, expected, form, device)
         result.append(d if is_paged else d.unsqueeze(0))
     if not kv_is_fp8:
         raise ValueError(

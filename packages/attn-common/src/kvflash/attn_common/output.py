@@ -14,7 +14,7 @@ from kvflash.attn_common.call_plan import empty_buffer
 from kvflash.attn_common.checks import check_tensor
 from kvflash.attn_common.dtypes import FP8_QUERY_DTYPE, FP8_TORCH_DTYPES, OUTPUT_FP8_DTYPE, QUERY_TORCH_DTYPES
 
-__all__ = ["normalize_output_scale", "empty_out", "check_out"]
+__all__ = ["normalize_output_scale", "empty_out", "check_out", "output_dtypes"]
 
 
 def normalize_output_scale(output_scale: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -27,6 +27,12 @@ def normalize_output_scale(output_scale: torch.Tensor | None, device: torch.devi
             f"output_scale: expected one element (a static per-tensor scale), got shape {list(output_scale.shape)}"
         )
     return output_scale.reshape(1)
+
+
+def output_dtypes(q: torch.Tensor) -> tuple[torch.dtype, ...]:
+    """The dtypes of an output without ``output_scale`` (the model's dtypes): ``q``'s, or fp16 and bf16 for an fp8
+    ``q``."""
+    return QUERY_TORCH_DTYPES if q.dtype == FP8_QUERY_DTYPE else (q.dtype,)
 
 
 def empty_out(q: torch.Tensor, output_scale: torch.Tensor | None) -> torch.Tensor:
@@ -56,5 +62,4 @@ def check_out(
         raise ValueError(
             f"output_scale: an fp8 out ({out.dtype}) needs output_scale (out = saturate(attention / output_scale))"
         )
-    dtypes = QUERY_TORCH_DTYPES if q.dtype == FP8_QUERY_DTYPE else (q.dtype,)
-    return check_tensor("out", out, dtypes=dtypes + extra_dtypes, shape=tuple(q.shape), device=q.device)
+    return check_tensor("out", out, dtypes=output_dtypes(q) + extra_dtypes, shape=tuple(q.shape), device=q.device)

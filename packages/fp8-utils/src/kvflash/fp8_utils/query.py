@@ -90,6 +90,8 @@ def quantize_query(
     fp8_max = float(torch.finfo(FP8_QUERY_DTYPE).max)
     # [total_q, Hkv, group, D]: the query heads of one KV head together.
     grouped = q.reshape(total_q, num_kv_heads, group, q.shape[2])
+    # [total_q]: each row's sequence, for the amax per sequence and for expanding the descales to the rows
+    seq_of_row = _sequence_of_rows(cu_seqlens_q, total_q) if per_sequence else None
     if scale is not None:
         num_seqs = cu_seqlens_q.shape[0] - 1 if per_sequence else 1
         descale = normalize_descale("scale", scale, num_seqs, num_kv_heads, q.device)  # [num_seqs or 1, Hkv]
@@ -106,12 +108,11 @@ def quantize_query(
             descale = amax_to_scale(head_amax.amax(dim=0) if total_q else head_amax.sum(0), fp8_max, margin)
         else:
             num_seqs = cu_seqlens_q.shape[0] - 1
-            seq_of_row = _sequence_of_rows(cu_seqlens_q, total_q)
             seq_amax = torch.zeros(num_seqs, num_kv_heads, dtype=torch.float32, device=q.device)
             seq_amax.scatter_reduce_(0, seq_of_row[:, None].expand(-1, num_kv_heads), head_amax, "amax")
             descale = amax_to_scale(seq_amax, fp8_max, margin)
     if descale.dim() == 2:  # per (sequence, KV head): each row takes its sequence's
-        row_descale = descale[_sequence_of_rows(cu_seqlens_q, total_q)]  # [total_q, Hkv]
+        row_descale = descale[seq_of_row]  # [total_q, Hkv]
     else:
         row_descale = descale.reshape(1, -1).expand(total_q, num_kv_heads)
     q_fp8 = saturate_to_fp8(grouped, row_descale[:, :, None, None], FP8_QUERY_DTYPE)

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from kvflash.attn_common import FP8_QUERY_DTYPE, FP8_TORCH_DTYPES, QUERY_TORCH_DTYPES, check_tensor
+from kvflash.attn_common import FP8_TORCH_DTYPES, check_tensor
+from kvflash.attn_common.output import output_dtypes
 from kvflash.flash_attn_interface import flash_attn_varlen_func as _fork_varlen
 from kvflash.fp8_utils import reshape_and_cache_flash
 
@@ -69,9 +70,8 @@ def _write_slots(table: torch.Tensor, block_size: int, cache_seqlens: torch.Tens
 def _append(k, v, k_pages, v_pages, table, cache_seqlens, q, k_descale, v_descale) -> None:
     batch, seqlen_new = q.shape[0], k.shape[1]
     hkv, d = k_pages.shape[2], k_pages.shape[3]
-    # New keys and values come in the model's dtype: q's, or (an fp8 q) fp16 / bf16.
-    new_dtypes = QUERY_TORCH_DTYPES if q.dtype == FP8_QUERY_DTYPE else (q.dtype,)
-    check_tensor("k", k, dtypes=new_dtypes, shape=(batch, seqlen_new, hkv, d))
+    # New keys and values come in the model's dtype, an output's: q's, or (an fp8 q) fp16 / bf16.
+    check_tensor("k", k, dtypes=output_dtypes(q), shape=(batch, seqlen_new, hkv, d))
     check_tensor("v", v, dtypes=(k.dtype,), shape=(batch, seqlen_new, hkv, d))
     if k_pages.dtype in FP8_TORCH_DTYPES:
         cache_dtype = _FP8_CACHE_DTYPE_NAMES.get(k_pages.dtype)

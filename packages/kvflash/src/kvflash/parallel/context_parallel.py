@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from kvflash.attn_common import FP8_QUERY_DTYPE, QUERY_TORCH_DTYPES, check_tensor
+from kvflash.attn_common import check_tensor, empty_out
+from kvflash.attn_common.output import output_dtypes
 from kvflash.paged_decode import merge_partial_attentions, paged_decode_attention
 
 __all__ = ["context_parallel_decode", "merge_partial_attention"]
@@ -114,9 +115,8 @@ def context_parallel_decode(
         raise NotImplementedError("window_size: context-parallel decode does not know each shard's global positions")
     if alibi_slopes is not None:
         raise NotImplementedError("alibi_slopes: context-parallel decode does not know each shard's global positions")
-    out_dtypes = QUERY_TORCH_DTYPES if q.dtype == FP8_QUERY_DTYPE else (q.dtype,)
     if out is not None:
-        check_tensor("out", out, dtypes=out_dtypes, shape=tuple(q.shape), device=q.device)
+        check_tensor("out", out, dtypes=output_dtypes(q), shape=tuple(q.shape), device=q.device)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     num_seqs, num_heads, head_size = q.shape
@@ -150,6 +150,6 @@ def context_parallel_decode(
     lses = gathered[:, out_numel:].reshape(world, num_heads, num_seqs)
     merged, merged_lse = merge_partial_attention(outs, lses)
     if out is None:
-        out = torch.empty(q.shape, dtype=out_dtypes[-1], device=q.device)  # q's dtype, bf16 for an fp8 q
+        out = empty_out(q, None)  # q's dtype, bf16 for an fp8 q
     out.copy_(merged)
     return (out, merged_lse) if return_lse else out
