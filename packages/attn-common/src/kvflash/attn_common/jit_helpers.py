@@ -243,6 +243,15 @@ def div_rn_by_row_scale(x, scale, ANY_SCALE: tl.constexpr):
 
 
 @triton.jit
+def cast_to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
+    """fp32 ``x``, already inside ``[-448, 448]``, cast to ``float8_e4m3fn`` (round to nearest even; under the
+    interpreter, ``ROUND_IN_SOFTWARE``, rounded to the grid first: see :func:`round_to_fp8_grid`)."""
+    if ROUND_IN_SOFTWARE:
+        x = round_to_fp8_grid(x, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
 def to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
     """fp32 ``x`` saturated to ``[-448, 448]`` and cast to ``float8_e4m3fn``: finite input never gives NaN."""
     return saturate_to_fp8_range(x, E4M3_MAX, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL, ROUND_IN_SOFTWARE).to(tl.float8e4nv)

@@ -43,14 +43,12 @@ import triton
 import triton.language as tl
 
 from kvflash.attn_common.jit_helpers import (
-    E4M3_MANTISSA_BITS,
-    E4M3_MIN_NORMAL,
     add_sink_to_denominator,
     alibi_bias,
+    cast_to_e4m3,
     finalize_softmax,
     key_visibility,
     online_softmax_step_scaled,
-    round_to_fp8_grid,
     scale_p_columns,
     softcap_scores,
     to_e4m3,
@@ -236,10 +234,7 @@ def _attend_tile(
     if PER_TOKEN_SCALES:
         p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
     if PV_FP8:  # P in e4m3 units of 1 / P_FP8_SCALE; the tile's dot, then an fp32 add (two-level accumulation)
-        p = p * P_FP8_SCALE
-        if ROUND_IN_SOFTWARE:
-            p = round_to_fp8_grid(p, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), v)
+        acc = acc * alpha[:, None] + tl.dot(cast_to_e4m3(p * P_FP8_SCALE, ROUND_IN_SOFTWARE), v)
     elif Q_FP8 or Q_SPLIT:  # P and V (converted exactly) in fp16
         acc = acc * alpha[:, None]
         acc = tl.dot(p.to(tl.float16), v.to(tl.float16), acc)
@@ -405,14 +400,8 @@ def chunk_prefill_kernel(
         q_mult = q_mult * tl.math.exp2(tl.minimum(TOP_EXP - q_exp, 126.0))
     q = q.to(tl.float32) * q_mult[:, None]
     if Q_SPLIT:  # q = q_hi + q_lo: the high term rounds q to 4 significant bits, the low term holds the rest
-        q_hi = q
-        if ROUND_IN_SOFTWARE:
-            q_hi = round_to_fp8_grid(q_hi, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
-        q_hi = q_hi.to(tl.float8e4nv)
-        q_lo = q - q_hi.to(tl.float32)  # exact in fp32
-        if ROUND_IN_SOFTWARE:
-            q_lo = round_to_fp8_grid(q_lo, E4M3_MANTISSA_BITS, E4M3_MIN_NORMAL)
-        q_lo = q_lo.to(tl.float8e4nv)
+        q_hi = cast_to_e4m3(q, ROUND_IN_SOFTWARE)
+        q_lo = cast_to_e4m3(q - q_hi.to(tl.float32), ROUND_IN_SOFTWARE)  # the difference is exact in fp32
         q = q_hi
     else:
         q = q.to(DOT_DTYPE)
