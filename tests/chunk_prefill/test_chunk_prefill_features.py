@@ -153,14 +153,16 @@ def test_negative_and_zero_k_descale(device):
                    v_descale=torch.tensor(-1.5, device=device))  # fmt: skip
 
 
+@pytest.mark.parametrize("split_query", [True, False], ids=["split", "fp16"])
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
-def test_split_query_option_is_as_exact_as_the_default(device, kv_dtype):
-    """Launch option ``split_query`` (bf16 q over an FP8 cache: QK as two fp8 dots of q's two e4m3 terms): the same
-    FlashAttention-rule bound as the default path. bf16 dots need a GPU; under the interpreter the exact path
-    converts q to fp16 and the split path to e4m3, both without a bf16 dot."""
+def test_both_query_paths_over_fp8_caches(device, kv_dtype, split_query):
+    """A bf16 query over an FP8 cache, either path of launch option ``split_query`` (QK as two fp8 dots of q's two
+    e4m3 terms, the GPU default for warpgroup-sized tiles; or q converted to fp16 with K): the FlashAttention-rule
+    bound. bf16 dots need a GPU; under the interpreter the fp16 path converts q to fp16 and the split path to
+    e4m3, both without a bf16 dot."""
     case = make_case([(40, 70), (17, 17), (1, 33)], q_dtype=torch.bfloat16, kv_dtype=kv_dtype, nan_unused=True,
                      device=device, seed=23)  # fmt: skip
     case.q = (case.q.float() * 30).to(torch.bfloat16)  # spread scores: a bad split would show
     out = poison(torch.empty_like(case.q))
-    launch_chunk_prefill_with(case, out, dict(split_query=True))
+    launch_chunk_prefill_with(case, out, dict(split_query=split_query))
     check_against_reference(case, out, atol=1e-3, causal=True)

@@ -315,7 +315,8 @@ def _case_label(spec) -> str:
         scales = "" if spec.kv_cache_dtype == "auto" or spec.per_token else f" {spec.scales} scales"
         return f"{spec.tokens}x{spec.hkv}x{spec.d} p{spec.block} {spec.kv_cache_dtype}{scales}"
     label = f"{spec.shape} {spec.hq}/{spec.hkv} D{spec.d} p{spec.block} {spec.kv_dtype}"
-    label += f" q_len {spec.q_len}" * (getattr(spec, "q_len", 1) > 1)
+    q_len = getattr(spec, "q_len", 1)
+    label += f" q_len {q_len}" * (q_len > 1)
     return label + " per-token-head" * getattr(spec, "per_token", False)
 
 
