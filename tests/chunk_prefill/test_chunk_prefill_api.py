@@ -89,18 +89,3 @@ def test_cpu_tensors_without_the_interpreter_use_the_reference(monkeypatch, case
     torch.testing.assert_close(out, want_out.to(out.dtype))
     torch.testing.assert_close(lse, want_lse)
 
-
-def test_the_split_query_is_chosen_for_fp8_caches_with_warpgroup_sized_tiles():
-    from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
-
-    def chosen(kv_is_fp8, max_seqlen_q, q_is_fp8=False, interpreter=False, head_size=128):
-        return choose_chunk_prefill_config(
-            head_size, kv_is_fp8, 4, max_seqlen_q, interpreter=interpreter, q_is_fp8=q_is_fp8
-        )  # fmt: skip
-
-    assert chosen(True, 2048).split_query and chosen(True, 2048, head_size=256).split_query
-    assert chosen(True, 2048).block_m >= 64
-    assert not chosen(False, 2048).split_query  # a 16-bit cache: nothing to split for
-    assert not chosen(True, 2048, q_is_fp8=True).split_query  # an fp8 query is already fp8
-    assert not chosen(True, 4).split_query  # 16 rows: mma.sync upcasts fp8 operands on sm_90
-    assert not chosen(True, 2048, interpreter=True).split_query

@@ -157,7 +157,7 @@ def test_negative_and_zero_k_descale(device):
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 def test_both_query_paths_over_fp8_caches(device, kv_dtype, split_query):
     """A bf16 query over an FP8 cache, either path of launch option ``split_query`` (QK as two fp8 dots of q's two
-    e4m3 terms, the GPU default for warpgroup-sized tiles; or q converted to fp16 with K): the FlashAttention-rule
+    e4m3 terms; or q converted to fp16 with K, the default): the FlashAttention-rule
     bound. bf16 dots need a GPU; under the interpreter the fp16 path converts q to fp16 and the split path to
     e4m3, both without a bf16 dot."""
     case = make_case([(40, 70), (17, 17), (1, 33)], q_dtype=torch.bfloat16, kv_dtype=kv_dtype, nan_unused=True,

@@ -36,12 +36,10 @@ class ChunkPrefillLaunchConfig:
         with D contiguous). bf16 KV: 383 / 427.
     split_query : bool
         A bf16 query over an FP8 cache only (elsewhere it changes nothing): the QK dot as two fp8 dots of the
-        query's two e4m3 terms against K as stored, PV in fp16 (the kernel module's ``Q_SPLIT``). The GPU default
-        for FP8 caches with warpgroup-sized tiles (``block_m >= 64``; smaller dots run as ``mma.sync``, which
-        upcasts fp8 operands on sm_90). H200, D 128, page 16: 4 x (2048 + 2048) e4m3 323 -> 385 TFLOP/s, 1 x 16384
-        334 -> 427 (bf16 KV 419): FP8 KV at bf16 speed. K is used as stored (exact), the query's two terms are
-        exact down to 2^-9 of its row's largest element; the fp8 tensor cores' accumulation inside the QK dot is
-        coarser than fp16's: the bench's output check rose from 1.7e-3 to 2.5e-3 rel. L2 (bf16 KV: 2.3e-3).
+        query's two e4m3 terms against K as stored, PV in fp16 (the kernel module's ``Q_SPLIT``). Off by default.
+        H200, D 128, page 16: 4 x (2048 + 2048) e4m3 323 -> 385 TFLOP/s, 1 x 16384 334 -> 427 (bf16 KV 419), but the
+        fp8 tensor cores' accumulation inside the QK dot is coarser than fp16's: the GPU tier's LSE bound (2e-3)
+        failed at head sizes 200-504 and on long sequences (per-token-head descales: 0.049 max error at 2e-3).
     """
 
     block_m: int
@@ -116,5 +114,4 @@ def choose_chunk_prefill_config(
     if rows_needed < block_m:
         block_m = max(16, triton.next_power_of_2(rows_needed))
         num_warps = 4
-    split_query = kv_is_fp8 and not q_is_fp8 and block_m >= 64
-    return ChunkPrefillLaunchConfig(block_m, block_n, num_warps, num_stages, split_query=split_query)
+    return ChunkPrefillLaunchConfig(block_m, block_n, num_warps, num_stages)
