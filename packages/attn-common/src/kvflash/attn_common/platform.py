@@ -24,7 +24,15 @@ __all__ = [
     "INTERPRETER_MULTIPROCESSORS",
     "current_device_index",
     "current_stream_handle",
+    "hopper_gluon_available",
+    "PORTABLE_ENV",
 ]
+
+# Set to 1 to keep every launch on the portable Triton kernels (no Hopper-only Gluon path).
+PORTABLE_ENV = "KVFLASH_PORTABLE"
+# The Gluon dialect is experimental and its API moves between Triton releases: the Hopper kernels are written
+# against these.
+GLUON_TRITON_VERSIONS = ("3.6.",)
 
 # A fixed, small "SM count" for the interpreter so split heuristics are deterministic on the CPU.
 INTERPRETER_MULTIPROCESSORS = 4
@@ -156,3 +164,28 @@ def current_device_index() -> int:
 def current_stream_handle(device_index: int) -> int:
     """The raw handle of the current stream of GPU ``device_index`` (what Triton's launcher takes)."""
     return _driver_queries()[1](device_index)
+
+
+@functools.cache
+def _hopper_gluon(device_type: str, index: int) -> bool:
+    if device_type != "cuda" or is_rocm() or torch.cuda.get_device_capability(index) != (9, 0):
+        return False
+    import triton
+
+    if not triton.__version__.startswith(GLUON_TRITON_VERSIONS):
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def hopper_gluon_available(device: torch.device) -> bool:
+    """Whether ``device`` takes the Hopper-only Gluon kernels: an sm_90 NVIDIA GPU (H100, H200), a Triton release
+    whose Gluon API the kernels are written for, no interpreter, and ``KVFLASH_PORTABLE`` unset or ``0`` (read at
+    every call, like ``TRITON_INTERPRET``)."""
+    if device.type != "cuda" or interpreter_enabled() or os.environ.get(PORTABLE_ENV, "0") not in ("", "0"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _hopper_gluon(device.type, index)

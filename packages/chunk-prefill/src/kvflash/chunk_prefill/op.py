@@ -31,6 +31,7 @@ from kvflash.attn_common.descale import descale_kernel_strides, is_per_token_des
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
 from kvflash.attn_common.platform import interpreter_enabled, runs_triton
+from kvflash.chunk_prefill.hopper_op import hopper_prefill_applies, launch_hopper_prefill
 from kvflash.chunk_prefill.kernel import chunk_prefill_kernel
 from kvflash.chunk_prefill.launch_config import ChunkPrefillLaunchConfig, choose_chunk_prefill_config, pack_heads
 
@@ -296,8 +297,19 @@ def launch_chunk_prefill(
     ``q_descale`` (``[num_seqs, Hkv]`` fp32, or ``[1, total_q, Hq]`` per token and query head): given exactly for an
     fp8 ``q``.
     ``config`` overrides :func:`kvflash.chunk_prefill.launch_config.choose_chunk_prefill_config` (the tuning
-    sweeps of ``tools/bench``).
+    sweeps of ``tools/bench``). Without it, calls the Hopper kernel serves go there
+    (:func:`kvflash.chunk_prefill.hopper_op.hopper_prefill_applies`).
     """
+    if config is None and q.shape[0] > 0 and hopper_prefill_applies(
+        q, k, v, out, lse, block_table=block_table, window_left=window_left, window_right=window_right,
+        softcap=softcap, alibi_slopes=alibi_slopes, s_aux=s_aux, k_descale=k_descale, output_scale=output_scale,
+        q_descale=q_descale,
+    ):  # fmt: skip
+        launch_hopper_prefill(
+            q, k, v, out, lse, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k,
+            softmax_scale=softmax_scale, k_descale=k_descale, v_descale=v_descale, skip_q_len=skip_q_len,
+        )  # fmt: skip
+        return
     total_q, num_q_heads, head_size = q.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     is_paged = block_table is not None

@@ -1,0 +1,131 @@
+"""The Hopper (sm_90, Gluon) chunked-prefill path: which calls take it, and its results against the float64
+reference (poisoned outputs, NaN in unused cache slots, non-unit and negative descales, LSE, every page size it
+takes), against the portable kernel, and inside a mixed batch beside decode rows."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from kvflash.attn_common import check_attention_call
+from kvflash.attn_common.platform import hopper_gluon_available
+from kvflash.attn_common.testing import poison
+from kvflash.chunk_prefill import chunk_prefill_attention
+from kvflash.chunk_prefill.hopper_op import hopper_prefill_applies
+from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
+from kvflash.chunk_prefill.op import launch_chunk_prefill
+from kvflash.flash_attn_interface import flash_attn_varlen_func
+
+from ..cases import check_against_reference, check_chunk_prefill, make_case
+
+pytestmark = pytest.mark.gpu
+
+# Decode rows, rows with more queries than keys, empty ranges, chunks crossing many 128-key tiles and Q tiles.
+MIX = [(1, 1000), (300, 700), (129, 129), (0, 5), (517, 1300), (1, 1), (64, 200), (7, 9), (40, 20), (3, 0)]
+
+
+def _applies(case, **features):
+    out = torch.empty_like(case.q)
+    f = check_attention_call(
+        case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
+        max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=case.kwargs.get("cu_seqlens_k"), softmax_scale=None,
+        causal=features.get("causal", False), window_size=features.get("window_size"),
+        softcap=features.get("softcap", 0.0), alibi_slopes=features.get("alibi_slopes"), s_aux=features.get("s_aux"),
+        k_descale=case.kwargs.get("k_descale"), v_descale=case.kwargs.get("v_descale"), output_scale=None,
+        kv_descale_per_token=None, out=out, block_table=case.kwargs.get("block_table"),
+        seqused_k=case.kwargs.get("seqused_k"),
+    )  # fmt: skip
+    return hopper_prefill_applies(
+        case.q, case.k, case.v, out, None, block_table=case.kwargs.get("block_table"), window_left=f.window_left,
+        window_right=f.window_right, softcap=f.softcap, alibi_slopes=f.alibi_slopes, s_aux=f.s_aux,
+        k_descale=f.k_descale, output_scale=None, q_descale=None,
+    )  # fmt: skip
+
+
+def _hopper():
+    if not hopper_gluon_available(torch.device("cuda")):
+        pytest.skip("not an sm_90 GPU with the Gluon API the Hopper kernels are written for")
+
+
+def test_which_calls_take_the_hopper_path():
+    _hopper()
+    case = make_case(MIX[:3], num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda")
+    assert _applies(case, causal=True)
+    assert not _applies(case)  # not causal
+    assert not _applies(case, causal=True, window_size=(64, 0))
+    assert not _applies(case, causal=True, softcap=5.0)
+    assert not _applies(case, causal=True, s_aux=torch.zeros(8, device="cuda"))
+    for other in (
+        dict(head_size=80), dict(block_size=1), dict(block_size=48), dict(block_size=None),
+        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn),
+    ):  # fmt: skip
+        kwargs = dict(num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda") | other
+        assert not _applies(make_case(MIX[:3], **kwargs), causal=True), other
+
+
+@pytest.mark.parametrize("head_size", [64, 128, 256])
+@pytest.mark.parametrize("block_size", [8, 16, 64, 256])
+def test_hopper_path_against_the_reference(head_size, block_size):
+    case = make_case(MIX, num_q_heads=8, num_kv_heads=2, head_size=head_size, q_dtype=torch.bfloat16,
+                     block_size=block_size, nan_unused=True, device="cuda", seed=head_size + block_size)  # fmt: skip
+    check_chunk_prefill(case, causal=True)
+
+
+@pytest.mark.parametrize("heads", [(5, 1), (32, 8), (6, 6)])
+def test_hopper_path_fp16_gqa_and_descales(heads):
+    # Distinct per-(sequence, KV head) descales, one of K's negative: the row minimum then gives the softmax maximum.
+    seqs = MIX[:6]
+    k_descale = torch.rand(len(seqs), heads[1], device="cuda") + 0.5
+    k_descale[1, 0] = -0.75
+    v_descale = torch.rand(len(seqs), heads[1], device="cuda") + 1.0
+    case = make_case(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_size=128, q_dtype=torch.float16,
+                     k_descale=k_descale, v_descale=v_descale, nan_unused=True, device="cuda", seed=sum(heads))  # fmt: skip
+    check_chunk_prefill(case, causal=True)
+
+
+def test_hopper_path_equals_the_portable_kernel():
+    """The same call through the Hopper kernel (no launch config) and the portable one (an explicit config)."""
+    case = make_case(MIX, num_q_heads=16, num_kv_heads=4, head_size=128, q_dtype=torch.bfloat16, device="cuda", seed=5)
+    f = check_attention_call(
+        case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
+        max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=None, softmax_scale=None, causal=True, window_size=None,
+        softcap=0.0, alibi_slopes=None, s_aux=None, k_descale=None, v_descale=None, output_scale=None,
+        kv_descale_per_token=None, out=None, **case.kv_args,
+    )  # fmt: skip
+    portable = choose_chunk_prefill_config(128, False, 4, case.max_seqlen_q, interpreter=False)
+    outs, lses = [], []
+    for config in (None, dataclasses.replace(portable)):
+        out, lse = poison(torch.empty_like(case.q)), torch.full((16, case.q.shape[0]), float("nan"), device="cuda")
+        launch_chunk_prefill(
+            case.q, case.k, case.v, out, lse, case.cu_seqlens_q, case.max_seqlen_q, **case.kv_args, cu_seqlens_k=None,
+            softmax_scale=f.softmax_scale, window_left=f.window_left, window_right=f.window_right, softcap=0.0,
+            alibi_slopes=None, s_aux=None, k_descale=f.k_descale, v_descale=f.v_descale, config=config,
+        )  # fmt: skip
+        outs.append(out.float())
+        lses.append(lse)
+    assert (outs[0] - outs[1]).abs().max().item() < 2e-2
+    assert (lses[0] - lses[1]).abs().max().item() < 2e-3
+
+
+def test_hopper_path_in_a_mixed_batch():
+    """120 decode rows and a few chunks: the decode kernel takes the short rows, the Hopper kernel the rest."""
+    seqs = [(1, 300 + 7 * i) for i in range(40)] + [(200, 900), (333, 333), (2, 40), (150, 1024)]
+    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, head_size=128, q_dtype=torch.bfloat16, nan_unused=True,
+                     device="cuda", seed=9)  # fmt: skip
+    out = poison(torch.empty_like(case.q))
+    _, lse = flash_attn_varlen_func(
+        case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k, causal=True, out=out,
+        return_softmax_lse=True, **case.kwargs,
+    )  # fmt: skip
+    check_against_reference(case, out, lse, atol=1e-3, lse_low_precision=True, causal=True)
+
+
+def test_portable_switch_keeps_the_portable_kernel(monkeypatch):
+    _hopper()
+    monkeypatch.setenv("KVFLASH_PORTABLE", "1")
+    case = make_case(MIX[:3], num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda")
+    assert not _applies(case, causal=True)
+    out = chunk_prefill_attention(
+        case.q, case.k, case.v, case.cu_seqlens_q, case.max_seqlen_q, case.max_seqlen_k, causal=True, **case.kwargs
+    )
+    check_against_reference(case, out, atol=1e-3, causal=True)
