@@ -79,7 +79,8 @@ def test_hopper_path_fp16_gqa_and_descales(heads):
     k_descale[1, 0] = -0.75
     v_descale = torch.rand(len(seqs), heads[1], device="cuda") + 1.0
     case = make_case(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_size=128, q_dtype=torch.float16,
-                     k_descale=k_descale, v_descale=v_descale, nan_unused=True, device="cuda", seed=sum(heads))  # fmt: skip
+                     k_descale=k_descale, v_descale=v_descale, nan_unused=True, device="cuda",
+                     seed=sum(heads))  # fmt: skip
     check_chunk_prefill(case, causal=True)
 
 
