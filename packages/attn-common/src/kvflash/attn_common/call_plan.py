@@ -51,7 +51,16 @@ import torch
 
 from kvflash.attn_common import launch as launch_module
 from kvflash.attn_common import platform
-from kvflash.attn_common.plan_replay import ARGUMENT, BUFFER, WORKSPACE, Allocation, Launch, Pointer, replay_function
+from kvflash.attn_common.plan_replay import (
+    ARGUMENT,
+    BUFFER,
+    WORKSPACE,
+    Allocation,
+    Launch,
+    Pointer,
+    TmaDescriptor,
+    replay_function,
+)
 
 __all__ = [
     "planned",
@@ -258,15 +267,12 @@ class _Capture:
             launch_values = list(values)
             for pos, value in enumerate(values):
                 if type(value) in _TENSOR_TYPES:
-                    kind, index, offset = sources.find(value)
-                    if kind == _CONSTANT:  # its address is baked in (keep_constant keeps it alive)
-                        launch_values[pos] = value.data_ptr()
-                    elif kind == ARGUMENT:
-                        launch_values[pos] = Pointer(ARGUMENT, index, offset)
-                    elif index in own:
-                        launch_values[pos] = Pointer(BUFFER, own[index], offset)
-                    else:
-                        launch_values[pos] = Pointer(WORKSPACE, 0, workspace_at[index] + offset)
+                    launch_values[pos] = _pointer(sources.find(value), value, own, workspace_at)
+                elif _is_tma_descriptor(value):  # remade over the replayed call's address (plan_replay)
+                    pointer = _pointer(sources.find(value.base), value.base, own, workspace_at)
+                    if type(pointer) is Pointer:
+                        shape, strides = tuple(value.shape), tuple(value.strides)
+                        launch_values[pos] = TmaDescriptor(pointer, shape, strides, value.padding)
             launcher, leading = _launcher(compiled)
             launches.append(Launch(launcher, (tuple(grid) + (1, 1))[:3], leading, launch_values))
         if any(type(v) is Pointer and v.kind == WORKSPACE for launch in launches for v in launch.values):
@@ -277,6 +283,24 @@ class _Capture:
             self.tensors[0].device, platform.current_device_index(), launches,
             outputs if result is not None else None, isinstance(result, tuple),
         )  # fmt: skip
+
+
+def _pointer(found: tuple[str, int, int], tensor: torch.Tensor, own: dict, workspace_at: dict) -> Pointer | int:
+    """A launch's address argument in a plan: a :class:`Pointer` into an argument, a returned buffer or the
+    workspace, or a kept constant's address (baked in: keep_constant keeps it alive)."""
+    kind, index, offset = found
+    if kind == _CONSTANT:
+        return tensor.data_ptr()
+    if kind == ARGUMENT:
+        return Pointer(ARGUMENT, index, offset)
+    if index in own:
+        return Pointer(BUFFER, own[index], offset)
+    return Pointer(WORKSPACE, 0, workspace_at[index] + offset)
+
+
+def _is_tma_descriptor(value) -> bool:
+    """A host TMA tensor descriptor (Gluon kernels' ``TensorDescriptor``): a base tensor, shape, strides, box."""
+    return hasattr(value, "block_shape") and type(getattr(value, "base", None)) in _TENSOR_TYPES
 
 
 _CONSTANT = "constant"  # a kept constant (keep_constant), beside plan_replay's ARGUMENT and BUFFER

@@ -123,6 +123,9 @@ def _arg_spec(value, mode: str):
         return (value & 15 == 0, _INT32_MIN <= value <= _INT32_MAX)
     if type(value) is bool or type(value) is float or value is None:
         return type(value)
+    if hasattr(value, "block_shape") and hasattr(value, "layout"):
+        # A TMA tensor descriptor (Gluon kernels): Triton specialises on its dtype, box and shared layout.
+        return ("tensordesc", value.base.dtype, tuple(value.block_shape), repr(value.layout))
     raise TypeError(f"kvflash launch: unexpected argument type {type(value).__name__} (a bug in a launcher)")
 
 

@@ -30,7 +30,7 @@ import torch
 
 from kvflash.attn_common import platform
 
-__all__ = ["ARGUMENT", "BUFFER", "WORKSPACE", "Pointer", "Launch", "Allocation", "replay_function"]
+__all__ = ["ARGUMENT", "BUFFER", "WORKSPACE", "Pointer", "TmaDescriptor", "Launch", "Allocation", "replay_function"]
 
 # Where a pointer points: into the call's tensor argument ``index``, its returned buffer ``index``, or the workspace.
 ARGUMENT, BUFFER, WORKSPACE = "argument", "buffer", "workspace"
@@ -42,6 +42,41 @@ class Pointer(NamedTuple):
     kind: str
     index: int
     offset: int
+
+
+class TmaDescriptor(NamedTuple):
+    """A host TMA tensor-descriptor argument (Gluon kernels) over the address ``pointer``: remade at every replay
+    with that call's address; its shape, strides and padding follow from the call facts."""
+
+    pointer: Pointer
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str
+
+
+class _Address:
+    """The base of a remade descriptor: Triton's launcher reads only its ``data_ptr()``."""
+
+    __slots__ = ("address",)
+
+    def __init__(self, address: int):
+        self.address = address
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+class _Descriptor(NamedTuple):
+    """What Triton's launcher reads of a host tensor descriptor (``base.data_ptr()``, shape, strides, padding)."""
+
+    base: _Address
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: str
+
+
+def _descriptor(address: int, facts: tuple) -> _Descriptor:
+    return _Descriptor(_Address(address), *facts)
 
 
 class Launch(NamedTuple):
@@ -132,6 +167,7 @@ def replay_function(
         "empty_strided": torch.empty_strided,
         "device": device,
         "stream_handle": platform.current_stream_handle,
+        "descriptor": _descriptor,
     }
 
     def constant(value) -> str:
@@ -162,7 +198,8 @@ def replay_function(
         # (later work on the stream reuses it only after these kernels).
         namespace["workspace_like"] = torch.empty(0, dtype=torch.uint8, device=device)
         lines.append(f"workspace = workspace_like.new_empty({workspace_bytes})")
-    used = {(v.kind, v.index) for launch in launches for v in launch.values if type(v) is Pointer}
+    pointers = [v.pointer if type(v) is TmaDescriptor else v for launch in launches for v in launch.values]
+    used = {(v.kind, v.index) for v in pointers if type(v) is Pointer}
     lines += [f"p{n} = b{n}.data_ptr()" for n in range(len(allocations)) if (BUFFER, n) in used]
     if (WORKSPACE, 0) in used:
         lines.append("w = workspace.data_ptr()")
@@ -170,7 +207,14 @@ def replay_function(
     for launch in launches:
         # Triton's launcher takes an int as a device pointer as it is (no pointer-attribute query).
         arguments = [*launch.grid, _Code("stream"), *launch.leading]
-        arguments += [_Code(address(v)) if type(v) is Pointer else v for v in launch.values]
+        for v in launch.values:
+            if type(v) is Pointer:
+                arguments.append(_Code(address(v)))
+            elif type(v) is TmaDescriptor:
+                facts = constant((v.shape, v.strides, v.padding))
+                arguments.append(_Code(f"descriptor({address(v.pointer)}, {facts})"))
+            else:
+                arguments.append(v)
         lines.append(f"{constant(launch.launcher)}({', '.join(_spelled(arguments, constant, namespace))})")
     if outputs is None:
         lines.append("return None")

@@ -16,6 +16,7 @@ import functools
 import torch
 import triton
 
+from kvflash.attn_common.launch import launch
 from kvflash.attn_common.platform import hopper_gluon_available, multiprocessor_count
 
 __all__ = ["hopper_prefill_applies", "launch_hopper_prefill"]
@@ -115,7 +116,8 @@ def launch_hopper_prefill(
     given, ``lse [Hq, total_q]`` fp32; sequences with at most ``skip_q_len`` queries are left untouched.
 
     ``k_descale`` / ``v_descale``: ``[num_seqs, Hkv]`` fp32 views. Persistent: one program per SM at most, each
-    walking work items (128 query tokens of one query head) from the longest causal rows down.
+    walking work items (128 query tokens of one query head) from the longest causal rows down. Launched through
+    :func:`kvflash.attn_common.launch.launch` like the Triton kernels (specialisation keys, warm-up, call plans).
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -135,7 +137,10 @@ def launch_hopper_prefill(
     num_q_tiles = triton.cdiv(total_q, BLOCK_M) + num_seqs
     grid = (min(num_q_tiles * num_q_heads, multiprocessor_count(q.device)),)
     kd, vd = k_descale.stride(), v_descale.stride()
-    hopper_prefill_kernel[grid](
+    launch(
+        hopper_prefill_kernel,
+        grid,
+        False,
         q_desc=q_desc,
         k_desc=k_desc,
         v_desc=v_desc,
