@@ -26,16 +26,20 @@ class Measurement(Timing):
 
     ``work`` is bytes (``metric == "bytes"``) or FLOPs (``"flops"``), counted honestly: decode
     bytes = KV read once (tokens used) + q + out; prefill FLOPs = 4 * Hq * D * visible (query, key) pairs.
-    ``rel_err`` is ||out - ref|| / ||ref|| on a checked slice (None if not checked).
+    ``rel_err`` is ||out - ref|| / ||ref|| on a checked slice (None if not checked). ``kernels``: the kvflash
+    kernels the call launched (comma-separated names; which path the row took), empty for other implementations.
     """
 
     work: float
     rel_err: float | None = None
     note: str = ""
+    kernels: str = ""
 
     @classmethod
-    def of(cls, t: Timing, work: float, rel_err: float | None = None, note: str = "") -> Measurement:
-        return cls(**dataclasses.asdict(t), work=work, rel_err=rel_err, note=note)
+    def of(
+        cls, t: Timing, work: float, rel_err: float | None = None, note: str = "", kernels: str = ""
+    ) -> Measurement:
+        return cls(**dataclasses.asdict(t), work=work, rel_err=rel_err, note=note, kernels=kernels)
 
 
 def binder(fn: Callable) -> Callable[..., Callable[[], object]]:
@@ -49,11 +53,15 @@ def measure(
     work: float,
     check: Callable[[], tuple[float | None, str]] | None = None,
 ) -> Measurement:
-    """Run ``calls[0]`` once, check its output (``check() -> (rel_err, note)``), then time ``calls`` (one per
-    input set, in rotation)."""
-    calls[0]()
+    """Run ``calls[0]`` once, recording the kvflash kernels it launches, check its output (``check() -> (rel_err,
+    note)``), then time ``calls`` (one per input set, in rotation)."""
+    from kvflash.attn_common.launch import record_launches
+
+    with record_launches() as keys:
+        calls[0]()
     rel_err, note = check() if check is not None else (None, "")
-    return Measurement.of(time_calls(calls), work, rel_err, note)
+    kernels = ",".join(sorted({key[0] for key in keys}))
+    return Measurement.of(time_calls(calls), work, rel_err, note, kernels)
 
 
 @dataclasses.dataclass

@@ -94,9 +94,16 @@ def _md_rows(rows: list[dict]) -> list[str]:
         ms = f"{r['ms']:.4f} ({r['p10']:.4f}-{r['p90']:.4f})"
         out.append(
             f"| {r['name']} | {r['impl']} | {ms} | {_rate(r)} | {_f(r['frac'], '.1%')} | {_speedup(r)} "
-            f"| {_check(r)} | {r.get('note') or ''} |"
+            f"| {_check(r)} | {_note(r)} |"
         )
     return out
+
+
+def _note(r: dict) -> str:
+    """A row's note, and which prefill path it took: the Hopper (Gluon) kernel or the portable Triton one."""
+    kernels = r.get("kernels") or ""
+    path = "Hopper Gluon kernel" if "hopper_prefill_kernel" in kernels else ""
+    return "; ".join(x for x in (path, r.get("note") or "") if x)
 
 
 def markdown(data: dict, png_rel: str | None, source: str = "results.json") -> str:
@@ -165,6 +172,9 @@ METHOD = [
     "  time of the same kvflash case with bf16 KV over this time.",
     "- check: ||out - ref|| / ||ref|| of the last queries of the first and last sequences against the",
     "  float32 reference (`kvflash.attn_common.reference_attention`).",
+    "- Path: each kvflash row's first call records the kernels it launches (`kernels` in the results JSON);",
+    "  rows served by the Hopper (sm_90) Gluon prefill kernel say so in their note, the others took the",
+    "  portable Triton kernels.",
     "- Host rows: `time.perf_counter_ns` around each eager call, no synchronisation between calls, batches of",
     "  100 calls (synchronised in between, untimed, so a long kernel never fills the launch queue); median and",
     "  p10-p90 over 400 calls after 20 warm-up calls. Hq/Hkv 32/8, D 128, page 16, bf16 queries, causal.",
