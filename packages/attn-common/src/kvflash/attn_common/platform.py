@@ -25,11 +25,11 @@ __all__ = [
     "current_device_index",
     "current_stream_handle",
     "hopper_gluon_available",
-    "PORTABLE_ENV",
+    "GLUON_ENV",
 ]
 
-# Set to 1 to keep every launch on the portable Triton kernels (no Hopper-only Gluon path).
-PORTABLE_ENV = "KVFLASH_PORTABLE"
+# Set to 1 to let calls take the Hopper-only Gluon kernels (experimental: off until the whole GPU tier passes on them).
+GLUON_ENV = "KVFLASH_GLUON"
 # The Gluon dialect is experimental and its API moves between Triton releases: the Hopper kernels are written
 # against these.
 GLUON_TRITON_VERSIONS = ("3.6.",)
@@ -183,9 +183,9 @@ def _hopper_gluon(device_type: str, index: int) -> bool:
 
 def hopper_gluon_available(device: torch.device) -> bool:
     """Whether ``device`` takes the Hopper-only Gluon kernels: an sm_90 NVIDIA GPU (H100, H200), a Triton release
-    whose Gluon API the kernels are written for, no interpreter, and ``KVFLASH_PORTABLE`` unset or ``0`` (read at
-    every call, like ``TRITON_INTERPRET``)."""
-    if device.type != "cuda" or interpreter_enabled() or os.environ.get(PORTABLE_ENV, "0") not in ("", "0"):
+    whose Gluon API the kernels are written for, no interpreter, and ``KVFLASH_GLUON=1`` (experimental, off by
+    default; read at every call, like ``TRITON_INTERPRET``)."""
+    if device.type != "cuda" or os.environ.get(GLUON_ENV, "0") != "1" or interpreter_enabled():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _hopper_gluon(device.type, index)

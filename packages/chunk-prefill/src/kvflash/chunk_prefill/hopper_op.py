@@ -1,12 +1,13 @@
 """The Hopper path of chunked prefill: when it applies, and its launch (the kernel: ``hopper_kernel``, Gluon).
 
-On an sm_90 GPU (:func:`kvflash.attn_common.platform.hopper_gluon_available`) a paged, causal call over a 16-bit
-cache without softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer warp loads Q and
-the K/V pages by TMA into a shared-memory ring, two consumer warpgroups run wgmma and the online softmax in turns
-(H200, D 128, page 16, Hq/Hkv 32/8: 573 TFLOP/s on 4 x (2048 + 2048) and 571 on 1 x 16384, against 380 / 425 for the
-portable kernel and 594 / 577 for cuDNN's dense causal attention in the same run). Every other call, and every
-call with an explicit launch config (the tuning sweeps), takes the portable kernel. Nothing here reads a tensor
-value: the choice comes from dtypes, shapes, strides and Python scalars.
+Experimental, off unless ``KVFLASH_GLUON=1`` (:func:`kvflash.attn_common.platform.hopper_gluon_available`): on an
+sm_90 GPU, a paged, causal call over a 16-bit cache without softcap, ALiBi, sinks or a window takes a
+FlashAttention-3-style kernel: a producer warp loads Q and the K/V pages by TMA into a shared-memory ring, two
+consumer warpgroups run wgmma and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 +
+2048): the prototype 573 TFLOP/s (1 x 16384: 571), this form in the quick bench 531, against 380 for the portable
+kernel and 574-594 for cuDNN's dense causal attention. Every other call, and every call with an explicit launch
+config (the tuning sweeps), takes the portable kernel. Nothing here reads a tensor value: the choice comes from
+dtypes, shapes, strides and Python scalars.
 """
 
 from __future__ import annotations
