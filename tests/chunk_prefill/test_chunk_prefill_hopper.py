@@ -1,7 +1,7 @@
 """The Hopper (sm_90, Gluon) chunked-prefill path, switched on here with ``KVFLASH_GLUON=1`` (it is experimental and
 off by default): which calls take it, and its results against the float64 reference (poisoned outputs, NaN in
-unused cache slots, non-unit and negative descales, LSE, every page size it takes), against the portable kernel,
-and inside a mixed batch beside decode rows."""
+unused cache slots, non-unit and negative descales, LSE, every page size it takes) and against the portable
+kernel (the mixed-batch case is in tests/kvflash/test_mixed_and_speculative.py)."""
 
 import dataclasses
 
@@ -15,7 +15,6 @@ from kvflash.chunk_prefill import chunk_prefill_attention
 from kvflash.chunk_prefill.hopper_op import hopper_prefill_applies
 from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
 from kvflash.chunk_prefill.op import launch_chunk_prefill
-from kvflash.flash_attn_interface import flash_attn_varlen_func
 
 from ..cases import check_against_reference, check_chunk_prefill, make_case
 
@@ -112,19 +111,6 @@ def test_hopper_path_equals_the_portable_kernel():
         lses.append(lse)
     assert (outs[0] - outs[1]).abs().max().item() < 2e-2
     assert (lses[0] - lses[1]).abs().max().item() < 2e-3
-
-
-def test_hopper_path_in_a_mixed_batch():
-    """120 decode rows and a few chunks: the decode kernel takes the short rows, the Hopper kernel the rest."""
-    seqs = [(1, 300 + 7 * i) for i in range(40)] + [(200, 900), (333, 333), (2, 40), (150, 1024)]
-    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, head_size=128, q_dtype=torch.bfloat16, nan_unused=True,
-                     device="cuda", seed=9)  # fmt: skip
-    out = poison(torch.empty_like(case.q))
-    _, lse = flash_attn_varlen_func(
-        case.q, case.k, case.v, case.max_seqlen_q, case.cu_seqlens_q, case.max_seqlen_k, causal=True, out=out,
-        return_softmax_lse=True, **case.kwargs,
-    )  # fmt: skip
-    check_against_reference(case, out, lse, atol=1e-3, lse_low_precision=True, causal=True)
 
 
 def test_without_the_switch_calls_keep_the_portable_kernel(monkeypatch):

@@ -164,3 +164,16 @@ def test_cuda_graph_replay_with_new_query_lengths(kind):
         q.copy_(torch.randn(q.shape, generator=g).to(q.dtype))
 
     replay_matches_eager(step, load_new_state, attention, out, lse)
+
+
+@pytest.mark.gpu
+def test_mixed_batch_with_the_hopper_prefill_kernel(monkeypatch):
+    """40 decode rows and a few chunks with ``KVFLASH_GLUON=1``: the decode kernel takes the short rows, the Hopper
+    prefill kernel (on sm_90; the portable one elsewhere) the rest, into one ``out`` and ``lse``."""
+    monkeypatch.setenv("KVFLASH_GLUON", "1")
+    seqs = [(1, 300 + 7 * i) for i in range(40)] + [(200, 900), (333, 333), (2, 40), (150, 1024)]
+    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, head_size=128, q_dtype=torch.bfloat16, nan_unused=True,
+                     device="cuda", seed=9)  # fmt: skip
+    out = poison(torch.empty_like(case.q))
+    _, lse = case.attend(out=out, return_softmax_lse=True, causal=True)
+    check_against_reference(case, out, lse, causal=True)
