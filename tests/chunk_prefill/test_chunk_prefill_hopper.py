@@ -78,10 +78,12 @@ def test_hopper_path_against_the_reference(head_size, block_size):
 
 @pytest.mark.parametrize("heads", [(5, 1), (32, 8), (6, 6)])
 def test_hopper_path_fp16_gqa_and_descales(heads):
-    # Distinct per-(sequence, KV head) descales, one of K's negative: the row minimum then gives the softmax maximum.
+    # Distinct per-(sequence, KV head) descales, one of K's negative (the row minimum then gives the softmax maximum,
+    # and hidden scores must not scale to +inf) and one zero (every visible key equally likely, no NaN).
     seqs = MIX[:6]
     k_descale = torch.rand(len(seqs), heads[1], device="cuda") + 0.5
     k_descale[1, 0] = -0.75
+    k_descale[4, -1] = 0.0
     v_descale = torch.rand(len(seqs), heads[1], device="cuda") + 1.0
     case = make_case(seqs, num_q_heads=heads[0], num_kv_heads=heads[1], head_size=128, q_dtype=torch.float16,
                      k_descale=k_descale, v_descale=v_descale, nan_unused=True, device="cuda",

@@ -195,19 +195,24 @@ def _softmax(s, m_i, l_i, qk_scale, q_pos, start_n, MASKED: gl.constexpr):
     P stays fp32 (in S's registers) here and is packed to bf16 by :func:`_to_operand` after the previous PV wgmma
     has completed: the packed P is loop-carried and shares registers with the P that wgmma reads."""
     if MASKED:
+        # Scale first, then hide: with K's descale negative or zero, a hidden -inf score would scale to +inf or NaN.
         cols = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
         visible = gl.expand_dims(cols, 0) <= gl.expand_dims(q_pos, 1)
-        s = gl.where(visible, s, gl.full_like(s, float("-inf")))
-    if qk_scale >= 0:  # the largest scaled score of each row (K's descale may be negative)
-        row_top = gl.max(s, axis=1)
-    else:
-        row_top = gl.min(s, axis=1)
-    m_new = gl.maximum(m_i, row_top * qk_scale)
-    if MASKED:  # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
+        t = gl.where(visible, s * qk_scale, gl.full_like(s, float("-inf")))
+        m_new = gl.maximum(m_i, gl.max(t, axis=1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
         m_use = gl.where(m_new == float("-inf"), gl.zeros_like(m_new), m_new)
+        p = gl.exp2(t - gl.expand_dims(m_use, 1))
     else:
+        # Every score visible and finite: the largest scaled score of a row is its largest score times a
+        # non-negative scale, or its smallest times a negative one (K's descale may be negative); one FFMA per score.
+        if qk_scale >= 0:
+            row_top = gl.max(s, axis=1)
+        else:
+            row_top = gl.min(s, axis=1)
+        m_new = gl.maximum(m_i, row_top * qk_scale)
         m_use = m_new
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
     alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, alpha, m_new, l_i
