@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from kvflash.attn_common.dtypes import FP8_QUERY_DTYPE, QUERY_TORCH_DTYPES, KVFlashDType
+from kvflash.attn_common.dtypes import ATTENTION_QUERY_DTYPES, FP8_QUERY_DTYPE, KVFlashDType
 
 __all__ = ["QKVTypePair"]
 
@@ -52,7 +52,7 @@ class QKVTypePair:
 
     @classmethod
     def _validate(cls, q_dtype: torch.dtype, k_dtype: torch.dtype, v_dtype: torch.dtype) -> QKVTypePair:
-        if q_dtype not in QUERY_TORCH_DTYPES and q_dtype != FP8_QUERY_DTYPE:
+        if q_dtype not in ATTENTION_QUERY_DTYPES:
             raise TypeError(f"q: expected dtype float16, bfloat16 or float8_e4m3fn, got {q_dtype}")
         if k_dtype != v_dtype:
             raise TypeError(f"k and v must share one dtype, got k {k_dtype} and v {v_dtype}")

@@ -60,8 +60,11 @@ def hopper_prefill_applies(
     It takes: a paged cache in ``q``'s 16-bit dtype laid out ``[num_blocks, page, Hkv, D]`` without padding
     (TMA views it as ``[num_blocks * page, Hkv * D]``), pages of a power of two >= 8 tokens, ``D`` 64, 128 or 256,
     ``q`` with ``stride(1) == D``, causal (no other window), per-(sequence, KV head) descales, no softcap, ALiBi,
-    sinks, fp8 output or fp8 query, 16-byte-aligned bases and row strides.
+    sinks, fp8 output or fp8 query, 16-byte-aligned bases and row strides. The switch and the device are asked first:
+    with the path off (the default) a call pays one environment read here.
     """
+    if not hopper_gluon_available(q.device):
+        return False
     if block_table is None or k.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if not (window_left < 0 and window_right == 0) or softcap > 0:
@@ -80,9 +83,7 @@ def hopper_prefill_applies(
         return False
     if lse is not None and lse.stride(1) != 1:
         return False
-    if any(t.data_ptr() % TMA_ALIGNMENT for t in (q, k, v)):
-        return False
-    return hopper_gluon_available(q.device)
+    return not any(t.data_ptr() % TMA_ALIGNMENT for t in (q, k, v))
 
 
 @functools.lru_cache(maxsize=64)
