@@ -1,7 +1,8 @@
-"""The Hopper (sm_90, Gluon) chunked-prefill path, switched on here with ``KVFLASH_GLUON=1`` (it is experimental and
-off by default): which calls take it, and its results against the float64 reference (poisoned outputs, NaN in
-unused cache slots, non-unit and negative descales, LSE, every page size it takes) and against the portable
-kernel (the mixed-batch case is in tests/kvflash/test_mixed_and_speculative.py)."""
+"""The Hopper (sm_90, Gluon) chunked-prefill path (the default there; ``KVFLASH_GLUON=1`` is set here anyway so a
+caller's ``KVFLASH_GLUON=0`` does not skip these tests): which calls take it, and its results against the float64
+reference (poisoned outputs, NaN in unused cache slots, non-unit and negative descales, LSE, every page size it
+takes, 16-bit and FP8 caches) and against the portable kernel (the mixed-batch case is in
+tests/kvflash/test_mixed_and_speculative.py)."""
 
 import dataclasses
 
@@ -60,9 +61,11 @@ def test_which_calls_take_the_hopper_path():
     assert not _applies(case, causal=True, window_size=(64, 0))
     assert not _applies(case, causal=True, softcap=5.0)
     assert not _applies(case, causal=True, s_aux=torch.zeros(8, device="cuda"))
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        assert _applies(make_case(MIX[:3], num_q_heads=8, head_size=128, kv_dtype=fp8, device="cuda"), causal=True)
     for other in (
         dict(head_size=80), dict(block_size=1), dict(block_size=48), dict(block_size=None),
-        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn),
+        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn, head_size=256),
     ):  # fmt: skip
         kwargs = dict(num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda") | other
         assert not _applies(make_case(MIX[:3], **kwargs), causal=True), other
@@ -91,6 +94,35 @@ def test_hopper_path_fp16_gqa_and_descales(heads):
     check_chunk_prefill(case, causal=True)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize(
+    "q_dtype, head_size, block_size",
+    [(torch.bfloat16, 128, 16), (torch.bfloat16, 64, 8), (torch.float16, 128, 64), (torch.bfloat16, 128, 256)],
+    ids=["bf16-d128-p16", "bf16-d64-p8", "fp16-d128-p64", "bf16-d128-p256"],
+)
+def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
+    # FP8 tiles widened to fp16 by the producer (V rows past the end zeroed: NaN in unused slots), a bf16 query
+    # rewritten as fp16 times a power of two; distinct per-(sequence, KV head) descales, one of K's negative.
+    k_descale = torch.rand(len(MIX), 2, device="cuda") * 0.5 + 0.1
+    k_descale[4, 1] = -0.3
+    v_descale = torch.rand(len(MIX), 2, device="cuda") * 2.0 + 1.2
+    case = make_case(MIX, num_q_heads=8, num_kv_heads=2, head_size=head_size, q_dtype=q_dtype, kv_dtype=kv_dtype,
+                     k_descale=k_descale, v_descale=v_descale, block_size=block_size, nan_unused=True, device="cuda",
+                     seed=head_size + block_size)  # fmt: skip
+    assert _applies(case, causal=True)
+    check_chunk_prefill(case, causal=True)
+
+
+def test_hopper_path_fp8_query_of_tiny_and_zero_rows():
+    """A bf16 query tile whose rows span 2^-20 .. 2^6 and a tile of zeros: the fp16 rewrite keeps them."""
+    case = make_case([(300, 700), (128, 128)], num_q_heads=4, num_kv_heads=2, head_size=128, q_dtype=torch.bfloat16,
+                     kv_dtype=torch.float8_e4m3fn, nan_unused=True, device="cuda", seed=3)  # fmt: skip
+    with torch.no_grad():
+        case.q[:300] *= torch.logspace(-20, 6, 300, base=2.0, device="cuda")[:, None, None].to(torch.bfloat16)
+        case.q[300:] = 0
+    check_chunk_prefill(case, causal=True)
+
+
 def test_hopper_path_equals_the_portable_kernel():
     """The same call through the Hopper kernel (no launch config) and the portable one (an explicit config)."""
     case = make_case(MIX, num_q_heads=16, num_kv_heads=4, head_size=128, q_dtype=torch.bfloat16, device="cuda", seed=5)
@@ -112,7 +144,10 @@ def test_hopper_path_equals_the_portable_kernel():
         outs.append(out.float())
         lses.append(lse)
     assert (outs[0] - outs[1]).abs().max().item() < 2e-2
-    assert (lses[0] - lses[1]).abs().max().item() < 2e-3
+    # rows no key is visible to ((40, 20), (3, 0)) have lse = -inf on both paths; -inf - -inf would be NaN
+    assert torch.equal(lses[0].isneginf(), lses[1].isneginf())
+    finite = lses[0].isfinite()
+    assert finite.any() and (lses[0][finite] - lses[1][finite]).abs().max().item() < 2e-3
 
 
 def test_without_the_switch_calls_keep_the_portable_kernel(monkeypatch):

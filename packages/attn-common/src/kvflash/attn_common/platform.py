@@ -28,7 +28,8 @@ __all__ = [
     "GLUON_ENV",
 ]
 
-# Set to 1 to let calls take the Hopper-only Gluon kernels (experimental: off until the whole GPU tier passes on them).
+# Set to 0 to keep every call on the portable Triton kernels (on sm_90 with Triton 3.6 the Hopper-only Gluon kernels
+# serve the calls they cover by default).
 GLUON_ENV = "KVFLASH_GLUON"
 # The Gluon dialect is experimental and its API moves between Triton releases: the Hopper kernels are written
 # against these.
@@ -183,9 +184,9 @@ def _hopper_gluon(device_type: str, index: int) -> bool:
 
 def hopper_gluon_available(device: torch.device) -> bool:
     """Whether ``device`` takes the Hopper-only Gluon kernels: an sm_90 NVIDIA GPU (H100, H200), a Triton release
-    whose Gluon API the kernels are written for, no interpreter, and ``KVFLASH_GLUON=1`` (experimental, off by
-    default; read at every call, like ``TRITON_INTERPRET``)."""
-    if device.type != "cuda" or os.environ.get(GLUON_ENV, "0") != "1" or interpreter_enabled():
+    whose Gluon API the kernels are written for, no interpreter, and not ``KVFLASH_GLUON=0`` (the switch that sends
+    every call to the portable Triton kernels; read at every call, like ``TRITON_INTERPRET``)."""
+    if device.type != "cuda" or os.environ.get(GLUON_ENV, "1") == "0" or interpreter_enabled():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _hopper_gluon(device.type, index)

@@ -1,13 +1,13 @@
 """The Hopper path of chunked prefill: when it applies, and its launch (the kernel: ``hopper_kernel``, Gluon).
 
-Experimental, off unless ``KVFLASH_GLUON=1`` (:func:`kvflash.attn_common.platform.hopper_gluon_available`): on an
-sm_90 GPU, a paged, causal call over a 16-bit cache without softcap, ALiBi, sinks or a window takes a
-FlashAttention-3-style kernel: a producer warp loads Q and the K/V pages by TMA into a shared-memory ring, two
-consumer warpgroups run wgmma and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 +
-2048): the prototype 573 TFLOP/s (1 x 16384: 571), this form in the quick bench 531, against 380 for the portable
-kernel and 574-594 for cuDNN's dense causal attention. Every other call, and every call with an explicit launch
-config (the tuning sweeps), takes the portable kernel. Nothing here reads a tensor value: the choice comes from
-dtypes, shapes, strides and Python scalars.
+The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call on the portable kernel; see
+:func:`kvflash.attn_common.platform.hopper_gluon_available`): a paged, causal call over a 16-bit or FP8 cache without
+softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
+into a shared-memory ring (over an FP8 cache it also widens the tiles to fp16), two consumer warpgroups run wgmma and
+the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), bench of 2026-12-03: bf16 578
+TFLOP/s (cuDNN's dense causal attention 597; the portable kernel 380), e4m3 cache 380 (portable 325). Every other
+call, and every call with an explicit launch config (the tuning sweeps), takes the portable kernel. Nothing here
+reads a tensor value: the choice comes from dtypes, shapes, strides and Python scalars.
 """
 
 from __future__ import annotations
@@ -23,13 +23,17 @@ from kvflash.attn_common.platform import hopper_gluon_available, multiprocessor_
 __all__ = ["hopper_prefill_applies", "launch_hopper_prefill"]
 
 HEAD_SIZES = (64, 128, 256)
+FP8_HEAD_SIZES = (64, 128)  # the fp8 staging ring leaves no room for D 256 tiles
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 BLOCK_M = 128  # query tokens of one query head per work item: two consumer warpgroups of 64 rows
 STAGES = 2  # K/V tiles in flight (3 do not fit beside two Q buffers at D 128)
-# Registers per thread: ptxas gets 168 (64K / 384 threads); the warpgroups re-split them as 232 per consumer and
-# 40 for the producer (3 * 168 = 232 + 232 + 40).
+# Registers per thread: ptxas gets 168 (64K / 384 threads); the warpgroups re-split them (3 * 168 = 504). A 16-bit
+# cache: 232 per consumer, 40 for the producer (one warp issuing TMA). An FP8 cache: 224 and 56, the producer's four
+# warps widening 64 rows at a time (H200, 4 x (2048 + 2048) e4m3, page 16: 232/40 with 16 rows 290 TFLOP/s, 32
+# rows 318, 64 rows 322; 224/56 with 32 rows 364, 64 rows 381).
 MAX_REGISTERS = 168
-CONSUMER_REGISTERS = 232
-PRODUCER_REGISTERS = 40
+REGISTER_SPLIT = {False: (232, 40), True: (224, 56)}  # KV_FP8 -> (consumer, producer)
+WIDEN_ROWS = 64  # FP8 caches: K/V rows the producer's warps widen per step (4 x 16-byte loads per thread at D 128)
 SHARED_MEMORY_LIMIT = 227 * 1024
 TMA_ALIGNMENT = 16  # bytes: base addresses and row strides of TMA views
 
@@ -57,15 +61,19 @@ def hopper_prefill_applies(
 ) -> bool:
     """Whether the Hopper kernel serves this (already checked and normalised) call.
 
-    It takes: a paged cache in ``q``'s 16-bit dtype laid out ``[num_blocks, page, Hkv, D]`` without padding
-    (TMA views it as ``[num_blocks * page, Hkv * D]``), pages of a power of two >= 8 tokens, ``D`` 64, 128 or 256,
-    ``q`` with ``stride(1) == D``, causal (no other window), per-(sequence, KV head) descales, no softcap, ALiBi,
-    sinks, fp8 output or fp8 query, 16-byte-aligned bases and row strides. The switch and the device are asked first:
-    with the path off (the default) a call pays one environment read here.
+    It takes: a paged cache in ``q``'s 16-bit dtype (``D`` 64, 128 or 256) or in ``float8_e4m3fn`` /
+    ``float8_e5m2`` (``D`` 64 or 128) laid out ``[num_blocks, page, Hkv, D]`` without padding (TMA views it as
+    ``[num_blocks * page, Hkv * D]``), pages of a power of two >= 8 tokens, ``q`` with ``stride(1) == D``, causal
+    (no other window), per-(sequence, KV head) descales, no softcap, ALiBi, sinks, fp8 output or fp8 query,
+    16-byte-aligned bases and row strides. The switch and the device are asked first: with the path off
+    (``KVFLASH_GLUON=0``) or another GPU a call pays one environment read here.
     """
     if not hopper_gluon_available(q.device):
         return False
-    if block_table is None or k.dtype != q.dtype or q.dtype not in (torch.float16, torch.bfloat16):
+    if block_table is None or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    kv_fp8 = k.dtype in FP8_CACHE_DTYPES
+    if k.dtype != q.dtype and not kv_fp8:
         return False
     if not (window_left < 0 and window_right == 0) or softcap > 0:
         return False
@@ -74,7 +82,8 @@ def hopper_prefill_applies(
     if k_descale.dim() != 2:  # per-token-head descales (FP8 caches only)
         return False
     num_blocks, page, num_kv_heads, head_size = k.shape
-    if head_size not in HEAD_SIZES or page < 8 or page & (page - 1) or num_blocks * page >= 2**31:
+    head_sizes = FP8_HEAD_SIZES if kv_fp8 else HEAD_SIZES
+    if head_size not in head_sizes or page < 8 or page & (page - 1) or num_blocks * page >= 2**31:
         return False
     packed = (page * num_kv_heads * head_size, num_kv_heads * head_size, head_size, 1)
     if k.stride() != packed or v.stride() != packed or q.stride(1) != head_size or q.stride(2) != 1:
@@ -87,16 +96,22 @@ def hopper_prefill_applies(
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_layouts(head_size: int, page: int, is_bf16: bool):
+def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: torch.dtype):
     """TMA box shapes and their shared-memory layouts: Q ``[BLOCK_M, D]``, K/V ``[min(page, BLOCK_N), D]``."""
     from triton.experimental.gluon import language as gl
 
-    dtype = gl.bfloat16 if is_bf16 else gl.float16
+    gl_dtypes = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv,
+                 torch.float8_e5m2: gl.float8e5}  # fmt: skip
     q_box = [BLOCK_M, head_size]
     kv_box = [min(page, _block_n(head_size)), head_size]
-    return q_box, kv_box, gl.NVMMASharedLayout.get_default_for(q_box, dtype), gl.NVMMASharedLayout.get_default_for(
-        kv_box, dtype
-    )
+    q_layout = gl.NVMMASharedLayout.get_default_for(q_box, gl_dtypes[q_dtype])
+    return q_box, kv_box, q_layout, gl.NVMMASharedLayout.get_default_for(kv_box, gl_dtypes[kv_dtype])
+
+
+def _shared_bytes(q_buffers: int, head_size: int, kv_fp8: bool) -> int:
+    """Shared memory of one program: Q buffers, the 16-bit K/V ring, the fp8 staging ring, barriers."""
+    ring = 2 * STAGES * _block_n(head_size) * head_size
+    return q_buffers * BLOCK_M * head_size * 2 + ring * 2 + (ring if kv_fp8 else 0) + 1024
 
 
 def launch_hopper_prefill(
@@ -129,9 +144,10 @@ def launch_hopper_prefill(
     num_blocks, page, num_kv_heads, _ = k.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     block_n = _block_n(head_size)
-    q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype == torch.bfloat16)
+    kv_fp8 = k.dtype in FP8_CACHE_DTYPES
+    q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype)
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
-    q_buffers = 2 if (2 * BLOCK_M + 2 * STAGES * block_n) * head_size * 2 + 1024 <= SHARED_MEMORY_LIMIT else 1
+    q_buffers = 2 if _shared_bytes(2, head_size, kv_fp8) <= SHARED_MEMORY_LIMIT else 1
     rows, width = num_blocks * page, num_kv_heads * head_size
     q_desc = TensorDescriptor(q, [total_q, num_q_heads * head_size], [q.stride(0), 1], q_box, q_layout)
     k_desc = TensorDescriptor(k, [rows, width], [width, 1], kv_box, kv_layout)
@@ -178,10 +194,13 @@ def launch_hopper_prefill(
         Q_BUFS=q_buffers,
         WRITE_LSE=lse is not None,
         PINGPONG=True,
-        ASM_CVT=q.dtype == torch.bfloat16,
-        CONSUMER_REGS=CONSUMER_REGISTERS,
-        PRODUCER_REGS=PRODUCER_REGISTERS,
-        PRODUCER_WARPS=1,
+        ASM_CVT=q.dtype == torch.bfloat16 and not kv_fp8,
+        KV_FP8=kv_fp8,
+        Q_TO_FP16=kv_fp8 and q.dtype == torch.bfloat16,
+        WIDEN_ROWS=WIDEN_ROWS,
+        CONSUMER_REGS=REGISTER_SPLIT[kv_fp8][0],
+        PRODUCER_REGS=REGISTER_SPLIT[kv_fp8][1],
+        PRODUCER_WARPS=4 if kv_fp8 else 1,  # FP8: the producer's warps also widen the tiles
         num_warps=4,
         maxnreg=MAX_REGISTERS,
     )
