@@ -77,7 +77,15 @@ def main() -> int:
     )
     # The whole tier took 389 s with 8 workers on a fresh H200 machine (f7415f3); the device allows 600 s a command.
     parser.add_argument("--test-timeout", type=float, default=540.0, help="seconds for the whole pytest run")
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="KVFLASH_GLUON=0: the portable Triton kernels serve every call, also where a Hopper kernel would "
+        "(the Hopper kernels' own tests switch them back on)",
+    )
     args = parser.parse_args()
+    if args.portable:
+        os.environ["KVFLASH_GLUON"] = "0"  # read at every call; the pytest and bench children inherit it
     out = pathlib.Path(os.environ.get("OUT", ROOT / "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -86,7 +94,8 @@ def main() -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     import triton
 
-    print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}", flush=True)
+    kernels = "portable Triton only" if args.portable else "Hopper kernels where they apply"
+    print(f"device: {device}; torch {torch.__version__}; triton {triton.__version__}; {kernels}", flush=True)
     rows = []
     junit = out / "junit.xml"
     # -v: every test's outcome is a line of the log as it finishes, so a run stopped by its timeout still names its
