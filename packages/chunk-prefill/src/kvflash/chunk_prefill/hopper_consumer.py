@@ -1,0 +1,244 @@
+"""The consumer partitions of the Hopper prefill kernel (Gluon; jit only): wgmma and the online softmax.
+
+Two warpgroups, 64 query rows of each work item each (``WG`` 0 and 1), run ``S = Q K^T`` and ``O += P V`` as async
+wgmma with the online softmax between them, taking turns on the tensor cores (``PINGPONG``), and write ``out`` and
+``lse``. Over an FP8 cache a bf16 query is first rewritten as fp16 (:func:`_query_to_fp16`).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from kvflash.chunk_prefill.hopper_schedule import work_item
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, qk_scale, q_pos, start_n, MASKED: gl.constexpr):
+    """Online-softmax step in the log2 domain: returns (P in fp32, alpha, m, l).
+
+    P stays fp32 (in S's registers) here and is packed to bf16 by :func:`_to_operand` after the previous PV wgmma
+    has completed: the packed P is loop-carried and shares registers with the P that wgmma reads."""
+    if MASKED:
+        # Scale first, then hide: with K's descale negative or zero, a hidden -inf score would scale to +inf or NaN.
+        cols = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
+        visible = gl.expand_dims(cols, 0) <= gl.expand_dims(q_pos, 1)
+        t = gl.where(visible, s * qk_scale, gl.full_like(s, float("-inf")))
+        m_new = gl.maximum(m_i, gl.max(t, axis=1))
+        # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
+        m_use = gl.where(m_new == float("-inf"), gl.zeros_like(m_new), m_new)
+        p = gl.exp2(t - gl.expand_dims(m_use, 1))
+    else:
+        # Every score visible and finite: the largest scaled score of a row is its largest score times a
+        # non-negative scale, or its smallest times a negative one (K's descale may be negative); one FFMA per score.
+        if qk_scale >= 0:
+            row_top = gl.max(s, axis=1)
+        else:
+            row_top = gl.min(s, axis=1)
+        m_new = gl.maximum(m_i, row_top * qk_scale)
+        m_use = m_new
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, axis=1)
+    return p, alpha, m_new, l_i
+
+
+@gluon.jit
+def _to_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, ASM_CVT: gl.constexpr):
+    if ASM_CVT:  # one cvt.rn.bf16x2 per pair in the order the wgmma operand wants (no PRMT fix-ups)
+        p16 = gl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $2, $1;", "=r,r,r", [p], dtype=gl.bfloat16,
+                                        is_pure=False, pack=2)
+    else:
+        p16 = p.to(dtype)
+    return gl.convert_layout(p16, p_layout)
+
+
+@gluon.jit
+def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i, l_i,
+                   qk_scale, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
+                   BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
+                   ASM_CVT: gl.constexpr):
+    """Key tile j of the item (ring slot of global tile g = it + j; turn wait number t)."""
+    sk = g % STAGES
+    phk = (g // STAGES) & 1
+    sv = (g - 1) % STAGES
+    phv = ((g - 1) // STAGES) & 1
+    mbarrier.wait(k_ready.index(sk), phk)
+    mbarrier.wait(v_ready.index(sv), phv)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), t & 1)
+    s_acc = warpgroup_mma(q_view, k_smem.index(sk).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+    o = warpgroup_mma(p, v_smem.index(sv), o, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
+    mbarrier.arrive(k_empty.index(sk))
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, q_pos, j * BLOCK_N, MASKED)
+    o = warpgroup_mma_wait(0, deps=(o, ))
+    p = _to_operand(p32, p.dtype, p_layout, ASM_CVT)
+    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+    o = o * gl.expand_dims(alpha_o, 1)
+    mbarrier.arrive(v_empty.index(sv))
+    return s_acc, o, p, m_i, l_i
+
+
+@gluon.jit
+def _query_to_fp16(src, dst, HEAD_D: gl.constexpr):
+    """In place: this warpgroup's ``[64, HEAD_D]`` bf16 query rows (``src``) become fp16 (``dst``, the same bytes)
+    times the power of two ``2^e`` that puts the largest ``|q|`` of the 64 rows in ``[2^14, 2^15)``: exact for
+    bf16's 8 significant bits down to ``2^-31`` of that maximum, and no overflow. Returns ``2^e``. Each element is
+    read and written by the same thread (one layout), so the rewrite needs no barrier of its own."""
+    CH: gl.constexpr = 16
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    top = gl.max(gl.max(gl.abs(src.slice(0, CH).load(blk).to(gl.float32)), axis=1), axis=0)
+    for c in gl.static_range(1, 64 // CH):
+        top = gl.maximum(top, gl.max(gl.max(gl.abs(src.slice(c * CH, CH).load(blk).to(gl.float32)), axis=1), axis=0))
+    e = gl.floor(gl.log2(gl.where(top > 0, top, 1.0)))
+    mult = gl.exp2(gl.minimum(14.0 - e, 126.0))
+    for c in gl.static_range(64 // CH):
+        x = src.slice(c * CH, CH).load(blk).to(gl.float32) * mult
+        dst.slice(c * CH, CH).store(x.to(gl.float16))
+    fence_async_shared()  # generic stores before the async-proxy wgmma reads
+    gl.thread_barrier()
+    return mult
+
+
+@gluon.jit
+def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph, k_ready, k_empty, v_ready, v_empty,
+                   turn, it, tc, out_ptr, lse_ptr, head, q_start, q_len, kv_len, tok0, n_tiles, n_full, qk_scale,
+                   v_scale, stride_o_token, stride_o_head, stride_lse_head, WG: gl.constexpr, BLOCK_N: gl.constexpr,
+                   HEAD_D: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
+                   ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr):
+    """One work item for this warpgroup's 64 rows; ``q_view`` is its Q slice as loaded, ``q_mma`` the same bytes as
+    the MMA reads them (fp16 over an FP8 cache with a bf16 query: :func:`_query_to_fp16`)."""
+    M: gl.constexpr = 64
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+
+    rows = tok0 + WG * M + gl.arange(0, M, layout=row_layout)
+    # rows past the sequence (their output is not stored) see every key, never an empty row
+    q_pos = gl.minimum(kv_len - q_len + rows, kv_len - 1)
+
+    s_acc = gl.zeros([M, BLOCK_N], gl.float32, s_layout)
+    o = gl.zeros([M, HEAD_D], gl.float32, o_layout)
+    m_i = gl.full([M], float("-inf"), gl.float32, row_layout)
+    l_i = gl.zeros([M], gl.float32, row_layout)
+
+    mbarrier.wait(q_ready_bar, qph)
+    if Q_TO_FP16:
+        qk_scale = qk_scale / _query_to_fp16(q_view, q_mma, HEAD_D)
+    # ---- tile 0 (peeled, masked) ----
+    s0 = it % STAGES
+    mbarrier.wait(k_ready.index(s0), (it // STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), tc & 1)
+    s_acc = warpgroup_mma(q_mma, k_smem.index(s0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
+    mbarrier.arrive(k_empty.index(s0))
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, q_pos, 0, True)
+    p = _to_operand(p32, q_mma.dtype, p_layout, ASM_CVT)
+
+    # ---- unmasked tiles, then the diagonal / sequence-end tiles ----
+    for j in range(1, n_full):
+        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
+                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, q_pos, p_layout,
+                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, False, ASM_CVT)
+    for j in range(gl.maximum(n_full, 1), n_tiles):
+        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
+                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, q_pos, p_layout,
+                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, True, ASM_CVT)
+    mbarrier.arrive(q_empty_bar)  # every QK wgmma of the item is complete: Q may be overwritten
+
+    # ---- PV of the last tile ----
+    gl_ = it + n_tiles - 1
+    sv = gl_ % STAGES
+    mbarrier.wait(v_ready.index(sv), (gl_ // STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), (tc + n_tiles) & 1)
+    o = warpgroup_mma(p, v_smem.index(sv), o, is_async=True)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - WG))
+    o = warpgroup_mma_wait(0, deps=(o, ))
+    mbarrier.arrive(v_empty.index(sv))
+
+    # ---- epilogue ----
+    o_rows_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+    l_o = gl.convert_layout(l_i, o_rows_layout)
+    inv = gl.where(l_o > 0, v_scale / l_o, gl.zeros_like(l_o))  # V's descale applies once, to the output
+    out = (o * gl.expand_dims(inv, 1)).to(out_ptr.dtype.element_ty)
+    rows_o = tok0 + WG * M + gl.arange(0, M, layout=o_rows_layout)
+    cols_o = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, o_layout))
+    offs = (q_start + rows_o).to(gl.int64) * stride_o_token + head * stride_o_head
+    ptrs = out_ptr + gl.expand_dims(offs, 1) + gl.expand_dims(cols_o, 0)
+    gl.store(ptrs, out, mask=gl.expand_dims(rows_o < q_len, 1))
+    if WRITE_LSE:
+        LN2: gl.constexpr = 0.6931471805599453
+        lse = gl.where(l_i > 0, (m_i + gl.log2(l_i)) * LN2, gl.full_like(l_i, float("-inf")))
+        gl.store(lse_ptr + head.to(gl.int64) * stride_lse_head + q_start + rows, lse, mask=rows < q_len)
+
+
+@gluon.jit
+def _write_empty(out_ptr, lse_ptr, head, q_start, q_len, tok0, stride_o_token, stride_o_head, stride_lse_head,
+                 WG: gl.constexpr, HEAD_D: gl.constexpr, WRITE_LSE: gl.constexpr):
+    """A valid tile no key is visible to: zeros (lse = -inf) for this warpgroup's 64 rows."""
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    r = tok0 + WG * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, blk))
+    c = gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, blk))
+    offs = (q_start + r).to(gl.int64) * stride_o_token + head * stride_o_head
+    ptrs = out_ptr + gl.expand_dims(offs, 1) + gl.expand_dims(c, 0)
+    gl.store(ptrs, gl.zeros([64, HEAD_D], out_ptr.dtype.element_ty, blk), mask=gl.expand_dims(r < q_len, 1))
+    if WRITE_LSE:
+        l1: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+        r1 = tok0 + WG * 64 + gl.arange(0, 64, layout=l1)
+        gl.store(lse_ptr + head.to(gl.int64) * stride_lse_head + q_start + r1,
+                 gl.full([64], float("-inf"), gl.float32, l1), mask=r1 < q_len)
+
+
+@gluon.jit
+def consumer_partition(
+    q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
+    cu_seqlens_q_ptr, seqused_k_ptr, k_descale_ptr, v_descale_ptr, num_seqs, num_q_tiles, num_heads, total_q,
+    kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head, stride_kd_seq,
+    stride_kd_head, stride_vd_seq, stride_vd_head, GROUP: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, WRITE_LSE: gl.constexpr,
+    PINGPONG: gl.constexpr, ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr,
+):
+    it = 0  # K/V tiles consumed so far (ring position)
+    tc = 0  # turn waits so far
+    qc = 0  # Q tiles consumed so far
+    for w in range(pid, num_q_tiles * num_heads, nprog):
+        valid, head, seq, q_start, q_len, tok0, kv_len, n_tiles, n_full = work_item(
+            w, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len,
+            BLOCK_M, BLOCK_N)
+        if n_tiles > 0:
+            qb = qc % Q_BUFS
+            q_buf = q_smem.index(qb)
+            q_view = q_buf.slice(WG * 64, 64)
+            if Q_TO_FP16:
+                q_mma = q_buf._reinterpret(gl.float16, [BLOCK_M, HEAD_D], q_buf.layout).slice(WG * 64, 64)
+            else:
+                q_mma = q_view
+            kv_head = head // GROUP
+            k_scale = gl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
+            v_scale = gl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+            _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready.index(qb), q_empty.index(qb), (qc // Q_BUFS) & 1,
+                           k_ready, k_empty, v_ready, v_empty, turn, it, tc, out_ptr, lse_ptr, head, q_start, q_len,
+                           kv_len, tok0, n_tiles, n_full, qk_scale * k_scale, v_scale, stride_o_token, stride_o_head,
+                           stride_lse_head,
+                           WG, BLOCK_N, HEAD_D, STAGES, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16)
+            it += n_tiles
+            tc += n_tiles + 1
+            qc += 1
+        elif valid:
+            _write_empty(out_ptr, lse_ptr, head, q_start, q_len, tok0, stride_o_token, stride_o_head,
+                         stride_lse_head, WG, HEAD_D, WRITE_LSE)

@@ -1,0 +1,194 @@
+"""The producer partition of the Hopper prefill kernel (Gluon; jit only): Q and the K/V tiles into shared memory.
+
+Per work item: Q by TMA into one of ``Q_BUFS`` buffers, then the item's key tiles, one TMA box per page of the cache
+viewed as ``[num_blocks * PAGE, Hkv * D]`` (the page ids of a tile read once, for K and V). A 16-bit cache lands
+straight in the consumers' ``STAGES``-deep ring; the V rows past ``kv_len`` of a sequence's last tile are zeroed
+in shared memory (unused cache slots may hold NaN). An FP8 cache lands in an fp8 staging ring one tile ahead, and
+the producer's 4 warps widen each tile to fp16 into the consumers' ring. Every hand-over is an mbarrier
+(``*_ready`` / ``*_empty`` pairs per ring slot).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+)
+
+from kvflash.chunk_prefill.hopper_schedule import work_item
+
+
+@gluon.jit
+def _box_rows(bt_row_ptr, start_n, kv_len, num_blocks, PAGE: gl.constexpr, BOX: gl.constexpr, NBOX: gl.constexpr,
+              NUM_WARPS: gl.constexpr):
+    """Rows of the flattened ``[num_blocks * PAGE, Hkv * D]`` cache where the ``NBOX`` page boxes of the key tile
+    starting at ``start_n`` begin: ``[NBOX]`` int32, every thread holding all of them (one vector load of page ids
+    per tile, for K and V). A box at or past ``kv_len`` gets the out-of-bounds row ``num_blocks * PAGE``, which TMA
+    fills with zeros; page ids are clamped."""
+    layout: gl.constexpr = gl.BlockedLayout([NBOX], [32], [NUM_WARPS], [0])
+    key = start_n + gl.arange(0, NBOX, layout=layout) * BOX
+    valid = key < kv_len
+    page = gl.load(bt_row_ptr + key // PAGE, mask=valid, other=0)
+    page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+    return gl.where(valid, page * PAGE + key % PAGE, num_blocks * PAGE)
+
+
+@gluon.jit
+def _zero_tail(buf, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """Zero rows ``>= valid`` of a ``[BLOCK_N, HEAD_D]`` shared tile, 16 (8 with one warp) rows at a time (generic
+    proxy stores; the caller fences before the async-proxy wgmma reads them)."""
+    CH: gl.constexpr = 16 if NUM_WARPS >= 4 else 8
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+    rows = gl.arange(0, CH, layout=gl.SliceLayout(1, blk))
+    for c in gl.static_range(BLOCK_N // CH):
+        if c * CH + CH > valid:
+            chunk = buf.slice(c * CH, CH)
+            x = chunk.load(blk)
+            keep = gl.expand_dims(c * CH + rows < valid, 1)
+            x = gl.where(keep, x, gl.zeros_like(x))
+            chunk.store(x)
+
+
+@gluon.jit
+def _widen_tile(src, dst, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARPS: gl.constexpr,
+                MASK_TAIL: gl.constexpr, ROWS: gl.constexpr):
+    """``dst [BLOCK_N, HEAD_D]`` fp16 = ``src`` fp8 (e4m3 or e5m2; exact: one hardware conversion per pair), ``ROWS``
+    rows at a time (at least one 16-byte load per thread), 16 bytes per thread per load; with ``MASK_TAIL`` rows
+    ``>= valid`` become 0 (unused cache slots may hold NaN)."""
+    TPR: gl.constexpr = HEAD_D // 16  # threads per row
+    MIN_CH: gl.constexpr = (32 // TPR) * NUM_WARPS
+    CH: gl.constexpr = ROWS if ROWS > MIN_CH else MIN_CH
+    blk: gl.constexpr = gl.BlockedLayout([1, 16], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
+    rows = gl.arange(0, CH, layout=gl.SliceLayout(1, blk))
+    for c in gl.static_range(BLOCK_N // CH):
+        x = src.slice(c * CH, CH).load(blk).to(gl.float16)
+        if MASK_TAIL:
+            x = gl.where(gl.expand_dims(c * CH + rows < valid, 1), x, gl.zeros_like(x))
+        dst.slice(c * CH, CH).store(x)
+
+
+@gluon.jit
+def _load_tile(desc, rows, col, bar, buf, BOX: gl.constexpr, NBOX: gl.constexpr):
+    """TMA loads of a key tile's ``NBOX`` page boxes (first rows ``rows``, from :func:`_box_rows`) into ``buf`` on
+    ``bar``. Each box's row is picked out of the thread's own registers (no shuffles)."""
+    box = gl.arange(0, NBOX, layout=rows.type.layout)
+    for b in gl.static_range(NBOX):
+        r = gl.sum(gl.where(box == b, rows, 0), axis=0)
+        tma.async_copy_global_to_shared(desc, [r, col], bar, buf.slice(b * BOX, BOX))
+
+
+@gluon.jit
+def _load_item_16bit(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, v_fix, vfc, bt_row, col, it,
+                     n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, PAGE: gl.constexpr,
+                     STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr):
+    """The item's K/V tiles straight into the ring (16-bit cache); returns the new ``v_fix`` use count."""
+    BOX: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+    NBOX: gl.constexpr = BLOCK_N // BOX
+    TILE_BYTES: gl.constexpr = BLOCK_N * HEAD_D * 2
+    for j in range(n_tiles):
+        g = it + j
+        s = g % STAGES
+        ph = ((g // STAGES) & 1) ^ 1  # fresh barriers: phase 1 counts as done
+        start_n = j * BLOCK_N
+        rows = _box_rows(bt_row, start_n, kv_len, num_blocks, PAGE, BOX, NBOX, PRODUCER_WARPS)
+        mbarrier.wait(k_empty.index(s), ph)
+        mbarrier.expect(k_ready.index(s), TILE_BYTES)
+        _load_tile(k_desc, rows, col, k_ready.index(s), k_smem.index(s), BOX, NBOX)
+        mbarrier.wait(v_empty.index(s), ph)
+        if start_n + BLOCK_N <= kv_len:
+            mbarrier.expect(v_ready.index(s), TILE_BYTES)
+            _load_tile(v_desc, rows, col, v_ready.index(s), v_smem.index(s), BOX, NBOX)
+        else:
+            # the sequence's last tile: land V on a private barrier, zero the rows past kv_len (unused slots of the
+            # last page may hold anything, NaN included), then publish
+            mbarrier.expect(v_fix, TILE_BYTES)
+            _load_tile(v_desc, rows, col, v_fix, v_smem.index(s), BOX, NBOX)
+            mbarrier.wait(v_fix, vfc & 1)
+            vfc += 1
+            _zero_tail(v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS)
+            fence_async_shared()
+            gl.thread_barrier()
+            mbarrier.arrive(v_ready.index(s))
+    return vfc
+
+
+@gluon.jit
+def _load_item_fp8(k_desc, v_desc, k8_smem, v8_smem, kv8_ready, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                   bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                   PAGE: gl.constexpr, STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
+                   WIDEN_ROWS: gl.constexpr):
+    """The item's K/V tiles of an FP8 cache: TMA into the fp8 staging ring (one tile ahead), then the producer's
+    warps widen each tile to fp16 into the consumers' ring (rows of V past ``kv_len`` zeroed)."""
+    BOX: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+    NBOX: gl.constexpr = BLOCK_N // BOX
+    STAGED_BYTES: gl.constexpr = 2 * BLOCK_N * HEAD_D  # K and V tiles, one byte per element
+    s0 = it % STAGES
+    rows = _box_rows(bt_row, 0, kv_len, num_blocks, PAGE, BOX, NBOX, PRODUCER_WARPS)
+    mbarrier.expect(kv8_ready.index(s0), STAGED_BYTES)
+    _load_tile(k_desc, rows, col, kv8_ready.index(s0), k8_smem.index(s0), BOX, NBOX)
+    _load_tile(v_desc, rows, col, kv8_ready.index(s0), v8_smem.index(s0), BOX, NBOX)
+    for j in range(n_tiles):
+        g = it + j
+        s = g % STAGES
+        ph = (g // STAGES) & 1
+        start_n = j * BLOCK_N
+        if j + 1 < n_tiles:  # staging slot (g + 1) % STAGES was widened one step ago, behind a thread barrier
+            s1 = (g + 1) % STAGES
+            rows = _box_rows(bt_row, start_n + BLOCK_N, kv_len, num_blocks, PAGE, BOX, NBOX, PRODUCER_WARPS)
+            mbarrier.expect(kv8_ready.index(s1), STAGED_BYTES)
+            _load_tile(k_desc, rows, col, kv8_ready.index(s1), k8_smem.index(s1), BOX, NBOX)
+            _load_tile(v_desc, rows, col, kv8_ready.index(s1), v8_smem.index(s1), BOX, NBOX)
+        mbarrier.wait(kv8_ready.index(s), ph)
+        mbarrier.wait(k_empty.index(s), ph ^ 1)
+        # K rows past kv_len need no zeroing: their scores are masked
+        _widen_tile(k8_smem.index(s), k_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False,
+                    WIDEN_ROWS)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(k_ready.index(s))
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        if start_n + BLOCK_N <= kv_len:
+            _widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False,
+                        WIDEN_ROWS)
+        else:
+            _widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
+                        WIDEN_ROWS)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(v_ready.index(s))
+
+
+@gluon.jit
+def producer_partition(
+    q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+    v_empty, v_fix, kv8_ready, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles,
+    num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, KV_FP8:
+    gl.constexpr, PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr,
+):
+    it = 0  # K/V tiles loaded so far (ring position)
+    qc = 0  # Q tiles loaded so far
+    vfc = 0  # uses of the v_fix barrier so far (16-bit caches)
+    for w in range(pid, num_q_tiles * num_heads, nprog):
+        valid, head, seq, q_start, q_len, tok0, kv_len, n_tiles, n_full = work_item(
+            w, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len,
+            BLOCK_M, BLOCK_N)
+        if n_tiles > 0:
+            qb = qc % Q_BUFS
+            mbarrier.wait(q_empty.index(qb), ((qc // Q_BUFS) & 1) ^ 1)  # fresh barriers: phase 1 counts as done
+            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_start + tok0, head * HEAD_D], q_ready.index(qb),
+                                            q_smem.index(qb))
+            bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt_seq
+            col = (head // GROUP) * HEAD_D
+            if KV_FP8:
+                _load_item_fp8(k_desc, v_desc, k8_smem, v8_smem, kv8_ready, k_smem, v_smem, k_ready, k_empty,
+                               v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE,
+                               STAGES, PRODUCER_WARPS, WIDEN_ROWS)
+            else:
+                vfc = _load_item_16bit(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, v_fix, vfc,
+                                       bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE, STAGES,
+                                       PRODUCER_WARPS)
+            it += n_tiles
+            qc += 1
