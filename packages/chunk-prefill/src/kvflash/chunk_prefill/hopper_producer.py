@@ -164,8 +164,8 @@ def producer_partition(
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
     v_empty, v_fix, kv8_ready, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles,
     num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, KV_FP8:
-    gl.constexpr, PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr,
+    HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
+    KV_FP8: gl.constexpr, PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr,
 ):
     it = 0  # K/V tiles loaded so far (ring position)
     qc = 0  # Q tiles loaded so far
