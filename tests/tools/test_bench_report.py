@@ -232,3 +232,25 @@ def test_plot_is_written(tmp_path):
     report.write_report(_synthetic(), md, png)
     assert png.stat().st_size > 10_000
     assert "](plots/bench.png)" in md.read_text()
+
+
+def test_later_partial_runs_get_their_own_section(tmp_path):
+    main, later = _synthetic(), _synthetic(prefill={("4x(2048+2048)", "bf16"): 100.0})
+    later["results"] = [r for r in later["results"] if r["group"] == "prefill"]
+    later["meta"] |= {"commit": "abcdef0123456789", "mode": "quick", "argv": ["--quick", "--only", "prefill"],
+                      "note": "a later partial run"}  # fmt: skip
+    src, extra, md = tmp_path / "results.json", tmp_path / "later.json", tmp_path / "BENCHMARKS.md"
+    src.write_text(json.dumps(main))
+    extra.write_text(json.dumps(later))
+    assert report.main(["--from", str(src), "--later", str(extra), "--md", str(md), "--no-png"]) == 0
+    text = md.read_text()
+    assert f"--from {src} --later {extra}`" in text  # the regeneration command names both files
+    head, section = text.split("## Later partial runs")
+    section = section.split("## Method")[0]
+    assert "commit `abcdef012345`" in section and "--quick --only prefill" in section
+    assert "a later partial run" in section
+    # its slow bf16 prefill row (100 TFLOP/s) is listed there, and the targets stay the main run's: all met
+    assert "prefill 4x(2048+2048) bf16" in section and "100" in section
+    assert "decode 64x4096" not in section
+    statuses = [line for line in head.splitlines() if line.startswith("| prefill-vs-cudnn ")]
+    assert statuses and statuses[0].rstrip().endswith("| met |")
