@@ -27,8 +27,8 @@ SRC_DIRS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ) | (extra or {})
     paths = [str(p) for p in SRC_DIRS] + [env.get("PYTHONPATH", "")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["PYTHONUNBUFFERED"] = "1"
@@ -36,13 +36,18 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _run(cmd: list[str], log: pathlib.Path, timeout: float, quiet: tuple[str, ...] = ()) -> tuple[int, float]:
+def _run(
+    cmd: list[str], log: pathlib.Path, timeout: float, quiet: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> tuple[int, float]:
     """Run ``cmd``, every line into ``log`` as it comes (flushed: a run killed at its timeout keeps what it
-    printed), and to stdout unless it contains one of ``quiet``. Killed after ``timeout`` seconds: rc 124."""
+    printed), and to stdout unless it contains one of ``quiet``. Killed after ``timeout`` seconds: rc 124. ``env``:
+    variables set for the child only."""
     print("+", " ".join(cmd), flush=True)
     start = time.time()
     with log.open("w") as fh:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         timer = threading.Timer(timeout, proc.kill)  # reading stdout blocks: the deadline needs its own thread
         timer.start()
         try:
@@ -84,8 +89,7 @@ def main() -> int:
         "(the Hopper kernels' own tests switch them back on)",
     )
     args = parser.parse_args()
-    if args.portable:
-        os.environ["KVFLASH_GLUON"] = "0"  # read at every call; the pytest and bench children inherit it
+    child_env = {"KVFLASH_GLUON": "0"} if args.portable else {}  # for the pytest and bench children only
     out = pathlib.Path(os.environ.get("OUT", ROOT / "bench-out"))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -108,14 +112,14 @@ def main() -> int:
 
         if importlib.util.find_spec("xdist") is not None:
             cmd += ["-n", str(args.workers)]
-    rc, secs = _run(cmd, out / "pytest.log", args.test_timeout, quiet=(" PASSED", " SKIPPED"))
+    rc, secs = _run(cmd, out / "pytest.log", args.test_timeout, quiet=(" PASSED", " SKIPPED"), env=child_env)
     counts = _junit_counts(junit)
     rows.append(("tests", rc, secs, ", ".join(f"{k} {v}" for k, v in counts.items()) or "no junit"))
     if args.bench != "none":
         bench = [sys.executable, "-m", "tools.bench", "--out", str(out)]  # cwd: the repository root
         if args.bench == "quick":
             bench.append("--quick")
-        rc, secs = _run(bench, out / "bench.log", 540.0)
+        rc, secs = _run(bench, out / "bench.log", 540.0, env=child_env)
         rows.append((f"bench --{args.bench}", rc, secs, f"results in {out}"))
     print(f"\n=== gpu_check summary on {device} ===")
     for name, rc, secs, what in rows:

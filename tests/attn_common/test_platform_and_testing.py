@@ -14,6 +14,20 @@ def test_interpreter_flag(monkeypatch):
     assert not platform.compiles_to_ptx(torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    "value, off",
+    [(None, False), ("1", False), ("", False), ("0", True), ("false", True), (" No ", True), ("OFF", True)],
+)
+def test_gluon_switch(monkeypatch, value, off):
+    # Unset means on (the Hopper kernels are the default where they apply); 0 / false / no / off turn them off.
+    if value is None:
+        monkeypatch.delenv(platform.GLUON_ENV, raising=False)
+    else:
+        monkeypatch.setenv(platform.GLUON_ENV, value)
+    assert platform.gluon_switched_off() == off
+    assert not platform.hopper_gluon_available(torch.device("cpu"))  # never off a CUDA device
+
+
 def test_compiles_to_ptx_on_nvidia_outside_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert platform.compiles_to_ptx(torch.device("cuda")) == (not platform.is_rocm())

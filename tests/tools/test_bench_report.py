@@ -250,7 +250,7 @@ def test_later_partial_runs_get_their_own_section(tmp_path):
     assert "commit `abcdef012345`" in section and "--quick --only prefill" in section
     assert "a later partial run" in section
     # its slow bf16 prefill row (100 TFLOP/s) is listed there, and the targets stay the main run's: all met
-    assert "prefill 4x(2048+2048) bf16" in section and "100" in section
+    assert "| prefill 4x(2048+2048) bf16 |" in section and "| 100 TFLOP/s |" in section
     assert "decode 64x4096" not in section
     statuses = [line for line in head.splitlines() if line.startswith("| prefill-vs-cudnn ")]
     assert statuses and statuses[0].rstrip().endswith("| met |")

@@ -25,12 +25,14 @@ __all__ = [
     "current_device_index",
     "current_stream_handle",
     "hopper_gluon_available",
+    "gluon_switched_off",
     "GLUON_ENV",
 ]
 
-# Set to 0 to keep every call on the portable Triton kernels (on sm_90 with Triton 3.6 the Hopper-only Gluon kernels
-# serve the calls they cover by default).
+# Set to 0 (or false / no / off) to keep every call on the portable Triton kernels (on sm_90 with Triton 3.6 the
+# Hopper-only Gluon kernels serve the calls they cover by default).
 GLUON_ENV = "KVFLASH_GLUON"
+GLUON_OFF_VALUES = ("0", "false", "no", "off")
 # The Gluon dialect is experimental and its API moves between Triton releases: the Hopper kernels are written
 # against these.
 GLUON_TRITON_VERSIONS = ("3.6.",)
@@ -182,11 +184,17 @@ def _hopper_gluon(device_type: str, index: int) -> bool:
     return True
 
 
+def gluon_switched_off() -> bool:
+    """True when ``KVFLASH_GLUON`` is ``0``, ``false``, ``no`` or ``off`` (any case): every call then takes the
+    portable Triton kernels. Unset or any other value leaves the Gluon kernels on where they apply."""
+    return os.environ.get(GLUON_ENV, "").strip().lower() in GLUON_OFF_VALUES
+
+
 def hopper_gluon_available(device: torch.device) -> bool:
     """Whether ``device`` takes the Hopper-only Gluon kernels: an sm_90 NVIDIA GPU (H100, H200), a Triton release
-    whose Gluon API the kernels are written for, no interpreter, and not ``KVFLASH_GLUON=0`` (the switch that sends
-    every call to the portable Triton kernels; read at every call, like ``TRITON_INTERPRET``)."""
-    if device.type != "cuda" or os.environ.get(GLUON_ENV, "1") == "0" or interpreter_enabled():
+    whose Gluon API the kernels are written for, no interpreter, and not switched off (:func:`gluon_switched_off`;
+    read at every call, like ``TRITON_INTERPRET``)."""
+    if device.type != "cuda" or gluon_switched_off() or interpreter_enabled():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _hopper_gluon(device.type, index)

@@ -91,7 +91,11 @@ def _query_to_fp16(src, dst, HEAD_D: gl.constexpr):
     """In place: this warpgroup's ``[64, HEAD_D]`` bf16 query rows (``src``) become fp16 (``dst``, the same bytes)
     times the power of two ``2^e`` that puts the largest ``|q|`` of the 64 rows in ``[2^14, 2^15)``: exact for
     bf16's 8 significant bits down to ``2^-31`` of that maximum, and no overflow. Returns ``2^e``. Each element is
-    read and written by the same thread (one layout), so the rewrite needs no barrier of its own."""
+    read and written by the same thread (one layout), so the rewrite needs no barrier of its own.
+
+    One power for the 64 rows, where the portable kernel takes one per row: an element below ``2^-31`` of the
+    tile's largest ``|q|`` rounds, and a huge or non-finite ``|q|`` in any of the rows (rows past the sequence,
+    which belong to the next one, included) distorts the whole tile."""
     CH: gl.constexpr = 16
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     top = gl.max(gl.max(gl.abs(src.slice(0, CH).load(blk).to(gl.float32)), axis=1), axis=0)

@@ -30,8 +30,8 @@ FP8 caches (``KV_FP8``): the producer partition is 4 warps. TMA brings each K/V 
 staging ring (one tile ahead), and the producer's warps widen it to fp16 (one hardware conversion per pair, exact)
 into the consumers' ring, zeroing V rows past ``kv_len`` on the way; the consumers then run the 16-bit loop in fp16.
 A bf16 query is rewritten in shared memory by each consumer warpgroup, once per item, as fp16 times a power of two
-(``hopper_consumer._query_to_fp16``), whose inverse folds into the score scale: the same exact arithmetic as the
-portable kernel's FP8 path.
+(``hopper_consumer._query_to_fp16``), whose inverse folds into the score scale: the portable kernel's exact FP8
+arithmetic, but with one power per 64-row tile where the portable kernel takes one per row (see there).
 
 Consumer step (per warpgroup, FA3's intra-warpgroup pipelining): at step j it issues S_j = Q K_j^T and
 O += P_{j-1} V_{j-1} as two async wgmma groups, waits for S_j only, releases K_j, runs the online softmax of S_j,
@@ -106,6 +106,7 @@ def hopper_prefill_kernel(
 ):
     gl.static_assert(BLOCK_M == 128)
     gl.static_assert(num_warps == 4)
+    gl.static_assert(STAGES >= 2)  # FP8: the staging prefetch of tile g + 1 reuses the slot widened at g - 1
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     qk_scale = softmax_scale * 1.4426950408889634

@@ -5,7 +5,7 @@ The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call 
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
 into a shared-memory ring (over an FP8 cache it also widens the tiles to fp16), two consumer warpgroups run wgmma and
 the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), bench of 2026-12-03: bf16 578
-TFLOP/s (cuDNN's dense causal attention 597; the portable kernel 380), e4m3 cache 380 (portable 325). Every other
+TFLOP/s (cuDNN's dense causal attention 597; the portable kernel 380), e4m3 cache 380 (portable 323-325). Every other
 call, and every call with an explicit launch config (the tuning sweeps), takes the portable kernel. Nothing here
 reads a tensor value: the choice comes from dtypes, shapes, strides and Python scalars.
 """
