@@ -14,6 +14,7 @@ import torch
 __all__ = [
     "KVFlashDType",
     "FP8_TORCH_DTYPES",
+    "OCP_FP8_TORCH_DTYPES",
     "QUERY_TORCH_DTYPES",
     "MODEL_TORCH_DTYPES",
     "SCALE_TORCH_DTYPES",
@@ -68,6 +69,7 @@ _FROM_TORCH = {member.torch_dtype: member for member in KVFlashDType}
 # Every set of dtypes kvflash accepts, in one place.
 QUERY_TORCH_DTYPES = (torch.float16, torch.bfloat16)  # q, and out without output_scale
 FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2)  # FP8 KV caches
+OCP_FP8_TORCH_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)  # the FP8 caches NVIDIA converts in hardware
 MODEL_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the cache writer and quantiser read
 SCALE_TORCH_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # descale / scale tensors
 OUTPUT_FP8_DTYPE = torch.float8_e4m3fn  # out with output_scale

@@ -44,16 +44,15 @@ INTERPRETER_MULTIPROCESSORS = 4
 def interpreter_enabled() -> bool:
     """True when ``TRITON_INTERPRET`` is set to a true value (kernels then run on the CPU).
 
-    Read from the environment at every call (tests switch it), through a small table of the values seen: every
-    launch asks, so the string is not re-parsed each time."""
-    raw = os.environ.get("TRITON_INTERPRET")
-    found = _INTERPRET_VALUES.get(raw)
-    if found is None:
-        found = _INTERPRET_VALUES[raw] = (raw or "0").strip().lower() not in ("", "0", "false", "no")
-    return found
+    Read from the environment at every call (tests switch it)."""
+    return _env_word(os.environ.get("TRITON_INTERPRET") or "0") not in ("", "0", "false", "no")
 
 
-_INTERPRET_VALUES: dict[str | None, bool] = {}
+@functools.cache
+def _env_word(raw: str) -> str:
+    """An environment switch's value as compared: stripped, lower case. Cached per value seen: every launch asks
+    (``TRITON_INTERPRET``, ``KVFLASH_GLUON``), so a string is not re-parsed each time."""
+    return raw.strip().lower()
 
 
 def gpu_available() -> bool:
@@ -187,7 +186,7 @@ def _hopper_gluon(device_type: str, index: int) -> bool:
 def gluon_switched_off() -> bool:
     """True when ``KVFLASH_GLUON`` is ``0``, ``false``, ``no`` or ``off`` (any case): every call then takes the
     portable Triton kernels. Unset or any other value leaves the Gluon kernels on where they apply."""
-    return os.environ.get(GLUON_ENV, "").strip().lower() in GLUON_OFF_VALUES
+    return _env_word(os.environ.get(GLUON_ENV, "")) in GLUON_OFF_VALUES
 
 
 def hopper_gluon_available(device: torch.device) -> bool:

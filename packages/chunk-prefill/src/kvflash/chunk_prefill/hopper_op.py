@@ -17,6 +17,7 @@ import functools
 import torch
 import triton
 
+from kvflash.attn_common.dtypes import OCP_FP8_TORCH_DTYPES, QUERY_TORCH_DTYPES
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.platform import hopper_gluon_available, multiprocessor_count
 
@@ -24,7 +25,6 @@ __all__ = ["hopper_prefill_applies", "launch_hopper_prefill"]
 
 HEAD_SIZES = (64, 128, 256)
 FP8_HEAD_SIZES = (64, 128)  # the fp8 staging ring leaves no room for D 256 tiles
-FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 BLOCK_M = 128  # query tokens of one query head per work item: two consumer warpgroups of 64 rows
 STAGES = 2  # K/V tiles in flight (3 do not fit beside two Q buffers at D 128)
 # Registers per thread: ptxas gets 168 (64K / 384 threads); the warpgroups re-split them (3 * 168 = 504). A 16-bit
@@ -70,9 +70,9 @@ def hopper_prefill_applies(
     """
     if not hopper_gluon_available(q.device):
         return False
-    if block_table is None or q.dtype not in (torch.float16, torch.bfloat16):
+    if block_table is None or q.dtype not in QUERY_TORCH_DTYPES:
         return False
-    kv_fp8 = k.dtype in FP8_CACHE_DTYPES
+    kv_fp8 = k.dtype in OCP_FP8_TORCH_DTYPES
     if k.dtype != q.dtype and not kv_fp8:
         return False
     if not (window_left < 0 and window_right == 0) or softcap > 0:
@@ -144,7 +144,7 @@ def launch_hopper_prefill(
     num_blocks, page, num_kv_heads, _ = k.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     block_n = _block_n(head_size)
-    kv_fp8 = k.dtype in FP8_CACHE_DTYPES
+    kv_fp8 = k.dtype in OCP_FP8_TORCH_DTYPES
     q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype)
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
     q_buffers = 2 if _shared_bytes(2, head_size, kv_fp8) <= SHARED_MEMORY_LIMIT else 1
