@@ -123,6 +123,23 @@ def test_hopper_path_fp8_query_of_tiny_and_zero_rows():
     check_chunk_prefill(case, causal=True)
 
 
+@pytest.mark.parametrize("path", ["hopper", "portable"])
+@pytest.mark.parametrize("huge_row", [5, 40], ids=["in-its-tile", "past-the-first-sequence"])
+def test_fp8_cache_a_huge_query_row_leaves_the_other_rows_alone(monkeypatch, path, huge_row):
+    """A bf16 query row of huge magnitude (2^40 x, still finite) over an FP8 cache: the fp16 rewrite takes one power of
+    two per row, so the rows beside it (in the same 128-row query tile; row 40 also lies in the first sequence's tile,
+    past its end) keep their precision. The portable kernel runs the same check."""
+    monkeypatch.setenv("KVFLASH_GLUON", "1" if path == "hopper" else "0")
+    case = make_case([(30, 200), (40, 300)], num_q_heads=4, num_kv_heads=2, head_size=128, q_dtype=torch.bfloat16,
+                     kv_dtype=torch.float8_e4m3fn, nan_unused=True, device="cuda", seed=11)  # fmt: skip
+    with torch.no_grad():
+        case.q[huge_row] *= 2.0**40
+    if path == "hopper":
+        _hopper()
+        assert _applies(case, causal=True)
+    check_chunk_prefill(case, causal=True)
+
+
 def test_hopper_path_equals_the_portable_kernel():
     """The same call through the Hopper kernel (no launch config) and the portable one (an explicit config)."""
     case = make_case(MIX, num_q_heads=16, num_kv_heads=4, head_size=128, q_dtype=torch.bfloat16, device="cuda", seed=5)

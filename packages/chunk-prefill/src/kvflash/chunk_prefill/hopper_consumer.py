@@ -18,16 +18,21 @@ from kvflash.chunk_prefill.hopper_schedule import work_item
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk_scale, q_pos, start_n, MASKED: gl.constexpr):
-    """Online-softmax step in the log2 domain: returns (P in fp32, alpha, m, l).
+def _softmax(s, m_i, l_i, qk, qk_sign, q_pos, start_n, MASKED: gl.constexpr, ROW_SCALE: gl.constexpr):
+    """Online-softmax step in the log2 domain: returns (P in fp32, alpha, m, l). ``qk`` is the score scale: a scalar,
+    or with ``ROW_SCALE`` one per query row (``[M]``, all of one sign); ``qk_sign`` is a scalar of that sign.
 
     P stays fp32 (in S's registers) here and is packed to bf16 by :func:`_to_operand` after the previous PV wgmma
     has completed: the packed P is loop-carried and shares registers with the P that wgmma reads."""
+    if ROW_SCALE:  # qk: [M], one score scale per query row (a per-row query rewrite)
+        scale = gl.expand_dims(qk, 1)
+    else:
+        scale = qk
     if MASKED:
         # Scale first, then hide: with K's descale negative or zero, a hidden -inf score would scale to +inf or NaN.
         cols = start_n + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s.type.layout))
         visible = gl.expand_dims(cols, 0) <= gl.expand_dims(q_pos, 1)
-        t = gl.where(visible, s * qk_scale, gl.full_like(s, float("-inf")))
+        t = gl.where(visible, s * scale, gl.full_like(s, float("-inf")))
         m_new = gl.maximum(m_i, gl.max(t, axis=1))
         # a row with nothing visible yet keeps m = -inf; subtract 0 instead (no inf - inf)
         m_use = gl.where(m_new == float("-inf"), gl.zeros_like(m_new), m_new)
@@ -35,13 +40,13 @@ def _softmax(s, m_i, l_i, qk_scale, q_pos, start_n, MASKED: gl.constexpr):
     else:
         # Every score visible and finite: the largest scaled score of a row is its largest score times a
         # non-negative scale, or its smallest times a negative one (K's descale may be negative); one FFMA per score.
-        if qk_scale >= 0:
+        if qk_sign >= 0:
             row_top = gl.max(s, axis=1)
         else:
             row_top = gl.min(s, axis=1)
-        m_new = gl.maximum(m_i, row_top * qk_scale)
+        m_new = gl.maximum(m_i, row_top * qk)
         m_use = m_new
-        p = gl.exp2(s * qk_scale - gl.expand_dims(m_use, 1))
+        p = gl.exp2(s * scale - gl.expand_dims(m_use, 1))
     alpha = gl.exp2(m_i - m_use)
     l_i = l_i * alpha + gl.sum(p, axis=1)
     return p, alpha, m_new, l_i
@@ -59,9 +64,9 @@ def _to_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, ASM_CVT: gl.cons
 
 @gluon.jit
 def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i, l_i,
-                   qk_scale, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
+                   qk_scale, qk_sign, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
-                   ASM_CVT: gl.constexpr):
+                   ASM_CVT: gl.constexpr, ROW_SCALE: gl.constexpr):
     """Key tile j of the item (ring slot of global tile g = it + j; turn wait number t)."""
     sk = g % STAGES
     phk = (g // STAGES) & 1
@@ -77,7 +82,7 @@ def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v
         mbarrier.arrive(turn.index(1 - WG))
     s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
     mbarrier.arrive(k_empty.index(sk))
-    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, q_pos, j * BLOCK_N, MASKED)
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_sign, q_pos, j * BLOCK_N, MASKED, ROW_SCALE)
     o = warpgroup_mma_wait(0, deps=(o, ))
     p = _to_operand(p32, p.dtype, p_layout, ASM_CVT)
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
@@ -87,28 +92,25 @@ def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v
 
 
 @gluon.jit
-def _query_to_fp16(src, dst, HEAD_D: gl.constexpr):
-    """In place: this warpgroup's ``[64, HEAD_D]`` bf16 query rows (``src``) become fp16 (``dst``, the same bytes)
-    times the power of two ``2^e`` that puts the largest ``|q|`` of the 64 rows in ``[2^14, 2^15)``: exact for
-    bf16's 8 significant bits down to ``2^-31`` of that maximum, and no overflow. Returns ``2^e``. Each element is
-    read and written by the same thread (one layout), so the rewrite needs no barrier of its own.
-
-    One power for the 64 rows, where the portable kernel takes one per row: an element below ``2^-31`` of the
-    tile's largest ``|q|`` rounds, and a huge or non-finite ``|q|`` in any of the rows (rows past the sequence,
-    which belong to the next one, included) distorts the whole tile."""
+def _query_to_fp16(src, dst, row_scale_smem, row_layout: gl.constexpr, HEAD_D: gl.constexpr):
+    """In place: each of this warpgroup's ``[64, HEAD_D]`` bf16 query rows (``src``) becomes fp16 (``dst``, the same
+    bytes) times the power of two ``2^e`` that puts the row's largest ``|q|`` in ``[2^14, 2^15)``: exact for bf16's 8
+    significant bits down to ``2^-31`` of the row's maximum, no overflow, and one row's magnitude leaves the other
+    rows alone, as in the portable kernel. Returns the 64 powers, ``[64]`` fp32 in ``row_layout``, through
+    ``row_scale_smem`` (``[64]`` fp32, this warpgroup's own). Each element is read and written by the same thread."""
+    gl.thread_barrier()  # every warp has read the previous item's powers before they are overwritten
     CH: gl.constexpr = 16
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    top = gl.max(gl.max(gl.abs(src.slice(0, CH).load(blk).to(gl.float32)), axis=1), axis=0)
-    for c in gl.static_range(1, 64 // CH):
-        top = gl.maximum(top, gl.max(gl.max(gl.abs(src.slice(c * CH, CH).load(blk).to(gl.float32)), axis=1), axis=0))
-    e = gl.floor(gl.log2(gl.where(top > 0, top, 1.0)))
-    mult = gl.exp2(gl.minimum(14.0 - e, 126.0))
     for c in gl.static_range(64 // CH):
-        x = src.slice(c * CH, CH).load(blk).to(gl.float32) * mult
-        dst.slice(c * CH, CH).store(x.to(gl.float16))
+        x = src.slice(c * CH, CH).load(blk).to(gl.float32)
+        top = gl.max(gl.abs(x), axis=1)  # [CH], per row
+        e = gl.floor(gl.log2(gl.where(top > 0, top, 1.0)))
+        mult = gl.exp2(gl.minimum(14.0 - e, 126.0))
+        dst.slice(c * CH, CH).store((x * gl.expand_dims(mult, 1)).to(gl.float16))
+        row_scale_smem.slice(c * CH, CH).store(mult)
     fence_async_shared()  # generic stores before the async-proxy wgmma reads
     gl.thread_barrier()
-    return mult
+    return row_scale_smem.load(row_layout)
 
 
 @gluon.jit
@@ -116,7 +118,7 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
                    turn, it, tc, out_ptr, lse_ptr, head, q_start, q_len, kv_len, tok0, n_tiles, n_full, qk_scale,
                    v_scale, stride_o_token, stride_o_head, stride_lse_head, WG: gl.constexpr, BLOCK_N: gl.constexpr,
                    HEAD_D: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-                   ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr):
+                   ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr, row_scale_smem):
     """One work item for this warpgroup's 64 rows; ``q_view`` is its Q slice as loaded, ``q_mma`` the same bytes as
     the MMA reads them (fp16 over an FP8 cache with a bf16 query: :func:`_query_to_fp16`)."""
     M: gl.constexpr = 64
@@ -137,8 +139,9 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
     l_i = gl.zeros([M], gl.float32, row_layout)
 
     mbarrier.wait(q_ready_bar, qph)
+    qk_sign = qk_scale
     if Q_TO_FP16:
-        qk_scale = qk_scale / _query_to_fp16(q_view, q_mma, HEAD_D)
+        qk_scale = qk_scale / _query_to_fp16(q_view, q_mma, row_scale_smem, row_layout, HEAD_D)
     # ---- tile 0 (peeled, masked) ----
     s0 = it % STAGES
     mbarrier.wait(k_ready.index(s0), (it // STAGES) & 1)
@@ -149,18 +152,18 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
         mbarrier.arrive(turn.index(1 - WG))
     s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
     mbarrier.arrive(k_empty.index(s0))
-    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, q_pos, 0, True)
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_sign, q_pos, 0, True, Q_TO_FP16)
     p = _to_operand(p32, q_mma.dtype, p_layout, ASM_CVT)
 
     # ---- unmasked tiles, then the diagonal / sequence-end tiles ----
     for j in range(1, n_full):
         s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
-                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, q_pos, p_layout,
-                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, False, ASM_CVT)
+                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_sign, q_pos, p_layout,
+                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, False, ASM_CVT, Q_TO_FP16)
     for j in range(gl.maximum(n_full, 1), n_tiles):
         s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
-                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, q_pos, p_layout,
-                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, True, ASM_CVT)
+                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_sign, q_pos, p_layout,
+                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, True, ASM_CVT, Q_TO_FP16)
     mbarrier.arrive(q_empty_bar)  # every QK wgmma of the item is complete: Q may be overwritten
 
     # ---- PV of the last tile ----
@@ -215,7 +218,7 @@ def consumer_partition(
     kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head, stride_kd_seq,
     stride_kd_head, stride_vd_seq, stride_vd_head, GROUP: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, WRITE_LSE: gl.constexpr,
-    PINGPONG: gl.constexpr, ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr,
+    PINGPONG: gl.constexpr, ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr, q_row_scales,
 ):
     it = 0  # K/V tiles consumed so far (ring position)
     tc = 0  # turn waits so far
@@ -239,7 +242,8 @@ def consumer_partition(
                            k_ready, k_empty, v_ready, v_empty, turn, it, tc, out_ptr, lse_ptr, head, q_start, q_len,
                            kv_len, tok0, n_tiles, n_full, qk_scale * k_scale, v_scale, stride_o_token, stride_o_head,
                            stride_lse_head,
-                           WG, BLOCK_N, HEAD_D, STAGES, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16)
+                           WG, BLOCK_N, HEAD_D, STAGES, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16,
+                           q_row_scales.slice(WG * 64, 64))
             it += n_tiles
             tc += n_tiles + 1
             qc += 1

@@ -26,12 +26,13 @@ Partitions (``gl.warp_specialize``), 12 warps = 3 warpgroups:
   page are zeroed by the producer in shared memory (the sequence's last tile only), so garbage (NaN) in unused cache
   slots never meets P = 0 in the PV MMA. K garbage is harmless (those scores are masked to -inf).
 
-FP8 caches (``KV_FP8``): the producer partition is 4 warps. TMA brings each K/V tile as stored into an fp8
-staging ring (one tile ahead), and the producer's warps widen it to fp16 (one hardware conversion per pair, exact)
-into the consumers' ring, zeroing V rows past ``kv_len`` on the way; the consumers then run the 16-bit loop in fp16.
-A bf16 query is rewritten in shared memory by each consumer warpgroup, once per item, as fp16 times a power of two
-(``hopper_consumer._query_to_fp16``), whose inverse folds into the score scale: the portable kernel's exact FP8
-arithmetic, but with one power per 64-row tile where the portable kernel takes one per row (see there).
+FP8 caches (``KV_FP8``): the producer partition is 4 warps. They gather each K/V tile as stored by cp.async (16
+bytes per copy, the page id of every key row read from the block table; no TMA, whose one box per page costs a
+barrier per box in a 4-warp partition) into an fp8 staging ring one tile ahead, and widen it to fp16 (one hardware
+conversion per pair, exact) into the consumers' ring, zeroing V rows past ``kv_len`` on the way; the consumers then
+run the 16-bit loop in fp16. A bf16 query is rewritten in shared memory by each consumer warpgroup, once per item, as
+fp16 times a power of two per row (``hopper_consumer._query_to_fp16``), whose inverse folds into the row's score
+scale: the portable kernel's exact FP8 arithmetic.
 
 Consumer step (per warpgroup, FA3's intra-warpgroup pipelining): at step j it issues S_j = Q K_j^T and
 O += P_{j-1} V_{j-1} as two async wgmma groups, waits for S_j only, releases K_j, runs the online softmax of S_j,
@@ -63,6 +64,8 @@ def hopper_prefill_kernel(
     k_desc,  # TMA over the K cache viewed as [num_blocks * PAGE, Hkv * D], block [min(PAGE, BLOCK_N), D]; q's dtype
     # or fp8 (KV_FP8)
     v_desc,  # same for V
+    k_ptr,  # [num_blocks, PAGE, Hkv, D] the K cache itself (KV_FP8: gathered by cp.async)
+    v_ptr,  # same for V (the same strides)
     out_ptr,  # [total_q, Hq, D]
     lse_ptr,  # [Hq, total_q] fp32 (WRITE_LSE)
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
@@ -82,6 +85,8 @@ def hopper_prefill_kernel(
     stride_o_head,
     stride_lse_head,
     stride_bt_seq,
+    stride_kv_block,  # elements; k_ptr and v_ptr
+    stride_kv_token,
     stride_kd_seq,
     stride_kd_head,
     stride_vd_seq,
@@ -96,7 +101,7 @@ def hopper_prefill_kernel(
     WRITE_LSE: gl.constexpr,
     PINGPONG: gl.constexpr,
     ASM_CVT: gl.constexpr,
-    KV_FP8: gl.constexpr,  # fp8 cache: TMA into an fp8 staging ring, widened to fp16 by the producer's 4 warps
+    KV_FP8: gl.constexpr,  # fp8 cache: cp.async into an fp8 staging ring, widened to fp16 by the producer's 4 warps
     Q_TO_FP16: gl.constexpr,  # (KV_FP8 with a bf16 q) each consumer rewrites its Q rows as fp16 times a power of two
     WIDEN_ROWS: gl.constexpr,  # (KV_FP8) rows of a K/V tile the producer widens per step
     CONSUMER_REGS: gl.constexpr,
@@ -114,6 +119,7 @@ def hopper_prefill_kernel(
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_BUFS, BLOCK_M, HEAD_D], q_desc.layout)
     if KV_FP8:
         # the consumers' ring in fp16 (the MMA dtype; the layout TMA would give a 16-bit tile), fp8 staging beside it
+        # (the layout TMA would give an fp8 box: the descriptors only lend it here)
         kv16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         k_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16)
         v_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16)
@@ -127,12 +133,13 @@ def hopper_prefill_kernel(
     q_ready = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
     q_empty = gl.allocate_shared_memory(gl.int64, [Q_BUFS, 1], mbarrier.MBarrierLayout())
     v_fix = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    kv8_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    # Q_TO_FP16: the powers of two of the query rows, 64 per consumer warpgroup (hopper_consumer._query_to_fp16)
+    q_row_scales = gl.allocate_shared_memory(gl.float32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     for i in gl.static_range(Q_BUFS):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)  # one arrival per consumer warpgroup
@@ -142,7 +149,6 @@ def hopper_prefill_kernel(
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=2)
         mbarrier.init(v_empty.index(i), count=2)
-        mbarrier.init(kv8_ready.index(i), count=1)
     mbarrier.init(turn.index(0), count=1)
     mbarrier.init(turn.index(1), count=1)
     mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
@@ -154,19 +160,20 @@ def hopper_prefill_kernel(
             cu_seqlens_q_ptr, seqused_k_ptr, k_descale_ptr, v_descale_ptr, num_seqs, num_q_tiles, num_heads,
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
             stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, GROUP, 0, BLOCK_M, BLOCK_N, HEAD_D,
-            STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16
+            STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16, q_row_scales
         )),
         (consumer_partition, (
             q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
             cu_seqlens_q_ptr, seqused_k_ptr, k_descale_ptr, v_descale_ptr, num_seqs, num_q_tiles, num_heads,
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
             stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, GROUP, 1, BLOCK_M, BLOCK_N, HEAD_D,
-            STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16
+            STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16, q_row_scales
         )),
         (producer_partition, (
             q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty,
-            v_ready, v_empty, v_fix, kv8_ready, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq,
-            num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M,
-            BLOCK_N, HEAD_D, PAGE, GROUP, STAGES, Q_BUFS, KV_FP8, PRODUCER_WARPS, WIDEN_ROWS
+            v_ready, v_empty, v_fix, k_ptr, v_ptr, stride_kv_block, stride_kv_token, cu_seqlens_q_ptr, seqused_k_ptr,
+            block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks,
+            skip_q_len, pid, nprog, BLOCK_M, BLOCK_N, HEAD_D, PAGE, GROUP, STAGES, Q_BUFS, KV_FP8, PRODUCER_WARPS,
+            WIDEN_ROWS
         )),
     ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])

@@ -3,9 +3,9 @@
 The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call on the portable kernel; see
 :func:`kvflash.attn_common.platform.hopper_gluon_available`): a paged, causal call over a 16-bit or FP8 cache without
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
-into a shared-memory ring (over an FP8 cache it also widens the tiles to fp16), two consumer warpgroups run wgmma and
-the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), bench of 2026-12-03: bf16 578
-TFLOP/s (cuDNN's dense causal attention 597; the portable kernel 380), e4m3 cache 380 (portable 323-325). Every other
+into a shared-memory ring (an FP8 cache it gathers by cp.async and widens to fp16), two consumer warpgroups run wgmma
+and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), bench of 2026-12-03: bf16 578
+TFLOP/s (cuDNN's dense causal attention 597; the portable kernel 380), e4m3 cache 430 (portable 323-326). Every other
 call, and every call with an explicit launch config (the tuning sweeps), takes the portable kernel. Nothing here
 reads a tensor value: the choice comes from dtypes, shapes, strides and Python scalars.
 """
@@ -29,8 +29,9 @@ BLOCK_M = 128  # query tokens of one query head per work item: two consumer warp
 STAGES = 2  # K/V tiles in flight (3 do not fit beside two Q buffers at D 128)
 # Registers per thread: ptxas gets 168 (64K / 384 threads); the warpgroups re-split them (3 * 168 = 504). A 16-bit
 # cache: 232 per consumer, 40 for the producer (one warp issuing TMA). An FP8 cache: 224 and 56, the producer's four
-# warps widening 64 rows at a time (H200, 4 x (2048 + 2048) e4m3, page 16: 232/40 with 16 rows 290 TFLOP/s, 32
-# rows 318, 64 rows 322; 224/56 with 32 rows 364, 64 rows 381).
+# warps gathering by cp.async and widening 64 rows at a time (H200, 4 x (2048 + 2048) e4m3, page 16, TMA gathers:
+# 232/40 with 16 rows 290 TFLOP/s, 32 rows 318, 64 rows 322; 224/56 with 32 rows 364, 64 rows 381; cp.async gathers,
+# 224/56: 32 rows 410, 64 rows 430; 232/40, 32 rows: 410).
 MAX_REGISTERS = 168
 REGISTER_SPLIT = {False: (232, 40), True: (224, 56)}  # KV_FP8 -> (consumer, producer)
 WIDEN_ROWS = 64  # FP8 caches: K/V rows the producer's warps widen per step (4 x 16-byte loads per thread at D 128)
@@ -85,6 +86,8 @@ def hopper_prefill_applies(
     head_sizes = FP8_HEAD_SIZES if kv_fp8 else HEAD_SIZES
     if head_size not in head_sizes or page < 8 or page & (page - 1) or num_blocks * page >= 2**31:
         return False
+    if page * num_kv_heads * head_size >= 2**31:  # FP8 gathers: offsets inside a page are int32
+        return False
     packed = (page * num_kv_heads * head_size, num_kv_heads * head_size, head_size, 1)
     if k.stride() != packed or v.stride() != packed or q.stride(1) != head_size or q.stride(2) != 1:
         return False
@@ -109,7 +112,8 @@ def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: t
 
 
 def _shared_bytes(q_buffers: int, head_size: int, kv_fp8: bool) -> int:
-    """Shared memory of one program: Q buffers, the 16-bit K/V ring, the fp8 staging ring, barriers."""
+    """Shared memory of one program: Q buffers, the 16-bit K/V ring, the fp8 staging ring, barriers and the query
+    rows' powers of two (1 KiB)."""
     ring = 2 * STAGES * _block_n(head_size) * head_size
     return q_buffers * BLOCK_M * head_size * 2 + ring * 2 + (ring if kv_fp8 else 0) + 1024
 
@@ -162,6 +166,8 @@ def launch_hopper_prefill(
         q_desc=q_desc,
         k_desc=k_desc,
         v_desc=v_desc,
+        k_ptr=k,
+        v_ptr=v,
         out_ptr=out,
         lse_ptr=lse if lse is not None else out,
         cu_seqlens_q_ptr=cu_seqlens_q,
@@ -181,6 +187,8 @@ def launch_hopper_prefill(
         stride_o_head=out.stride(1),
         stride_lse_head=lse.stride(0) if lse is not None else 0,
         stride_bt_seq=block_table.stride(0),
+        stride_kv_block=k.stride(0),  # K and V are packed alike (hopper_prefill_applies)
+        stride_kv_token=k.stride(1),
         stride_kd_seq=kd[0],
         stride_kd_head=kd[1],
         stride_vd_seq=vd[0],

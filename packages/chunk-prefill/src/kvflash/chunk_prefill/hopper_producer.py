@@ -3,13 +3,15 @@
 Per work item: Q by TMA into one of ``Q_BUFS`` buffers, then the item's key tiles, one TMA box per page of the cache
 viewed as ``[num_blocks * PAGE, Hkv * D]`` (the page ids of a tile read once, for K and V). A 16-bit cache lands
 straight in the consumers' ``STAGES``-deep ring; the V rows past ``kv_len`` of a sequence's last tile are zeroed
-in shared memory (unused cache slots may hold NaN). An FP8 cache lands in an fp8 staging ring one tile ahead, and
-the producer's 4 warps widen each tile to fp16 into the consumers' ring. Every hand-over is an mbarrier
-(``*_ready`` / ``*_empty`` pairs per ring slot).
+in shared memory (unused cache slots may hold NaN). An FP8 cache is gathered by the producer's 4 warps with
+cp.async (16 bytes per copy, page ids per key row) into an fp8 staging ring one tile ahead, and the same warps widen
+each tile to fp16 into the consumers' ring. Every hand-over to the consumers is an mbarrier (``*_ready`` /
+``*_empty`` pairs per ring slot).
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -54,18 +56,17 @@ def _zero_tail(buf, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARP
 def _widen_tile(src, dst, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARPS: gl.constexpr,
                 MASK_TAIL: gl.constexpr, ROWS: gl.constexpr):
     """``dst [BLOCK_N, HEAD_D]`` fp16 = ``src`` fp8 (e4m3 or e5m2; exact: one hardware conversion per pair), ``ROWS``
-    rows at a time (at least one 16-byte load per thread), 16 bytes per thread per load; with ``MASK_TAIL`` rows
-    ``>= valid`` become 0 (unused cache slots may hold NaN)."""
-    TPR: gl.constexpr = HEAD_D // 16  # threads per row
-    MIN_CH: gl.constexpr = (32 // TPR) * NUM_WARPS
-    CH: gl.constexpr = ROWS if ROWS > MIN_CH else MIN_CH
-    blk: gl.constexpr = gl.BlockedLayout([1, 16], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
-    rows = gl.arange(0, CH, layout=gl.SliceLayout(1, blk))
-    for c in gl.static_range(BLOCK_N // CH):
-        x = src.slice(c * CH, CH).load(blk).to(gl.float16)
+    rows at a time, 8 elements per thread per piece: an 8-byte shared load in, a 16-byte store out, so a warp's
+    stores cover whole 128-byte swizzle rows (no bank conflicts). With ``MASK_TAIL`` rows ``>= valid`` become 0."""
+    TPR: gl.constexpr = HEAD_D // 8  # threads per row
+    blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
+    gl.static_assert(ROWS % ((32 // TPR) * NUM_WARPS) == 0)
+    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
+    for c in gl.static_range(BLOCK_N // ROWS):
+        x = src.slice(c * ROWS, ROWS).load(blk).to(gl.float16)
         if MASK_TAIL:
-            x = gl.where(gl.expand_dims(c * CH + rows < valid, 1), x, gl.zeros_like(x))
-        dst.slice(c * CH, CH).store(x)
+            x = gl.where(gl.expand_dims(c * ROWS + rows < valid, 1), x, gl.zeros_like(x))
+        dst.slice(c * ROWS, ROWS).store(x)
 
 
 @gluon.jit
@@ -114,20 +115,41 @@ def _load_item_16bit(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, 
 
 
 @gluon.jit
-def _load_item_fp8(k_desc, v_desc, k8_smem, v8_smem, kv8_ready, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                   bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                   PAGE: gl.constexpr, STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
+def _gather_tile(ptr, bt_row, start_n, kv_len, num_blocks, col, stride_block, stride_token, dst, BLOCK_N: gl.constexpr,
+                 HEAD_D: gl.constexpr, PAGE: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """cp.async of the ``[BLOCK_N, HEAD_D]`` fp8 tile of keys ``start_n ..`` of one KV head (column ``col`` of the
+    cache ``[num_blocks, PAGE, Hkv, D]`` at ``ptr``) into ``dst``, 16 bytes per copy: each thread reads the page ids
+    of its rows from the block table row ``bt_row`` (clamped to the cache). Rows at or past ``kv_len`` are not read
+    (masked copies: zero-filled). Call ``async_copy.commit_group`` after."""
+    TPR: gl.constexpr = HEAD_D // 16
+    blk: gl.constexpr = gl.BlockedLayout([1, 16], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
+    keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk))
+    valid = keys < kv_len
+    page = gl.load(bt_row + keys // PAGE, mask=valid, other=0)
+    page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+    # strides and col are multiples of 16 bytes (the launcher checks the packed layout), so 16-byte copies
+    in_page = (keys % PAGE) * stride_token + col  # int32: PAGE * Hkv * D < 2^31
+    row_off = gl.multiple_of(page.to(gl.int64) * stride_block + in_page, 16)
+    cols = gl.max_contiguous(gl.multiple_of(gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, blk)), 16), 16)
+    ptrs = ptr + gl.expand_dims(row_off, 1) + gl.expand_dims(cols, 0)
+    async_copy.async_copy_global_to_shared(dst, ptrs, mask=gl.expand_dims(valid, 1))
+
+
+@gluon.jit
+def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k_smem, v_smem, k_ready, k_empty,
+                   v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr,
+                   HEAD_D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
                    WIDEN_ROWS: gl.constexpr):
-    """The item's K/V tiles of an FP8 cache: TMA into the fp8 staging ring (one tile ahead), then the producer's
-    warps widen each tile to fp16 into the consumers' ring (rows of V past ``kv_len`` zeroed)."""
-    BOX: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
-    NBOX: gl.constexpr = BLOCK_N // BOX
-    STAGED_BYTES: gl.constexpr = 2 * BLOCK_N * HEAD_D  # K and V tiles, one byte per element
+    """The item's K/V tiles of an FP8 cache: cp.async gathers into the fp8 staging ring one tile ahead (one commit
+    group per tile, an empty one past the last), then the producer's warps widen each tile to fp16 into the
+    consumers' ring (rows of V past ``kv_len`` zeroed). Against one TMA box per page, a tile costs 16 copies per
+    thread and two thread barriers per K or V hand-over instead of a barrier per box."""
     s0 = it % STAGES
-    rows = _box_rows(bt_row, 0, kv_len, num_blocks, PAGE, BOX, NBOX, PRODUCER_WARPS)
-    mbarrier.expect(kv8_ready.index(s0), STAGED_BYTES)
-    _load_tile(k_desc, rows, col, kv8_ready.index(s0), k8_smem.index(s0), BOX, NBOX)
-    _load_tile(v_desc, rows, col, kv8_ready.index(s0), v8_smem.index(s0), BOX, NBOX)
+    _gather_tile(k_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, k8_smem.index(s0), BLOCK_N,
+                 HEAD_D, PAGE, PRODUCER_WARPS)
+    _gather_tile(v_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, v8_smem.index(s0), BLOCK_N,
+                 HEAD_D, PAGE, PRODUCER_WARPS)
+    async_copy.commit_group()
     for j in range(n_tiles):
         g = it + j
         s = g % STAGES
@@ -135,37 +157,38 @@ def _load_item_fp8(k_desc, v_desc, k8_smem, v8_smem, kv8_ready, k_smem, v_smem, 
         start_n = j * BLOCK_N
         if j + 1 < n_tiles:  # staging slot (g + 1) % STAGES was widened one step ago, behind a thread barrier
             s1 = (g + 1) % STAGES
-            rows = _box_rows(bt_row, start_n + BLOCK_N, kv_len, num_blocks, PAGE, BOX, NBOX, PRODUCER_WARPS)
-            mbarrier.expect(kv8_ready.index(s1), STAGED_BYTES)
-            _load_tile(k_desc, rows, col, kv8_ready.index(s1), k8_smem.index(s1), BOX, NBOX)
-            _load_tile(v_desc, rows, col, kv8_ready.index(s1), v8_smem.index(s1), BOX, NBOX)
-        mbarrier.wait(kv8_ready.index(s), ph)
+            _gather_tile(k_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
+                         k8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+            _gather_tile(v_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
+                         v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+        async_copy.commit_group()
+        async_copy.wait_group(1)  # this thread's copies of tile j are in
+        gl.thread_barrier()  # and everyone's
         mbarrier.wait(k_empty.index(s), ph ^ 1)
-        # K rows past kv_len need no zeroing: their scores are masked
-        _widen_tile(k8_smem.index(s), k_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False,
-                    WIDEN_ROWS)
+        _widen_tile(k8_smem.index(s), k_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(k_ready.index(s))
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         if start_n + BLOCK_N <= kv_len:
-            _widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False,
-                        WIDEN_ROWS)
+            _widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
         else:
             _widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
                         WIDEN_ROWS)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(v_ready.index(s))
+    async_copy.wait_group(0)  # the empty group of the last step
 
 
 @gluon.jit
 def producer_partition(
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-    v_empty, v_fix, kv8_ready, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles,
-    num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
-    KV_FP8: gl.constexpr, PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr,
+    v_empty, v_fix, k_ptr, v_ptr, stride_kv_block, stride_kv_token, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
+    stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr,
+    STAGES: gl.constexpr, Q_BUFS: gl.constexpr, KV_FP8: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
+    WIDEN_ROWS: gl.constexpr,
 ):
     it = 0  # K/V tiles loaded so far (ring position)
     qc = 0  # Q tiles loaded so far
@@ -183,9 +206,9 @@ def producer_partition(
             bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt_seq
             col = (head // GROUP) * HEAD_D
             if KV_FP8:
-                _load_item_fp8(k_desc, v_desc, k8_smem, v8_smem, kv8_ready, k_smem, v_smem, k_ready, k_empty,
-                               v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE,
-                               STAGES, PRODUCER_WARPS, WIDEN_ROWS)
+                _load_item_fp8(k_ptr, v_ptr, stride_kv_block, stride_kv_token, k8_smem, v8_smem, k_smem, v_smem,
+                               k_ready, k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks,
+                               BLOCK_N, HEAD_D, PAGE, STAGES, PRODUCER_WARPS, WIDEN_ROWS)
             else:
                 vfc = _load_item_16bit(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, v_fix, vfc,
                                        bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE, STAGES,
