@@ -62,10 +62,12 @@ def test_which_calls_take_the_hopper_path():
     assert not _applies(case, causal=True, softcap=5.0)
     assert not _applies(case, causal=True, s_aux=torch.zeros(8, device="cuda"))
     for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
-        assert _applies(make_case(MIX[:3], num_q_heads=8, head_size=128, kv_dtype=fp8, device="cuda"), causal=True)
+        for head_size in (64, 128, 256):
+            fp8_case = make_case(MIX[:3], num_q_heads=8, head_size=head_size, kv_dtype=fp8, device="cuda")
+            assert _applies(fp8_case, causal=True)
     for other in (
         dict(head_size=80), dict(block_size=1), dict(block_size=48), dict(block_size=None),
-        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn, head_size=256),
+        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn, head_size=192),
     ):  # fmt: skip
         kwargs = dict(num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda") | other
         assert not _applies(make_case(MIX[:3], **kwargs), causal=True), other
@@ -97,8 +99,9 @@ def test_hopper_path_fp16_gqa_and_descales(heads):
 @pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize(
     "q_dtype, head_size, block_size",
-    [(torch.bfloat16, 128, 16), (torch.bfloat16, 64, 8), (torch.float16, 128, 64), (torch.bfloat16, 128, 256)],
-    ids=["bf16-d128-p16", "bf16-d64-p8", "fp16-d128-p64", "bf16-d128-p256"],
+    [(torch.bfloat16, 128, 16), (torch.bfloat16, 64, 8), (torch.float16, 128, 64), (torch.bfloat16, 128, 256),
+     (torch.bfloat16, 256, 16), (torch.float16, 256, 64)],
+    ids=["bf16-d128-p16", "bf16-d64-p8", "fp16-d128-p64", "bf16-d128-p256", "bf16-d256-p16", "fp16-d256-p64"],
 )
 def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
     # FP8 tiles widened to fp16 by the producer (V rows past the end zeroed: NaN in unused slots), a bf16 query

@@ -23,8 +23,7 @@ from kvflash.attn_common.platform import hopper_gluon_available, multiprocessor_
 
 __all__ = ["hopper_prefill_applies", "launch_hopper_prefill"]
 
-HEAD_SIZES = (64, 128, 256)
-FP8_HEAD_SIZES = (64, 128)  # the fp8 staging ring leaves no room for D 256 tiles
+HEAD_SIZES = (64, 128, 256)  # the 16-bit and the FP8 caches
 BLOCK_M = 128  # query tokens of one query head per work item: two consumer warpgroups of 64 rows
 STAGES = 2  # K/V tiles in flight (3 do not fit beside two Q buffers at D 128)
 # Registers per thread: ptxas gets 168 (64K / 384 threads); the warpgroups re-split them (3 * 168 = 504). A 16-bit
@@ -39,8 +38,12 @@ SHARED_MEMORY_LIMIT = 227 * 1024
 TMA_ALIGNMENT = 16  # bytes: base addresses and row strides of TMA views
 
 
-def _block_n(head_size: int) -> int:
-    return 128 if head_size <= 128 else 64
+def _block_n(head_size: int, kv_fp8: bool) -> int:
+    """Keys per tile: 128 up to D 128; at D 256, 64, or 32 over an FP8 cache (its staging ring beside the fp16
+    ring leaves no room for 64-key tiles)."""
+    if head_size <= 128:
+        return 128
+    return 32 if kv_fp8 else 64
 
 
 def hopper_prefill_applies(
@@ -62,9 +65,9 @@ def hopper_prefill_applies(
 ) -> bool:
     """Whether the Hopper kernel serves this (already checked and normalised) call.
 
-    It takes: a paged cache in ``q``'s 16-bit dtype (``D`` 64, 128 or 256) or in ``float8_e4m3fn`` /
-    ``float8_e5m2`` (``D`` 64 or 128) laid out ``[num_blocks, page, Hkv, D]`` without padding (TMA views it as
-    ``[num_blocks * page, Hkv * D]``), pages of a power of two >= 8 tokens, ``q`` with ``stride(1) == D``, causal
+    It takes: a paged cache in ``q``'s 16-bit dtype or in ``float8_e4m3fn`` / ``float8_e5m2``, ``D`` 64, 128 or
+    256, laid out ``[num_blocks, page, Hkv, D]`` without padding (TMA views it as ``[num_blocks * page, Hkv * D]``;
+    FP8 tiles are gathered by cp.async), pages of a power of two >= 8 tokens, ``q`` with ``stride(1) == D``, causal
     (no other window), per-(sequence, KV head) descales, no softcap, ALiBi, sinks, fp8 output or fp8 query,
     16-byte-aligned bases and row strides. The switch and the device are asked first: with the path off
     (``KVFLASH_GLUON=0``) or another GPU a call pays one environment read here.
@@ -83,8 +86,7 @@ def hopper_prefill_applies(
     if k_descale.dim() != 2:  # per-token-head descales (FP8 caches only)
         return False
     num_blocks, page, num_kv_heads, head_size = k.shape
-    head_sizes = FP8_HEAD_SIZES if kv_fp8 else HEAD_SIZES
-    if head_size not in head_sizes or page < 8 or page & (page - 1) or num_blocks * page >= 2**31:
+    if head_size not in HEAD_SIZES or page < 8 or page & (page - 1) or num_blocks * page >= 2**31:
         return False
     if page * num_kv_heads * head_size >= 2**31:  # FP8 gathers: offsets inside a page are int32
         return False
@@ -106,7 +108,7 @@ def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: t
     gl_dtypes = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv,
                  torch.float8_e5m2: gl.float8e5}  # fmt: skip
     q_box = [BLOCK_M, head_size]
-    kv_box = [min(page, _block_n(head_size)), head_size]
+    kv_box = [min(page, _block_n(head_size, kv_dtype.itemsize == 1)), head_size]
     q_layout = gl.NVMMASharedLayout.get_default_for(q_box, gl_dtypes[q_dtype])
     return q_box, kv_box, q_layout, gl.NVMMASharedLayout.get_default_for(kv_box, gl_dtypes[kv_dtype])
 
@@ -114,7 +116,7 @@ def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: t
 def _shared_bytes(q_buffers: int, head_size: int, kv_fp8: bool) -> int:
     """Shared memory of one program: Q buffers, the 16-bit K/V ring, the fp8 staging ring, barriers and the query
     rows' powers of two (1 KiB)."""
-    ring = 2 * STAGES * _block_n(head_size) * head_size
+    ring = 2 * STAGES * _block_n(head_size, kv_fp8) * head_size
     return q_buffers * BLOCK_M * head_size * 2 + ring * 2 + (ring if kv_fp8 else 0) + 1024
 
 
@@ -147,8 +149,8 @@ def launch_hopper_prefill(
     total_q, num_q_heads, head_size = q.shape
     num_blocks, page, num_kv_heads, _ = k.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
-    block_n = _block_n(head_size)
     kv_fp8 = k.dtype in OCP_FP8_TORCH_DTYPES
+    block_n = _block_n(head_size, kv_fp8)
     q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype)
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
     q_buffers = 2 if _shared_bytes(2, head_size, kv_fp8) <= SHARED_MEMORY_LIMIT else 1
@@ -205,7 +207,7 @@ def launch_hopper_prefill(
         ASM_CVT=q.dtype == torch.bfloat16 and not kv_fp8,
         KV_FP8=kv_fp8,
         Q_TO_FP16=kv_fp8 and q.dtype == torch.bfloat16,
-        WIDEN_ROWS=WIDEN_ROWS,
+        WIDEN_ROWS=min(WIDEN_ROWS, block_n),
         CONSUMER_REGS=REGISTER_SPLIT[kv_fp8][0],
         PRODUCER_REGS=REGISTER_SPLIT[kv_fp8][1],
         PRODUCER_WARPS=4 if kv_fp8 else 1,  # FP8: the producer's warps also widen the tiles
