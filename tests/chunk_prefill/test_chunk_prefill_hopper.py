@@ -67,7 +67,7 @@ def test_which_calls_take_the_hopper_path():
             assert _applies(fp8_case, causal=True)
     for other in (
         dict(head_size=80), dict(block_size=1), dict(block_size=48), dict(block_size=None),
-        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn, head_size=192),
+        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn, joint_layout=True),
     ):  # fmt: skip
         kwargs = dict(num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda") | other
         assert not _applies(make_case(MIX[:3], **kwargs), causal=True), other
@@ -105,9 +105,11 @@ def test_hopper_path_fp16_gqa_and_descales(heads):
 )
 def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
     # FP8 tiles widened to fp16 by the producer (V rows past the end zeroed: NaN in unused slots), a bf16 query
-    # rewritten as fp16 times a power of two; distinct per-(sequence, KV head) descales, one of K's negative.
+    # rewritten as fp16 times a power of two per row; distinct per-(sequence, KV head) descales, one of K's negative
+    # and one zero (uniform attention over the visible keys).
     k_descale = torch.rand(len(MIX), 2, device="cuda") * 0.5 + 0.1
     k_descale[4, 1] = -0.3
+    k_descale[2, 0] = 0.0
     v_descale = torch.rand(len(MIX), 2, device="cuda") * 2.0 + 1.2
     case = make_case(MIX, num_q_heads=8, num_kv_heads=2, head_size=head_size, q_dtype=q_dtype, kv_dtype=kv_dtype,
                      k_descale=k_descale, v_descale=v_descale, block_size=block_size, nan_unused=True, device="cuda",
@@ -127,17 +129,22 @@ def test_hopper_path_fp8_query_of_tiny_and_zero_rows():
 
 
 @pytest.mark.parametrize("path", ["hopper", "portable"])
-@pytest.mark.parametrize("huge_row", [5, 40], ids=["in-its-tile", "past-the-first-sequence"])
-def test_fp8_cache_a_huge_query_row_leaves_the_other_rows_alone(monkeypatch, path, huge_row):
+@pytest.mark.parametrize(
+    "seqs, huge_row",
+    [([(30, 200), (40, 300)], 5), ([(30, 200), (40, 300)], 40), ([(30, 200), (140, 300)], 130)],
+    ids=["in-its-tile", "past-the-first-sequence", "second-warpgroup"],
+)
+def test_fp8_cache_a_huge_query_row_leaves_the_other_rows_alone(monkeypatch, path, seqs, huge_row):
     """A bf16 query row of huge magnitude (2^40 x, still finite) over an FP8 cache: the fp16 rewrite takes one power of
-    two per row, so the rows beside it (in the same 128-row query tile; row 40 also lies in the first sequence's tile,
-    past its end) keep their precision. The portable kernel runs the same check.
+    two per row, so the rows beside it keep their precision. Row 5: in the first sequence's tile (its first
+    warpgroup's rows). Row 40: in the second sequence, and also in the first sequence's tile past its end. Row 130:
+    row 100 of the second sequence's tile, the second warpgroup's rows. The portable kernel runs the same check.
 
     The huge row itself is not compared: both kernels compute ``exp2(score * scale - max)`` as one FFMA against a
     rounded ``max`` (FlashAttention's form), so the argument carries the max's rounding error, ``|max| * 2^-24``,
     which overflows exp2 once it passes 128 (scaled scores beyond 2^31; this row's are near 2^41)."""
     monkeypatch.setenv("KVFLASH_GLUON", "1" if path == "hopper" else "0")
-    case = make_case([(30, 200), (40, 300)], num_q_heads=4, num_kv_heads=2, head_size=128, q_dtype=torch.bfloat16,
+    case = make_case(seqs, num_q_heads=4, num_kv_heads=2, head_size=128, q_dtype=torch.bfloat16,
                      kv_dtype=torch.float8_e4m3fn, nan_unused=True, device="cuda", seed=11)  # fmt: skip
     with torch.no_grad():
         case.q[huge_row] *= 2.0**40

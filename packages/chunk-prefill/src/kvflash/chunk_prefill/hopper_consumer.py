@@ -18,9 +18,10 @@ from kvflash.chunk_prefill.hopper_schedule import work_item
 
 
 @gluon.jit
-def _softmax(s, m_i, l_i, qk, qk_sign, q_pos, start_n, MASKED: gl.constexpr, ROW_SCALE: gl.constexpr):
+def _softmax(s, m_i, l_i, qk, qk_scalar, q_pos, start_n, MASKED: gl.constexpr, ROW_SCALE: gl.constexpr):
     """Online-softmax step in the log2 domain: returns (P in fp32, alpha, m, l). ``qk`` is the score scale: a scalar,
-    or with ``ROW_SCALE`` one per query row (``[M]``, all of one sign); ``qk_sign`` is a scalar of that sign.
+    or with ``ROW_SCALE`` one per query row (``[M]``, each ``qk_scalar`` over a positive power of two, so all of
+    ``qk_scalar``'s sign).
 
     P stays fp32 (in S's registers) here and is packed to bf16 by :func:`_to_operand` after the previous PV wgmma
     has completed: the packed P is loop-carried and shares registers with the P that wgmma reads."""
@@ -40,7 +41,7 @@ def _softmax(s, m_i, l_i, qk, qk_sign, q_pos, start_n, MASKED: gl.constexpr, ROW
     else:
         # Every score visible and finite: the largest scaled score of a row is its largest score times a
         # non-negative scale, or its smallest times a negative one (K's descale may be negative); one FFMA per score.
-        if qk_sign >= 0:
+        if qk_scalar >= 0:
             row_top = gl.max(s, axis=1)
         else:
             row_top = gl.min(s, axis=1)
@@ -64,7 +65,7 @@ def _to_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, ASM_CVT: gl.cons
 
 @gluon.jit
 def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i, l_i,
-                   qk_scale, qk_sign, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
+                   qk_scale, qk_scalar, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
                    ASM_CVT: gl.constexpr, ROW_SCALE: gl.constexpr):
     """Key tile j of the item (ring slot of global tile g = it + j; turn wait number t)."""
@@ -82,7 +83,7 @@ def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v
         mbarrier.arrive(turn.index(1 - WG))
     s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
     mbarrier.arrive(k_empty.index(sk))
-    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_sign, q_pos, j * BLOCK_N, MASKED, ROW_SCALE)
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, j * BLOCK_N, MASKED, ROW_SCALE)
     o = warpgroup_mma_wait(0, deps=(o, ))
     p = _to_operand(p32, p.dtype, p_layout, ASM_CVT)
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
@@ -139,7 +140,7 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
     l_i = gl.zeros([M], gl.float32, row_layout)
 
     mbarrier.wait(q_ready_bar, qph)
-    qk_sign = qk_scale
+    qk_scalar = qk_scale
     if Q_TO_FP16:
         qk_scale = qk_scale / _query_to_fp16(q_view, q_mma, row_scale_smem, row_layout, HEAD_D)
     # ---- tile 0 (peeled, masked) ----
@@ -152,18 +153,20 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
         mbarrier.arrive(turn.index(1 - WG))
     s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
     mbarrier.arrive(k_empty.index(s0))
-    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_sign, q_pos, 0, True, Q_TO_FP16)
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, 0, True, Q_TO_FP16)
     p = _to_operand(p32, q_mma.dtype, p_layout, ASM_CVT)
 
     # ---- unmasked tiles, then the diagonal / sequence-end tiles ----
     for j in range(1, n_full):
         s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
-                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_sign, q_pos, p_layout,
-                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, False, ASM_CVT, Q_TO_FP16)
+                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar, q_pos,
+                                               p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, False, ASM_CVT,
+                                               Q_TO_FP16)
     for j in range(gl.maximum(n_full, 1), n_tiles):
         s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
-                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_sign, q_pos, p_layout,
-                                               o_layout, WG, BLOCK_N, STAGES, PINGPONG, True, ASM_CVT, Q_TO_FP16)
+                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar, q_pos,
+                                               p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, True, ASM_CVT,
+                                               Q_TO_FP16)
     mbarrier.arrive(q_empty_bar)  # every QK wgmma of the item is complete: Q may be overwritten
 
     # ---- PV of the last tile ----

@@ -2,11 +2,11 @@
 point, its shared memory and barriers, and the design. The partitions are in ``hopper_producer`` and
 ``hopper_consumer``, the work items in ``hopper_schedule``.
 
-The path :mod:`kvflash.chunk_prefill.hopper_op` takes on sm_90 for 16-bit and FP8 caches viewed page by page through
-TMA, causal, without softcap, ALiBi, sinks or windows (the portable kernel in :mod:`kvflash.chunk_prefill.kernel`
-serves everything else). ``k_descale`` / ``v_descale`` are per (sequence, KV head) as there: K's folds into the score
-scale (its sign picks the row maximum or minimum), V's into the output. Sequences with at most ``skip_q_len``
-queries are left alone (the decode kernel serves them in a mixed batch).
+The path :mod:`kvflash.chunk_prefill.hopper_op` takes on sm_90 for paged 16-bit caches (loaded page by page through
+TMA) and FP8 caches (gathered by cp.async), causal, without softcap, ALiBi, sinks or windows (the portable kernel in
+:mod:`kvflash.chunk_prefill.kernel` serves everything else). ``k_descale`` / ``v_descale`` are per (sequence, KV
+head) as there: K's folds into the score scale (its sign picks the row maximum or minimum), V's into the output.
+Sequences with at most ``skip_q_len`` queries are left alone (the decode kernel serves them in a mixed batch).
 
 Work item = one query tile of ``BLOCK_M = 128`` tokens of ONE query head. Work ids run heads fastest (the ``GROUP``
 query heads of a KV head are adjacent ids, so neighbouring CTAs read the same K/V tiles from L2) and query tiles from
@@ -61,11 +61,11 @@ from kvflash.chunk_prefill.hopper_producer import producer_partition
                               "skip_q_len"])
 def hopper_prefill_kernel(
     q_desc,  # TMA over q viewed as [total_q, Hq * D], block [BLOCK_M, D]
-    k_desc,  # TMA over the K cache viewed as [num_blocks * PAGE, Hkv * D], block [min(PAGE, BLOCK_N), D]; q's dtype
-    # or fp8 (KV_FP8)
+    k_desc,  # TMA over the K cache viewed as [num_blocks * PAGE, Hkv * D], block [min(PAGE, BLOCK_N), D], q's dtype;
+    # over an FP8 cache (KV_FP8) it only lends the fp8 staging ring its dtype and layout
     v_desc,  # same for V
-    k_ptr,  # [num_blocks, PAGE, Hkv, D] the K cache itself (KV_FP8: gathered by cp.async)
-    v_ptr,  # same for V (the same strides)
+    k_ptr,  # [num_blocks, PAGE, Hkv, D] fp8, the K cache itself (KV_FP8: gathered by cp.async)
+    v_ptr,  # [num_blocks, PAGE, Hkv, D] fp8, V (the same strides as K)
     out_ptr,  # [total_q, Hq, D]
     lse_ptr,  # [Hq, total_q] fp32 (WRITE_LSE)
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
@@ -111,7 +111,7 @@ def hopper_prefill_kernel(
 ):
     gl.static_assert(BLOCK_M == 128)
     gl.static_assert(num_warps == 4)
-    gl.static_assert(STAGES >= 2)  # FP8: the staging prefetch of tile g + 1 reuses the slot widened at g - 1
+    gl.static_assert(STAGES >= 2)  # FP8: the staging prefetch of tile g + 1 reuses the slot widened at g + 1 - STAGES
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     qk_scale = softmax_scale * 1.4426950408889634

@@ -4,8 +4,9 @@ The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call 
 :func:`kvflash.attn_common.platform.hopper_gluon_available`): a paged, causal call over a 16-bit or FP8 cache without
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
 into a shared-memory ring (an FP8 cache it gathers by cp.async and widens to fp16), two consumer warpgroups run wgmma
-and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), bench of 2026-12-03: bf16 578
-TFLOP/s (cuDNN's dense causal attention 597; the portable kernel 380), e4m3 cache 430 (portable 323-326). Every other
+and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), full bench of 2026-12-03
+(e4bc48c): bf16 575 TFLOP/s (cuDNN's dense causal attention 590; the portable kernel 380), e4m3 cache 428 (portable
+325); D 256 (prefill bench of aa559de): bf16 571, e4m3 365 (portable 157). Every other
 call, and every call with an explicit launch config (the tuning sweeps), takes the portable kernel. Nothing here
 reads a tensor value: the choice comes from dtypes, shapes, strides and Python scalars.
 """
@@ -28,12 +29,13 @@ BLOCK_M = 128  # query tokens of one query head per work item: two consumer warp
 STAGES = 2  # K/V tiles in flight (3 do not fit beside two Q buffers at D 128)
 # Registers per thread: ptxas gets 168 (64K / 384 threads); the warpgroups re-split them (3 * 168 = 504). A 16-bit
 # cache: 232 per consumer, 40 for the producer (one warp issuing TMA). An FP8 cache: 224 and 56, the producer's four
-# warps gathering by cp.async and widening 64 rows at a time (H200, 4 x (2048 + 2048) e4m3, page 16, TMA gathers:
-# 232/40 with 16 rows 290 TFLOP/s, 32 rows 318, 64 rows 322; 224/56 with 32 rows 364, 64 rows 381; cp.async gathers,
-# 224/56: 32 rows 410, 64 rows 430; 232/40, 32 rows: 410).
+# warps gathering by cp.async and widening 64 rows at a time, 32 at D 256 (H200, 4 x (2048 + 2048) e4m3, page 16, TMA
+# gathers: 232/40 with 16 rows 290 TFLOP/s, 32 rows 318, 64 rows 322; 224/56 with 32 rows 364, 64 rows 381; cp.async
+# gathers, 224/56: 32 rows 410, 64 rows 430; 232/40, 32 rows: 410).
 MAX_REGISTERS = 168
 REGISTER_SPLIT = {False: (232, 40), True: (224, 56)}  # KV_FP8 -> (consumer, producer)
-WIDEN_ROWS = 64  # FP8 caches: K/V rows the producer's warps widen per step (4 x 16-byte loads per thread at D 128)
+WIDEN_ROWS = 64  # FP8 caches: K/V rows the producer's warps widen per step, at most a tile (at D 128: 8 pieces of 8
+# elements per thread, an 8-byte shared load and a 16-byte store each)
 SHARED_MEMORY_LIMIT = 227 * 1024
 TMA_ALIGNMENT = 16  # bytes: base addresses and row strides of TMA views
 
@@ -88,7 +90,7 @@ def hopper_prefill_applies(
     num_blocks, page, num_kv_heads, head_size = k.shape
     if head_size not in HEAD_SIZES or page < 8 or page & (page - 1) or num_blocks * page >= 2**31:
         return False
-    if page * num_kv_heads * head_size >= 2**31:  # FP8 gathers: offsets inside a page are int32
+    if page * num_kv_heads * head_size >= 2**31:  # offsets inside a page are int32 (the FP8 gathers compute them)
         return False
     packed = (page * num_kv_heads * head_size, num_kv_heads * head_size, head_size, 1)
     if k.stride() != packed or v.stride() != packed or q.stride(1) != head_size or q.stride(2) != 1:
@@ -101,21 +103,22 @@ def hopper_prefill_applies(
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: torch.dtype):
-    """TMA box shapes and their shared-memory layouts: Q ``[BLOCK_M, D]``, K/V ``[min(page, BLOCK_N), D]``."""
+def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, kv_fp8: bool):
+    """TMA box shapes and their shared-memory layouts: Q ``[BLOCK_M, D]``, K/V ``[min(page, BLOCK_N), D]`` (over an
+    FP8 cache the K/V descriptors only lend the fp8 staging ring its layout: cp.async fills it)."""
     from triton.experimental.gluon import language as gl
 
     gl_dtypes = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv,
                  torch.float8_e5m2: gl.float8e5}  # fmt: skip
     q_box = [BLOCK_M, head_size]
-    kv_box = [min(page, _block_n(head_size, kv_dtype.itemsize == 1)), head_size]
+    kv_box = [min(page, _block_n(head_size, kv_fp8)), head_size]
     q_layout = gl.NVMMASharedLayout.get_default_for(q_box, gl_dtypes[q_dtype])
     return q_box, kv_box, q_layout, gl.NVMMASharedLayout.get_default_for(kv_box, gl_dtypes[kv_dtype])
 
 
 def _shared_bytes(q_buffers: int, head_size: int, kv_fp8: bool) -> int:
-    """Shared memory of one program: Q buffers, the 16-bit K/V ring, the fp8 staging ring, barriers and the query
-    rows' powers of two (1 KiB)."""
+    """Shared memory of one program: Q buffers, the 16-bit K/V ring, the fp8 staging ring, and 1 KiB for the
+    barriers (under 128 bytes) and the query rows' powers of two (512 bytes)."""
     ring = 2 * STAGES * _block_n(head_size, kv_fp8) * head_size
     return q_buffers * BLOCK_M * head_size * 2 + ring * 2 + (ring if kv_fp8 else 0) + 1024
 
@@ -151,7 +154,7 @@ def launch_hopper_prefill(
     num_seqs = cu_seqlens_q.shape[0] - 1
     kv_fp8 = k.dtype in OCP_FP8_TORCH_DTYPES
     block_n = _block_n(head_size, kv_fp8)
-    q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype)
+    q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype, kv_fp8)
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
     q_buffers = 2 if _shared_bytes(2, head_size, kv_fp8) <= SHARED_MEMORY_LIMIT else 1
     rows, width = num_blocks * page, num_kv_heads * head_size

@@ -61,6 +61,7 @@ def _widen_tile(src, dst, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NU
     TPR: gl.constexpr = HEAD_D // 8  # threads per row
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
     gl.static_assert(ROWS % ((32 // TPR) * NUM_WARPS) == 0)
+    gl.static_assert(BLOCK_N % ROWS == 0)
     rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, blk))
     for c in gl.static_range(BLOCK_N // ROWS):
         x = src.slice(c * ROWS, ROWS).load(blk).to(gl.float16)
@@ -127,7 +128,7 @@ def _gather_tile(ptr, bt_row, start_n, kv_len, num_blocks, col, stride_block, st
     valid = keys < kv_len
     page = gl.load(bt_row + keys // PAGE, mask=valid, other=0)
     page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
-    # strides and col are multiples of 16 bytes (the launcher checks the packed layout), so 16-byte copies
+    # strides and col are multiples of 16 bytes (hopper_prefill_applies: packed layout, D a multiple of 64)
     in_page = (keys % PAGE) * stride_token + col  # int32: PAGE * Hkv * D < 2^31
     row_off = gl.multiple_of(page.to(gl.int64) * stride_block + in_page, 16)
     cols = gl.max_contiguous(gl.multiple_of(gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, blk)), 16), 16)
@@ -142,8 +143,9 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
                    WIDEN_ROWS: gl.constexpr):
     """The item's K/V tiles of an FP8 cache: cp.async gathers into the fp8 staging ring one tile ahead (one commit
     group per tile, an empty one past the last), then the producer's warps widen each tile to fp16 into the
-    consumers' ring (rows of V past ``kv_len`` zeroed). Against one TMA box per page, a tile costs 16 copies per
-    thread and two thread barriers per K or V hand-over instead of a barrier per box."""
+    consumers' ring (rows of V past ``kv_len`` zeroed). A tile costs each thread ``BLOCK_N * D / 2048`` copies of
+    K and of V, and seven partition barriers (three written here, four inserted by Triton around the shared-memory
+    reuse; PTX at D 128, page 16)."""
     s0 = it % STAGES
     _gather_tile(k_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, k8_smem.index(s0), BLOCK_N,
                  HEAD_D, PAGE, PRODUCER_WARPS)
@@ -155,7 +157,7 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
         s = g % STAGES
         ph = (g // STAGES) & 1
         start_n = j * BLOCK_N
-        if j + 1 < n_tiles:  # staging slot (g + 1) % STAGES was widened one step ago, behind a thread barrier
+        if j + 1 < n_tiles:  # staging slot (g + 1) % STAGES was last widened at step g + 1 - STAGES, behind a barrier
             s1 = (g + 1) % STAGES
             _gather_tile(k_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
                          k8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)

@@ -1,0 +1,26 @@
+"""The Hopper prefill kernel's launch settings against the limits the kernel asserts or the chip sets, checked on
+the host (no GPU): every head size the path accepts, 16-bit and FP8 caches. A change to the tile sizes, the ring
+depth or the widening step that breaks one of them fails here, not only at compile time on an sm_90 GPU."""
+
+import pytest
+
+from kvflash.chunk_prefill import hopper_op
+
+
+@pytest.mark.parametrize("kv_fp8", [False, True], ids=["16-bit", "fp8"])
+@pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
+def test_one_program_fits_in_shared_memory(head_size, kv_fp8):
+    assert hopper_op._shared_bytes(1, head_size, kv_fp8) <= hopper_op.SHARED_MEMORY_LIMIT
+
+
+@pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
+def test_the_fp8_widening_steps_cover_each_tile(head_size):
+    block_n = hopper_op._block_n(head_size, True)
+    rows = min(hopper_op.WIDEN_ROWS, block_n)  # what the launcher passes as WIDEN_ROWS
+    threads_per_row = head_size // 8  # hopper_producer._widen_tile: 8 elements per thread, 4 warps
+    rows_per_pass = 32 // threads_per_row * 4
+    assert block_n % rows == 0 and rows % rows_per_pass == 0
+
+
+def test_the_ring_holds_the_fp8_prefetch():
+    assert hopper_op.STAGES >= 2  # the kernel's static_assert: tile g + 1 is staged while tile g is widened
