@@ -154,6 +154,8 @@ def hopper_prefill_kernel(
     mbarrier.arrive(turn.index(0))  # warpgroup 0 issues first
     fence_async_shared()  # initialised barriers visible to the async proxy (TMA complete_tx), as CUDA's TMA example
 
+    # The two consumer argument tuples differ only in WG. They are written out: Gluon (3.6) turns the constexprs of
+    # a tuple built by concatenation into tensors.
     gl.warp_specialize([
         (consumer_partition, (
             q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,

@@ -1,25 +1,14 @@
 """Work items of the Hopper prefill kernel (Gluon; jit only): which query tile of which head and sequence a work id
 names, and the key tiles it visits. Shared by the producer (:mod:`kvflash.chunk_prefill.hopper_producer`) and the
-consumers (:mod:`kvflash.chunk_prefill.hopper_consumer`), which walk the same ids in the same order.
+consumers (:mod:`kvflash.chunk_prefill.hopper_consumer`), which walk the same ids in the same order. The sequence
+of a query tile is found by the portable kernel's own binary search, which Gluon compiles in its dialect (the SASS is
+the same as that of a Gluon copy of it).
 """
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-
-@gluon.jit
-def _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: gl.constexpr):
-    """The last sequence ``s`` whose first tile ``cu_seqlens_q[s] // BLOCK_Q + s`` is ``<= tile``."""
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        first_tile = gl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
-        if first_tile <= tile:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
+from kvflash.chunk_prefill.kernel import find_sequence
 
 
 @gluon.jit
@@ -32,7 +21,7 @@ def work_item(w, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_hea
     are visited (0 when not valid), the first ``n_full`` need no mask for any row of the tile."""
     head = w % num_heads
     tile = num_q_tiles - 1 - w // num_heads  # longest (last) tiles first
-    seq = _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_M)
+    seq = find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_M)  # the portable kernel's search (@triton.jit)
     s = gl.maximum(seq, 0)
     q_first = gl.load(cu_seqlens_q_ptr + s)
     q_start = gl.minimum(gl.maximum(q_first, 0), total_q)

@@ -60,13 +60,14 @@ P_FP8_SCALE = tl.constexpr(128.0)
 
 
 @triton.jit
-def _find_sequence(
+def find_sequence(
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
     tile,
     num_seqs,
     BLOCK_Q: tl.constexpr,
 ):
-    """The last sequence ``s`` whose first tile ``cu_seqlens_q[s] // BLOCK_Q + s`` is ``<= tile``."""
+    """The last sequence ``s`` whose first tile ``cu_seqlens_q[s] // BLOCK_Q + s`` is ``<= tile`` (also called by the
+    Hopper kernel's work items, ``hopper_schedule``)."""
     lo = 0
     hi = num_seqs
     while lo < hi:
@@ -337,7 +338,7 @@ def chunk_prefill_kernel(
     kv_head = head_program // NUM_HEAD_GROUPS
     head_group = head_program % NUM_HEAD_GROUPS
 
-    seq = _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
+    seq = find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
     if seq < 0:
         return
     # Memory safety whatever the index tensors hold (their values are never checked on the host): the query
