@@ -30,8 +30,8 @@ def gluon_on(monkeypatch):
 MIX = [(1, 1000), (300, 700), (129, 129), (0, 5), (517, 1300), (1, 1), (64, 200), (7, 9), (40, 20), (3, 0)]
 
 
-def _applies(case, **features):
-    out = torch.empty_like(case.q)
+def _applies(case, q_descale=None, **features):
+    out = torch.empty(case.q.shape, dtype=torch.bfloat16, device=case.q.device)
     f = check_attention_call(
         case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
         max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=case.kwargs.get("cu_seqlens_k"), softmax_scale=None,
@@ -39,13 +39,30 @@ def _applies(case, **features):
         softcap=features.get("softcap", 0.0), alibi_slopes=features.get("alibi_slopes"), s_aux=features.get("s_aux"),
         k_descale=case.kwargs.get("k_descale"), v_descale=case.kwargs.get("v_descale"), output_scale=None,
         kv_descale_per_token=None, out=out, block_table=case.kwargs.get("block_table"),
-        seqused_k=case.kwargs.get("seqused_k"),
+        seqused_k=case.kwargs.get("seqused_k"), q_descale=q_descale,
+        q_descale_per_token=features.get("q_descale_per_token"),
     )  # fmt: skip
     return hopper_prefill_applies(
         case.q, case.k, case.v, out, None, block_table=case.kwargs.get("block_table"), window_left=f.window_left,
         window_right=f.window_right, softcap=f.softcap, alibi_slopes=f.alibi_slopes, s_aux=f.s_aux,
-        k_descale=f.k_descale, output_scale=None, q_descale=None,
+        k_descale=f.k_descale, output_scale=None, q_descale=f.q_descale,
     )  # fmt: skip
+
+
+def _fp8_query(case) -> torch.Tensor:
+    """Replace ``case.q`` by an e4m3 query (times 4 first, so scores spread) with one descale per (sequence, KV head),
+    ``amax / 448``; returns the descales ``[num_seqs, Hkv]`` float32."""
+    num_kv_heads = case.k.shape[-2]
+    starts = case.cu_seqlens_q.tolist()
+    q = case.q.float().mul(4.0).unflatten(1, (num_kv_heads, -1))  # [total_q, Hkv, group, D]
+    q_descale = torch.ones(case.num_seqs, num_kv_heads, device=q.device)
+    for s in range(case.num_seqs):
+        rows = q[starts[s]:starts[s + 1]]
+        if rows.shape[0]:
+            q_descale[s] = rows.abs().amax(dim=(0, 2, 3)).clamp_min(1e-6) / 448.0
+            rows /= q_descale[s][None, :, None, None]
+    case.q = q.flatten(1, 2).to(torch.float8_e4m3fn)
+    return q_descale
 
 
 def _hopper():
@@ -65,6 +82,10 @@ def test_which_calls_take_the_hopper_path():
         for head_size in (64, 128, 256):
             fp8_case = make_case(MIX[:3], num_q_heads=8, head_size=head_size, kv_dtype=fp8, device="cuda")
             assert _applies(fp8_case, causal=True)
+            q_descale = _fp8_query(fp8_case)
+            assert _applies(fp8_case, q_descale=q_descale, causal=True)
+            per_token = torch.ones(fp8_case.q.shape[:2], device="cuda")  # [total_q, Hq]: the portable kernel
+            assert not _applies(fp8_case, q_descale=per_token, causal=True, q_descale_per_token=True)
     for other in (
         dict(head_size=80), dict(block_size=1), dict(block_size=48), dict(block_size=None),
         dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn, joint_layout=True),
@@ -116,6 +137,40 @@ def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
                      seed=head_size + block_size)  # fmt: skip
     assert _applies(case, causal=True)
     check_chunk_prefill(case, causal=True)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize(
+    "head_size, block_size", [(128, 16), (64, 8), (128, 64), (256, 16), (256, 64)],
+    ids=["d128-p16", "d64-p8", "d128-p64", "d256-p16", "d256-p64"],
+)
+def test_hopper_path_fp8_query(monkeypatch, kv_dtype, head_size, block_size):
+    """An e4m3 query with per-(sequence, KV head) descales over an FP8 cache: QK^T on the fp8 tensor cores with K as
+    stored, V widened to fp16, PV in fp16, the portable kernel's default arithmetic. Its error against the float64
+    reference must be at most twice the portable kernel's plus 1e-3 (FlashAttention's rule, with the portable kernel
+    as the low-precision computation), and the LSE likewise; distinct K and V descales, one of K's negative and one
+    zero; NaN in unused cache slots; poisoned outputs."""
+    _hopper()
+    k_descale = torch.rand(len(MIX), 2, device="cuda") * 0.5 + 0.1
+    k_descale[4, 1] = -0.3
+    k_descale[2, 0] = 0.0
+    v_descale = torch.rand(len(MIX), 2, device="cuda") * 2.0 + 1.2
+    case = make_case(MIX, num_q_heads=8, num_kv_heads=2, head_size=head_size, q_dtype=torch.bfloat16,
+                     kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, block_size=block_size,
+                     nan_unused=True, device="cuda", seed=head_size + block_size + 1)  # fmt: skip
+    q_descale = _fp8_query(case)
+    assert _applies(case, q_descale=q_descale, causal=True)
+    results = {}
+    for path in ("hopper", "portable"):
+        monkeypatch.setenv("KVFLASH_GLUON", "1" if path == "hopper" else "0")
+        out = poison(torch.empty(case.q.shape, dtype=torch.bfloat16, device="cuda"))
+        results[path] = chunk_prefill_attention(
+            case.q, case.k, case.v, case.cu_seqlens_q, case.max_seqlen_q, case.max_seqlen_k, causal=True, out=out,
+            return_lse=True, q_descale=q_descale, **case.kwargs,
+        )  # fmt: skip
+    exact, exact_lse = reference(case, q_descale=q_descale, causal=True)
+    assert_close_fa_rule(results["hopper"][0], exact, results["portable"][0], atol=1e-3)
+    assert_lse_close(results["hopper"][1], exact_lse, results["portable"][1])
 
 
 def test_hopper_path_fp8_query_of_tiny_and_zero_rows():

@@ -6,16 +6,20 @@ import pytest
 
 from kvflash.chunk_prefill import hopper_op
 
+MODES = [(False, False), (True, False), (True, True)]  # (kv_fp8, q_fp8): a 16-bit cache, FP8 with 16-bit / fp8 q
+MODE_IDS = ["16-bit", "fp8-cache", "fp8-query"]
 
-@pytest.mark.parametrize("kv_fp8", [False, True], ids=["16-bit", "fp8"])
+
+@pytest.mark.parametrize("kv_fp8, q_fp8", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
-def test_one_program_fits_in_shared_memory(head_size, kv_fp8):
-    assert hopper_op._shared_bytes(1, head_size, kv_fp8) <= hopper_op.SHARED_MEMORY_LIMIT
+def test_one_program_fits_in_shared_memory(head_size, kv_fp8, q_fp8):
+    assert hopper_op._shared_bytes(1, head_size, kv_fp8, q_fp8) <= hopper_op.SHARED_MEMORY_LIMIT
 
 
+@pytest.mark.parametrize("q_fp8", [False, True], ids=["16-bit-query", "fp8-query"])
 @pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
-def test_the_fp8_widening_steps_cover_each_tile(head_size):
-    block_n = hopper_op._block_n(head_size, True)
+def test_the_fp8_widening_steps_cover_each_tile(head_size, q_fp8):
+    block_n = hopper_op._block_n(head_size, True, q_fp8)
     rows = min(hopper_op.WIDEN_ROWS, block_n)  # what the launcher passes as WIDEN_ROWS
     threads_per_row = head_size // 8  # hopper_producer._widen_tile: 8 elements per thread, 4 warps
     rows_per_pass = 32 // threads_per_row * 4
@@ -24,3 +28,10 @@ def test_the_fp8_widening_steps_cover_each_tile(head_size):
 
 def test_the_ring_holds_the_fp8_prefetch():
     assert hopper_op.STAGES >= 2  # the kernel's static_assert: tile g + 1 is staged while tile g is widened
+
+
+@pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
+def test_an_fp8_query_keeps_two_query_buffers(head_size):
+    # Q in fp8 and the K ring kept fp8 leave room for the second Q buffer at every head size (compiled for sm_90:
+    # 164 KB at D 128, 197 KB at D 256 with 64-key tiles).
+    assert hopper_op._shared_bytes(2, head_size, True, True) <= hopper_op.SHARED_MEMORY_LIMIT

@@ -123,8 +123,9 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
     """One work item for this warpgroup's 64 rows; ``q_view`` is its Q slice as loaded, ``q_mma`` the same bytes as
     the MMA reads them (fp16 over an FP8 cache with a bf16 query: :func:`_query_to_fp16`)."""
     M: gl.constexpr = 64
+    QK_K: gl.constexpr = 32 if q_mma.dtype.primitive_bitwidth == 8 else 16  # wgmma K per instruction
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                       instr_shape=[16, BLOCK_N, 16])
+                                                       instr_shape=[16, BLOCK_N, QK_K])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_D, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
@@ -154,7 +155,7 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
     s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
     mbarrier.arrive(k_empty.index(s0))
     p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, 0, True, Q_TO_FP16)
-    p = _to_operand(p32, q_mma.dtype, p_layout, ASM_CVT)
+    p = _to_operand(p32, v_smem.dtype, p_layout, ASM_CVT)  # P meets V in V's dtype (fp16 over an FP8 cache)
 
     # ---- unmasked tiles, then the diagonal / sequence-end tiles ----
     for j in range(1, n_full):
@@ -219,9 +220,10 @@ def consumer_partition(
     q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
     cu_seqlens_q_ptr, seqused_k_ptr, k_descale_ptr, v_descale_ptr, num_seqs, num_q_tiles, num_heads, total_q,
     kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head, stride_kd_seq,
-    stride_kd_head, stride_vd_seq, stride_vd_head, GROUP: gl.constexpr, WG: gl.constexpr, BLOCK_M: gl.constexpr,
+    stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq, stride_qd_head, GROUP: gl.constexpr,
+    WG: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, WRITE_LSE: gl.constexpr,
-    PINGPONG: gl.constexpr, ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr, q_row_scales,
+    PINGPONG: gl.constexpr, ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr, Q_FP8: gl.constexpr, q_row_scales,
 ):
     it = 0  # K/V tiles consumed so far (ring position)
     tc = 0  # turn waits so far
@@ -241,6 +243,8 @@ def consumer_partition(
             kv_head = head // GROUP
             k_scale = gl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
             v_scale = gl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
+            if Q_FP8:  # an fp8 query's descale scales every score, as K's does
+                k_scale = k_scale * gl.load(q_descale_ptr + seq * stride_qd_seq + kv_head * stride_qd_head)
             _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready.index(qb), q_empty.index(qb), (qc // Q_BUFS) & 1,
                            k_ready, k_empty, v_ready, v_empty, turn, it, tc, out_ptr, lse_ptr, head, q_start, q_len,
                            kv_len, tok0, n_tiles, n_full, qk_scale * k_scale, v_scale, stride_o_token, stride_o_head,

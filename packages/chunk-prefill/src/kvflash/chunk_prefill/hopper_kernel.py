@@ -34,6 +34,11 @@ run the 16-bit loop in fp16. A bf16 query is rewritten in shared memory by each 
 fp16 times a power of two per row (``hopper_consumer._query_to_fp16``), whose inverse folds into the row's score
 scale: the portable kernel's exact FP8 arithmetic.
 
+An fp8 query (``Q_FP8``, e4m3 with a per-(sequence, KV head) ``q_descale``, over an FP8 cache): Q loads by TMA as
+stored; the producer gathers K as stored straight into the consumers' fp8 ring (QK^T runs on the fp8 tensor cores,
+QGMMA) and stages and widens only V; PV runs in fp16 (P not rounded to fp8), the portable kernel's default
+arithmetic for an fp8 query. q's descale joins K's in the score scale.
+
 Consumer step (per warpgroup, FA3's intra-warpgroup pipelining): at step j it issues S_j = Q K_j^T and
 O += P_{j-1} V_{j-1} as two async wgmma groups, waits for S_j only, releases K_j, runs the online softmax of S_j,
 waits for PV, releases V_{j-1}, rescales O and packs P_j. (ptxas hoists the PV wait above the softmax:
@@ -91,6 +96,9 @@ def hopper_prefill_kernel(
     stride_kd_head,
     stride_vd_seq,
     stride_vd_head,
+    q_descale_ptr,  # [num_seqs, Hkv] fp32 (Q_FP8; a view: strides may be 0)
+    stride_qd_seq,
+    stride_qd_head,
     GROUP: gl.constexpr,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
@@ -104,6 +112,7 @@ def hopper_prefill_kernel(
     KV_FP8: gl.constexpr,  # fp8 cache: cp.async into an fp8 staging ring, widened to fp16 by the producer's 4 warps
     Q_TO_FP16: gl.constexpr,  # (KV_FP8 with a bf16 q) each consumer rewrites its Q rows as fp16 times a power of two
     WIDEN_ROWS: gl.constexpr,  # (KV_FP8) rows of a K/V tile the producer widens per step
+    Q_FP8: gl.constexpr,  # (KV_FP8) an fp8 e4m3 query: QK^T on fp8 operands (K as stored), PV in fp16
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     PRODUCER_WARPS: gl.constexpr,
@@ -117,7 +126,14 @@ def hopper_prefill_kernel(
     qk_scale = softmax_scale * 1.4426950408889634
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_BUFS, BLOCK_M, HEAD_D], q_desc.layout)
-    if KV_FP8:
+    if Q_FP8:
+        # K as stored (the fp8 QK^T operand), V widened to fp16 through an fp8 staging ring
+        kv16_q: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16_q)
+        k8_smem = k_smem
+        v8_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
+    elif KV_FP8:
         # the consumers' ring in fp16 (the MMA dtype; the layout TMA would give a 16-bit tile), fp8 staging beside it
         # (the layout TMA would give an fp8 box: the descriptors only lend it here)
         kv16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -161,21 +177,23 @@ def hopper_prefill_kernel(
             q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
             cu_seqlens_q_ptr, seqused_k_ptr, k_descale_ptr, v_descale_ptr, num_seqs, num_q_tiles, num_heads,
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
-            stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, GROUP, 0, BLOCK_M, BLOCK_N, HEAD_D,
-            STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16, q_row_scales
+            stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq,
+            stride_qd_head, GROUP, 0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT,
+            Q_TO_FP16, Q_FP8, q_row_scales
         )),
         (consumer_partition, (
             q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
             cu_seqlens_q_ptr, seqused_k_ptr, k_descale_ptr, v_descale_ptr, num_seqs, num_q_tiles, num_heads,
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
-            stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, GROUP, 1, BLOCK_M, BLOCK_N, HEAD_D,
-            STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16, q_row_scales
+            stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq,
+            stride_qd_head, GROUP, 1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT,
+            Q_TO_FP16, Q_FP8, q_row_scales
         )),
         (producer_partition, (
             q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty,
             v_ready, v_empty, v_fix, k_ptr, v_ptr, stride_kv_block, stride_kv_token, cu_seqlens_q_ptr, seqused_k_ptr,
             block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks,
             skip_q_len, pid, nprog, BLOCK_M, BLOCK_N, HEAD_D, PAGE, GROUP, STAGES, Q_BUFS, KV_FP8, PRODUCER_WARPS,
-            WIDEN_ROWS
+            WIDEN_ROWS, Q_FP8
         )),
     ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])

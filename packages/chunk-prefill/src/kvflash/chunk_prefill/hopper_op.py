@@ -3,8 +3,8 @@
 The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call on the portable kernel; see
 :func:`kvflash.attn_common.platform.hopper_gluon_available`): a paged, causal call over a 16-bit or FP8 cache without
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
-into a shared-memory ring (an FP8 cache it gathers by cp.async and widens to fp16), two consumer warpgroups run wgmma
-and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), full bench of 2026-12-03
+into a shared-memory ring (an FP8 cache it gathers by cp.async and widens to fp16; with an fp8 query, K stays fp8 for
+the fp8 QK^T wgmma and only V is widened), two consumer warpgroups run wgmma and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), full bench of 2026-12-03
 (e4bc48c): bf16 575 TFLOP/s (cuDNN's dense causal attention 590; the portable kernel 380), e4m3 cache 428 (portable
 325); D 256 (prefill bench of aa559de): bf16 571, e4m3 365 (portable 157). Every other
 call, and every call with an explicit launch config (the tuning sweeps), takes the portable kernel. Nothing here
@@ -40,12 +40,12 @@ SHARED_MEMORY_LIMIT = 227 * 1024
 TMA_ALIGNMENT = 16  # bytes: base addresses and row strides of TMA views
 
 
-def _block_n(head_size: int, kv_fp8: bool) -> int:
-    """Keys per tile: 128 up to D 128; at D 256, 64, or 32 over an FP8 cache (its staging ring beside the fp16
-    ring leaves no room for 64-key tiles)."""
+def _block_n(head_size: int, kv_fp8: bool, q_fp8: bool) -> int:
+    """Keys per tile: 128 up to D 128; at D 256, 64, or 32 over an FP8 cache with a 16-bit query (its staging ring
+    beside the fp16 ring leaves no room for 64-key tiles; an fp8 query's K ring stays fp8, which leaves room)."""
     if head_size <= 128:
         return 128
-    return 32 if kv_fp8 else 64
+    return 32 if kv_fp8 and not q_fp8 else 64
 
 
 def hopper_prefill_applies(
@@ -70,20 +70,24 @@ def hopper_prefill_applies(
     It takes: a paged cache in ``q``'s 16-bit dtype or in ``float8_e4m3fn`` / ``float8_e5m2``, ``D`` 64, 128 or
     256, laid out ``[num_blocks, page, Hkv, D]`` without padding (TMA views it as ``[num_blocks * page, Hkv * D]``;
     FP8 tiles are gathered by cp.async), pages of a power of two >= 8 tokens, ``q`` with ``stride(1) == D``, causal
-    (no other window), per-(sequence, KV head) descales, no softcap, ALiBi, sinks, fp8 output or fp8 query,
-    16-byte-aligned bases and row strides. The switch and the device are asked first: with the path off
+    (no other window), per-(sequence, KV head) descales (an fp8 query's ``q_descale`` too), no softcap, ALiBi,
+    sinks or fp8 output, 16-byte-aligned bases and row strides. The switch and the device are asked first: with the path off
     (``KVFLASH_GLUON=0``) or another GPU a call pays one environment read here.
     """
     if not hopper_gluon_available(q.device):
         return False
-    if block_table is None or q.dtype not in QUERY_TORCH_DTYPES:
-        return False
     kv_fp8 = k.dtype in OCP_FP8_TORCH_DTYPES
+    # an fp8 query comes with its q_descale, over an FP8 cache (check_attention_call)
+    q_fp8 = q.dtype == torch.float8_e4m3fn
+    if block_table is None or not (q.dtype in QUERY_TORCH_DTYPES or q_fp8):
+        return False
     if k.dtype != q.dtype and not kv_fp8:
+        return False
+    if q_fp8 and q_descale.dim() != 2:  # per-(token, query head) query descales: the portable kernel
         return False
     if not (window_left < 0 and window_right == 0) or softcap > 0:
         return False
-    if alibi_slopes is not None or s_aux is not None or output_scale is not None or q_descale is not None:
+    if alibi_slopes is not None or s_aux is not None or output_scale is not None:
         return False
     if k_descale.dim() != 2:  # per-token-head descales (FP8 caches only)
         return False
@@ -103,7 +107,7 @@ def hopper_prefill_applies(
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, kv_fp8: bool):
+def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, block_n: int):
     """TMA box shapes and their shared-memory layouts: Q ``[BLOCK_M, D]``, K/V ``[min(page, BLOCK_N), D]`` (over an
     FP8 cache the K/V descriptors only lend the fp8 staging ring its layout: cp.async fills it)."""
     from triton.experimental.gluon import language as gl
@@ -111,16 +115,23 @@ def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: t
     gl_dtypes = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv,
                  torch.float8_e5m2: gl.float8e5}  # fmt: skip
     q_box = [BLOCK_M, head_size]
-    kv_box = [min(page, _block_n(head_size, kv_fp8)), head_size]
+    kv_box = [min(page, block_n), head_size]
     q_layout = gl.NVMMASharedLayout.get_default_for(q_box, gl_dtypes[q_dtype])
     return q_box, kv_box, q_layout, gl.NVMMASharedLayout.get_default_for(kv_box, gl_dtypes[kv_dtype])
 
 
-def _shared_bytes(q_buffers: int, head_size: int, kv_fp8: bool) -> int:
-    """Shared memory of one program: Q buffers, the 16-bit K/V ring, the fp8 staging ring, and 1 KiB for the
-    barriers (under 128 bytes) and the query rows' powers of two (512 bytes)."""
-    ring = 2 * STAGES * _block_n(head_size, kv_fp8) * head_size
-    return q_buffers * BLOCK_M * head_size * 2 + ring * 2 + (ring if kv_fp8 else 0) + 1024
+def _shared_bytes(q_buffers: int, head_size: int, kv_fp8: bool, q_fp8: bool) -> int:
+    """Shared memory of one program: Q buffers; the K/V ring (16-bit; with an fp8 query, K fp8 and V fp16); the fp8
+    staging ring (K and V; V only with an fp8 query); and 1 KiB for the barriers (under 128 bytes) and the query
+    rows' powers of two (512 bytes)."""
+    tile = STAGES * _block_n(head_size, kv_fp8, q_fp8) * head_size  # elements of one ring of K or V tiles
+    if q_fp8:
+        ring = tile * (1 + 2 + 1)  # K fp8, V fp16, V staging fp8
+    elif kv_fp8:
+        ring = tile * (2 + 2 + 1 + 1)  # K, V fp16; K, V staging fp8
+    else:
+        ring = tile * (2 + 2)
+    return q_buffers * BLOCK_M * head_size * (1 if q_fp8 else 2) + ring + 1024
 
 
 def launch_hopper_prefill(
@@ -137,11 +148,13 @@ def launch_hopper_prefill(
     k_descale: torch.Tensor,
     v_descale: torch.Tensor,
     skip_q_len: int,
+    q_descale: torch.Tensor | None,
 ) -> None:
     """Launch the Hopper kernel (after :func:`hopper_prefill_applies`): writes ``out [total_q, Hq, D]`` and, when
     given, ``lse [Hq, total_q]`` fp32; sequences with at most ``skip_q_len`` queries are left untouched.
 
-    ``k_descale`` / ``v_descale``: ``[num_seqs, Hkv]`` fp32 views. Persistent: one program per SM at most, each
+    ``k_descale`` / ``v_descale``, and ``q_descale`` with an fp8 ``q`` (else ``None``): ``[num_seqs, Hkv]`` fp32
+    views. Persistent: one program per SM at most, each
     walking work items (128 query tokens of one query head) from the longest causal rows down. Launched through
     :func:`kvflash.attn_common.launch.launch` like the Triton kernels (specialisation keys, warm-up, call plans).
     """
@@ -153,10 +166,11 @@ def launch_hopper_prefill(
     num_blocks, page, num_kv_heads, _ = k.shape
     num_seqs = cu_seqlens_q.shape[0] - 1
     kv_fp8 = k.dtype in OCP_FP8_TORCH_DTYPES
-    block_n = _block_n(head_size, kv_fp8)
-    q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype, kv_fp8)
+    q_fp8 = q.dtype == torch.float8_e4m3fn
+    block_n = _block_n(head_size, kv_fp8, q_fp8)
+    q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype, block_n)
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
-    q_buffers = 2 if _shared_bytes(2, head_size, kv_fp8) <= SHARED_MEMORY_LIMIT else 1
+    q_buffers = 2 if _shared_bytes(2, head_size, kv_fp8, q_fp8) <= SHARED_MEMORY_LIMIT else 1
     rows, width = num_blocks * page, num_kv_heads * head_size
     q_desc = TensorDescriptor(q, [total_q, num_q_heads * head_size], [q.stride(0), 1], q_box, q_layout)
     k_desc = TensorDescriptor(k, [rows, width], [width, 1], kv_box, kv_layout)
@@ -198,6 +212,9 @@ def launch_hopper_prefill(
         stride_kd_head=kd[1],
         stride_vd_seq=vd[0],
         stride_vd_head=vd[1],
+        q_descale_ptr=q_descale if q_fp8 else k_descale,
+        stride_qd_seq=q_descale.stride(0) if q_fp8 else 0,
+        stride_qd_head=q_descale.stride(1) if q_fp8 else 0,
         GROUP=num_q_heads // num_kv_heads,
         BLOCK_M=BLOCK_M,
         BLOCK_N=block_n,
@@ -210,6 +227,7 @@ def launch_hopper_prefill(
         ASM_CVT=q.dtype == torch.bfloat16 and not kv_fp8,
         KV_FP8=kv_fp8,
         Q_TO_FP16=kv_fp8 and q.dtype == torch.bfloat16,
+        Q_FP8=q_fp8,
         WIDEN_ROWS=min(WIDEN_ROWS, block_n),
         CONSUMER_REGS=REGISTER_SPLIT[kv_fp8][0],
         PRODUCER_REGS=REGISTER_SPLIT[kv_fp8][1],

@@ -184,13 +184,59 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
 
 
 @gluon.jit
+def _load_item_fp8_query(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                         v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr,
+                         HEAD_D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+                         PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr):
+    """The item's K/V tiles for an fp8 query over an FP8 cache: K as stored straight into the consumers' fp8 ring (the
+    QK^T wgmma takes fp8 operands), V into the staging ring and widened to fp16 as for a 16-bit query; both gathered by
+    cp.async one tile ahead (one commit group per tile)."""
+    g0 = it
+    s0 = g0 % STAGES
+    mbarrier.wait(k_empty.index(s0), ((g0 // STAGES) & 1) ^ 1)
+    _gather_tile(k_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, k_smem.index(s0), BLOCK_N,
+                 HEAD_D, PAGE, PRODUCER_WARPS)
+    _gather_tile(v_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, v8_smem.index(s0), BLOCK_N,
+                 HEAD_D, PAGE, PRODUCER_WARPS)
+    async_copy.commit_group()
+    for j in range(n_tiles):
+        g = it + j
+        s = g % STAGES
+        ph = (g // STAGES) & 1
+        start_n = j * BLOCK_N
+        if j + 1 < n_tiles:
+            s1 = (g + 1) % STAGES
+            # the consumers' K slot of tile g + 1 held tile g + 1 - STAGES: released after its QK^T
+            mbarrier.wait(k_empty.index(s1), (((g + 1) // STAGES) & 1) ^ 1)
+            _gather_tile(k_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
+                         k_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+            _gather_tile(v_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
+                         v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+        async_copy.commit_group()
+        async_copy.wait_group(1)  # this thread's copies of tile g are in
+        fence_async_shared()  # cp.async (generic proxy) writes before the wgmma (async proxy) reads K
+        gl.thread_barrier()  # and everyone's
+        mbarrier.arrive(k_ready.index(s))
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        if start_n + BLOCK_N <= kv_len:
+            _widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
+        else:
+            _widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
+                        WIDEN_ROWS)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(v_ready.index(s))
+    async_copy.wait_group(0)  # the empty group of the last step
+
+
+@gluon.jit
 def producer_partition(
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
     v_empty, v_fix, k_ptr, v_ptr, stride_kv_block, stride_kv_token, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
     stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr,
     STAGES: gl.constexpr, Q_BUFS: gl.constexpr, KV_FP8: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
-    WIDEN_ROWS: gl.constexpr,
+    WIDEN_ROWS: gl.constexpr, Q_FP8: gl.constexpr,
 ):
     it = 0  # K/V tiles loaded so far (ring position)
     qc = 0  # Q tiles loaded so far
@@ -207,7 +253,11 @@ def producer_partition(
                                             q_smem.index(qb))
             bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt_seq
             col = (head // GROUP) * HEAD_D
-            if KV_FP8:
+            if Q_FP8:
+                _load_item_fp8_query(k_ptr, v_ptr, stride_kv_block, stride_kv_token, v8_smem, k_smem, v_smem, k_ready,
+                                     k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N,
+                                     HEAD_D, PAGE, STAGES, PRODUCER_WARPS, WIDEN_ROWS)
+            elif KV_FP8:
                 _load_item_fp8(k_ptr, v_ptr, stride_kv_block, stride_kv_token, k8_smem, v8_smem, k_smem, v_smem,
                                k_ready, k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks,
                                BLOCK_N, HEAD_D, PAGE, STAGES, PRODUCER_WARPS, WIDEN_ROWS)
