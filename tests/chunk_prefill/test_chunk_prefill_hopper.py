@@ -31,7 +31,8 @@ MIX = [(1, 1000), (300, 700), (129, 129), (0, 5), (517, 1300), (1, 1), (64, 200)
 
 
 def _applies(case, q_descale=None, **features):
-    out = torch.empty(case.q.shape, dtype=torch.bfloat16, device=case.q.device)
+    out_dtype = torch.bfloat16 if case.q.element_size() == 1 else case.q.dtype  # an fp8 query's output is bf16
+    out = torch.empty(case.q.shape, dtype=out_dtype, device=case.q.device)
     f = check_attention_call(
         case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
         max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=case.kwargs.get("cu_seqlens_k"), softmax_scale=None,

@@ -308,6 +308,7 @@ def launch_chunk_prefill(
         launch_hopper_prefill(
             q, k, v, out, lse, cu_seqlens_q, block_table=block_table, seqused_k=seqused_k,
             softmax_scale=softmax_scale, k_descale=k_descale, v_descale=v_descale, skip_q_len=skip_q_len,
+            q_descale=q_descale,
         )  # fmt: skip
         return
     total_q, num_q_heads, head_size = q.shape
