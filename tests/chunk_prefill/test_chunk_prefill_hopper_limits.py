@@ -6,14 +6,16 @@ import pytest
 
 from kvflash.chunk_prefill import hopper_op
 
-MODES = [(False, False), (True, False), (True, True)]  # (kv_fp8, q_fp8): a 16-bit cache, FP8 with 16-bit / fp8 q
-MODE_IDS = ["16-bit", "fp8-cache", "fp8-query"]
+# (q bytes, kv_fp8, K kept as stored): a 16-bit cache; FP8 with an fp16 query (K widened), with a bf16 one (split in
+# two e4m3 terms) and with an fp8 one (both K as stored)
+MODES = [(2, False, False), (2, True, False), (2, True, True), (1, True, True)]
+MODE_IDS = ["16-bit", "fp8-cache-fp16-query", "fp8-cache-bf16-query", "fp8-query"]
 
 
-@pytest.mark.parametrize("kv_fp8, q_fp8", MODES, ids=MODE_IDS)
+@pytest.mark.parametrize("q_bytes, kv_fp8, k_as_stored", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
-def test_one_program_fits_in_shared_memory(head_size, kv_fp8, q_fp8):
-    assert hopper_op._shared_bytes(1, head_size, kv_fp8, q_fp8) <= hopper_op.SHARED_MEMORY_LIMIT
+def test_one_program_fits_in_shared_memory(head_size, q_bytes, kv_fp8, k_as_stored):
+    assert hopper_op._shared_bytes(1, head_size, q_bytes, kv_fp8, k_as_stored) <= hopper_op.SHARED_MEMORY_LIMIT
 
 
 @pytest.mark.parametrize("q_fp8", [False, True], ids=["16-bit-query", "fp8-query"])
@@ -34,4 +36,4 @@ def test_the_ring_holds_the_fp8_prefetch():
 def test_an_fp8_query_keeps_two_query_buffers(head_size):
     # Q in fp8 and the K ring kept fp8 leave room for the second Q buffer at every head size (compiled for sm_90:
     # 164 KB at D 128, 197 KB at D 256 with 64-key tiles).
-    assert hopper_op._shared_bytes(2, head_size, True, True) <= hopper_op.SHARED_MEMORY_LIMIT
+    assert hopper_op._shared_bytes(2, head_size, 1, True, True) <= hopper_op.SHARED_MEMORY_LIMIT

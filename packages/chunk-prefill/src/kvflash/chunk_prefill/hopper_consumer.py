@@ -2,7 +2,7 @@
 
 Two warpgroups, 64 query rows of each work item each (``WG`` 0 and 1), run ``S = Q K^T`` and ``O += P V`` as async
 wgmma with the online softmax between them, taking turns on the tensor cores (``PINGPONG``), and write ``out`` and
-``lse``. Over an FP8 cache a bf16 query is first rewritten as fp16 (:func:`_query_to_fp16`).
+``lse``. Over an FP8 cache a bf16 query is first rewritten as two e4m3 terms (:func:`_query_to_fp8_pair`).
 """
 
 from triton.experimental import gluon
@@ -64,10 +64,20 @@ def _to_operand(p, dtype: gl.constexpr, p_layout: gl.constexpr, ASM_CVT: gl.cons
 
 
 @gluon.jit
-def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i, l_i,
+def _qk(q_mma, q_lo, k_tile, s_acc, Q_SPLIT: gl.constexpr):
+    """Issue ``S = Q K^T`` (async wgmma, not waited for); with ``Q_SPLIT`` two fp8 dots, ``q_mma`` holding the query's
+    high e4m3 terms and ``q_lo`` its low ones, into one accumulator."""
+    s_acc = warpgroup_mma(q_mma, k_tile, s_acc, use_acc=False, is_async=True)
+    if Q_SPLIT:
+        s_acc = warpgroup_mma(q_lo, k_tile, s_acc, is_async=True)
+    return s_acc
+
+
+@gluon.jit
+def _consumer_step(j, g, t, q_view, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i, l_i,
                    qk_scale, qk_scalar, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
-                   ASM_CVT: gl.constexpr, ROW_SCALE: gl.constexpr):
+                   ASM_CVT: gl.constexpr, ROW_SCALE: gl.constexpr, Q_SPLIT: gl.constexpr):
     """Key tile j of the item (ring slot of global tile g = it + j; turn wait number t)."""
     sk = g % STAGES
     phk = (g // STAGES) & 1
@@ -77,11 +87,11 @@ def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v
     mbarrier.wait(v_ready.index(sv), phv)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), t & 1)
-    s_acc = warpgroup_mma(q_view, k_smem.index(sk).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+    s_acc = _qk(q_view, q_lo, k_smem.index(sk).permute((1, 0)), s_acc, Q_SPLIT)
     o = warpgroup_mma(p, v_smem.index(sv), o, is_async=True)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
-    s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
+    s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))  # the QK^T group(s): issued before the PV one
     mbarrier.arrive(k_empty.index(sk))
     p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, j * BLOCK_N, MASKED, ROW_SCALE)
     o = warpgroup_mma_wait(0, deps=(o, ))
@@ -93,22 +103,26 @@ def _consumer_step(j, g, t, q_view, k_smem, v_smem, k_ready, k_empty, v_ready, v
 
 
 @gluon.jit
-def _query_to_fp16(src, dst, row_scale_smem, row_layout: gl.constexpr, HEAD_D: gl.constexpr):
-    """In place: each of this warpgroup's ``[64, HEAD_D]`` bf16 query rows (``src``) becomes fp16 (``dst``, the same
-    bytes) times the power of two ``2^e`` that puts the row's largest ``|q|`` in ``[2^14, 2^15)``: exact for bf16's 8
-    significant bits down to ``2^-31`` of the row's maximum, no overflow, and one row's magnitude leaves the other
-    rows alone, as in the portable kernel. Returns the 64 powers, ``[64]`` fp32 in ``row_layout``, through
-    ``row_scale_smem`` (``[64]`` fp32, this warpgroup's own). Each element is read and written by the same thread."""
-    gl.thread_barrier()  # every warp has read the previous item's powers before they are overwritten
-    CH: gl.constexpr = 16
+def _query_to_fp8_pair(src, hi, lo, row_scale_smem, row_layout: gl.constexpr):
+    """Each of this warpgroup's ``[64, HEAD_D]`` bf16 query rows (``src``), times the power of two ``2^e`` that puts
+    the row's largest ``|q|`` in ``[2^7, 2^8)``, written as two e4m3 terms ``hi + lo`` (``hi`` the row rounded to 4
+    significant bits, ``lo`` the rest; bf16 has 8): exact for elements down to ``2^-9`` of the row's largest, within
+    ``2^-17`` of it below; no overflow (448 is e4m3's largest), and one row's magnitude leaves the other rows alone.
+    ``hi`` and ``lo`` are the bytes of ``src`` itself (each ``[64, HEAD_D]`` e4m3), so all of ``src`` is read first.
+    Returns the 64 powers, ``[64]`` fp32 in ``row_layout``, through ``row_scale_smem`` (``[64]`` fp32, this
+    warpgroup's own)."""
     blk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    for c in gl.static_range(64 // CH):
-        x = src.slice(c * CH, CH).load(blk).to(gl.float32)
-        top = gl.max(gl.abs(x), axis=1)  # [CH], per row
-        e = gl.floor(gl.log2(gl.where(top > 0, top, 1.0)))
-        mult = gl.exp2(gl.minimum(14.0 - e, 126.0))
-        dst.slice(c * CH, CH).store((x * gl.expand_dims(mult, 1)).to(gl.float16))
-        row_scale_smem.slice(c * CH, CH).store(mult)
+    x = src.load(blk)  # kept bf16 (half the registers of fp32; 64 per thread at D 256)
+    # every warp has read its rows (hi and lo overwrite them) and the previous item's powers (overwritten next)
+    gl.thread_barrier()
+    top = gl.max(gl.abs(x.to(gl.float32)), axis=1)  # [64], per row
+    e = gl.floor(gl.log2(gl.where(top > 0, top, 1.0)))
+    mult = gl.exp2(gl.minimum(7.0 - e, 126.0))
+    xs = x.to(gl.float32) * gl.expand_dims(mult, 1)
+    x_hi = xs.to(gl.float8e4nv)  # round to nearest even
+    hi.store(x_hi)
+    lo.store((xs - x_hi.to(gl.float32)).to(gl.float8e4nv))  # the difference is exact in fp32 and in e4m3
+    row_scale_smem.store(mult)
     fence_async_shared()  # generic stores before the async-proxy wgmma reads
     gl.thread_barrier()
     return row_scale_smem.load(row_layout)
@@ -119,9 +133,9 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
                    turn, it, tc, out_ptr, lse_ptr, head, q_start, q_len, kv_len, tok0, n_tiles, n_full, qk_scale,
                    v_scale, stride_o_token, stride_o_head, stride_lse_head, WG: gl.constexpr, BLOCK_N: gl.constexpr,
                    HEAD_D: gl.constexpr, STAGES: gl.constexpr, WRITE_LSE: gl.constexpr, PINGPONG: gl.constexpr,
-                   ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr, row_scale_smem):
-    """One work item for this warpgroup's 64 rows; ``q_view`` is its Q slice as loaded, ``q_mma`` the same bytes as
-    the MMA reads them (fp16 over an FP8 cache with a bf16 query: :func:`_query_to_fp16`)."""
+                   ASM_CVT: gl.constexpr, Q_SPLIT: gl.constexpr, q_lo, row_scale_smem):
+    """One work item for this warpgroup's 64 rows; ``q_view`` is its Q slice as loaded, ``q_mma`` what the QK^T MMA
+    reads (with ``Q_SPLIT``: the high e4m3 terms of :func:`_query_to_fp8_pair`, ``q_lo`` the low ones)."""
     M: gl.constexpr = 64
     QK_K: gl.constexpr = 32 if q_mma.dtype.primitive_bitwidth == 8 else 16  # wgmma K per instruction
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -142,32 +156,32 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
 
     mbarrier.wait(q_ready_bar, qph)
     qk_scalar = qk_scale
-    if Q_TO_FP16:
-        qk_scale = qk_scale / _query_to_fp16(q_view, q_mma, row_scale_smem, row_layout, HEAD_D)
+    if Q_SPLIT:
+        qk_scale = qk_scale / _query_to_fp8_pair(q_view, q_mma, q_lo, row_scale_smem, row_layout)
     # ---- tile 0 (peeled, masked) ----
     s0 = it % STAGES
     mbarrier.wait(k_ready.index(s0), (it // STAGES) & 1)
     if PINGPONG:
         mbarrier.wait(turn.index(WG), tc & 1)
-    s_acc = warpgroup_mma(q_mma, k_smem.index(s0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
+    s_acc = _qk(q_mma, q_lo, k_smem.index(s0).permute((1, 0)), s_acc, Q_SPLIT)
     if PINGPONG:
         mbarrier.arrive(turn.index(1 - WG))
     s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
     mbarrier.arrive(k_empty.index(s0))
-    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, 0, True, Q_TO_FP16)
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, 0, True, Q_SPLIT)
     p = _to_operand(p32, v_smem.dtype, p_layout, ASM_CVT)  # P meets V in V's dtype (fp16 over an FP8 cache)
 
     # ---- unmasked tiles, then the diagonal / sequence-end tiles ----
     for j in range(1, n_full):
-        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
+        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready,
                                                v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar, q_pos,
                                                p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, False, ASM_CVT,
-                                               Q_TO_FP16)
+                                               Q_SPLIT, Q_SPLIT)
     for j in range(gl.maximum(n_full, 1), n_tiles):
-        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, k_smem, v_smem, k_ready, k_empty, v_ready,
+        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready,
                                                v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar, q_pos,
                                                p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, True, ASM_CVT,
-                                               Q_TO_FP16)
+                                               Q_SPLIT, Q_SPLIT)
     mbarrier.arrive(q_empty_bar)  # every QK wgmma of the item is complete: Q may be overwritten
 
     # ---- PV of the last tile ----
@@ -223,8 +237,15 @@ def consumer_partition(
     stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq, stride_qd_head, GROUP: gl.constexpr,
     WG: gl.constexpr, BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr, WRITE_LSE: gl.constexpr,
-    PINGPONG: gl.constexpr, ASM_CVT: gl.constexpr, Q_TO_FP16: gl.constexpr, Q_FP8: gl.constexpr, q_row_scales,
+    PINGPONG: gl.constexpr, ASM_CVT: gl.constexpr, Q_SPLIT: gl.constexpr, Q_FP8: gl.constexpr, q_row_scales,
 ):
+    # Q_SPLIT: the e4m3 view of a Q buffer (rows of HEAD_D bytes), as TMA would lay out an fp8 box. A swizzled tile
+    # whose rows pass 128 bytes is stored as column blocks of 128 bytes, each [rows, 128 B]. So a warpgroup's bf16 rows
+    # are one contiguous 128-row stretch of the e4m3 view up to D 64 (bf16 rows of at most 128 bytes), and rows
+    # 64 WG.. plus BLOCK_M + 64 WG.. of it beyond (in every column block of either view).
+    q8_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(HEAD_D, 128), element_bitwidth=8, rank=2)
+    HI_ROW: gl.constexpr = 128 * WG if HEAD_D <= 64 else 64 * WG
+    LO_ROW: gl.constexpr = HI_ROW + 64 if HEAD_D <= 64 else BLOCK_M + 64 * WG
     it = 0  # K/V tiles consumed so far (ring position)
     tc = 0  # turn waits so far
     qc = 0  # Q tiles consumed so far
@@ -236,10 +257,15 @@ def consumer_partition(
             qb = qc % Q_BUFS
             q_buf = q_smem.index(qb)
             q_view = q_buf.slice(WG * 64, 64)
-            if Q_TO_FP16:
-                q_mma = q_buf._reinterpret(gl.float16, [BLOCK_M, HEAD_D], q_buf.layout).slice(WG * 64, 64)
+            if Q_SPLIT:
+                # this warpgroup's 64 bf16 rows become 64 rows of high terms and 64 of low ones in the same bytes: the
+                # buffer viewed as [2 * BLOCK_M, HEAD_D] e4m3 (rows of HEAD_D bytes), rows HI_ROW.. and LO_ROW..
+                q8 = q_buf._reinterpret(gl.float8e4nv, [2 * BLOCK_M, HEAD_D], q8_layout)
+                q_mma = q8.slice(HI_ROW, 64)
+                q_lo = q8.slice(LO_ROW, 64)
             else:
                 q_mma = q_view
+                q_lo = q_view
             kv_head = head // GROUP
             k_scale = gl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
             v_scale = gl.load(v_descale_ptr + seq * stride_vd_seq + kv_head * stride_vd_head)
@@ -249,7 +275,7 @@ def consumer_partition(
                            k_ready, k_empty, v_ready, v_empty, turn, it, tc, out_ptr, lse_ptr, head, q_start, q_len,
                            kv_len, tok0, n_tiles, n_full, qk_scale * k_scale, v_scale, stride_o_token, stride_o_head,
                            stride_lse_head,
-                           WG, BLOCK_N, HEAD_D, STAGES, WRITE_LSE, PINGPONG, ASM_CVT, Q_TO_FP16,
+                           WG, BLOCK_N, HEAD_D, STAGES, WRITE_LSE, PINGPONG, ASM_CVT, Q_SPLIT, q_lo,
                            q_row_scales.slice(WG * 64, 64))
             it += n_tiles
             tc += n_tiles + 1

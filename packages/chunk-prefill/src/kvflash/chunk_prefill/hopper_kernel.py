@@ -110,7 +110,8 @@ def hopper_prefill_kernel(
     PINGPONG: gl.constexpr,
     ASM_CVT: gl.constexpr,
     KV_FP8: gl.constexpr,  # fp8 cache: cp.async into an fp8 staging ring, widened to fp16 by the producer's 4 warps
-    Q_TO_FP16: gl.constexpr,  # (KV_FP8 with a bf16 q) each consumer rewrites its Q rows as fp16 times a power of two
+    Q_SPLIT: gl.constexpr,  # (KV_FP8 with a bf16 q) each consumer rewrites its Q rows as two e4m3 terms (times a
+    # power of two per row) for two fp8 QK^T dots against K as stored
     WIDEN_ROWS: gl.constexpr,  # (KV_FP8) rows of a K/V tile the producer widens per step
     Q_FP8: gl.constexpr,  # (KV_FP8) an fp8 e4m3 query: QK^T on fp8 operands (K as stored), PV in fp16
     CONSUMER_REGS: gl.constexpr,
@@ -126,7 +127,8 @@ def hopper_prefill_kernel(
     qk_scale = softmax_scale * 1.4426950408889634
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_BUFS, BLOCK_M, HEAD_D], q_desc.layout)
-    if Q_FP8:
+    K_AS_STORED: gl.constexpr = Q_FP8 or Q_SPLIT  # the fp8 QK^T dot: K needs no widening
+    if K_AS_STORED:
         # K as stored (the fp8 QK^T operand), V widened to fp16 through an fp8 staging ring
         kv16_q: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
@@ -154,7 +156,7 @@ def hopper_prefill_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    # Q_TO_FP16: the powers of two of the query rows, 64 per consumer warpgroup (hopper_consumer._query_to_fp16)
+    # Q_SPLIT: the powers of two of the query rows, 64 per consumer warpgroup (hopper_consumer._query_to_fp8_pair)
     q_row_scales = gl.allocate_shared_memory(gl.float32, [BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
     for i in gl.static_range(Q_BUFS):
         mbarrier.init(q_ready.index(i), count=1)
@@ -179,7 +181,7 @@ def hopper_prefill_kernel(
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
             stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq,
             stride_qd_head, GROUP, 0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT,
-            Q_TO_FP16, Q_FP8, q_row_scales
+            Q_SPLIT, Q_FP8, q_row_scales
         )),
         (consumer_partition, (
             q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
@@ -187,13 +189,13 @@ def hopper_prefill_kernel(
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
             stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq,
             stride_qd_head, GROUP, 1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT,
-            Q_TO_FP16, Q_FP8, q_row_scales
+            Q_SPLIT, Q_FP8, q_row_scales
         )),
         (producer_partition, (
             q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty,
             v_ready, v_empty, v_fix, k_ptr, v_ptr, stride_kv_block, stride_kv_token, cu_seqlens_q_ptr, seqused_k_ptr,
             block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks,
             skip_q_len, pid, nprog, BLOCK_M, BLOCK_N, HEAD_D, PAGE, GROUP, STAGES, Q_BUFS, KV_FP8, PRODUCER_WARPS,
-            WIDEN_ROWS, Q_FP8
+            WIDEN_ROWS, K_AS_STORED
         )),
     ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])

@@ -41,8 +41,9 @@ TMA_ALIGNMENT = 16  # bytes: base addresses and row strides of TMA views
 
 
 def _block_n(head_size: int, kv_fp8: bool, q_fp8: bool) -> int:
-    """Keys per tile: 128 up to D 128; at D 256, 64, or 32 over an FP8 cache with a 16-bit query (its staging ring
-    beside the fp16 ring leaves no room for 64-key tiles; an fp8 query's K ring stays fp8, which leaves room)."""
+    """Keys per tile: 128 up to D 128; at D 256, 64, or 32 over an FP8 cache with a 16-bit query (compiled for sm_90,
+    64-key tiles there spill the consumers' 224 registers (72 bytes of stack with a split bf16 query, 32-key tiles 24);
+    with an fp16 query's widened K they do not fit in shared memory either)."""
     if head_size <= 128:
         return 128
     return 32 if kv_fp8 and not q_fp8 else 64
@@ -120,18 +121,18 @@ def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: t
     return q_box, kv_box, q_layout, gl.NVMMASharedLayout.get_default_for(kv_box, gl_dtypes[kv_dtype])
 
 
-def _shared_bytes(q_buffers: int, head_size: int, kv_fp8: bool, q_fp8: bool) -> int:
-    """Shared memory of one program: Q buffers; the K/V ring (16-bit; with an fp8 query, K fp8 and V fp16); the fp8
-    staging ring (K and V; V only with an fp8 query); and 1 KiB for the barriers (under 128 bytes) and the query
-    rows' powers of two (512 bytes)."""
-    tile = STAGES * _block_n(head_size, kv_fp8, q_fp8) * head_size  # elements of one ring of K or V tiles
-    if q_fp8:
+def _shared_bytes(q_buffers: int, head_size: int, q_bytes: int, kv_fp8: bool, k_as_stored: bool) -> int:
+    """Shared memory of one program: Q buffers (``q_bytes`` per element); the K/V ring (16-bit; with K as stored for
+    the fp8 QK^T dot, K fp8 and V fp16); the fp8 staging ring (K and V; V only with K as stored); and 1 KiB for the
+    barriers (under 128 bytes) and the query rows' powers of two (512 bytes)."""
+    tile = STAGES * _block_n(head_size, kv_fp8, q_bytes == 1) * head_size  # elements of one ring of K or V tiles
+    if k_as_stored:
         ring = tile * (1 + 2 + 1)  # K fp8, V fp16, V staging fp8
     elif kv_fp8:
         ring = tile * (2 + 2 + 1 + 1)  # K, V fp16; K, V staging fp8
     else:
         ring = tile * (2 + 2)
-    return q_buffers * BLOCK_M * head_size * (1 if q_fp8 else 2) + ring + 1024
+    return q_buffers * BLOCK_M * head_size * q_bytes + ring + 1024
 
 
 def launch_hopper_prefill(
@@ -167,10 +168,13 @@ def launch_hopper_prefill(
     num_seqs = cu_seqlens_q.shape[0] - 1
     kv_fp8 = k.dtype in OCP_FP8_TORCH_DTYPES
     q_fp8 = q.dtype == torch.float8_e4m3fn
+    # A bf16 query over an FP8 cache is split in two e4m3 terms (exact) for two fp8 QK^T dots against K as stored.
+    q_split = kv_fp8 and q.dtype == torch.bfloat16
     block_n = _block_n(head_size, kv_fp8, q_fp8)
     q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype, block_n)
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
-    q_buffers = 2 if _shared_bytes(2, head_size, kv_fp8, q_fp8) <= SHARED_MEMORY_LIMIT else 1
+    two_buffers = _shared_bytes(2, head_size, q.element_size(), kv_fp8, q_fp8 or q_split)
+    q_buffers = 2 if two_buffers <= SHARED_MEMORY_LIMIT else 1
     rows, width = num_blocks * page, num_kv_heads * head_size
     q_desc = TensorDescriptor(q, [total_q, num_q_heads * head_size], [q.stride(0), 1], q_box, q_layout)
     k_desc = TensorDescriptor(k, [rows, width], [width, 1], kv_box, kv_layout)
@@ -226,7 +230,7 @@ def launch_hopper_prefill(
         PINGPONG=True,
         ASM_CVT=q.dtype == torch.bfloat16 and not kv_fp8,
         KV_FP8=kv_fp8,
-        Q_TO_FP16=kv_fp8 and q.dtype == torch.bfloat16,
+        Q_SPLIT=q_split,
         Q_FP8=q_fp8,
         WIDEN_ROWS=min(WIDEN_ROWS, block_n),
         CONSUMER_REGS=REGISTER_SPLIT[kv_fp8][0],

@@ -184,13 +184,13 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
 
 
 @gluon.jit
-def _load_item_fp8_query(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
                          v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr,
                          HEAD_D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
                          PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr):
-    """The item's K/V tiles for an fp8 query over an FP8 cache: K as stored straight into the consumers' fp8 ring (the
-    QK^T wgmma takes fp8 operands), V into the staging ring and widened to fp16 as for a 16-bit query; both gathered by
-    cp.async one tile ahead (one commit group per tile)."""
+    """The item's K/V tiles over an FP8 cache when QK^T runs on fp8 operands (an fp8 query, or a bf16 one split in
+    two e4m3 terms): K as stored straight into the consumers' fp8 ring, V into the staging ring and widened to fp16;
+    both gathered by cp.async one tile ahead (one commit group per tile)."""
     g0 = it
     s0 = g0 % STAGES
     mbarrier.wait(k_empty.index(s0), ((g0 // STAGES) & 1) ^ 1)
@@ -236,7 +236,7 @@ def producer_partition(
     stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr,
     STAGES: gl.constexpr, Q_BUFS: gl.constexpr, KV_FP8: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
-    WIDEN_ROWS: gl.constexpr, Q_FP8: gl.constexpr,
+    WIDEN_ROWS: gl.constexpr, K_AS_STORED: gl.constexpr,
 ):
     it = 0  # K/V tiles loaded so far (ring position)
     qc = 0  # Q tiles loaded so far
@@ -253,10 +253,10 @@ def producer_partition(
                                             q_smem.index(qb))
             bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt_seq
             col = (head // GROUP) * HEAD_D
-            if Q_FP8:
-                _load_item_fp8_query(k_ptr, v_ptr, stride_kv_block, stride_kv_token, v8_smem, k_smem, v_smem, k_ready,
-                                     k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N,
-                                     HEAD_D, PAGE, STAGES, PRODUCER_WARPS, WIDEN_ROWS)
+            if K_AS_STORED:
+                _load_item_k_as_stored(k_ptr, v_ptr, stride_kv_block, stride_kv_token, v8_smem, k_smem, v_smem, k_ready,
+                                       k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks,
+                                       BLOCK_N, HEAD_D, PAGE, STAGES, PRODUCER_WARPS, WIDEN_ROWS)
             elif KV_FP8:
                 _load_item_fp8(k_ptr, v_ptr, stride_kv_block, stride_kv_token, k8_smem, v8_smem, k_smem, v_smem,
                                k_ready, k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks,
