@@ -74,7 +74,8 @@ def _qk(q_mma, q_lo, k_tile, s_acc, Q_SPLIT: gl.constexpr):
 
 
 @gluon.jit
-def _consumer_step(j, g, t, q_view, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i, l_i,
+def _consumer_step(j, g, t, q_view, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i,
+                   l_i,
                    qk_scale, qk_scalar, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
                    ASM_CVT: gl.constexpr, ROW_SCALE: gl.constexpr, Q_SPLIT: gl.constexpr):
@@ -173,15 +174,15 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
 
     # ---- unmasked tiles, then the diagonal / sequence-end tiles ----
     for j in range(1, n_full):
-        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready,
-                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar, q_pos,
-                                               p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, False, ASM_CVT,
-                                               Q_SPLIT, Q_SPLIT)
+        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty,
+                                               v_ready, v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar,
+                                               q_pos, p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, False,
+                                               ASM_CVT, Q_SPLIT, Q_SPLIT)
     for j in range(gl.maximum(n_full, 1), n_tiles):
-        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready,
-                                               v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar, q_pos,
-                                               p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, True, ASM_CVT,
-                                               Q_SPLIT, Q_SPLIT)
+        s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty,
+                                               v_ready, v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar,
+                                               q_pos, p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, True,
+                                               ASM_CVT, Q_SPLIT, Q_SPLIT)
     mbarrier.arrive(q_empty_bar)  # every QK wgmma of the item is complete: Q may be overwritten
 
     # ---- PV of the last tile ----

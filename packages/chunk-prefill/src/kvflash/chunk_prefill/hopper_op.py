@@ -3,12 +3,12 @@
 The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call on the portable kernel; see
 :func:`kvflash.attn_common.platform.hopper_gluon_available`): a paged, causal call over a 16-bit or FP8 cache without
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
-into a shared-memory ring (an FP8 cache it gathers by cp.async and widens to fp16; with an fp8 query, K stays fp8 for
-the fp8 QK^T wgmma and only V is widened), two consumer warpgroups run wgmma and the online softmax in turns. H200, D 128, page 16, Hq/Hkv 32/8, 4 x (2048 + 2048), full bench of 2026-12-03
-(e4bc48c): bf16 575 TFLOP/s (cuDNN's dense causal attention 590; the portable kernel 380), e4m3 cache 428 (portable
-325); D 256 (prefill bench of aa559de): bf16 571, e4m3 365 (portable 157). Every other
-call, and every call with an explicit launch config (the tuning sweeps), takes the portable kernel. Nothing here
-reads a tensor value: the choice comes from dtypes, shapes, strides and Python scalars.
+into a shared-memory ring, two consumer warpgroups run wgmma and the online softmax in turns. An FP8 cache the
+producer gathers by cp.async; it widens V to fp16, and K too for an fp16 query; with a bf16 query (split in two e4m3
+terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. Figures: BENCHMARKS.md and
+docs/chunk_prefill_perf.md. Every other call, and every call with an explicit launch config (the tuning sweeps),
+takes the portable kernel. Nothing here reads a tensor value: the choice comes from dtypes, shapes, strides and
+Python scalars.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def hopper_prefill_applies(
     256, laid out ``[num_blocks, page, Hkv, D]`` without padding (TMA views it as ``[num_blocks * page, Hkv * D]``;
     FP8 tiles are gathered by cp.async), pages of a power of two >= 8 tokens, ``q`` with ``stride(1) == D``, causal
     (no other window), per-(sequence, KV head) descales (an fp8 query's ``q_descale`` too), no softcap, ALiBi,
-    sinks or fp8 output, 16-byte-aligned bases and row strides. The switch and the device are asked first: with the path off
-    (``KVFLASH_GLUON=0``) or another GPU a call pays one environment read here.
+    sinks or fp8 output, 16-byte-aligned bases and row strides. The switch and the device are asked first: with the
+    path off (``KVFLASH_GLUON=0``) or another GPU a call pays one environment read here.
     """
     if not hopper_gluon_available(q.device):
         return False
