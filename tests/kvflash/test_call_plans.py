@@ -79,7 +79,10 @@ def test_varlen_replay_equals_the_full_path(name, mix, build, features):
         _assert_same(got, want)
         out, lse = got if isinstance(got, tuple) else (got, None)
         if lse is not None:
-            check_against_reference(case, out, lse, **{k: v for k, v in extra.items() if k != "return_softmax_lse"})
+            # lse by FlashAttention's rule, as in the kernels' own tests: on Hopper a bf16 query over an FP8 cache
+            # runs QK^T on the fp8 tensor cores (split query), which accumulate below fp32 precision
+            check_against_reference(case, out, lse, lse_low_precision=True,
+                                    **{k: v for k, v in extra.items() if k != "return_softmax_lse"})
         results.append(out)
     assert not torch.equal(results[1], results[2])  # fresh inputs really reached the replayed launches
 
@@ -91,7 +94,7 @@ def test_replay_into_a_callers_out_and_fp8_output():
         out = poison(torch.empty_like(case.q))
         result, lse = case.attend(causal=True, out=out, return_softmax_lse=True)
         assert result is out
-        check_against_reference(case, out, lse, causal=True)
+        check_against_reference(case, out, lse, lse_low_precision=True, causal=True)  # as above
         scale = torch.tensor([0.05], device="cuda")
         fp8_out = torch.empty(case.q.shape, dtype=E4M3, device="cuda")
         got = case.attend(causal=True, out=fp8_out, output_scale=scale)
