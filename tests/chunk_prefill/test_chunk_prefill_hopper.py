@@ -126,9 +126,9 @@ def test_hopper_path_fp16_gqa_and_descales(heads):
     ids=["bf16-d128-p16", "bf16-d64-p8", "fp16-d128-p64", "bf16-d128-p256", "bf16-d256-p16", "fp16-d256-p64"],
 )
 def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
-    # FP8 tiles widened to fp16 by the producer (V rows past the end zeroed: NaN in unused slots), a bf16 query
-    # rewritten as fp16 times a power of two per row; distinct per-(sequence, KV head) descales, one of K's negative
-    # and one zero (uniform attention over the visible keys).
+    # V (and an fp16 query's K) widened to fp16 by the producer (V rows past the end zeroed: NaN in unused slots); a
+    # bf16 query split per row in two e4m3 terms against K as stored; distinct per-(sequence, KV head) descales, one
+    # of K's negative and one zero (uniform attention over the visible keys).
     k_descale = torch.rand(len(MIX), 2, device="cuda") * 0.5 + 0.1
     k_descale[4, 1] = -0.3
     k_descale[2, 0] = 0.0
@@ -175,7 +175,8 @@ def test_hopper_path_fp8_query(monkeypatch, kv_dtype, head_size, block_size):
 
 
 def test_hopper_path_fp8_query_of_tiny_and_zero_rows():
-    """A bf16 query tile whose rows span 2^-20 .. 2^6 and a tile of zeros: the fp16 rewrite keeps them."""
+    """A bf16 query tile whose rows span 2^-20 .. 2^6 and a tile of zeros: the split in e4m3 terms (one power of two
+    per row) keeps them."""
     case = make_case([(300, 700), (128, 128)], num_q_heads=4, num_kv_heads=2, head_size=128, q_dtype=torch.bfloat16,
                      kv_dtype=torch.float8_e4m3fn, nan_unused=True, device="cuda", seed=3)  # fmt: skip
     with torch.no_grad():
@@ -191,8 +192,8 @@ def test_hopper_path_fp8_query_of_tiny_and_zero_rows():
     ids=["in-its-tile", "past-the-first-sequence", "second-warpgroup"],
 )
 def test_fp8_cache_a_huge_query_row_leaves_the_other_rows_alone(monkeypatch, path, seqs, huge_row):
-    """A bf16 query row of huge magnitude (2^40 x, still finite) over an FP8 cache: the fp16 rewrite takes one power of
-    two per row, so the rows beside it keep their precision. Row 5: in the first sequence's tile (its first
+    """A bf16 query row of huge magnitude (2^40 x, still finite) over an FP8 cache: the split in e4m3 terms takes one
+    power of two per row, so the rows beside it keep their precision. Row 5: in the first sequence's tile (its first
     warpgroup's rows). Row 40: in the second sequence, and also in the first sequence's tile past its end. Row 130:
     row 100 of the second sequence's tile, the second warpgroup's rows. The portable kernel runs the same check.
 

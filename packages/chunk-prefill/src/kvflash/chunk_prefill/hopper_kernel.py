@@ -30,14 +30,18 @@ FP8 caches (``KV_FP8``): the producer partition is 4 warps. They gather each K/V
 bytes per copy, the page id of every key row read from the block table; no TMA, whose one box per page costs a
 barrier per box in a 4-warp partition) into an fp8 staging ring one tile ahead, and widen it to fp16 (one hardware
 conversion per pair, exact) into the consumers' ring, zeroing V rows past ``kv_len`` on the way; the consumers then
-run the 16-bit loop in fp16. A bf16 query is rewritten in shared memory by each consumer warpgroup, once per item, as
-fp16 times a power of two per row (``hopper_consumer._query_to_fp16``), whose inverse folds into the row's score
-scale: the portable kernel's exact FP8 arithmetic.
+run the 16-bit loop in fp16. That is the fp16 query's path.
 
-An fp8 query (``Q_FP8``, e4m3 with a per-(sequence, KV head) ``q_descale``, over an FP8 cache): Q loads by TMA as
-stored; the producer gathers K as stored straight into the consumers' fp8 ring (QK^T runs on the fp8 tensor cores,
-QGMMA) and stages and widens only V; PV runs in fp16 (P not rounded to fp8), the portable kernel's default
-arithmetic for an fp8 query. q's descale joins K's in the score scale.
+K stays as stored (``K_AS_STORED``: the producer gathers it straight into the consumers' fp8 ring and stages and
+widens only V; QK^T runs on the fp8 tensor cores, QGMMA) for
+* a bf16 query (``Q_SPLIT``): each consumer warpgroup rewrites its Q rows in shared memory, once per item, times a
+  power of two per row, as two e4m3 terms ``hi + lo`` (``hopper_consumer._query_to_fp8_pair``; exact for elements
+  down to 2^-9 of the row's largest), and QK^T is two fp8 dots into one accumulator; the powers' inverses fold into
+  the rows' score scales. The portable kernel's ``Q_SPLIT`` arithmetic;
+* an fp8 query (``Q_FP8``, e4m3 with a per-(sequence, KV head) ``q_descale``): Q as loaded; q's descale joins K's in
+  the score scale.
+PV runs in fp16 (P not rounded to fp8) on every FP8 path. The fp8 tensor cores accumulate a dot below fp32 precision
+(about 2^-14 relative per step), which the GPU tier's FlashAttention rule judges.
 
 Consumer step (per warpgroup, FA3's intra-warpgroup pipelining): at step j it issues S_j = Q K_j^T and
 O += P_{j-1} V_{j-1} as two async wgmma groups, waits for S_j only, releases K_j, runs the online softmax of S_j,
