@@ -184,10 +184,10 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
 
 
 @gluon.jit
-def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
-                         v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr,
-                         HEAD_D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
-                         PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr):
+def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_smem, v_smem, k_ready, k_empty,
+                           v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr,
+                           HEAD_D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+                           PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr):
     """The item's K/V tiles over an FP8 cache when QK^T runs on fp8 operands (an fp8 query, or a bf16 one split in
     two e4m3 terms): K as stored straight into the consumers' fp8 ring, V into the staging ring and widened to fp16;
     both gathered by cp.async one tile ahead (one commit group per tile)."""
