@@ -13,11 +13,11 @@ from kvflash.attn_common import check_attention_call
 from kvflash.attn_common.platform import hopper_gluon_available
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.chunk_prefill import chunk_prefill_attention
-from kvflash.chunk_prefill.hopper_op import hopper_prefill_applies
 from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
 from kvflash.chunk_prefill.op import launch_chunk_prefill
 
 from ..cases import assert_lse_close, check_against_reference, check_chunk_prefill, make_case, reference
+from .test_chunk_prefill_hopper_routing import MIX, applies, fp8_query
 
 pytestmark = pytest.mark.gpu
 
@@ -26,73 +26,9 @@ pytestmark = pytest.mark.gpu
 def gluon_on(monkeypatch):
     monkeypatch.setenv("KVFLASH_GLUON", "1")
 
-# Decode rows, rows with more queries than keys, empty ranges, chunks crossing many 128-key tiles and Q tiles.
-MIX = [(1, 1000), (300, 700), (129, 129), (0, 5), (517, 1300), (1, 1), (64, 200), (7, 9), (40, 20), (3, 0)]
-
-
-def _applies(case, q_descale=None, **features):
-    out_dtype = torch.bfloat16 if case.q.element_size() == 1 else case.q.dtype  # an fp8 query's output is bf16
-    out = torch.empty(case.q.shape, dtype=out_dtype, device=case.q.device)
-    f = check_attention_call(
-        case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
-        max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=case.kwargs.get("cu_seqlens_k"), softmax_scale=None,
-        causal=features.get("causal", False), window_size=features.get("window_size"),
-        softcap=features.get("softcap", 0.0), alibi_slopes=features.get("alibi_slopes"), s_aux=features.get("s_aux"),
-        k_descale=case.kwargs.get("k_descale"), v_descale=case.kwargs.get("v_descale"), output_scale=None,
-        kv_descale_per_token=None, out=out, block_table=case.kwargs.get("block_table"),
-        seqused_k=case.kwargs.get("seqused_k"), q_descale=q_descale,
-        q_descale_per_token=features.get("q_descale_per_token"),
-    )  # fmt: skip
-    return hopper_prefill_applies(
-        case.q, case.k, case.v, out, None, block_table=case.kwargs.get("block_table"), window_left=f.window_left,
-        window_right=f.window_right, softcap=f.softcap, alibi_slopes=f.alibi_slopes, s_aux=f.s_aux,
-        k_descale=f.k_descale, output_scale=None, q_descale=f.q_descale,
-    )  # fmt: skip
-
-
-def _fp8_query(case) -> torch.Tensor:
-    """Replace ``case.q`` by an e4m3 query (times 4 first, so scores spread) with one descale per (sequence, KV head),
-    ``amax / 448``; returns the descales ``[num_seqs, Hkv]`` float32."""
-    num_kv_heads = case.k.shape[-2]
-    starts = case.cu_seqlens_q.tolist()
-    q = case.q.float().mul(4.0).unflatten(1, (num_kv_heads, -1))  # [total_q, Hkv, group, D]
-    q_descale = torch.ones(case.num_seqs, num_kv_heads, device=q.device)
-    for s in range(case.num_seqs):
-        rows = q[starts[s]:starts[s + 1]]
-        if rows.shape[0]:
-            q_descale[s] = rows.abs().amax(dim=(0, 2, 3)).clamp_min(1e-6) / 448.0
-            rows /= q_descale[s][None, :, None, None]
-    case.q = q.flatten(1, 2).to(torch.float8_e4m3fn)
-    return q_descale
-
-
 def _hopper():
     if not hopper_gluon_available(torch.device("cuda")):
         pytest.skip("not an sm_90 GPU with the Gluon API the Hopper kernels are written for")
-
-
-def test_which_calls_take_the_hopper_path():
-    _hopper()
-    case = make_case(MIX[:3], num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda")
-    assert _applies(case, causal=True)
-    assert not _applies(case)  # not causal
-    assert not _applies(case, causal=True, window_size=(64, 0))
-    assert not _applies(case, causal=True, softcap=5.0)
-    assert not _applies(case, causal=True, s_aux=torch.zeros(8, device="cuda"))
-    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
-        for head_size in (64, 128, 256):
-            fp8_case = make_case(MIX[:3], num_q_heads=8, head_size=head_size, kv_dtype=fp8, device="cuda")
-            assert _applies(fp8_case, causal=True)
-            q_descale = _fp8_query(fp8_case)
-            assert _applies(fp8_case, q_descale=q_descale, causal=True)
-            per_token = torch.ones(fp8_case.q.shape[:2], device="cuda")  # [total_q, Hq]: the portable kernel
-            assert not _applies(fp8_case, q_descale=per_token, causal=True, q_descale_per_token=True)
-    for other in (
-        dict(head_size=80), dict(block_size=1), dict(block_size=48), dict(block_size=None),
-        dict(joint_layout=True), dict(kv_dtype=torch.float8_e4m3fn, joint_layout=True),
-    ):  # fmt: skip
-        kwargs = dict(num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda") | other
-        assert not _applies(make_case(MIX[:3], **kwargs), causal=True), other
 
 
 @pytest.mark.parametrize("head_size", [64, 128, 256])
@@ -136,7 +72,7 @@ def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
     case = make_case(MIX, num_q_heads=8, num_kv_heads=2, head_size=head_size, q_dtype=q_dtype, kv_dtype=kv_dtype,
                      k_descale=k_descale, v_descale=v_descale, block_size=block_size, nan_unused=True, device="cuda",
                      seed=head_size + block_size)  # fmt: skip
-    assert _applies(case, causal=True)
+    assert applies(case, causal=True)
     check_chunk_prefill(case, causal=True)
 
 
@@ -145,7 +81,7 @@ def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
     "head_size, block_size", [(128, 16), (64, 8), (128, 64), (256, 16), (256, 64)],
     ids=["d128-p16", "d64-p8", "d128-p64", "d256-p16", "d256-p64"],
 )
-def test_hopper_path_fp8_query(monkeypatch, kv_dtype, head_size, block_size):
+def test_hopper_pathfp8_query(monkeypatch, kv_dtype, head_size, block_size):
     """An e4m3 query with per-(sequence, KV head) descales over an FP8 cache: QK^T on the fp8 tensor cores with K as
     stored, V widened to fp16, PV in fp16, the portable kernel's default arithmetic. Its error against the float64
     reference must be at most twice the portable kernel's plus 1e-3 (FlashAttention's rule, with the portable kernel
@@ -159,8 +95,8 @@ def test_hopper_path_fp8_query(monkeypatch, kv_dtype, head_size, block_size):
     case = make_case(MIX, num_q_heads=8, num_kv_heads=2, head_size=head_size, q_dtype=torch.bfloat16,
                      kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, block_size=block_size,
                      nan_unused=True, device="cuda", seed=head_size + block_size + 1)  # fmt: skip
-    q_descale = _fp8_query(case)
-    assert _applies(case, q_descale=q_descale, causal=True)
+    q_descale = fp8_query(case)
+    assert applies(case, q_descale=q_descale, causal=True)
     results = {}
     for path in ("hopper", "portable"):
         monkeypatch.setenv("KVFLASH_GLUON", "1" if path == "hopper" else "0")
@@ -207,7 +143,7 @@ def test_fp8_cache_a_huge_query_row_leaves_the_other_rows_alone(monkeypatch, pat
         case.q[huge_row] *= 2.0**40
     if path == "hopper":
         _hopper()
-        assert _applies(case, causal=True)
+        assert applies(case, causal=True)
     out, lse = chunk_prefill_attention(
         case.q, case.k, case.v, case.cu_seqlens_q, case.max_seqlen_q, case.max_seqlen_k, causal=True,
         out=poison(torch.empty_like(case.q)), return_lse=True, **case.kwargs,
@@ -250,7 +186,7 @@ def test_without_the_switch_calls_keep_the_portable_kernel(monkeypatch):
     _hopper()
     monkeypatch.setenv("KVFLASH_GLUON", "0")
     case = make_case(MIX[:3], num_q_heads=8, head_size=128, q_dtype=torch.bfloat16, device="cuda")
-    assert not _applies(case, causal=True)
+    assert not applies(case, causal=True)
     out = chunk_prefill_attention(
         case.q, case.k, case.v, case.cu_seqlens_q, case.max_seqlen_q, case.max_seqlen_k, causal=True, **case.kwargs
     )
