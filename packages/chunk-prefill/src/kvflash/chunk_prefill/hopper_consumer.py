@@ -75,8 +75,7 @@ def _qk(q_mma, q_lo, k_tile, s_acc, Q_SPLIT: gl.constexpr):
 
 @gluon.jit
 def _consumer_step(j, g, t, q_view, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i,
-                   l_i,
-                   qk_scale, qk_scalar, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
+                   l_i, qk_scale, qk_scalar, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
                    ASM_CVT: gl.constexpr, ROW_SCALE: gl.constexpr, Q_SPLIT: gl.constexpr):
     """Key tile j of the item (ring slot of global tile g = it + j; turn wait number t)."""
