@@ -155,9 +155,9 @@ def launch_hopper_prefill(
     given, ``lse [Hq, total_q]`` fp32; sequences with at most ``skip_q_len`` queries are left untouched.
 
     ``k_descale`` / ``v_descale``, and ``q_descale`` with an fp8 ``q`` (else ``None``): ``[num_seqs, Hkv]`` fp32
-    views. Persistent: one program per SM at most, each
-    walking work items (128 query tokens of one query head) from the longest causal rows down. Launched through
-    :func:`kvflash.attn_common.launch.launch` like the Triton kernels (specialisation keys, warm-up, call plans).
+    views. Persistent: one program per SM at most, each walking work items (128 query tokens of one query head) from
+    the longest causal rows down. Launched through :func:`kvflash.attn_common.launch.launch` like the Triton kernels
+    (specialisation keys, warm-up, call plans).
     """
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
