@@ -5,7 +5,7 @@ tests of the kernel itself (test_chunk_prefill_hopper.py)."""
 
 import torch
 
-from kvflash.attn_common import check_attention_call
+from kvflash.attn_common import check_attention_call, saturate_to_fp8
 from kvflash.chunk_prefill import hopper_op
 
 from ..cases import make_case
@@ -39,17 +39,17 @@ def applies(case, q_descale=None, **features) -> bool:
 
 def fp8_query(case) -> torch.Tensor:
     """Replace ``case.q`` by an e4m3 query (times 4 first, so scores spread) with one descale per (sequence, KV head),
-    ``amax / 448``; returns the descales ``[num_seqs, Hkv]`` float32."""
+    ``amax / 448``, quantised by :func:`kvflash.attn_common.saturate_to_fp8`; returns the descales ``[num_seqs, Hkv]``
+    float32."""
     num_kv_heads = case.k.shape[-2]
     starts = case.cu_seqlens_q.tolist()
     q = case.q.float().mul(4.0).unflatten(1, (num_kv_heads, -1))  # [total_q, Hkv, group, D]
     q_descale = torch.ones(case.num_seqs, num_kv_heads, device=q.device)
     for s in range(case.num_seqs):
-        rows = q[starts[s]:starts[s + 1]]
-        if rows.shape[0]:
-            q_descale[s] = rows.abs().amax(dim=(0, 2, 3)).clamp_min(1e-6) / 448.0
-            rows /= q_descale[s][None, :, None, None]
-    case.q = q.flatten(1, 2).to(torch.float8_e4m3fn)
+        if starts[s + 1] > starts[s]:
+            q_descale[s] = q[starts[s]:starts[s + 1]].abs().amax(dim=(0, 2, 3)).clamp_min(1e-6) / 448.0
+    row_descale = q_descale.repeat_interleave(case.cu_seqlens_q.diff().long(), dim=0)  # [total_q, Hkv]
+    case.q = saturate_to_fp8(q, row_descale[:, :, None, None], torch.float8_e4m3fn).flatten(1, 2)
     return q_descale
 
 
