@@ -77,7 +77,7 @@ def _qk(q_mma, q_lo, k_tile, s_acc, Q_SPLIT: gl.constexpr):
 def _consumer_step(j, g, t, q_view, q_lo, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, s_acc, o, p, m_i,
                    l_i, qk_scale, qk_scalar, q_pos, p_layout: gl.constexpr, o_layout: gl.constexpr, WG: gl.constexpr,
                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr, PINGPONG: gl.constexpr, MASKED: gl.constexpr,
-                   ASM_CVT: gl.constexpr, ROW_SCALE: gl.constexpr, Q_SPLIT: gl.constexpr):
+                   ASM_CVT: gl.constexpr, Q_SPLIT: gl.constexpr):
     """Key tile j of the item (ring slot of global tile g = it + j; turn wait number t)."""
     sk = g % STAGES
     phk = (g // STAGES) & 1
@@ -93,7 +93,7 @@ def _consumer_step(j, g, t, q_view, q_lo, k_smem, v_smem, k_ready, k_empty, v_re
         mbarrier.arrive(turn.index(1 - WG))
     s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))  # the QK^T group(s): issued before the PV one
     mbarrier.arrive(k_empty.index(sk))
-    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, j * BLOCK_N, MASKED, ROW_SCALE)
+    p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, j * BLOCK_N, MASKED, Q_SPLIT)
     o = warpgroup_mma_wait(0, deps=(o, ))
     p = _to_operand(p32, p.dtype, p_layout, ASM_CVT)
     alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
@@ -176,12 +176,12 @@ def _consumer_item(q_view, q_mma, k_smem, v_smem, q_ready_bar, q_empty_bar, qph,
         s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty,
                                                v_ready, v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar,
                                                q_pos, p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, False,
-                                               ASM_CVT, Q_SPLIT, Q_SPLIT)
+                                               ASM_CVT, Q_SPLIT)
     for j in range(gl.maximum(n_full, 1), n_tiles):
         s_acc, o, p, m_i, l_i = _consumer_step(j, it + j, tc + j, q_mma, q_lo, k_smem, v_smem, k_ready, k_empty,
                                                v_ready, v_empty, turn, s_acc, o, p, m_i, l_i, qk_scale, qk_scalar,
                                                q_pos, p_layout, o_layout, WG, BLOCK_N, STAGES, PINGPONG, True,
-                                               ASM_CVT, Q_SPLIT, Q_SPLIT)
+                                               ASM_CVT, Q_SPLIT)
     mbarrier.arrive(q_empty_bar)  # every QK wgmma of the item is complete: Q may be overwritten
 
     # ---- PV of the last tile ----

@@ -132,17 +132,17 @@ def hopper_prefill_kernel(
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [Q_BUFS, BLOCK_M, HEAD_D], q_desc.layout)
     K_AS_STORED: gl.constexpr = Q_FP8 or Q_SPLIT  # the fp8 QK^T dot: K needs no widening
+    # FP8 caches: the consumers' widened tiles in fp16 (the MMA dtype), laid out as TMA would lay out a 16-bit tile
+    kv16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     if K_AS_STORED:
         # K as stored (the fp8 QK^T operand), V widened to fp16 through an fp8 staging ring
-        kv16_q: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16_q)
+        v_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16)
         k8_smem = k_smem
         v8_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, HEAD_D], v_desc.layout)
     elif KV_FP8:
-        # the consumers' ring in fp16 (the MMA dtype; the layout TMA would give a 16-bit tile), fp8 staging beside it
-        # (the layout TMA would give an fp8 box: the descriptors only lend it here)
-        kv16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        # the consumers' ring in fp16, fp8 staging beside it (the layout TMA would give an fp8 box: the descriptors
+        # only lend it here)
         k_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16)
         v_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16)
         k8_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
