@@ -22,7 +22,7 @@ import dataclasses
 import torch
 import triton
 
-from kvflash.attn_common import reference_attention
+from kvflash.attn_common import gather_sequence_kv, reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, encode_fp8, error_vs, make_paged_kv, poison
 
 # Sequence mixes that the call-plan tests replay on the GPU and on the CPU stand-in.
@@ -324,3 +324,39 @@ def launch_chunk_prefill_with(case: Case, out: torch.Tensor, change: dict, *, q_
         config=dataclasses.replace(chosen, **change),
     )  # fmt: skip
     return chosen
+
+
+P_RELATIVE_ERROR = 2.0**-4  # e4m3 rounding of a probability (3 mantissa bits)
+
+
+def v_max_per_row(case) -> torch.Tensor:
+    """``[total_q, 1, 1]`` float64: the largest real |V| of each row's sequence (the scale of the P-rounding bound)."""
+    rows = []
+    seqused = case.kv_args.get("seqused_k")
+    starts = case.kv_args["cu_seqlens_k"].tolist() if "cu_seqlens_k" in case.kv_args else None
+    for s, (q_len, kv_len) in enumerate(case.seqs):
+        if seqused is not None:
+            kv_len = int(seqused[s])
+        v = gather_sequence_kv(case.v, s, kv_len, block_table=case.kv_args.get("block_table"), cu_seqlens_k=starts)
+        descale = case.v_descale[s] if case.v_descale.dim() == 2 else case.v_descale
+        real = v.double() * descale.double().reshape(-1, 1)
+        rows += [real.abs().max().item() if kv_len else 0.0] * q_len
+    return torch.tensor(rows, dtype=torch.float64, device=case.q.device).reshape(-1, 1, 1)
+
+
+def assert_fp8_dot_error(
+    out: torch.Tensor, exact: torch.Tensor, v_max: torch.Tensor, *, out_rounding: float = 2.0**-8, rms: float = 2.0**-5
+) -> None:
+    """The error bound of an attention whose PV dot may round P to e4m3 (3 mantissa bits: a relative error of at
+    most 2^-4 per probability), row by row: ``|out - ref| <= 2^-4 * v_max`` (``v_max``, ``[total_q, 1, 1]``: the
+    largest real |V| of the row's sequence; the bound of an error of 2^-4 in every weight of a convex combination)
+    plus the output format's relative rounding ``out_rounding`` (bf16's by default) and 2e-3; and the relative RMS
+    error over the whole output at most ``rms`` (a kernel that descales with a wrong scale is off by tens of per
+    cent)."""
+    assert not torch.isnan(out.double()).any(), "out has NaN (an element left unwritten)"
+    got, ref = out.double(), exact.to(out.device).double()
+    bound = P_RELATIVE_ERROR * v_max + out_rounding * ref.abs() + 2e-3
+    excess = (got - ref).abs() - bound
+    assert bool((excess <= 0).all()), f"max error over the bound by {float(excess.max()):.3e}"
+    relative_rms = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
+    assert relative_rms <= rms, f"relative RMS error {relative_rms:.3e} > {rms:.3e}"

@@ -12,11 +12,20 @@ import torch
 from kvflash.attn_common import check_attention_call
 from kvflash.attn_common.platform import hopper_gluon_available
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
-from kvflash.chunk_prefill import chunk_prefill_attention
+from kvflash.chunk_prefill import chunk_prefill_attention, hopper_op
 from kvflash.chunk_prefill.launch_config import choose_chunk_prefill_config
 from kvflash.chunk_prefill.op import launch_chunk_prefill
 
-from ..cases import assert_lse_close, check_against_reference, check_chunk_prefill, make_case, reference
+from ..cases import (
+    assert_fp8_dot_error,
+    assert_lse_close,
+    check_against_reference,
+    check_chunk_prefill,
+    launch_chunk_prefill_with,
+    make_case,
+    reference,
+    v_max_per_row,
+)
 from .test_chunk_prefill_hopper_routing import MIX, applies, fp8_query
 
 pytestmark = pytest.mark.gpu
@@ -81,12 +90,14 @@ def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
     "head_size, block_size", [(128, 16), (64, 8), (128, 64), (256, 16), (256, 64)],
     ids=["d128-p16", "d64-p8", "d128-p64", "d256-p16", "d256-p64"],
 )
-def test_hopper_pathfp8_query(monkeypatch, kv_dtype, head_size, block_size):
+def test_hopper_path_fp8_query(monkeypatch, kv_dtype, head_size, block_size):
     """An e4m3 query with per-(sequence, KV head) descales over an FP8 cache: QK^T on the fp8 tensor cores with K as
-    stored, V widened to fp16, PV in fp16, the portable kernel's default arithmetic. Its error against the float64
-    reference must be at most twice the portable kernel's plus 1e-3 (FlashAttention's rule, with the portable kernel
-    as the low-precision computation), and the LSE likewise; distinct K and V descales, one of K's negative and one
-    zero; NaN in unused cache slots; poisoned outputs."""
+    stored; PV on fp8 operands at D 64 / 128 (V transposed in fp8, P rounded to e4m3, a fresh accumulator per tile),
+    in fp16 at D 256 (V widened). The output against the float64 reference: FlashAttention's rule (at most twice the
+    error plus 1e-3) with the portable kernel's same arithmetic as the low-precision computation (its fp8 PV dot,
+    launch config ``pv_fp8``, where P is rounded), and with fp8 PV the P-rounding bound as well. The LSE (P's
+    rounding does not enter it) against the portable kernel's default. Distinct K and V descales, one of K's negative
+    and one zero; NaN in unused cache slots; poisoned outputs."""
     _hopper()
     k_descale = torch.rand(len(MIX), 2, device="cuda") * 0.5 + 0.1
     k_descale[4, 1] = -0.3
@@ -106,7 +117,14 @@ def test_hopper_pathfp8_query(monkeypatch, kv_dtype, head_size, block_size):
             return_lse=True, q_descale=q_descale, **case.kwargs,
         )  # fmt: skip
     exact, exact_lse = reference(case, q_descale=q_descale, causal=True)
-    assert_close_fa_rule(results["hopper"][0], exact, results["portable"][0], atol=1e-3)
+    hopper_out = results["hopper"][0]
+    if head_size in hopper_op.PV_FP8_HEAD_SIZES:
+        portable_fp8_pv = poison(torch.empty(case.q.shape, dtype=torch.bfloat16, device="cuda"))
+        launch_chunk_prefill_with(case, portable_fp8_pv, dict(pv_fp8=True), q_descale=q_descale)
+        assert_close_fa_rule(hopper_out, exact, portable_fp8_pv, atol=1e-3)
+        assert_fp8_dot_error(hopper_out, exact, v_max_per_row(case))
+    else:
+        assert_close_fa_rule(hopper_out, exact, results["portable"][0], atol=1e-3)
     assert_lse_close(results["hopper"][1], exact_lse, results["portable"][1])
 
 

@@ -15,7 +15,7 @@ MODE_IDS = ["16-bit", "fp8-cache-fp16-query", "fp8-cache-bf16-query", "fp8-query
 @pytest.mark.parametrize("q_bytes, kv_fp8, k_as_stored", MODES, ids=MODE_IDS)
 @pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
 def test_one_program_fits_in_shared_memory(head_size, q_bytes, kv_fp8, k_as_stored):
-    assert hopper_op._shared_bytes(1, head_size, q_bytes, kv_fp8, k_as_stored) <= hopper_op.SHARED_MEMORY_LIMIT
+    assert hopper_op._shared_bytes(1, head_size, q_bytes, kv_fp8, k_as_stored, False) <= hopper_op.SHARED_MEMORY_LIMIT
 
 
 @pytest.mark.parametrize("q_fp8", [False, True], ids=["16-bit-query", "fp8-query"])
@@ -35,5 +35,14 @@ def test_the_ring_holds_the_fp8_prefetch():
 @pytest.mark.parametrize("head_size", hopper_op.HEAD_SIZES)
 def test_an_fp8_query_keeps_two_query_buffers(head_size):
     # Q in fp8 and the K ring kept fp8 leave room for the second Q buffer at every head size (compiled for sm_90:
-    # 164 KB at D 128, 197 KB at D 256 with 64-key tiles).
-    assert hopper_op._shared_bytes(2, head_size, 1, True, True) <= hopper_op.SHARED_MEMORY_LIMIT
+    # 164 KB at D 128, 197 KB at D 256 with 64-key tiles; with PV on fp8 operands 129 KB at D 128).
+    pv_fp8 = head_size in hopper_op.PV_FP8_HEAD_SIZES
+    assert hopper_op._shared_bytes(2, head_size, 1, True, True, pv_fp8) <= hopper_op.SHARED_MEMORY_LIMIT
+
+
+@pytest.mark.parametrize("head_size", hopper_op.PV_FP8_HEAD_SIZES)
+def test_the_fp8_transpose_layouts_fit_the_tile(head_size):
+    # hopper_pv_fp8: each producer thread reads 16 keys x at least 4 bytes of d (one 32-bit word per key for prmt)
+    block_n = hopper_op._block_n(head_size, True, True)
+    d_bits_per_thread = (head_size.bit_length() - 1) - (5 - ((block_n // 16).bit_length() - 1)) - 2
+    assert d_bits_per_thread >= 2

@@ -21,12 +21,19 @@ import math
 import pytest
 import torch
 
-from kvflash.attn_common import gather_sequence_kv, reference_attention, saturate_to_fp8
+from kvflash.attn_common import reference_attention, saturate_to_fp8
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 from kvflash.fp8_utils import quantize_query
 
-from ..cases import assert_lse_close, launch_chunk_prefill_with, make_case, reference
+from ..cases import (
+    assert_fp8_dot_error,
+    assert_lse_close,
+    launch_chunk_prefill_with,
+    make_case,
+    reference,
+    v_max_per_row,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # Where launch_chunk_prefill itself runs the kernel: the GPU, else the interpreter (CPU tensors on a GPU machine would
@@ -35,7 +42,6 @@ LAUNCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KV_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 PREFILL_MIX = [(40, 70), (33, 33), (1, 17), (64, 100)]  # prefill rows (and one decode row: the mixed route)
 DECODE_MIX = [(1, 70), (3, 33), (1, 1), (4, 300)]  # every sequence at most 16 queries: the decode route
-P_RELATIVE_ERROR = 2.0**-4  # e4m3 rounding of a probability (3 mantissa bits)
 
 
 def fp8_query_case(seqs, kv_dtype, device, *, seed=0, granularity="per_sequence_kv_head", **case_args):
@@ -45,35 +51,6 @@ def fp8_query_case(seqs, kv_dtype, device, *, seed=0, granularity="per_sequence_
     q16 = case.q.float().mul(4.0).to(case.q.dtype)
     case.q, q_descale = quantize_query(q16, case.k.shape[-2], granularity=granularity, cu_seqlens_q=case.cu_seqlens_q)
     return case, q_descale
-
-
-def v_max_per_row(case) -> torch.Tensor:
-    """``[total_q, 1, 1]`` float64: the largest real |V| of each row's sequence (the scale of the P-rounding bound)."""
-    rows = []
-    seqused = case.kv_args.get("seqused_k")
-    starts = case.kv_args["cu_seqlens_k"].tolist() if "cu_seqlens_k" in case.kv_args else None
-    for s, (q_len, kv_len) in enumerate(case.seqs):
-        if seqused is not None:
-            kv_len = int(seqused[s])
-        v = gather_sequence_kv(case.v, s, kv_len, block_table=case.kv_args.get("block_table"), cu_seqlens_k=starts)
-        descale = case.v_descale[s] if case.v_descale.dim() == 2 else case.v_descale
-        real = v.double() * descale.double().reshape(-1, 1)
-        rows += [real.abs().max().item() if kv_len else 0.0] * q_len
-    return torch.tensor(rows, dtype=torch.float64, device=case.q.device).reshape(-1, 1, 1)
-
-
-def assert_fp8_dot_error(
-    out: torch.Tensor, exact: torch.Tensor, v_max: torch.Tensor, *, out_rounding: float = 2.0**-8, rms: float = 2.0**-5
-) -> None:
-    """The fp8-dot bound of the module docstring, row by row (``out_rounding``: the output format's relative
-    rounding, bf16's by default), and the relative RMS error over the whole output at most ``rms``."""
-    assert not torch.isnan(out.double()).any(), "out has NaN (an element left unwritten)"
-    got, ref = out.double(), exact.to(out.device).double()
-    bound = P_RELATIVE_ERROR * v_max + out_rounding * ref.abs() + 2e-3
-    excess = (got - ref).abs() - bound
-    assert bool((excess <= 0).all()), f"max error over the bound by {float(excess.max()):.3e}"
-    relative_rms = float((got - ref).norm() / ref.norm().clamp_min(1e-12))
-    assert relative_rms <= rms, f"relative RMS error {relative_rms:.3e} > {rms:.3e}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

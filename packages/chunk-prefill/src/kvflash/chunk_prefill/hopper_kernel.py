@@ -64,6 +64,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from kvflash.chunk_prefill.hopper_consumer import consumer_partition
 from kvflash.chunk_prefill.hopper_producer import producer_partition
+from kvflash.chunk_prefill.hopper_pv_fp8 import vt_shared_layout, vt_staging_layout, vt_staging_slots
 
 
 @gluon.jit(do_not_specialize=["num_seqs", "num_q_tiles", "num_heads", "total_q", "num_blocks", "kv_capacity",
@@ -118,6 +119,8 @@ def hopper_prefill_kernel(
     # power of two per row) for two fp8 QK^T dots against K as stored
     WIDEN_ROWS: gl.constexpr,  # (KV_FP8) rows of a K/V tile the producer widens per step
     Q_FP8: gl.constexpr,  # (KV_FP8) an fp8 e4m3 query: QK^T on fp8 operands (K as stored), PV in fp16
+    PV_FP8: gl.constexpr,  # (Q_FP8) PV on fp8 operands too: the producer writes V^T in fp8 instead of widening V; P in
+    # e4m3 (times 2^7, keys relabelled: hopper_pv_fp8), a fresh accumulator per tile added in fp32
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,
     PRODUCER_WARPS: gl.constexpr,
@@ -134,7 +137,15 @@ def hopper_prefill_kernel(
     K_AS_STORED: gl.constexpr = Q_FP8 or Q_SPLIT  # the fp8 QK^T dot: K needs no widening
     # FP8 caches: the consumers' widened tiles in fp16 (the MMA dtype), laid out as TMA would lay out a 16-bit tile
     kv16: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    if K_AS_STORED:
+    if PV_FP8:
+        gl.static_assert(Q_FP8)
+        # K as stored, V^T in fp8 (the PV wgmma's K-major B operand), the V staging ring laid out for the transpose
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, HEAD_D, BLOCK_N], vt_shared_layout(BLOCK_N, HEAD_D))
+        k8_smem = k_smem
+        v8_smem = gl.allocate_shared_memory(v_desc.dtype, [vt_staging_slots(STAGES), BLOCK_N, HEAD_D],
+                                            vt_staging_layout(BLOCK_N, HEAD_D))
+    elif K_AS_STORED:
         # K as stored (the fp8 QK^T operand), V widened to fp16 through an fp8 staging ring
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.float16, [STAGES, BLOCK_N, HEAD_D], kv16)
@@ -185,7 +196,7 @@ def hopper_prefill_kernel(
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
             stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq,
             stride_qd_head, GROUP, 0, BLOCK_M, BLOCK_N, HEAD_D, STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT,
-            Q_SPLIT, Q_FP8, q_row_scales
+            Q_SPLIT, Q_FP8, q_row_scales, PV_FP8
         )),
         (consumer_partition, (
             q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, turn, out_ptr, lse_ptr,
@@ -193,13 +204,13 @@ def hopper_prefill_kernel(
             total_q, kv_capacity, skip_q_len, pid, nprog, qk_scale, stride_o_token, stride_o_head, stride_lse_head,
             stride_kd_seq, stride_kd_head, stride_vd_seq, stride_vd_head, q_descale_ptr, stride_qd_seq,
             stride_qd_head, GROUP, 1, BLOCK_M, BLOCK_N, HEAD_D, STAGES, Q_BUFS, WRITE_LSE, PINGPONG, ASM_CVT,
-            Q_SPLIT, Q_FP8, q_row_scales
+            Q_SPLIT, Q_FP8, q_row_scales, PV_FP8
         )),
         (producer_partition, (
             q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty,
             v_ready, v_empty, v_fix, k_ptr, v_ptr, stride_kv_block, stride_kv_token, cu_seqlens_q_ptr, seqused_k_ptr,
             block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks,
             skip_q_len, pid, nprog, BLOCK_M, BLOCK_N, HEAD_D, PAGE, GROUP, STAGES, Q_BUFS, KV_FP8, PRODUCER_WARPS,
-            WIDEN_ROWS, K_AS_STORED
+            WIDEN_ROWS, K_AS_STORED, PV_FP8
         )),
     ], [4, PRODUCER_WARPS], [CONSUMER_REGS, PRODUCER_REGS])

@@ -5,7 +5,8 @@ The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call 
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
 into a shared-memory ring, two consumer warpgroups run wgmma and the online softmax in turns. An FP8 cache the
 producer gathers by cp.async; it widens V to fp16, and K too for an fp16 query; with a bf16 query (split in two e4m3
-terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. Figures: BENCHMARKS.md and
+terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. An fp8 query at D 64 / 128 runs PV on fp8 operands
+too (P rounded to e4m3; the producer transposes V in fp8 instead of widening it). Figures: BENCHMARKS.md and
 docs/chunk_prefill_perf.md. Every other call, and every call with an explicit launch config (the tuning sweeps),
 takes the portable kernel. Nothing here reads a tensor value: the choice comes from dtypes, shapes, strides and
 Python scalars.
@@ -34,6 +35,12 @@ STAGES = 2  # K/V tiles in flight (3 do not fit beside two Q buffers at D 128)
 # gathers, 224/56: 32 rows 410, 64 rows 430; 232/40, 32 rows: 410).
 MAX_REGISTERS = 168
 REGISTER_SPLIT = {False: (232, 40), True: (224, 56)}  # KV_FP8 -> (consumer, producer)
+# PV on fp8 operands: the producer's transpose holds 16 keys x 8 d bytes per thread and more addresses, the consumer
+# no packed P across the back edge. Compiled for sm_90 at D 128: 216/72 keeps the per-tile loops free of spills
+# (24 bytes of stack per item at page 16, none at page 64 or D 64); 224/56 spills in the producer's loop (4 stores and
+# 4 loads per tile). H200, 4 x (2048 + 2048) e4m3 page 16: 216/72 617 TFLOP/s, 224/56 598.
+REGISTER_SPLIT_PV_FP8 = (216, 72)
+PV_FP8_HEAD_SIZES = (64, 128)  # D 256: O (128 registers per thread) and a PV accumulator spill whatever the split
 WIDEN_ROWS = 64  # FP8 caches: K/V rows the producer's warps widen per step, at most a tile (at D 128: 8 pieces of 8
 # elements per thread, an 8-byte shared load and a 16-byte store each)
 SHARED_MEMORY_LIMIT = 227 * 1024
@@ -121,12 +128,17 @@ def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: t
     return q_box, kv_box, q_layout, gl.NVMMASharedLayout.get_default_for(kv_box, gl_dtypes[kv_dtype])
 
 
-def _shared_bytes(q_buffers: int, head_size: int, q_bytes: int, kv_fp8: bool, k_as_stored: bool) -> int:
+def _shared_bytes(q_buffers: int, head_size: int, q_bytes: int, kv_fp8: bool, k_as_stored: bool,
+                  pv_fp8: bool) -> int:
     """Shared memory of one program: Q buffers (``q_bytes`` per element); the K/V ring (16-bit; with K as stored for
-    the fp8 QK^T dot, K fp8 and V fp16); the fp8 staging ring (K and V; V only with K as stored); and 1 KiB for the
-    barriers (under 128 bytes) and the query rows' powers of two (512 bytes)."""
+    the fp8 QK^T dot, K fp8 and V fp16; with ``pv_fp8`` K and V^T fp8); the fp8 staging ring (K and V; V only with K
+    as stored, in a power-of-two number of slots with ``pv_fp8``); and 1 KiB for the barriers (under 128 bytes) and
+    the query rows' powers of two (512 bytes)."""
     tile = STAGES * _block_n(head_size, kv_fp8, q_bytes == 1) * head_size  # elements of one ring of K or V tiles
-    if k_as_stored:
+    if pv_fp8:
+        staging_slots = 1 << (STAGES - 1).bit_length()
+        ring = tile * 2 + tile // STAGES * staging_slots  # K fp8, V^T fp8, V staging fp8
+    elif k_as_stored:
         ring = tile * (1 + 2 + 1)  # K fp8, V fp16, V staging fp8
     elif kv_fp8:
         ring = tile * (2 + 2 + 1 + 1)  # K, V fp16; K, V staging fp8
@@ -170,11 +182,13 @@ def launch_hopper_prefill(
     q_fp8 = q.dtype == torch.float8_e4m3fn
     # A bf16 query over an FP8 cache is split in two e4m3 terms (exact) for two fp8 QK^T dots against K as stored.
     q_split = kv_fp8 and q.dtype == torch.bfloat16
+    pv_fp8 = q_fp8 and head_size in PV_FP8_HEAD_SIZES
     block_n = _block_n(head_size, kv_fp8, q_fp8)
     q_box, kv_box, q_layout, kv_layout = _shared_layouts(head_size, page, q.dtype, k.dtype, block_n)
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
-    two_buffers = _shared_bytes(2, head_size, q.element_size(), kv_fp8, q_fp8 or q_split)
+    two_buffers = _shared_bytes(2, head_size, q.element_size(), kv_fp8, q_fp8 or q_split, pv_fp8)
     q_buffers = 2 if two_buffers <= SHARED_MEMORY_LIMIT else 1
+    registers = REGISTER_SPLIT_PV_FP8 if pv_fp8 else REGISTER_SPLIT[kv_fp8]
     rows, width = num_blocks * page, num_kv_heads * head_size
     q_desc = TensorDescriptor(q, [total_q, num_q_heads * head_size], [q.stride(0), 1], q_box, q_layout)
     k_desc = TensorDescriptor(k, [rows, width], [width, 1], kv_box, kv_layout)
@@ -232,9 +246,10 @@ def launch_hopper_prefill(
         KV_FP8=kv_fp8,
         Q_SPLIT=q_split,
         Q_FP8=q_fp8,
+        PV_FP8=pv_fp8,
         WIDEN_ROWS=min(WIDEN_ROWS, block_n),
-        CONSUMER_REGS=REGISTER_SPLIT[kv_fp8][0],
-        PRODUCER_REGS=REGISTER_SPLIT[kv_fp8][1],
+        CONSUMER_REGS=registers[0],
+        PRODUCER_REGS=registers[1],
         PRODUCER_WARPS=4 if kv_fp8 else 1,  # FP8: the producer's warps also widen the tiles
         num_warps=4,
         maxnreg=MAX_REGISTERS,

@@ -18,6 +18,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     tma,
 )
 
+from kvflash.chunk_prefill.hopper_pv_fp8 import transpose_v_tile
 from kvflash.chunk_prefill.hopper_schedule import work_item
 
 
@@ -187,10 +188,11 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
 def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_smem, v_smem, k_ready, k_empty,
                            v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks, BLOCK_N: gl.constexpr,
                            HEAD_D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
-                           PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr):
+                           PRODUCER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr, PV_FP8: gl.constexpr):
     """The item's K/V tiles over an FP8 cache when QK^T runs on fp8 operands (an fp8 query, or a bf16 one split in
-    two e4m3 terms): K as stored straight into the consumers' fp8 ring, V into the staging ring and widened to fp16;
-    both gathered by cp.async one tile ahead (one commit group per tile)."""
+    two e4m3 terms): K as stored straight into the consumers' fp8 ring, V into the staging ring and widened to fp16
+    (with ``PV_FP8``: transposed in fp8, :func:`~kvflash.chunk_prefill.hopper_pv_fp8.transpose_v_tile`); both
+    gathered by cp.async one tile ahead (one commit group per tile)."""
     g0 = it
     s0 = g0 % STAGES
     mbarrier.wait(k_empty.index(s0), ((g0 // STAGES) & 1) ^ 1)
@@ -218,7 +220,9 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
         gl.thread_barrier()  # and everyone's
         mbarrier.arrive(k_ready.index(s))
         mbarrier.wait(v_empty.index(s), ph ^ 1)
-        if start_n + BLOCK_N <= kv_len:
+        if PV_FP8:  # rows past kv_len are zero in the staging tile (masked cp.async): no tail to fix
+            transpose_v_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, HEAD_D, PRODUCER_WARPS)
+        elif start_n + BLOCK_N <= kv_len:
             _widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
         else:
             _widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
@@ -236,7 +240,7 @@ def producer_partition(
     stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr,
     STAGES: gl.constexpr, Q_BUFS: gl.constexpr, KV_FP8: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
-    WIDEN_ROWS: gl.constexpr, K_AS_STORED: gl.constexpr,
+    WIDEN_ROWS: gl.constexpr, K_AS_STORED: gl.constexpr, PV_FP8: gl.constexpr,
 ):
     it = 0  # K/V tiles loaded so far (ring position)
     qc = 0  # Q tiles loaded so far
@@ -256,7 +260,7 @@ def producer_partition(
             if K_AS_STORED:
                 _load_item_k_as_stored(k_ptr, v_ptr, stride_kv_block, stride_kv_token, v8_smem, k_smem, v_smem, k_ready,
                                        k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks,
-                                       BLOCK_N, HEAD_D, PAGE, STAGES, PRODUCER_WARPS, WIDEN_ROWS)
+                                       BLOCK_N, HEAD_D, PAGE, STAGES, PRODUCER_WARPS, WIDEN_ROWS, PV_FP8)
             elif KV_FP8:
                 _load_item_fp8(k_ptr, v_ptr, stride_kv_block, stride_kv_token, k8_smem, v8_smem, k_smem, v_smem,
                                k_ready, k_empty, v_ready, v_empty, bt_row, col, it, n_tiles, kv_len, num_blocks,
