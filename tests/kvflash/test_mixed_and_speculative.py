@@ -166,14 +166,29 @@ def test_cuda_graph_replay_with_new_query_lengths(kind):
     replay_matches_eager(step, load_new_state, attention, out, lse)
 
 
+def _many_sequences() -> list[tuple[int, int]]:
+    """300 sequences (the Hopper kernel's work-item search then takes two steps of 128 probes): decode rows, empty
+    query ranges, and prefill chunks first, in the middle and last, one of them spanning several 128-query tiles."""
+    seqs = [(1 + i % 3, 40 + 5 * i) for i in range(300)]
+    seqs[7] = (0, 50)
+    seqs[0], seqs[150], seqs[299] = (260, 400), (129, 129), (64, 700)
+    return seqs
+
+
 @pytest.mark.gpu
-def test_mixed_batch_with_the_hopper_prefill_kernel(monkeypatch):
-    """40 decode rows and a few chunks with ``KVFLASH_GLUON=1``: the decode kernel takes the short rows, the Hopper
+@pytest.mark.parametrize("kv_dtype, many", [(None, False), (None, True), (torch.float8_e4m3fn, True)],
+                         ids=["bf16-44-seqs", "bf16-300-seqs", "e4m3-300-seqs"])
+def test_mixed_batch_with_the_hopper_prefill_kernel(monkeypatch, kv_dtype, many):
+    """Decode rows and a few chunks with ``KVFLASH_GLUON=1``: the decode kernel takes the short rows, the Hopper
     prefill kernel (on sm_90; the portable one elsewhere) the rest, into one ``out`` and ``lse``."""
     monkeypatch.setenv("KVFLASH_GLUON", "1")
     seqs = [(1, 300 + 7 * i) for i in range(40)] + [(200, 900), (333, 333), (2, 40), (150, 1024)]
-    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, head_size=128, q_dtype=torch.bfloat16, nan_unused=True,
-                     device="cuda", seed=9)  # fmt: skip
+    if many:
+        seqs = _many_sequences()
+    case = make_case(seqs, num_q_heads=32, num_kv_heads=8, head_size=128, q_dtype=torch.bfloat16, kv_dtype=kv_dtype,
+                     nan_unused=True, device="cuda", seed=9)  # fmt: skip
     out = poison(torch.empty_like(case.q))
     _, lse = case.attend(out=out, return_softmax_lse=True, causal=True)
-    check_against_reference(case, out, lse, causal=True)
+    # the LSE by FlashAttention's rule too, as the kernel tests judge it: over an FP8 cache the bf16 query's QK^T
+    # runs on the fp8 tensor cores, whose accumulation is coarser than fp32 (4.2e-3 at 300 sequences on the H200)
+    check_against_reference(case, out, lse, lse_low_precision=True, causal=True)

@@ -66,8 +66,7 @@ def find_sequence(
     num_seqs,
     BLOCK_Q: tl.constexpr,
 ):
-    """The last sequence ``s`` whose first tile ``cu_seqlens_q[s] // BLOCK_Q + s`` is ``<= tile`` (also called by the
-    Hopper kernel's work items, ``hopper_schedule``)."""
+    """The last sequence ``s`` whose first tile ``cu_seqlens_q[s] // BLOCK_Q + s`` is ``<= tile``, or -1."""
     lo = 0
     hi = num_seqs
     while lo < hi:
