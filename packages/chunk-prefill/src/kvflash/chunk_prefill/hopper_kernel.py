@@ -40,8 +40,10 @@ widens only V; QK^T runs on the fp8 tensor cores, QGMMA) for
   the rows' score scales. The portable kernel's ``Q_SPLIT`` arithmetic;
 * an fp8 query (``Q_FP8``, e4m3 with a per-(sequence, KV head) ``q_descale``): Q as loaded; q's descale joins K's in
   the score scale.
-PV runs in fp16 (P not rounded to fp8) on every FP8 path. The fp8 tensor cores accumulate a dot below fp32 precision
-(about 2^-14 relative per step), which the GPU tier's FlashAttention rule judges.
+PV runs in fp16 (P not rounded to fp8) on the FP8 paths, except an fp8 query's at D 64 / 128 (``PV_FP8``): there the
+producer transposes V in fp8 instead of widening it, and P, rounded to e4m3, meets it on the fp8 tensor cores
+(``hopper_pv_fp8``). The fp8 tensor cores accumulate a dot below fp32 precision (about 2^-14 relative per step),
+which the GPU tier's FlashAttention rule judges.
 
 Consumer step (per warpgroup, FA3's intra-warpgroup pipelining): at step j it issues S_j = Q K_j^T and
 O += P_{j-1} V_{j-1} as two async wgmma groups, waits for S_j only, releases K_j, runs the online softmax of S_j,
