@@ -1,6 +1,7 @@
 """The Hopper (sm_90) chunked-prefill kernel in Gluon (Triton 3.6; jit only), FlashAttention-3 style: the entry
 point, its shared memory and barriers, and the design. The partitions are in ``hopper_producer`` and
-``hopper_consumer``, the work items in ``hopper_schedule``.
+``hopper_consumer`` (its walk over an item's key tiles in ``hopper_key_tiles``), the work items in
+``hopper_schedule``, the fp8 PV operands in ``hopper_pv_fp8``.
 
 The path :mod:`kvflash.chunk_prefill.hopper_op` takes on sm_90 for paged 16-bit caches (loaded page by page through
 TMA) and FP8 caches (gathered by cp.async), causal, without softcap, ALiBi, sinks or windows (the portable kernel in
