@@ -136,8 +136,9 @@ def _shared_bytes(q_buffers: int, head_size: int, q_bytes: int, kv_fp8: bool, k_
     the query rows' powers of two (512 bytes)."""
     tile = STAGES * _block_n(head_size, kv_fp8, q_bytes == 1) * head_size  # elements of one ring of K or V tiles
     if pv_fp8:
-        staging_slots = 1 << (STAGES - 1).bit_length()
-        ring = tile * 2 + tile // STAGES * staging_slots  # K fp8, V^T fp8, V staging fp8
+        from kvflash.chunk_prefill.hopper_pv_fp8 import vt_staging_slots  # the kernel's own count (Gluon: lazily)
+
+        ring = tile * 2 + tile // STAGES * vt_staging_slots(STAGES)  # K fp8, V^T fp8, V staging fp8
     elif k_as_stored:
         ring = tile * (1 + 2 + 1)  # K fp8, V fp16, V staging fp8
     elif kv_fp8:

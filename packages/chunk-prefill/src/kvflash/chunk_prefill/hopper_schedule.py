@@ -12,7 +12,7 @@ SEARCH_WIDTH = gl.constexpr(128)  # sequences probed per dependent load of the s
 @gluon.jit
 def _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_M: gl.constexpr):
     """The last sequence ``s`` whose first tile ``cu_seqlens_q[s] // BLOCK_M + s`` is ``<= tile``, or -1: the
-    portable kernel's ``find_sequence``, ``SEARCH_WIDTH`` probes at a time (one vector load each step, every warp
+    portable kernel's ``_find_sequence``, ``SEARCH_WIDTH`` probes at a time (one vector load each step, every warp
     holding all of them: the count is a reduction within a warp). One dependent load up to 128 sequences, two up to
     16384, where the binary search takes 7 and 14: the walk's cost per work id (a mixed batch's decode rows give
     thousands of ids this kernel skips; 120 of them cost the prefill launch about 40 us on an H200 with the binary

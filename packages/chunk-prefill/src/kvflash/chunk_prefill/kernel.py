@@ -60,7 +60,7 @@ P_FP8_SCALE = tl.constexpr(128.0)
 
 
 @triton.jit
-def find_sequence(
+def _find_sequence(
     cu_seqlens_q_ptr,  # [num_seqs + 1] int32
     tile,
     num_seqs,
@@ -337,7 +337,7 @@ def chunk_prefill_kernel(
     kv_head = head_program // NUM_HEAD_GROUPS
     head_group = head_program % NUM_HEAD_GROUPS
 
-    seq = find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
+    seq = _find_sequence(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q)
     if seq < 0:
         return
     # Memory safety whatever the index tensors hold (their values are never checked on the host): the query
