@@ -40,9 +40,29 @@ def test_an_fp8_query_keeps_two_query_buffers(head_size):
     assert hopper_op._shared_bytes(2, head_size, 1, True, True, pv_fp8) <= hopper_op.SHARED_MEMORY_LIMIT
 
 
+def _covers_once(bases: list[list[int]], shape: tuple[int, int]) -> bool:
+    """Whether the XOR span of a linear layout's bases (one ``[row, col]`` per index bit) is every coordinate of
+    ``shape`` exactly once."""
+    span = {(0, 0)}
+    for r, c in bases:
+        span |= {(x ^ r, y ^ c) for x, y in span}
+    return len(bases) == (shape[0] * shape[1]).bit_length() - 1 and span == {
+        (x, y) for x in range(shape[0]) for y in range(shape[1])}
+
+
 @pytest.mark.parametrize("head_size", hopper_op.PV_FP8_HEAD_SIZES)
 def test_the_fp8_transpose_layouts_fit_the_tile(head_size):
-    # hopper_pv_fp8: each producer thread reads 16 keys x at least 4 bytes of d (one 32-bit word per key for prmt)
+    # hopper_pv_fp8's layouts as the kernel builds them (4 producer warps): the staging tile, the transposing read and
+    # the V^T store each cover the tile once, and each thread reads 16 keys (one 16-key group, relabelled in place) x
+    # at least 4 bytes of d (the 32-bit words prmt transposes).
+    from kvflash.chunk_prefill import hopper_pv_fp8
+
     block_n = hopper_op._block_n(head_size, True, True)
-    d_bits_per_thread = (head_size.bit_length() - 1) - (5 - ((block_n // 16).bit_length() - 1)) - 2
-    assert d_bits_per_thread >= 2
+    staging = hopper_pv_fp8.vt_staging_layout(block_n, head_size)
+    load = hopper_pv_fp8._vt_load_layout(block_n, head_size, 4)
+    store = hopper_pv_fp8._vt_store_layout(block_n, head_size, 4)
+    assert _covers_once(staging.offset_bases, (block_n, head_size))
+    assert _covers_once(load.reg_bases + load.lane_bases + load.warp_bases, (block_n, head_size))
+    assert _covers_once(store.reg_bases + store.lane_bases + store.warp_bases, (head_size, block_n))
+    assert all([1 << b, 0] in load.reg_bases for b in range(4))  # 16 keys
+    assert [0, 1] in load.reg_bases and [0, 2] in load.reg_bases  # 4 bytes of d
