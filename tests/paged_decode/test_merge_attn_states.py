@@ -149,6 +149,23 @@ def test_merge_partial_attentions_matches_formula_with_empty_rows(device, num_pa
     assert torch.all(got[4, 2] == 0) and torch.isneginf(got_lse[2, 4])
 
 
+@pytest.mark.parametrize("head_size", [80, 128])
+def test_merge_partial_attentions_few_rows_many_parts(device, head_size):
+    """One token of two heads over 37 parts (a long single sequence's split-KV): fewer rows than the programs the
+    launcher wants, so each row's head columns are sliced across programs (some slices wholly past D 80)."""
+    gen = torch.Generator().manual_seed(head_size)
+    outs = torch.randn(37, 1, 2, head_size, generator=gen).to(device)
+    lses = (torch.randn(37, 2, 1, generator=gen) * 4).to(device)
+    lses[5, 1, 0] = float("-inf")
+    outs[5, 0, 1] = float("nan")  # an empty part's row: never read
+    out = poison(torch.empty(outs.shape[1:], device=device))
+    out_lse = poison(torch.empty(lses.shape[1:], device=device))
+    got, got_lse = merge_partial_attentions(outs, lses, out=out, out_lse=out_lse)
+    ref, ref_lse = torch_merge_parts(outs, lses)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_merge_partial_attentions_strided_and_dtypes(device):
     """lses as a [W, Hq, T] view of a [T, Hq, W] buffer (decode's split layout), a strided outs view, an fp16 out;
     the default out is float32, and W = 2 equals merge_attn_states."""

@@ -168,6 +168,15 @@ def test_one_target_missed(tmp_path, override, not_met):
     _expect(_statuses(tmp_path, _synthetic(**override)), not_met)
 
 
+def test_decode_variants_judge_the_issue_head_sizes_only(tmp_path):
+    """A D 256 row below 80 % misses decode-variants; a D 80 row (pads to 128) is shown but not judged."""
+    for d, frac, not_met in ((256, 0.79, {"decode-variants"}), (80, 0.45, set())):
+        data = _synthetic()
+        data["results"].append(_row(f"decode 64x4096 D{d} e4m3", "decode", "kvflash", "64x4096", "e4m3", "bytes",
+                                    DECODE_WORK * 0.5, frac * COPY_GBPS, d=d, primary=False))  # fmt: skip
+        _expect(_statuses(tmp_path, data), not_met)
+
+
 def test_error_and_wrong_output_rows_fail_their_targets(tmp_path):
     data = _synthetic()
     for row in data["results"]:

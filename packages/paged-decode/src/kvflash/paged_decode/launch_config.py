@@ -21,6 +21,11 @@ MAX_BLOCK_H = 64
 # TILE_ELEMENTS values together, 16 KiB as 16-bit values (FP8 tiles are converted to fp16 in registers): 64 tokens
 # at D = 128 with one KV head, 16 with four. Larger tiles cost registers, hence programs per SM.
 TILE_ELEMENTS = 8192
+# 16-bit KV at head sizes up to 64: half that (64 tokens at D 64), with 3 stages: 36 KiB of shared memory and 80
+# registers let all 512 programs of 64 x 4096 reside at once. H200, bf16 D 64, 64 x 4096: 128-token tiles with 4
+# stages (102 KiB, 2 programs per SM) 75 % of copy, 64-token tiles with 3 stages 99.6 %, with 4 stages 97.9 %.
+SMALL_HEAD_TILE_ELEMENTS = 4096
+SMALL_HEAD_PAD = 64
 MIN_BLOCK_N = 16  # tl.dot's smallest N
 MAX_BLOCK_N = 128
 # Automatic split-KV: no split when the (sequence, KV-head block) programs alone give NO_SPLIT_PROGRAMS_PER_SM per
@@ -184,7 +189,8 @@ def choose_paged_decode_config(
     if interpreter:
         block_n = INTERPRETER_BLOCK_N
     else:
-        block_n = max(MIN_BLOCK_N, min(MAX_BLOCK_N, TILE_ELEMENTS // (kv_heads * head_pad)))
+        tile = SMALL_HEAD_TILE_ELEMENTS if kv_itemsize == 2 and head_pad <= SMALL_HEAD_PAD else TILE_ELEMENTS
+        block_n = max(MIN_BLOCK_N, min(MAX_BLOCK_N, tile // (kv_heads * head_pad)))
     max_keys = max_seqlen_k if window_left < 0 else min(max_seqlen_k, window_left + 1)
     splits = resolve_num_splits(
         num_splits,
@@ -195,12 +201,15 @@ def choose_paged_decode_config(
         programs_per_sm=RESIDENT_PROGRAMS_PER_SM[1 if kv_itemsize == 1 else 2],
     )
     num_warps = 4 if block_h * head_pad <= 32 * 128 else 8
-    if kv_itemsize == 1 and block_h * head_pad <= 16 * 128:
-        num_warps = 2  # FP8 at D <= 128 measured fastest with two warps (same programs per SM, fewer instructions)
+    if kv_itemsize == 1 and (block_h * head_pad <= 16 * 128 or (block_h == MIN_BLOCK_H and head_pad <= 256)):
+        # FP8 measured fastest with two warps (same programs per SM, fewer instructions). H200, e4m3,
+        # 64 x 4096, D 256 (2 KV heads per program, 16-token tiles, 2 splits): 4 warps 58 % of copy (154 registers:
+        # 3 programs per SM, so 512 programs take 1.3 waves), 2 warps 84 % (242 registers, 4 per SM: one wave).
+        num_warps = 2
     # With the page ids carried one tile ahead (see the kernel), s stages keep s - 2 K/V tiles in flight.
     # H200, 64 x 4096 and 128 x 8192: FP8 (2 warps) 2 stages 67-69 % of copy, 3 stages 76-78 %, 4 stages 57-67 %
     # (3 programs per SM instead of 4); bf16 (4 warps) 3 stages 83-97 %, 4 stages 98-101 %.
-    num_stages = 1 if interpreter else (3 if kv_itemsize == 1 else 4)
+    num_stages = 1 if interpreter else (3 if kv_itemsize == 1 or head_pad <= SMALL_HEAD_PAD else 4)
     if kv_itemsize == 1 and q_tokens > 1 and 16 * 128 < block_h * head_pad <= 32 * 128 and not interpreter:
         # Draft tokens filling 32 rows at D 128 (speculative decode, q_len 8 at GQA 4). H200, 64 x 4096 e4m3, time
         # against one query: 4 warps / 3 stages 2.05x (3 programs per SM: 512 programs take two waves), 2 warps /

@@ -35,6 +35,10 @@ MERGE_STATES_TILE_ELEMENTS = 2048
 # The n-way merge: partial-output elements loaded per step: all parts at once up to 64 x 128, so the merge of a
 # long single sequence's splits (few programs, many splits) is not a chain of dependent loads.
 MERGE_TILE_ELEMENTS = 8192
+# Programs the n-way merge aims for per SM: when the rows alone give fewer, each row's head columns are sliced
+# (down to MIN_MERGE_BLOCK_D columns) across programs. 1 x 131072 decode: 32 rows of 256 splits.
+MERGE_PROGRAMS_PER_SM = 4
+MIN_MERGE_BLOCK_D = 16
 
 
 @planned
@@ -233,7 +237,8 @@ def launch_merge_partial_attentions(
     s_aux: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
 ) -> None:
-    """The keyword launch of the n-way merge kernel (``split_merge_kernel``): one program per (token, query head).
+    """The keyword launch of the n-way merge kernel (``split_merge_kernel``): one program per (token, query head,
+    slice of head columns); the columns are sliced only when the rows alone leave SMs idle.
 
     ``outs [W, T, Hq, D]`` float32 and ``lses [W, Hq, T]`` float32 with any strides (``stride(-1) == 1`` for the
     outputs), ``out [T, Hq, D]`` in a model dtype, or ``float8_e4m3fn`` with ``output_scale`` (``[1]`` float32:
@@ -247,12 +252,19 @@ def launch_merge_partial_attentions(
     head_pad = max(16, triton.next_power_of_2(head_size))
     splits_pad = max(2, triton.next_power_of_2(num_splits))
     interpreter = platform.interpreter_enabled()
+    rows = num_tokens * num_q_heads
+    wanted = MERGE_PROGRAMS_PER_SM * platform.multiprocessor_count(out.device)
+    # head_pad is a power of two >= 16, so the slices are too and block_d >= MIN_MERGE_BLOCK_D
+    slices = 1
+    if rows < wanted:
+        slices = min(head_pad // MIN_MERGE_BLOCK_D, triton.next_power_of_2(triton.cdiv(wanted, rows)))
+    block_d = head_pad // slices
     lse_out = out_lse if out_lse is not None else lses  # unread without WRITE_LSE
     outs_strides, lses_strides = outs.stride(), lses.stride()
     out_strides, lse_out_strides = out.stride(), lse_out.stride()
     launch(
         split_merge_kernel,
-        (num_tokens, num_q_heads),
+        (num_tokens, num_q_heads, head_pad // block_d),
         interpreter,
         outs_ptr=outs,
         lses_ptr=lses,
@@ -272,9 +284,9 @@ def launch_merge_partial_attentions(
         stride_lse_token=lse_out_strides[-1],
         stride_lse_head=lse_out_strides[-2],
         HEAD_SIZE=head_size,
-        HEAD_PAD=head_pad,
+        BLOCK_D=block_d,
         SPLITS_PAD=splits_pad,
-        SPLIT_CHUNK=max(1, min(splits_pad, MERGE_TILE_ELEMENTS // head_pad)),
+        SPLIT_CHUNK=max(1, min(splits_pad, MERGE_TILE_ELEMENTS // block_d)),
         USE_SINKS=s_aux is not None,
         WRITE_LSE=out_lse is not None,
         OUTPUT_FP8=output_scale is not None,

@@ -2,12 +2,14 @@
 
 It serves decode's split-KV (the fp32 partials of the splits, sinks added here) and
 :func:`kvflash.paged_decode.merge_partial_attentions` (context-parallel shards). One program handles one
-(token, query head). Each part left a normalised fp32 output row and the natural-log LSE of its keys (``-inf``
-for a part without keys, whose output row is never read: it may hold anything). The weights, the merged LSE and
-the ``-inf`` handling are :func:`kvflash.attn_common.jit_helpers.lse_merge_weights`: with ``m`` the largest LSE
-(the sink's logit included), the merged row is ``sum_i exp(lse_i - m) * out_i / Z`` with
-``Z = sum_i exp(lse_i - m) + exp(sink - m)``, and its LSE is ``m + log Z``; a row empty in every part gives 0 and
-``-inf``. The sink is counted here, once, never per part.
+(token, query head) and one ``BLOCK_D`` slice of its head columns (a long single sequence has few rows and many
+parts: slicing D spreads its merge over more programs). Each part left a normalised fp32 output row and the
+natural-log LSE of its keys (``-inf`` for a part without keys, whose output row is loaded but dropped by a select:
+it may hold anything, NaN included). The weights, the merged LSE and the ``-inf`` handling are
+:func:`kvflash.attn_common.jit_helpers.lse_merge_weights`: with ``m`` the largest LSE (the sink's logit included),
+the merged row is ``sum_i exp(lse_i - m) * out_i / Z`` with ``Z = sum_i exp(lse_i - m) + exp(sink - m)``, and its
+LSE is ``m + log Z``; a row empty in every part gives 0 and ``-inf``. The sink is counted here, once, never per
+part.
 """
 
 import triton
@@ -36,7 +38,7 @@ def split_merge_kernel(
     stride_lse_token,
     stride_lse_head,
     HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE
+    BLOCK_D: tl.constexpr,  # head columns per program (a power of two); program_id(2) picks the slice
     SPLITS_PAD: tl.constexpr,  # next power of two >= num_splits
     SPLIT_CHUNK: tl.constexpr,  # partial rows loaded per step (a power of two <= SPLITS_PAD)
     USE_SINKS: tl.constexpr,
@@ -56,24 +58,25 @@ def split_merge_kernel(
         sink = tl.load(sinks_ptr + head)
     _, m, denom, merged_lse = lse_merge_weights(lse_all, sink, 0, USE_SINKS)
 
-    offs_d = tl.arange(0, HEAD_PAD)
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_SIZE
     offs_c = tl.arange(0, SPLIT_CHUNK)
-    acc = tl.zeros([HEAD_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for first in range(0, num_splits, SPLIT_CHUNK):
         splits = first + offs_c
         lse = tl.load(lses_row_ptr + splits * stride_lses_split, mask=splits < num_splits, other=float("-inf"))
         weight = tl.exp(lse - m)  # lse_merge_weights' weights, one chunk at a time
-        # An empty part (lse -inf: past num_splits too) weighs 0 and is not read, so a NaN there cannot leak.
-        part_mask = (lse > float("-inf"))[:, None] & d_mask[None, :]
+        # The parts are loaded without waiting for their LSEs (one memory latency per step, not two); an empty
+        # part (lse -inf: weight 0) is dropped by a select, so whatever its row holds (NaN, inf) cannot leak.
+        part_mask = (splits < num_splits)[:, None] & d_mask[None, :]
         part_offs = splits.to(tl.int64)[:, None] * stride_outs_split + offs_d[None, :]
         part = tl.load(outs_row_ptr + part_offs, mask=part_mask, other=0.0)
-        acc += tl.sum(part * weight[:, None], 0)
+        acc += tl.sum(tl.where(weight[:, None] > 0, part * weight[:, None], 0.0), 0)
 
     if OUTPUT_FP8:  # one reciprocal of the output scale, folded into the normalisation
         out = to_e4m3(acc * (1.0 / (denom * tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
     else:
         out = (acc / denom).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + token * stride_o_token + head * stride_o_head + offs_d, out, mask=d_mask)
-    if WRITE_LSE:
+    if WRITE_LSE and tl.program_id(2) == 0:
         tl.store(lse_ptr + head * stride_lse_head + token * stride_lse_token, merged_lse)
