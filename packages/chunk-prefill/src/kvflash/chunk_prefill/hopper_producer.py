@@ -4,8 +4,8 @@ Per work item: Q by TMA into one of ``Q_BUFS`` buffers, then the item's key tile
 viewed as ``[num_blocks * PAGE, Hkv * D]`` (the page ids of a tile read once, for K and V). A 16-bit cache lands
 straight in the consumers' ``STAGES``-deep ring; the V rows past ``kv_len`` of a sequence's last tile are zeroed
 in shared memory (unused cache slots may hold NaN). An FP8 cache is gathered by the producer's 4 warps with
-cp.async (16 bytes per copy, page ids per key row) into an fp8 staging ring one tile ahead, and the same warps widen
-each tile to fp16 into the consumers' ring. Every hand-over to the consumers is an mbarrier (``*_ready`` /
+cp.async (16 bytes per copy, page ids per key row, read a tile ahead of the copies) into an fp8 staging ring one
+tile ahead, and the same warps widen each tile to fp16 into the consumers' ring. Every hand-over to the consumers is an mbarrier (``*_ready`` /
 ``*_empty`` pairs per ring slot).
 """
 
@@ -17,6 +17,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
     tma,
 )
+from triton.runtime.jit import constexpr_function
 
 from kvflash.chunk_prefill.hopper_pv_fp8 import transpose_v_tile
 from kvflash.chunk_prefill.hopper_schedule import work_item
@@ -116,25 +117,44 @@ def _load_item_16bit(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, 
     return vfc
 
 
+@constexpr_function
+def _gather_layout(HEAD_D, NUM_WARPS):
+    """The producer's gather layout of a ``[BLOCK_N, HEAD_D]`` fp8 tile: 16 bytes per copy, a row's copies in
+    adjacent threads."""
+    tpr = HEAD_D // 16  # threads per row
+    return gl.BlockedLayout([1, 16], [32 // tpr, tpr], [NUM_WARPS, 1], [1, 0])
+
+
 @gluon.jit
-def _gather_tile(ptr, bt_row, start_n, kv_len, num_blocks, col, stride_block, stride_token, dst, BLOCK_N: gl.constexpr,
-                 HEAD_D: gl.constexpr, PAGE: gl.constexpr, NUM_WARPS: gl.constexpr):
-    """cp.async of the ``[BLOCK_N, HEAD_D]`` fp8 tile of keys ``start_n ..`` of one KV head (column ``col`` of the
-    cache ``[num_blocks, PAGE, Hkv, D]`` at ``ptr``) into ``dst``, 16 bytes per copy: each thread reads the page ids
-    of its rows from the block table row ``bt_row`` (clamped to the cache). Rows at or past ``kv_len`` are not read
-    (masked copies: zero-filled). Call ``async_copy.commit_group`` after."""
-    TPR: gl.constexpr = HEAD_D // 16
-    blk: gl.constexpr = gl.BlockedLayout([1, 16], [32 // TPR, TPR], [NUM_WARPS, 1], [1, 0])
+def _tile_pages(bt_row, start_n, kv_len, num_blocks, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                PAGE: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """``[BLOCK_N]`` int32 page ids of keys ``start_n ..`` (each thread those of its rows in the gather layout),
+    clamped to the cache; rows at or past ``kv_len`` read nothing and get 0 (their copies are masked). The loops
+    below load a tile's page ids one tile ahead of its copies, so the block-table latency is off the producer's
+    chain."""
+    blk: gl.constexpr = _gather_layout(HEAD_D, NUM_WARPS)
     keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk))
-    valid = keys < kv_len
-    page = gl.load(bt_row + keys // PAGE, mask=valid, other=0)
-    page = gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+    page = gl.load(bt_row + keys // PAGE, mask=keys < kv_len, other=0)
+    return gl.minimum(gl.maximum(page, 0), num_blocks - 1)
+
+
+@gluon.jit
+def _gather_kv(k_ptr, v_ptr, pages, start_n, kv_len, col, stride_block, stride_token, k_dst, v_dst,
+               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, PAGE: gl.constexpr, NUM_WARPS: gl.constexpr):
+    """cp.async of the ``[BLOCK_N, HEAD_D]`` fp8 K and V tiles of keys ``start_n ..`` of one KV head (column ``col``
+    of the caches ``[num_blocks, PAGE, Hkv, D]``, which share strides) into ``k_dst`` and ``v_dst``, 16 bytes per
+    copy, on the page ids ``pages`` from :func:`_tile_pages`. Rows at or past ``kv_len`` are not read (masked copies:
+    zero-filled). Call ``async_copy.commit_group`` after."""
+    blk: gl.constexpr = _gather_layout(HEAD_D, NUM_WARPS)
+    keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, blk))
+    valid = gl.expand_dims(keys < kv_len, 1)
     # strides and col are multiples of 16 bytes (hopper_prefill_applies: packed layout, D a multiple of 64)
     in_page = (keys % PAGE) * stride_token + col  # int32: PAGE * Hkv * D < 2^31
-    row_off = gl.multiple_of(page.to(gl.int64) * stride_block + in_page, 16)
+    row_off = gl.multiple_of(pages.to(gl.int64) * stride_block + in_page, 16)
     cols = gl.max_contiguous(gl.multiple_of(gl.arange(0, HEAD_D, layout=gl.SliceLayout(0, blk)), 16), 16)
-    ptrs = ptr + gl.expand_dims(row_off, 1) + gl.expand_dims(cols, 0)
-    async_copy.async_copy_global_to_shared(dst, ptrs, mask=gl.expand_dims(valid, 1))
+    offs = gl.expand_dims(row_off, 1) + gl.expand_dims(cols, 0)
+    async_copy.async_copy_global_to_shared(k_dst, k_ptr + offs, mask=valid)
+    async_copy.async_copy_global_to_shared(v_dst, v_ptr + offs, mask=valid)
 
 
 @gluon.jit
@@ -143,16 +163,15 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
                    HEAD_D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, PRODUCER_WARPS: gl.constexpr,
                    WIDEN_ROWS: gl.constexpr):
     """The item's K/V tiles of an FP8 cache: cp.async gathers into the fp8 staging ring one tile ahead (one commit
-    group per tile, an empty one past the last), then the producer's warps widen each tile to fp16 into the
-    consumers' ring (rows of V past ``kv_len`` zeroed). A tile costs each thread ``BLOCK_N * D / 2048`` copies of
-    K and of V, and seven partition barriers (three written here, four inserted by Triton around the shared-memory
-    reuse; PTX at D 128, page 16)."""
+    group per tile, an empty one past the last; page ids a tile further ahead), then the producer's warps widen each
+    tile to fp16 into the consumers' ring (rows of V past ``kv_len`` zeroed). A tile costs each thread
+    ``BLOCK_N * D / 2048`` copies of K and of V."""
     s0 = it % STAGES
-    _gather_tile(k_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, k8_smem.index(s0), BLOCK_N,
-                 HEAD_D, PAGE, PRODUCER_WARPS)
-    _gather_tile(v_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, v8_smem.index(s0), BLOCK_N,
-                 HEAD_D, PAGE, PRODUCER_WARPS)
+    pages = _tile_pages(bt_row, 0, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+    _gather_kv(k_ptr, v_ptr, pages, 0, kv_len, col, stride_block, stride_token, k8_smem.index(s0), v8_smem.index(s0),
+               BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
     async_copy.commit_group()
+    pages = _tile_pages(bt_row, BLOCK_N, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
     for j in range(n_tiles):
         g = it + j
         s = g % STAGES
@@ -160,10 +179,10 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
         start_n = j * BLOCK_N
         if j + 1 < n_tiles:  # staging slot (g + 1) % STAGES was last widened at step g + 1 - STAGES, behind a barrier
             s1 = (g + 1) % STAGES
-            _gather_tile(k_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
-                         k8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
-            _gather_tile(v_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
-                         v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+            _gather_kv(k_ptr, v_ptr, pages, start_n + BLOCK_N, kv_len, col, stride_block, stride_token,
+                       k8_smem.index(s1), v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+            pages = _tile_pages(bt_row, start_n + 2 * BLOCK_N, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE,
+                                PRODUCER_WARPS)
         async_copy.commit_group()
         async_copy.wait_group(1)  # this thread's copies of tile j are in
         gl.thread_barrier()  # and everyone's
@@ -192,15 +211,15 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
     """The item's K/V tiles over an FP8 cache when QK^T runs on fp8 operands (an fp8 query, or a bf16 one split in
     two e4m3 terms): K as stored straight into the consumers' fp8 ring, V into the staging ring and widened to fp16
     (with ``PV_FP8``: transposed in fp8, :func:`~kvflash.chunk_prefill.hopper_pv_fp8.transpose_v_tile`); both
-    gathered by cp.async one tile ahead (one commit group per tile)."""
+    gathered by cp.async one tile ahead (one commit group per tile), their page ids a tile further ahead."""
     g0 = it
     s0 = g0 % STAGES
+    pages = _tile_pages(bt_row, 0, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
     mbarrier.wait(k_empty.index(s0), ((g0 // STAGES) & 1) ^ 1)
-    _gather_tile(k_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, k_smem.index(s0), BLOCK_N,
-                 HEAD_D, PAGE, PRODUCER_WARPS)
-    _gather_tile(v_ptr, bt_row, 0, kv_len, num_blocks, col, stride_block, stride_token, v8_smem.index(s0), BLOCK_N,
-                 HEAD_D, PAGE, PRODUCER_WARPS)
+    _gather_kv(k_ptr, v_ptr, pages, 0, kv_len, col, stride_block, stride_token, k_smem.index(s0), v8_smem.index(s0),
+               BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
     async_copy.commit_group()
+    pages = _tile_pages(bt_row, BLOCK_N, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
     for j in range(n_tiles):
         g = it + j
         s = g % STAGES
@@ -210,10 +229,10 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
             s1 = (g + 1) % STAGES
             # the consumers' K slot of tile g + 1 held tile g + 1 - STAGES: released after its QK^T
             mbarrier.wait(k_empty.index(s1), (((g + 1) // STAGES) & 1) ^ 1)
-            _gather_tile(k_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
-                         k_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
-            _gather_tile(v_ptr, bt_row, start_n + BLOCK_N, kv_len, num_blocks, col, stride_block, stride_token,
-                         v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+            _gather_kv(k_ptr, v_ptr, pages, start_n + BLOCK_N, kv_len, col, stride_block, stride_token,
+                       k_smem.index(s1), v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
+            pages = _tile_pages(bt_row, start_n + 2 * BLOCK_N, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE,
+                                PRODUCER_WARPS)
         async_copy.commit_group()
         async_copy.wait_group(1)  # this thread's copies of tile g are in
         fence_async_shared()  # cp.async (generic proxy) writes before the wgmma (async proxy) reads K
