@@ -29,20 +29,23 @@ HEAD_SIZES = (64, 128, 256)  # the 16-bit and the FP8 caches
 BLOCK_M = 128  # query tokens of one query head per work item: two consumer warpgroups of 64 rows
 STAGES = 2  # K/V tiles in flight (3 do not fit beside two Q buffers at D 128)
 # Registers per thread: ptxas gets 168 (64K / 384 threads); the warpgroups re-split them (3 * 168 = 504). A 16-bit
-# cache: 232 per consumer, 40 for the producer (one warp issuing TMA). An FP8 cache: 224 and 56, the producer's four
-# warps gathering by cp.async and widening 64 rows at a time, 32 at D 256 (H200, 4 x (2048 + 2048) e4m3, page 16, TMA
-# gathers: 232/40 with 16 rows 290 TFLOP/s, 32 rows 318, 64 rows 322; 224/56 with 32 rows 364, 64 rows 381; cp.async
-# gathers, 224/56: 32 rows 410, 64 rows 430; 232/40, 32 rows: 410).
+# cache: 232 per consumer, 40 for the producer (one warp issuing TMA). An FP8 cache: 208 and 88, the producer's four
+# warps gathering by cp.async (page ids a tile ahead) and widening 128 rows at a time, 32 at D 256; the consumer loops
+# compile to the same instructions at 208 as at 224. H200, 4 x (2048 + 2048): 224/56 widening 64 rows against 208/88
+# widening 128, e4m3 bf16 q page 16 466-470 -> 474 TFLOP/s, at D 256 380-383 -> 407, e5m2 fp16 q page 64 464-466 ->
+# 495 (216/72: 468-470, 399-402, 482-487). Before the page ids ran ahead (TMA gathers: 232/40 with 16 rows 290
+# TFLOP/s, 32 rows 318, 64 rows 322; 224/56 with 32 rows 364, 64 rows 381; cp.async gathers, 224/56: 32 rows 410,
+# 64 rows 430).
 MAX_REGISTERS = 168
-REGISTER_SPLIT = {False: (232, 40), True: (224, 56)}  # KV_FP8 -> (consumer, producer)
+REGISTER_SPLIT = {False: (232, 40), True: (208, 88)}  # KV_FP8 -> (consumer, producer)
 # PV on fp8 operands: the producer's transpose holds 16 keys x 8 d bytes per thread and more addresses, the consumer
 # no packed P across the back edge. Compiled for sm_90 at D 128: 216/72 keeps the per-tile loops free of spills
 # (24 bytes of stack per item at page 16, none at page 64 or D 64); 224/56 spills in the producer's loop (4 stores and
 # 4 loads per tile). H200, 4 x (2048 + 2048) e4m3 page 16: 216/72 617 TFLOP/s, 224/56 598.
 REGISTER_SPLIT_PV_FP8 = (216, 72)
 PV_FP8_HEAD_SIZES = (64, 128)  # D 256: O (128 registers per thread) and a PV accumulator spill whatever the split
-WIDEN_ROWS = 64  # FP8 caches: K/V rows the producer's warps widen per step, at most a tile (at D 128: 8 pieces of 8
-# elements per thread, an 8-byte shared load and a 16-byte store each)
+WIDEN_ROWS = 128  # FP8 caches: K/V rows the producer's warps widen per step, at most a tile (at D 128: 16 pieces of
+# 8 elements per thread, an 8-byte shared load and a 16-byte store each)
 SHARED_MEMORY_LIMIT = 227 * 1024
 TMA_ALIGNMENT = 16  # bytes: base addresses and row strides of TMA views
 
