@@ -66,3 +66,11 @@ def test_the_fp8_transpose_layouts_fit_the_tile(head_size):
     assert _covers_once(store.reg_bases + store.lane_bases + store.warp_bases, (head_size, block_n))
     assert all([1 << b, 0] in load.reg_bases for b in range(4))  # 16 keys
     assert [0, 1] in load.reg_bases and [0, 2] in load.reg_bases  # 4 bytes of d
+
+
+def test_the_register_splits_fit_the_three_warpgroups():
+    # every PV_FP8 head size has a split; each split re-divides the 3 x 168 registers ptxas gives the warpgroups
+    splits = [*hopper_op.REGISTER_SPLIT.values()]
+    splits += [hopper_op.REGISTER_SPLIT_PV_FP8[head_size] for head_size in hopper_op.PV_FP8_HEAD_SIZES]
+    for consumer, producer in splits:
+        assert 2 * consumer + producer <= 3 * hopper_op.MAX_REGISTERS and consumer % 8 == 0 and producer % 8 == 0

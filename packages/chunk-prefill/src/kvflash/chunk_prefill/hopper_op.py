@@ -41,8 +41,11 @@ REGISTER_SPLIT = {False: (232, 40), True: (208, 88)}  # KV_FP8 -> (consumer, pro
 # PV on fp8 operands: the producer's transpose holds 16 keys x 8 d bytes per thread and more addresses, the consumer
 # no packed P across the back edge. Compiled for sm_90 at D 128: 216/72 keeps the per-tile loops free of spills
 # (24 bytes of stack per item at page 16, none at page 64 or D 64); 224/56 spills in the producer's loop (4 stores and
-# 4 loads per tile). H200, 4 x (2048 + 2048) e4m3 page 16: 216/72 617 TFLOP/s, 224/56 598.
-REGISTER_SPLIT_PV_FP8 = (216, 72)
+# 4 loads per tile). H200, 4 x (2048 + 2048) e4m3 page 16: 216/72 617 TFLOP/s, 224/56 598. With the page ids a tile
+# ahead (8 more producer registers), D 128 takes 208/88 (consumer loops unchanged, the producer's per-tile swap
+# through local memory gone): page 16 619-620 -> 639-643, page 64 618 -> 629-633, 1 x 16384 692 -> 710; D 64 keeps
+# 216/72 (433-435 against 424-426).
+REGISTER_SPLIT_PV_FP8 = {64: (216, 72), 128: (208, 88)}  # head size -> (consumer, producer)
 PV_FP8_HEAD_SIZES = (64, 128)  # D 256: O (128 registers per thread) and a PV accumulator spill whatever the split
 WIDEN_ROWS = 128  # FP8 caches: K/V rows the producer's warps widen per step, at most a tile (at D 128: 16 pieces of
 # 8 elements per thread, an 8-byte shared load and a 16-byte store each)
@@ -192,7 +195,7 @@ def launch_hopper_prefill(
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
     two_buffers = _shared_bytes(2, head_size, q.element_size(), kv_fp8, q_fp8 or q_split, pv_fp8)
     q_buffers = 2 if two_buffers <= SHARED_MEMORY_LIMIT else 1
-    registers = REGISTER_SPLIT_PV_FP8 if pv_fp8 else REGISTER_SPLIT[kv_fp8]
+    registers = REGISTER_SPLIT_PV_FP8[head_size] if pv_fp8 else REGISTER_SPLIT[kv_fp8]
     rows, width = num_blocks * page, num_kv_heads * head_size
     q_desc = TensorDescriptor(q, [total_q, num_q_heads * head_size], [q.stride(0), 1], q_box, q_layout)
     k_desc = TensorDescriptor(k, [rows, width], [width, 1], kv_box, kv_layout)

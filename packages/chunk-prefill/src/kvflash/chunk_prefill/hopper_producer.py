@@ -5,8 +5,8 @@ viewed as ``[num_blocks * PAGE, Hkv * D]`` (the page ids of a tile read once, fo
 straight in the consumers' ``STAGES``-deep ring; the V rows past ``kv_len`` of a sequence's last tile are zeroed
 in shared memory (unused cache slots may hold NaN). An FP8 cache is gathered by the producer's 4 warps with
 cp.async (16 bytes per copy, page ids per key row, read a tile ahead of the copies) into an fp8 staging ring one
-tile ahead, and the same warps widen each tile to fp16 into the consumers' ring. Every hand-over to the consumers is an mbarrier (``*_ready`` /
-``*_empty`` pairs per ring slot).
+tile ahead, and the same warps widen each tile to fp16 into the consumers' ring. Every hand-over to the consumers
+is an mbarrier (``*_ready`` / ``*_empty`` pairs per ring slot).
 """
 
 from triton.experimental import gluon
