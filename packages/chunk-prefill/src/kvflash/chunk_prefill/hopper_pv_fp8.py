@@ -63,15 +63,23 @@ def vt_staging_layout(BLOCK_N, HEAD_D):
 
 
 @constexpr_function
+def _transpose_bits(BLOCK_N, HEAD_D, NUM_WARPS):
+    """``(ng, nw, td)`` of the transpose's register layouts: key-group bits (lanes), warp bits, and d bits per thread
+    (the d bits past the 5 - ng lanes and the warps; at least 2: 4 bytes of d per key, the 32-bit words prmt
+    transposes)."""
+    ng = _log2(BLOCK_N // 16)
+    nw = _log2(NUM_WARPS)
+    td = _log2(HEAD_D) - (5 - ng) - nw
+    assert td >= 2, (BLOCK_N, HEAD_D)
+    return ng, nw, td
+
+
+@constexpr_function
 def _vt_load_layout(BLOCK_N, HEAD_D, NUM_WARPS):
     """Registers of the transposing read of a staging tile ``[BLOCK_N, HEAD_D]``: each thread 16 keys (one 16-key
     group) x TD bytes of d (one TD-byte shared load per key), the key groups over the low lanes (so that a quarter
     warp's 16-byte stores of V^T rows cover 8 different chunks of a row), then d over the other lanes and warps."""
-    nd = _log2(HEAD_D)
-    ng = _log2(BLOCK_N // 16)
-    nw = _log2(NUM_WARPS)
-    td = nd - (5 - ng) - nw  # d bits per thread
-    assert td >= 2, (BLOCK_N, HEAD_D)
+    ng, nw, td = _transpose_bits(BLOCK_N, HEAD_D, NUM_WARPS)
     reg = [[0, 1 << b] for b in range(td)] + [[1 << b, 0] for b in range(4)]
     lane = [[16 << i, 0] for i in range(ng)] + [[0, 1 << (td + i)] for i in range(5 - ng)]
     warp = [[0, 1 << (td + 5 - ng + i)] for i in range(nw)]
@@ -83,10 +91,7 @@ def _vt_load_layout(BLOCK_N, HEAD_D, NUM_WARPS):
 def _vt_store_layout(BLOCK_N, HEAD_D, NUM_WARPS):
     """The elements of :func:`_vt_load_layout` after the relabelling and the transpose, as ``[HEAD_D, BLOCK_N]``:
     register bits keys first (one 16-byte store per d row), then d."""
-    nd = _log2(HEAD_D)
-    ng = _log2(BLOCK_N // 16)
-    nw = _log2(NUM_WARPS)
-    td = nd - (5 - ng) - nw
+    ng, nw, td = _transpose_bits(BLOCK_N, HEAD_D, NUM_WARPS)
     reg = [[0, 1 << b] for b in range(4)] + [[1 << b, 0] for b in range(td)]
     lane = [[0, 16 << i] for i in range(ng)] + [[1 << (td + i), 0] for i in range(5 - ng)]
     warp = [[1 << (td + 5 - ng + i), 0] for i in range(nw)]

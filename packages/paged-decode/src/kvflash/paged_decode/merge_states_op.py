@@ -264,7 +264,7 @@ def launch_merge_partial_attentions(
     out_strides, lse_out_strides = out.stride(), lse_out.stride()
     launch(
         split_merge_kernel,
-        (num_tokens, num_q_heads, head_pad // block_d),
+        (num_tokens, num_q_heads, slices),
         interpreter,
         outs_ptr=outs,
         lses_ptr=lses,
