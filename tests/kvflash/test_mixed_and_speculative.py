@@ -93,14 +93,16 @@ def test_mixed_batch_rows_from_both_kernels(device, kv_dtype, block_size):
     route = choose_route(case.q.shape[0], len(MIXED_MIX), case.max_seqlen_q, 2)
     assert route == Route(False, 8)  # (1, 3, 2, 1, 5)-query sequences on the decode kernel, 40 and 17 on prefill
     sinks = torch.randn(4, device=device)
-    for features in (dict(causal=True, softcap=6.0, s_aux=sinks), dict(causal=True, window_size=(9, 0))):
-        out = poison(torch.empty_like(case.q))
-        result, lse = case.attend(out=out, return_softmax_lse=True, **features)
-        assert result.data_ptr() == out.data_ptr()
-        check_against_reference(case, out, lse, **features)
-        plain = poison(torch.empty_like(case.q))
-        case.attend(out=plain, **features)  # without LSE: the same rows
-        torch.testing.assert_close(plain, out, rtol=0, atol=0)
+    # num_splits 3: the decode rows' split partials are kept per sequence and merged into the decode rows only
+    for num_splits in (0, 3):
+        for features in (dict(causal=True, softcap=6.0, s_aux=sinks), dict(causal=True, window_size=(9, 0))):
+            out = poison(torch.empty_like(case.q))
+            result, lse = case.attend(out=out, return_softmax_lse=True, num_splits=num_splits, **features)
+            assert result.data_ptr() == out.data_ptr()
+            check_against_reference(case, out, lse, **features)
+            plain = poison(torch.empty_like(case.q))
+            case.attend(out=plain, num_splits=num_splits, **features)  # without LSE: the same rows
+            torch.testing.assert_close(plain, out, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

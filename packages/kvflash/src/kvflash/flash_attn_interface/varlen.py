@@ -231,7 +231,7 @@ def flash_attn_varlen_func(
     )  # fmt: skip
     lse = result[1] if return_softmax_lse else None
     run_paged_decode(
-        q, k, v, f, max_seqlen_k, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=route.decode_queries, num_splits=1,
+        q, k, v, f, max_seqlen_k, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=route.decode_queries, num_splits=num_splits,
         out=out, lse=lse, return_lse=False, defer_longer_sequences=True, **kv,
     )  # fmt: skip
     return result

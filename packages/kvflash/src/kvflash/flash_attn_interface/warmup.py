@@ -448,25 +448,30 @@ def _varlen_candidates(
 
         return build
 
+    def decode_configs(num_seqs: int, max_q: int, fill_rows: bool) -> dict:
+        """``{decode launch config: a max_seqlen_k that reaches it}``: the split count moves with max_seqlen_k."""
+
+        def config(max_k):
+            return choose_paged_decode_config(
+                num_seqs=num_seqs, num_kv_heads=hkv, group=group, head_size=d, kv_itemsize=itemsize,
+                max_seqlen_k=max_k, window_left=window_left, num_splits=splits, multiprocessor_count=sms,
+                interpreter=interpreter, max_seqlen_q=max_q, fill_rows=fill_rows,
+                per_token_scales=token_scales is not None,
+            )  # fmt: skip
+
+        bounds = [max_seqlen_k]
+        if config(max_seqlen_k).num_splits > 1:  # every smaller split count is reachable with shorter contexts
+            bounds += list(range(1, max_seqlen_k, MIN_KEYS_PER_SPLIT)) + [16, MIN_KEYS_PER_SPLIT]
+        configs = {}
+        for max_k in sorted({b for b in bounds if 1 <= b <= max_seqlen_k}):
+            configs.setdefault(config(max_k), max_k)
+        return configs
+
     # Decode only: max_seqlen_q 1..16; the split count moves with the batch size and max_seqlen_k, and the token
     # count can be anything from num_seqs (one query each) to num_seqs * max_seqlen_q.
     for max_q in range(1, min(MAX_DECODE_QUERIES, max_seqlen_q) + 1):
         for num_seqs in range(1, min(max_num_seqs, max_tokens) + 1):
-
-            def config(max_k, num_seqs=num_seqs, max_q=max_q):
-                return choose_paged_decode_config(
-                    num_seqs=num_seqs, num_kv_heads=hkv, group=group, head_size=d, kv_itemsize=itemsize,
-                    max_seqlen_k=max_k, window_left=window_left, num_splits=splits, multiprocessor_count=sms,
-                    interpreter=interpreter, max_seqlen_q=max_q, per_token_scales=token_scales is not None,
-                )  # fmt: skip
-
-            bounds = [max_seqlen_k]
-            if config(max_seqlen_k).num_splits > 1:  # every smaller split count is reachable with shorter contexts
-                bounds += list(range(1, max_seqlen_k, MIN_KEYS_PER_SPLIT)) + [16, MIN_KEYS_PER_SPLIT]
-            configs = {}
-            for max_k in sorted({b for b in bounds if 1 <= b <= max_seqlen_k}):
-                configs.setdefault(config(max_k), max_k)
-            for cfg, max_k in configs.items():
+            for cfg, max_k in decode_configs(num_seqs, max_q, True).items():
                 for total_q in _total_q_values(num_seqs, min(num_seqs * max_q, max_tokens)):
                     sig = ("decode", cfg, max_q, total_q == 1, total_q % 16)
                     if sig in seen:
@@ -490,17 +495,20 @@ def _varlen_candidates(
             ranges = [(True, num_seqs, mixed_hi)] if num_seqs > 1 else []
             ranges.append((False, max(num_seqs, mixed_hi + 1), min(num_seqs * max_q, max_tokens)))
             for mixed, lo, hi in ranges:
-                for total_q in _total_q_values(lo, hi):
-                    tiles = triton.cdiv(total_q, rows) + num_seqs
-                    sig = ("prefill", mixed, cfg, num_seqs == 1, num_seqs % 16, total_q == 1, total_q % 16,
-                           tiles == 1, tiles % 16)  # fmt: skip
-                    if sig in seen:
-                        continue
-                    q_lens = _q_lens(num_seqs, total_q, max_q, decode_queries, mixed)
-                    if q_lens is None:
-                        continue
-                    seen.add(sig)
-                    yield make(q_lens, max_q, max_seqlen_k)
+                # a mixed batch's decode rows take split-KV like a decode batch's (its sequences' split counts)
+                decode = decode_configs(num_seqs, decode_queries, False) if mixed else {None: max_seqlen_k}
+                for decode_cfg, max_k in decode.items():
+                    for total_q in _total_q_values(lo, hi):
+                        tiles = triton.cdiv(total_q, rows) + num_seqs
+                        sig = ("prefill", mixed, cfg, decode_cfg, num_seqs == 1, num_seqs % 16, total_q == 1,
+                               total_q % 16, tiles == 1, tiles % 16)  # fmt: skip
+                        if sig in seen:
+                            continue
+                        q_lens = _q_lens(num_seqs, total_q, max_q, decode_queries, mixed)
+                        if q_lens is None:
+                            continue
+                        seen.add(sig)
+                        yield make(q_lens, max_q, max_k)
 
 
 def _cache_candidates(kv_string, q_dtype, hkv, d, block_size, max_tokens, per_token, scale_heads, device):

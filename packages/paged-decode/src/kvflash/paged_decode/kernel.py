@@ -149,6 +149,9 @@ def paged_decode_kernel(
     USE_SEQUSED: tl.constexpr,
     KV_FP8: tl.constexpr,
     IS_SPLIT: tl.constexpr,  # write fp32 partials for the split-merge kernel (sinks are added there)
+    # (IS_SPLIT with DEFER_LONGER_SEQUENCES) partial rows by sequence, row seq * Q_TOKENS + token, so a mixed batch's
+    # partial buffers hold its decode rows only (not its prefill chunks' tokens)
+    PARTIAL_ROWS_BY_SEQUENCE: tl.constexpr,
     USE_CU_SEQLENS_Q: tl.constexpr,  # query ranges from cu_seqlens_q (else query s of sequence s, one each)
     DEFER_LONGER_SEQUENCES: tl.constexpr,  # sequences with more than Q_TOKENS queries are the prefill kernel's
     ROW_MASK: tl.constexpr,  # mask keys per row (Q_TOKENS > 1: causal order within a chunk)
@@ -374,12 +377,15 @@ def paged_decode_kernel(
         else:
             out = out.to(out_ptr.dtype.element_ty)
 
-        o_offs = split.to(tl.int64) * stride_o_split + q_rows[:, None] * stride_o_token
+        out_rows = q_rows
+        if PARTIAL_ROWS_BY_SEQUENCE:
+            out_rows = seq64 * Q_TOKENS + token  # one pass (DEFER_LONGER_SEQUENCES): token < Q_TOKENS
+        o_offs = split.to(tl.int64) * stride_o_split + out_rows[:, None] * stride_o_token
         o_offs += q_heads[:, None] * stride_o_head
         tl.store(
             out_ptr + o_offs + offs_d[None, :],
             out,
             mask=row_mask[:, None] & d_mask[None, :],
         )
-        lse_offs = split.to(tl.int64) * stride_lse_split + q_rows * stride_lse_token + q_heads * stride_lse_head
+        lse_offs = split.to(tl.int64) * stride_lse_split + out_rows * stride_lse_token + q_heads * stride_lse_head
         tl.store(lse_ptr + lse_offs, lse, mask=row_mask)

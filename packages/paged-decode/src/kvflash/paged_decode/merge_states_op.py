@@ -236,15 +236,19 @@ def launch_merge_partial_attentions(
     *,
     s_aux: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
+    rows_by_sequence: tuple[torch.Tensor, int] | None = None,
 ) -> None:
-    """The keyword launch of the n-way merge kernel (``split_merge_kernel``): one program per (token, query head,
-    slice of head columns); the columns are sliced only when the rows alone leave SMs idle.
+    """The keyword launch of the n-way merge kernel (``split_merge_kernel``): one program per (part row, query
+    head, slice of head columns); the columns are sliced only when the rows alone leave SMs idle.
 
     ``outs [W, T, Hq, D]`` float32 and ``lses [W, Hq, T]`` float32 with any strides (``stride(-1) == 1`` for the
     outputs), ``out [T, Hq, D]`` in a model dtype, or ``float8_e4m3fn`` with ``output_scale`` (``[1]`` float32:
     ``out = saturate(merged / output_scale)``), ``out_lse [Hq, T]`` float32 or ``None``. ``s_aux [Hq]`` float32
-    sink logits are counted once in the merged denominator. Used by :func:`merge_partial_attentions` and by
-    decode's split-KV (:func:`kvflash.paged_decode.op.launch_paged_decode`).
+    sink logits are counted once in the merged denominator. ``rows_by_sequence = (cu_seqlens_q, n)``: part row
+    ``r`` is token ``r % n`` of sequence ``r // n`` (``outs [W, num_seqs * n, Hq, D]``), merged into ``out`` row
+    ``cu_seqlens_q[seq] + token``, for sequences of at most ``n`` queries only (a mixed batch's decode rows; the
+    other rows of ``out`` and ``out_lse`` are left alone). Used by :func:`merge_partial_attentions` and by decode's
+    split-KV (:func:`kvflash.paged_decode.op.launch_paged_decode`).
     """
     num_splits, num_tokens, num_q_heads, head_size = outs.shape
     if num_tokens == 0 or num_q_heads == 0:
@@ -272,6 +276,8 @@ def launch_merge_partial_attentions(
         output_scale_ptr=output_scale if output_scale is not None else lses,
         out_ptr=out,
         lse_ptr=lse_out,
+        cu_seqlens_q_ptr=rows_by_sequence[0] if rows_by_sequence is not None else lses,
+        total_q=out.shape[0],
         num_splits=num_splits,
         stride_outs_split=outs_strides[0],
         stride_outs_token=outs_strides[1],
@@ -291,6 +297,7 @@ def launch_merge_partial_attentions(
         WRITE_LSE=out_lse is not None,
         OUTPUT_FP8=output_scale is not None,
         ROUND_IN_SOFTWARE=interpreter,
+        SEQUENCE_ROWS=rows_by_sequence[1] if rows_by_sequence is not None else 0,
         num_warps=4,
     )
 

@@ -144,8 +144,8 @@ def paged_decode_attention(
     defer_longer_sequences : bool
         With ``cu_seqlens_q``: leave the ``out`` and ``lse`` rows of sequences with more than
         ``max_seqlen_q`` queries untouched, for :func:`kvflash.chunk_prefill.chunk_prefill_attention` with
-        ``skip_q_len=max_seqlen_q`` to serve (a mixed batch, two launches). No split-KV then, and
-        ``max_seqlen_q`` must fit one pass (``max_seqlen_q * Hq / Hkv <= 64``).
+        ``skip_q_len=max_seqlen_q`` to serve (a mixed batch, two launches). ``max_seqlen_q`` must fit one pass
+        (``max_seqlen_q * Hq / Hkv <= 64``). Split-KV works as usual: the merge writes the decode rows only.
     lse : torch.Tensor, optional
         ``[Hq, q.shape[0]]`` float32 buffer the LSE rows are written into (returned with ``return_lse``):
         with ``defer_longer_sequences``, the one the prefill kernel wrote the other rows of.
@@ -242,7 +242,7 @@ def run_paged_decode(
     _PAGED_DECODE_OP(
         q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, f.k_descale, f.v_descale, f.alibi_slopes,
         f.s_aux, out, lse, max_seqlen_q, max_seqlen_k, f.softmax_scale, f.window_left, f.window_right, f.softcap,
-        1 if defer_longer_sequences else num_splits, defer_longer_sequences, f.output_scale, f.q_descale,
+        num_splits, defer_longer_sequences, f.output_scale, f.q_descale,
     )  # fmt: skip
     return (out, lse) if return_lse else out
 
@@ -369,11 +369,15 @@ def launch_paged_decode(
     num_kv_heads = k.shape[-2]
     kv_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
     is_split = cfg.num_splits > 1
+    # A mixed batch's partials hold its decode rows only: seq * q_tokens + token (its prefill chunks' tokens would
+    # make them total_q rows long).
+    rows_by_sequence = is_split and defer_longer_sequences
     if is_split:
-        part_out = empty_buffer((cfg.num_splits, total_q, num_q_heads, head_size), torch.float32, q.device)
-        # [num_splits, Hq, total_q], a view of a [total_q, Hq, num_splits] buffer: a row's split LSEs lie together
-        # for the merge.
-        part_lse = empty_buffer((total_q, num_q_heads, cfg.num_splits), torch.float32, q.device).permute(2, 1, 0)
+        part_rows = num_seqs * cfg.q_tokens if rows_by_sequence else total_q
+        part_out = empty_buffer((cfg.num_splits, part_rows, num_q_heads, head_size), torch.float32, q.device)
+        # [num_splits, Hq, rows], a view of a [rows, Hq, num_splits] buffer: a row's split LSEs lie together for the
+        # merge.
+        part_lse = empty_buffer((part_rows, num_q_heads, cfg.num_splits), torch.float32, q.device).permute(2, 1, 0)
         dst_out, dst_lse = part_out, part_lse
         o_strides = part_out.stride()[:3]
         lse_strides = part_lse.stride()
@@ -462,6 +466,7 @@ def launch_paged_decode(
             USE_SEQUSED=seqused_k is not None,
             KV_FP8=kv_fp8,
             IS_SPLIT=is_split,
+            PARTIAL_ROWS_BY_SEQUENCE=rows_by_sequence,
             USE_CU_SEQLENS_Q=cu_seqlens_q is not None,
             DEFER_LONGER_SEQUENCES=defer_longer_sequences,
             ROW_MASK=cfg.q_tokens > 1,
@@ -480,7 +485,10 @@ def launch_paged_decode(
             num_stages=cfg.num_stages,
         )
     if is_split:
-        launch_merge_partial_attentions(part_out, part_lse, out, lse, s_aux=s_aux, output_scale=output_scale)
+        launch_merge_partial_attentions(
+            part_out, part_lse, out, lse, s_aux=s_aux, output_scale=output_scale,
+            rows_by_sequence=(cu_seqlens_q, cfg.q_tokens) if rows_by_sequence else None,
+        )  # fmt: skip
 
 
 def _reference_decode(

@@ -26,6 +26,8 @@ def split_merge_kernel(
     output_scale_ptr,  # [1] fp32 (OUTPUT_FP8)
     out_ptr,  # [T, Hq, HEAD_SIZE] fp16/bf16/fp32, or fp8 e4m3 (OUTPUT_FP8); stride(-1) == 1
     lse_ptr,  # [Hq, T] fp32 (WRITE_LSE)
+    cu_seqlens_q_ptr,  # [num_seqs + 1] int32 (SEQUENCE_ROWS > 0)
+    total_q,  # rows of out (SEQUENCE_ROWS > 0: query ranges are clamped to [0, total_q])
     num_splits,  # W, the parts
     stride_outs_split,
     stride_outs_token,
@@ -44,12 +46,24 @@ def split_merge_kernel(
     USE_SINKS: tl.constexpr,
     WRITE_LSE: tl.constexpr,
     OUTPUT_FP8: tl.constexpr,  # out = saturate(merged / output_scale) in fp8 e4m3
+    # > 0: part row r is token r % SEQUENCE_ROWS of sequence r // SEQUENCE_ROWS (a mixed batch's decode rows), merged
+    # into out row cu_seqlens_q[seq] + token, and only for sequences with at most SEQUENCE_ROWS queries (the others
+    # are the prefill kernel's); 0: part row r is out row r
+    SEQUENCE_ROWS: tl.constexpr,
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before the fp8 cast
 ):
-    token = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0)
     head = tl.program_id(1)
-    lses_row_ptr = lses_ptr + token * stride_lses_token + head * stride_lses_head
-    outs_row_ptr = outs_ptr + token * stride_outs_token + head * stride_outs_head
+    token = row.to(tl.int64)  # the out row
+    if SEQUENCE_ROWS > 0:
+        seq = row // SEQUENCE_ROWS
+        q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq), 0), total_q)
+        q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_first), total_q) - q_first
+        if (q_len > SEQUENCE_ROWS) | (row % SEQUENCE_ROWS >= q_len):
+            return
+        token = (q_first + row % SEQUENCE_ROWS).to(tl.int64)
+    lses_row_ptr = lses_ptr + row.to(tl.int64) * stride_lses_token + head * stride_lses_head
+    outs_row_ptr = outs_ptr + row.to(tl.int64) * stride_outs_token + head * stride_outs_head
 
     offs_s = tl.arange(0, SPLITS_PAD)
     lse_all = tl.load(lses_row_ptr + offs_s * stride_lses_split, mask=offs_s < num_splits, other=float("-inf"))
