@@ -2,9 +2,11 @@
 values) into a paged cache with block 16, as bf16 ("auto") and as FP8 e4m3 with per-tensor scales.
 
 Work = key + value read + the cache entries written + the int64 slot mapping (+ the float32 scales written
-under a ``*_per_token_head`` string); the ceiling is the copy. The comparison is the same write done by eager
-torch (quantise, then ``index_copy_`` into the pages). :func:`measure_cache` also serves the writer's launch
-sweep (``python -m tools.bench sweep cache``), with any ``kv_cache_dtype`` string and scale form.
+under a ``*_per_token_head`` string); the ceiling is the copy. The comparisons: the same write done by eager
+torch (quantise, then ``index_copy_`` into the pages), and a plain copy of as many bytes (impl ``copy``: the copy
+ceiling at this size, where launch and ramp weigh more than in the 1 GiB ceiling copy). :func:`measure_cache`
+also serves the writer's launch sweep (``python -m tools.bench sweep cache``), with any ``kv_cache_dtype``
+string and scale form.
 """
 
 from __future__ import annotations
@@ -137,9 +139,21 @@ def measure_cache(spec: CacheSpec, bind: Callable | None = None) -> Measurement:
     return measure(calls, spec.work_bytes(), lambda: (_check(spec, key, key_cache, slots, k_scale), ""))
 
 
+def measure_copy_of(spec: CacheSpec) -> Measurement:
+    """A device-to-device copy (``Tensor.copy_``) that reads and writes as many bytes in all as the write of
+    ``spec`` moves: the copy ceiling at the writer's size (launch and ramp take a larger share of a small call
+    than of the 1 GiB ceiling copy)."""
+    elements = spec.work_bytes() // 4  # bf16 elements read (and as many written)
+    sets = []
+    for _ in range(rotation_sets(4 * elements)):
+        src = torch.randn(elements, dtype=torch.bfloat16, device="cuda")
+        sets.append((src, torch.empty_like(src)))
+    return measure([lambda s=s, d=d: d.copy_(s) for s, d in sets], 4 * elements)
+
+
 def cache_cases(quick: bool) -> list[Case]:
     cases = []
-    for impl in ["kvflash", "torch"]:
+    for impl in ["kvflash", "torch", "copy"]:
         for mode, label in MODES.items():
             labels = {
                 "group": "cache",
@@ -153,7 +167,11 @@ def cache_cases(quick: bool) -> list[Case]:
                 "primary": True,
                 "metric": "bytes",
             }
-            bind = None if impl == "kvflash" else binder(_torch_write)
-            run = functools.partial(measure_cache, CacheSpec(mode), bind)
+            if impl == "copy":
+                labels["primary"] = False
+                run = functools.partial(measure_copy_of, CacheSpec(mode))
+            else:
+                bind = None if impl == "kvflash" else binder(_torch_write)
+                run = functools.partial(measure_cache, CacheSpec(mode), bind)
             cases.append(Case(f"cache {mode} {impl}", labels, run))
     return cases

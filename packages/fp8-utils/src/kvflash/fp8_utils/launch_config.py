@@ -12,11 +12,11 @@ import triton
 
 __all__ = ["ReshapeAndCacheLaunchConfig", "choose_reshape_and_cache_config"]
 
-# Elements of key (and as many of value) one program moves: 32 rows of D=128, 32 per thread with 4 warps.
-# Measured on H100 (16k tokens x 8 x 128): 84-85 % of copy bandwidth for FP8, 90 % for bf16; 8 to 32 rows with 2
-# to 8 warps are within 2 % of each other, 64+ rows lose 5-15 %. The H200 sweep (docs/cache_writer_perf.md) found
-# the settings within 2-3 % of each other as well.
-_ELEMENTS_PER_PROGRAM = 4096
+# Elements of key (and as many of value) one program moves: 16 rows of D=128, 16 per thread with 4 warps.
+# H200 sweep (16384 tokens x 8 x 128, wave 2 session 13, `python -m tools.bench sweep cache`): 16 rows x 4 warps
+# 83.3 % of copy for bf16 and 78.9 % for e4m3, against 81.7 % and 76.7 % with the former 32 rows; 8 rows x 2 warps
+# within 0.3 %, 64 rows 3-8 % slower. (H100: 32 rows 84-85 % FP8, 90 % bf16; 8 to 32 rows within 2 %.)
+_ELEMENTS_PER_PROGRAM = 2048
 _NUM_WARPS = 4
 
 
