@@ -28,6 +28,18 @@ def test_gluon_switch(monkeypatch, value, off):
     assert not platform.hopper_gluon_available(torch.device("cpu"))  # never off a CUDA device
 
 
+@pytest.mark.parametrize("value", ["0", "off", " False "])
+def test_programmatic_launch_switch_and_devices(monkeypatch, value):
+    # Never on the CPU or under the interpreter; KVFLASH_PDL=0 (any off word) turns it off on a GPU as well.
+    monkeypatch.delenv(platform.PDL_ENV, raising=False)
+    assert not platform.programmatic_launch_available(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not platform.programmatic_launch_available(torch.device("cuda"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(platform.PDL_ENV, value)
+    assert not platform.programmatic_launch_available(torch.device("cuda"))
+
+
 def test_compiles_to_ptx_on_nvidia_outside_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert platform.compiles_to_ptx(torch.device("cuda")) == (not platform.is_rocm())

@@ -14,6 +14,7 @@ Conventions
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import cuda as triton_cuda
 
 # float8_e4m3fn, the format of fp8 attention outputs and of quantised probabilities: its largest finite value,
 # mantissa bits and smallest normal, from torch's own table (no kernel spells them out).
@@ -275,3 +276,21 @@ def scale_p_columns(p, alpha, v_col_scale, v_exp):
     alpha = alpha * tl.math.exp2(v_exp - new_exp)
     p = p * (v_col_scale * tl.math.exp2(-new_exp))[None, :]
     return p, alpha, new_exp
+
+
+@triton.jit
+def wait_for_prior_grid(ENABLED: tl.constexpr):
+    """``ENABLED`` (a kernel launched with programmatic dependent launch, sm_90+): block until the kernel launched
+    before this one in the stream has finished and its memory writes are visible. Call it before the first read of
+    anything that kernel wrote (``griddepcontrol.wait``)."""
+    if ENABLED:
+        triton_cuda.gdc_wait()
+
+
+@triton.jit
+def allow_dependent_launch(ENABLED: tl.constexpr):
+    """``ENABLED``: let the kernel launched next with programmatic dependent launch start once every program of
+    this kernel has passed here (``griddepcontrol.launch_dependents``); it still waits for this kernel's results
+    in :func:`wait_for_prior_grid`. Without it the next kernel starts only as this one's programs exit."""
+    if ENABLED:
+        triton_cuda.gdc_launch_dependents()

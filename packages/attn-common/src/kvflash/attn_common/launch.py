@@ -58,7 +58,7 @@ __all__ = [
 
 FAST_LAUNCH_ENV = "KVFLASH_FAST_LAUNCH"
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-_OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+_OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
 
 # kernel -> the generated key function of _key_function (parameters in order, one expression each)
 _KEY_FUNCTIONS: dict[int, object] = {}

@@ -27,6 +27,8 @@ __all__ = [
     "hopper_gluon_available",
     "gluon_switched_off",
     "GLUON_ENV",
+    "programmatic_launch_available",
+    "PDL_ENV",
 ]
 
 # Set to 0 (or false / no / off) to keep every call on the portable Triton kernels (on sm_90 with Triton 3.6 the
@@ -36,6 +38,10 @@ GLUON_OFF_VALUES = ("0", "false", "no", "off")
 # The Gluon dialect is experimental and its API moves between Triton releases: the Hopper kernels are written
 # against these.
 GLUON_TRITON_VERSIONS = ("3.6.",)
+
+# Set to 0 (or false / no / off) to launch every kernel the plain way: no programmatic dependent launch (a
+# dependent kernel, such as decode's split merge, then starts only after the kernel before it has finished).
+PDL_ENV = "KVFLASH_PDL"
 
 # A fixed, small "SM count" for the interpreter so split heuristics are deterministic on the CPU.
 INTERPRETER_MULTIPROCESSORS = 4
@@ -197,3 +203,24 @@ def hopper_gluon_available(device: torch.device) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _hopper_gluon(device.type, index)
+
+
+@functools.cache
+def _programmatic_launch(device_type: str, index: int) -> bool:
+    if device_type != "cuda" or is_rocm() or torch.cuda.get_device_capability(index) < (9, 0):
+        return False
+    from triton.language.extra import cuda as triton_cuda
+
+    return hasattr(triton_cuda, "gdc_wait") and hasattr(triton_cuda, "gdc_launch_dependents")
+
+
+def programmatic_launch_available(device: torch.device) -> bool:
+    """Whether kernels on ``device`` may use programmatic dependent launch (PDL): an NVIDIA GPU of compute
+    capability 9.0 or newer, a Triton that exposes grid dependency control (``griddepcontrol``), no interpreter,
+    and not switched off by ``KVFLASH_PDL=0`` (read at every call). A kernel launched with PDL may start while the
+    kernel before it in the stream finishes; it waits for that kernel's results with
+    :func:`kvflash.attn_common.jit_helpers.wait_for_prior_grid` before reading them."""
+    if device.type != "cuda" or interpreter_enabled() or _env_word(os.environ.get(PDL_ENV, "")) in GLUON_OFF_VALUES:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _programmatic_launch(device.type, index)

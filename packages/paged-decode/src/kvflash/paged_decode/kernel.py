@@ -52,6 +52,7 @@ import triton.language as tl
 from kvflash.attn_common.jit_helpers import (
     add_sink_to_denominator,
     alibi_bias,
+    allow_dependent_launch,
     finalize_softmax,
     online_softmax_step,
     scale_p_columns,
@@ -165,11 +166,15 @@ def paged_decode_kernel(
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
     Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): converted to fp16, descale in the score scale
     Q_PER_TOKEN: tl.constexpr,  # (Q_FP8 only) q_descale per (token, query head): a per-row factor per chunk
+    # IS_SPLIT with programmatic dependent launch: the merge launched next may start once every program is running
+    # (it waits for the partials on the device)
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
     tl.static_assert(HEAD_CHUNKS == 1 or KV_HEADS == 1, "a chunked group takes one KV head per program")
     tl.static_assert(KV_HEADS == 1 or not PER_TOKEN_SCALES, "per-token-head descales take one KV head per program")
+    allow_dependent_launch(LAUNCH_DEPENDENTS)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_head_blocks = tl.cdiv(num_kv_heads, KV_HEADS)

@@ -228,6 +228,9 @@ _MERGE_PARTIAL_ATTENTIONS_OP = define_op(
 )
 
 
+_PDL_LAUNCH = {"launch_pdl": True}  # the launch option (only passed where the platform has it)
+
+
 def launch_merge_partial_attentions(
     outs: torch.Tensor,
     lses: torch.Tensor,
@@ -237,6 +240,7 @@ def launch_merge_partial_attentions(
     s_aux: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
     rows_by_sequence: tuple[torch.Tensor, int] | None = None,
+    after_partials_kernel: bool = False,
 ) -> None:
     """The keyword launch of the n-way merge kernel (``split_merge_kernel``): one program per (part row, query
     head, slice of head columns); the columns are sliced only when the rows alone leave SMs idle.
@@ -248,7 +252,10 @@ def launch_merge_partial_attentions(
     ``r`` is token ``r % n`` of sequence ``r // n`` (``outs [W, num_seqs * n, Hq, D]``), merged into ``out`` row
     ``cu_seqlens_q[seq] + token``, for sequences of at most ``n`` queries only (a mixed batch's decode rows; the
     other rows of ``out`` and ``out_lse`` are left alone). Used by :func:`merge_partial_attentions` and by decode's
-    split-KV (:func:`kvflash.paged_decode.op.launch_paged_decode`).
+    split-KV (:func:`kvflash.paged_decode.op.launch_paged_decode`). ``after_partials_kernel``: the kernel launched
+    just before this one wrote ``outs`` and ``lses`` and let dependents launch early; where the platform has
+    programmatic dependent launch the merge then starts as that kernel finishes and waits for its writes on the
+    device.
     """
     num_splits, num_tokens, num_q_heads, head_size = outs.shape
     if num_tokens == 0 or num_q_heads == 0:
@@ -264,6 +271,7 @@ def launch_merge_partial_attentions(
         slices = min(head_pad // MIN_MERGE_BLOCK_D, triton.next_power_of_2(triton.cdiv(wanted, rows)))
     block_d = head_pad // slices
     lse_out = out_lse if out_lse is not None else lses  # unread without WRITE_LSE
+    pdl = after_partials_kernel and platform.programmatic_launch_available(out.device)
     outs_strides, lses_strides = outs.stride(), lses.stride()
     out_strides, lse_out_strides = out.stride(), lse_out.stride()
     launch(
@@ -298,7 +306,9 @@ def launch_merge_partial_attentions(
         OUTPUT_FP8=output_scale is not None,
         ROUND_IN_SOFTWARE=interpreter,
         SEQUENCE_ROWS=rows_by_sequence[1] if rows_by_sequence is not None else 0,
+        WAIT_FOR_PRIOR_GRID=pdl,
         num_warps=4,
+        **_PDL_LAUNCH if pdl else {},
     )
 
 

@@ -481,6 +481,7 @@ def launch_paged_decode(
             PER_TOKEN_SCALES=is_per_token_descale(k_descale),
             Q_FP8=q_descale is not None,
             Q_PER_TOKEN=q_descale is not None and q_descale.dim() == 3,
+            LAUNCH_DEPENDENTS=is_split and platform.programmatic_launch_available(q.device),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
         )
@@ -488,6 +489,7 @@ def launch_paged_decode(
         launch_merge_partial_attentions(
             part_out, part_lse, out, lse, s_aux=s_aux, output_scale=output_scale,
             rows_by_sequence=(cu_seqlens_q, cfg.q_tokens) if rows_by_sequence else None,
+            after_partials_kernel=True,
         )  # fmt: skip
 
 

@@ -15,7 +15,24 @@ part.
 import triton
 import triton.language as tl
 
-from kvflash.attn_common.jit_helpers import lse_merge_weights, to_e4m3
+from kvflash.attn_common.jit_helpers import lse_merge_weights, to_e4m3, wait_for_prior_grid
+
+
+@triton.jit
+def _load_part_rows(outs_row_ptr, splits, offs_d, d_mask, num_splits, stride_outs_split):
+    """``[len(splits), BLOCK_D]`` fp32: the head columns ``offs_d`` of one output row in the parts ``splits``
+    (0 past ``num_splits``)."""
+    mask = (splits < num_splits)[:, None] & d_mask[None, :]
+    return tl.load(outs_row_ptr + splits.to(tl.int64)[:, None] * stride_outs_split + offs_d[None, :], mask=mask,
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _weighted_sum(rows, lses, m):
+    """``sum_i exp(lse_i - m) * rows_i`` (``[BLOCK_D]``; :func:`lse_merge_weights`' weights, a chunk at a time). An
+    empty part (lse ``-inf``: weight 0) is dropped by a select, so whatever its row holds (NaN, inf) cannot leak."""
+    weight = tl.exp(lses - m)
+    return tl.sum(tl.where(weight[:, None] > 0, rows * weight[:, None], 0.0), 0)
 
 
 @triton.jit
@@ -51,6 +68,9 @@ def split_merge_kernel(
     # are the prefill kernel's); 0: part row r is out row r
     SEQUENCE_ROWS: tl.constexpr,
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before the fp8 cast
+    # Launched with programmatic dependent launch right after the kernel that wrote the parts (decode's split-KV):
+    # wait for it before the first read of a part.
+    WAIT_FOR_PRIOR_GRID: tl.constexpr,
 ):
     row = tl.program_id(0)
     head = tl.program_id(1)
@@ -62,9 +82,17 @@ def split_merge_kernel(
         if (q_len > SEQUENCE_ROWS) | (row % SEQUENCE_ROWS >= q_len):
             return
         token = (q_first + row % SEQUENCE_ROWS).to(tl.int64)
+    wait_for_prior_grid(WAIT_FOR_PRIOR_GRID)
     lses_row_ptr = lses_ptr + row.to(tl.int64) * stride_lses_token + head * stride_lses_head
     outs_row_ptr = outs_ptr + row.to(tl.int64) * stride_outs_token + head * stride_outs_head
+    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_SIZE
+    offs_c = tl.arange(0, SPLIT_CHUNK)
 
+    # The first chunk's rows are loaded beside the LSEs, before the largest LSE is known: a merge of at most
+    # SPLIT_CHUNK parts (decode's usual 2-8 splits) waits for memory once.
+    first_rows = _load_part_rows(outs_row_ptr, offs_c, offs_d, d_mask, num_splits, stride_outs_split)
+    first_lses = tl.load(lses_row_ptr + offs_c * stride_lses_split, mask=offs_c < num_splits, other=float("-inf"))
     offs_s = tl.arange(0, SPLITS_PAD)
     lse_all = tl.load(lses_row_ptr + offs_s * stride_lses_split, mask=offs_s < num_splits, other=float("-inf"))
     sink = float("-inf")
@@ -72,20 +100,13 @@ def split_merge_kernel(
         sink = tl.load(sinks_ptr + head)
     _, m, denom, merged_lse = lse_merge_weights(lse_all, sink, 0, USE_SINKS)
 
-    offs_d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_SIZE
-    offs_c = tl.arange(0, SPLIT_CHUNK)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for first in range(0, num_splits, SPLIT_CHUNK):
+    acc = _weighted_sum(first_rows, first_lses, m)
+    for first in range(SPLIT_CHUNK, num_splits, SPLIT_CHUNK):
         splits = first + offs_c
-        lse = tl.load(lses_row_ptr + splits * stride_lses_split, mask=splits < num_splits, other=float("-inf"))
-        weight = tl.exp(lse - m)  # lse_merge_weights' weights, one chunk at a time
-        # The parts are loaded without waiting for their LSEs (one memory latency per step, not two); an empty
-        # part (lse -inf: weight 0) is dropped by a select, so whatever its row holds (NaN, inf) cannot leak.
-        part_mask = (splits < num_splits)[:, None] & d_mask[None, :]
-        part_offs = splits.to(tl.int64)[:, None] * stride_outs_split + offs_d[None, :]
-        part = tl.load(outs_row_ptr + part_offs, mask=part_mask, other=0.0)
-        acc += tl.sum(tl.where(weight[:, None] > 0, part * weight[:, None], 0.0), 0)
+        # The rows are loaded without waiting for their LSEs (one memory latency per step, not two).
+        rows = _load_part_rows(outs_row_ptr, splits, offs_d, d_mask, num_splits, stride_outs_split)
+        lses = tl.load(lses_row_ptr + splits * stride_lses_split, mask=splits < num_splits, other=float("-inf"))
+        acc += _weighted_sum(rows, lses, m)
 
     if OUTPUT_FP8:  # one reciprocal of the output scale, folded into the normalisation
         out = to_e4m3(acc * (1.0 / (denom * tl.load(output_scale_ptr))), ROUND_IN_SOFTWARE)
