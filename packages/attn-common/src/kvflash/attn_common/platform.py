@@ -34,7 +34,7 @@ __all__ = [
 # Set to 0 (or false / no / off) to keep every call on the portable Triton kernels (on sm_90 with Triton 3.6 the
 # Hopper-only Gluon kernels serve the calls they cover by default).
 GLUON_ENV = "KVFLASH_GLUON"
-GLUON_OFF_VALUES = ("0", "false", "no", "off")
+OFF_VALUES = ("0", "false", "no", "off")  # what switches an environment switch off (any case)
 # The Gluon dialect is experimental and its API moves between Triton releases: the Hopper kernels are written
 # against these.
 GLUON_TRITON_VERSIONS = ("3.6.",)
@@ -59,6 +59,12 @@ def _env_word(raw: str) -> str:
     """An environment switch's value as compared: stripped, lower case. Cached per value seen: every launch asks
     (``TRITON_INTERPRET``, ``KVFLASH_GLUON``), so a string is not re-parsed each time."""
     return raw.strip().lower()
+
+
+def _switched_off(name: str) -> bool:
+    """True when the environment switch ``name`` is ``0``, ``false``, ``no`` or ``off`` (any case; read at every
+    call). Unset or any other value leaves it on."""
+    return _env_word(os.environ.get(name, "")) in OFF_VALUES
 
 
 def gpu_available() -> bool:
@@ -192,7 +198,7 @@ def _hopper_gluon(device_type: str, index: int) -> bool:
 def gluon_switched_off() -> bool:
     """True when ``KVFLASH_GLUON`` is ``0``, ``false``, ``no`` or ``off`` (any case): every call then takes the
     portable Triton kernels. Unset or any other value leaves the Gluon kernels on where they apply."""
-    return _env_word(os.environ.get(GLUON_ENV, "")) in GLUON_OFF_VALUES
+    return _switched_off(GLUON_ENV)
 
 
 def hopper_gluon_available(device: torch.device) -> bool:
@@ -220,7 +226,7 @@ def programmatic_launch_available(device: torch.device) -> bool:
     and not switched off by ``KVFLASH_PDL=0`` (read at every call). A kernel launched with PDL may start while the
     kernel before it in the stream finishes; it waits for that kernel's results with
     :func:`kvflash.attn_common.jit_helpers.wait_for_prior_grid` before reading them."""
-    if device.type != "cuda" or interpreter_enabled() or _env_word(os.environ.get(PDL_ENV, "")) in GLUON_OFF_VALUES:
+    if device.type != "cuda" or interpreter_enabled() or _switched_off(PDL_ENV):
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _programmatic_launch(device.type, index)
