@@ -5,6 +5,7 @@ checked against the float64 reference, outputs poisoned first; FP8 caches carry 
 import pytest
 import torch
 
+from kvflash.attn_common.launch import describe_key, record_launches
 from kvflash.attn_common.testing import poison
 from kvflash.flash_attn_interface import flash_attn_varlen_func
 from kvflash.flash_attn_interface.routing import MAX_DECODE_QUERIES, Route, choose_route
@@ -103,6 +104,20 @@ def test_mixed_batch_rows_from_both_kernels(device, kv_dtype, block_size):
             plain = poison(torch.empty_like(case.q))
             case.attend(out=plain, num_splits=num_splits, **features)  # without LSE: the same rows
             torch.testing.assert_close(plain, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", FP8, ids=FP8_IDS)
+def test_mixed_batch_decode_launches(device, kv_dtype):
+    """Over an FP8 cache a mixed batch's 1-query rows take the decode config (two KV heads per program here) in a
+    launch of their own and its 2..8-query rows a second one; a 16-bit cache keeps one launch for both."""
+    case = make_case(MIXED_MIX, num_q_heads=4, num_kv_heads=2, kv_dtype=kv_dtype, block_size=16, device=device,
+                     seed=3)  # fmt: skip
+    with record_launches() as keys:
+        case.attend(out=torch.empty_like(case.q), causal=True)
+    launches = [describe_key(key) for key in keys]
+    decode = sorted((d["MIN_QUERIES"], d["Q_TOKENS"], d["KV_HEADS"]) for d in launches
+                    if d["kernel"] == "paged_decode_kernel")  # fmt: skip
+    assert decode == ([(0, 1, 2), (2, 8, 1)] if kv_dtype is not None else [(0, 8, 1)]), launches
 
 
 @pytest.mark.gpu

@@ -449,22 +449,28 @@ def _varlen_candidates(
         return build
 
     def decode_configs(num_seqs: int, max_q: int, fill_rows: bool) -> dict:
-        """``{decode launch config: a max_seqlen_k that reaches it}``: the split count moves with max_seqlen_k."""
+        """``{decode launch configs: a max_seqlen_k that reaches them}``: the split count moves with max_seqlen_k.
+        A mixed batch's decode rows (``fill_rows`` False) may take two launches (the paged-decode op: 1-query rows
+        with the decode config, which may split differently), so their key is the pair of configs."""
 
-        def config(max_k):
+        def config(max_k, queries):
             return choose_paged_decode_config(
                 num_seqs=num_seqs, num_kv_heads=hkv, group=group, head_size=d, kv_itemsize=itemsize,
                 max_seqlen_k=max_k, window_left=window_left, num_splits=splits, multiprocessor_count=sms,
-                interpreter=interpreter, max_seqlen_q=max_q, fill_rows=fill_rows,
+                interpreter=interpreter, max_seqlen_q=queries, fill_rows=fill_rows,
                 per_token_scales=token_scales is not None,
             )  # fmt: skip
 
+        def launched(max_k):
+            return config(max_k, max_q) if fill_rows else (config(max_k, 1), config(max_k, max_q))
+
         bounds = [max_seqlen_k]
-        if config(max_seqlen_k).num_splits > 1:  # every smaller split count is reachable with shorter contexts
+        if any(c.num_splits > 1 for c in (config(max_seqlen_k, max_q), config(max_seqlen_k, 1))):
+            # every smaller split count is reachable with shorter contexts
             bounds += list(range(1, max_seqlen_k, MIN_KEYS_PER_SPLIT)) + [16, MIN_KEYS_PER_SPLIT]
         configs = {}
         for max_k in sorted({b for b in bounds if 1 <= b <= max_seqlen_k}):
-            configs.setdefault(config(max_k), max_k)
+            configs.setdefault(launched(max_k), max_k)
         return configs
 
     # Decode only: max_seqlen_q 1..16; the split count moves with the batch size and max_seqlen_k, and the token

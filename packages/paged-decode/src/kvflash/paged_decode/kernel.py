@@ -11,7 +11,8 @@ pipeline's bookkeeping of one tile then serve ``KV_HEADS`` heads (FP8 decode is 
 (one token), speculative-decode verification (a few draft tokens) and the decode rows of a mixed batch
 alike. A sequence with more than ``Q_TOKENS`` queries is walked in chunks of ``Q_TOKENS`` tokens (each
 chunk reads its keys again), unless ``DEFER_LONGER_SEQUENCES``: then the chunked-prefill kernel serves it and this
-kernel leaves its rows alone. The split's keys are walked in tiles of ``BLOCK_N`` tokens that may span
+kernel leaves its rows alone (and, with ``MIN_QUERIES``, the rows of sequences with fewer queries, which another
+launch of this kernel serves). The split's keys are walked in tiles of ``BLOCK_N`` tokens that may span
 several pages: the block-table entries of the tile are gathered per token, one tile ahead of the K/V loads.
 
 Query token ``t`` of ``q_len`` sits at ``p = kv_len - q_len + t`` (bottom-right aligned) and sees keys
@@ -155,6 +156,10 @@ def paged_decode_kernel(
     PARTIAL_ROWS_BY_SEQUENCE: tl.constexpr,
     USE_CU_SEQLENS_Q: tl.constexpr,  # query ranges from cu_seqlens_q (else query s of sequence s, one each)
     DEFER_LONGER_SEQUENCES: tl.constexpr,  # sequences with more than Q_TOKENS queries are the prefill kernel's
+    # (DEFER_LONGER_SEQUENCES) sequences with fewer queries are another decode launch's: a mixed batch over an FP8
+    # cache runs its 1-query rows with the decode config (several KV heads per program) and its 2..Q_TOKENS-query
+    # rows in a second launch (MIN_QUERIES 2); 0 serves every sequence up to Q_TOKENS
+    MIN_QUERIES: tl.constexpr,
     ROW_MASK: tl.constexpr,  # mask keys per row (Q_TOKENS > 1: causal order within a chunk)
     DOT_FP32: tl.constexpr,  # dots in fp32: the Triton interpreter's bf16 tl.dot is wrong (docs/design.md, Tests)
     USE_SOFTCAP: tl.constexpr,
@@ -190,7 +195,7 @@ def paged_decode_kernel(
         q_first = seq
         q_len = 1
     if DEFER_LONGER_SEQUENCES:
-        if q_len > Q_TOKENS:
+        if (q_len > Q_TOKENS) | (q_len < MIN_QUERIES):
             return
 
     # Lengths are clamped to the addressable keys (index values are never checked on the host).

@@ -239,7 +239,7 @@ def launch_merge_partial_attentions(
     *,
     s_aux: torch.Tensor | None = None,
     output_scale: torch.Tensor | None = None,
-    rows_by_sequence: tuple[torch.Tensor, int] | None = None,
+    rows_by_sequence: tuple[torch.Tensor, int, int] | None = None,
     after_partials_kernel: bool = False,
 ) -> None:
     """The keyword launch of the n-way merge kernel (``split_merge_kernel``): one program per (part row, query
@@ -248,10 +248,10 @@ def launch_merge_partial_attentions(
     ``outs [W, T, Hq, D]`` float32 and ``lses [W, Hq, T]`` float32 with any strides (``stride(-1) == 1`` for the
     outputs), ``out [T, Hq, D]`` in a model dtype, or ``float8_e4m3fn`` with ``output_scale`` (``[1]`` float32:
     ``out = saturate(merged / output_scale)``), ``out_lse [Hq, T]`` float32 or ``None``. ``s_aux [Hq]`` float32
-    sink logits are counted once in the merged denominator. ``rows_by_sequence = (cu_seqlens_q, n)``: part row
-    ``r`` is token ``r % n`` of sequence ``r // n`` (``outs [W, num_seqs * n, Hq, D]``), merged into ``out`` row
-    ``cu_seqlens_q[seq] + token``, for sequences of at most ``n`` queries only (a mixed batch's decode rows; the
-    other rows of ``out`` and ``out_lse`` are left alone). Used by :func:`merge_partial_attentions` and by decode's
+    sink logits are counted once in the merged denominator. ``rows_by_sequence = (cu_seqlens_q, n, min_q)``:
+    part row ``r`` is token ``r % n`` of sequence ``r // n`` (``outs [W, num_seqs * n, Hq, D]``), merged into ``out``
+    row ``cu_seqlens_q[seq] + token``, for sequences of ``min_q`` to ``n`` queries only (a mixed batch's decode rows,
+    or some of them; the other rows of ``out`` and ``out_lse`` are left alone). Used by :func:`merge_partial_attentions` and by decode's
     split-KV (:func:`kvflash.paged_decode.op.launch_paged_decode`). ``after_partials_kernel``: the kernel launched
     just before this one wrote ``outs`` and ``lses`` and let dependents launch early; where the platform has
     programmatic dependent launch the merge then starts as that kernel finishes and waits for its writes on the
@@ -306,6 +306,7 @@ def launch_merge_partial_attentions(
         OUTPUT_FP8=output_scale is not None,
         ROUND_IN_SOFTWARE=interpreter,
         SEQUENCE_ROWS=rows_by_sequence[1] if rows_by_sequence is not None else 0,
+        MIN_QUERIES=rows_by_sequence[2] if rows_by_sequence is not None else 0,
         WAIT_FOR_PRIOR_GRID=pdl,
         num_warps=4,
         **_PDL_LAUNCH if pdl else {},

@@ -9,6 +9,8 @@ The flow of docs/house_style.md: :func:`paged_decode_attention` checks its argum
 No tensor value is read on the host.
 """
 
+import functools
+
 import torch
 import triton
 
@@ -283,11 +285,31 @@ def _paged_decode_impl(
             out, lse, softmax_scale, window_left, window_right, softcap, output_scale, q_descale,
         )  # fmt: skip
         return
-    launch_paged_decode(
-        q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux, out,
-        lse, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
-        defer_longer_sequences, output_scale, q_descale, config=None,
-    )  # fmt: skip
+
+    def launch_rows(max_queries: int, config: PagedDecodeLaunchConfig | None, min_queries: int) -> None:
+        launch_paged_decode(
+            q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes, s_aux,
+            out, lse, max_queries, max_seqlen_k, softmax_scale, window_left, window_right, softcap, num_splits,
+            defer_longer_sequences, output_scale, q_descale, config=config, min_queries=min_queries,
+        )  # fmt: skip
+
+    if defer_longer_sequences and max_seqlen_q > 1:
+        # A mixed batch's decode rows: when one query per sequence packs more KV heads into a program than
+        # max_seqlen_q queries do (FP8 caches, whose loop is instruction-bound), the 1-query rows, the usual decode
+        # rows of a serving step, take the decode config (and its split-KV) in a launch of their own, and the
+        # sequences of 2..max_seqlen_q queries a second launch.
+        interpreter = platform.interpreter_enabled()
+        choose = functools.partial(
+            _choose_config, q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale,
+            max_seqlen_k=max_seqlen_k, window_left=window_left, num_splits=num_splits,
+            defer_longer_sequences=True, interpreter=interpreter,
+        )  # fmt: skip
+        one_query = choose(max_seqlen_q=1)
+        if one_query.kv_heads > choose(max_seqlen_q=max_seqlen_q).kv_heads:
+            launch_rows(1, one_query, 0)
+            launch_rows(max_seqlen_q, None, 2)
+            return
+    launch_rows(max_seqlen_q, None, 0)
 
 
 def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
@@ -350,10 +372,13 @@ def launch_paged_decode(
     output_scale: torch.Tensor | None,
     q_descale: torch.Tensor | None = None,
     config: PagedDecodeLaunchConfig | None = None,
+    min_queries: int = 0,
 ) -> None:
     """The keyword launches of a decode call on the op's normalised arguments: the decode kernel, then, when the
     keys are split, the n-way merge of the fp32 split partials into ``out`` and ``lse`` (sinks and the fp8 output
-    applied there). ``config`` overrides :func:`choose_paged_decode_config` (the tuning sweeps pass it)."""
+    applied there). ``config`` overrides :func:`choose_paged_decode_config` (the tuning sweeps pass it).
+    ``min_queries`` (with ``defer_longer_sequences``): sequences with fewer queries are left alone too (another
+    launch serves them)."""
     interpreter = platform.interpreter_enabled()
     cfg = config
     if cfg is None:
@@ -469,6 +494,7 @@ def launch_paged_decode(
             PARTIAL_ROWS_BY_SEQUENCE=rows_by_sequence,
             USE_CU_SEQLENS_Q=cu_seqlens_q is not None,
             DEFER_LONGER_SEQUENCES=defer_longer_sequences,
+            MIN_QUERIES=min_queries,
             ROW_MASK=cfg.q_tokens > 1,
             # The interpreter's bf16 tl.dot is wrong (docs/design.md, Tests): there, bf16 dots run in fp32.
             DOT_FP32=interpreter and not kv_fp8 and q.dtype == torch.bfloat16,
@@ -488,7 +514,7 @@ def launch_paged_decode(
     if is_split:
         launch_merge_partial_attentions(
             part_out, part_lse, out, lse, s_aux=s_aux, output_scale=output_scale,
-            rows_by_sequence=(cu_seqlens_q, cfg.q_tokens) if rows_by_sequence else None,
+            rows_by_sequence=(cu_seqlens_q, cfg.q_tokens, min_queries) if rows_by_sequence else None,
             after_partials_kernel=True,
         )  # fmt: skip
 

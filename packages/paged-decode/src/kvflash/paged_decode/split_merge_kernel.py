@@ -67,6 +67,8 @@ def split_merge_kernel(
     # into out row cu_seqlens_q[seq] + token, and only for sequences with at most SEQUENCE_ROWS queries (the others
     # are the prefill kernel's); 0: part row r is out row r
     SEQUENCE_ROWS: tl.constexpr,
+    # (SEQUENCE_ROWS > 0) sequences with fewer queries are left alone too (another decode launch served them)
+    MIN_QUERIES: tl.constexpr,
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before the fp8 cast
     # Launched with programmatic dependent launch right after the kernel that wrote the parts (decode's split-KV):
     # wait for it before the first read of a part.
@@ -79,7 +81,7 @@ def split_merge_kernel(
         seq = row // SEQUENCE_ROWS
         q_first = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq), 0), total_q)
         q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_first), total_q) - q_first
-        if (q_len > SEQUENCE_ROWS) | (row % SEQUENCE_ROWS >= q_len):
+        if (q_len > SEQUENCE_ROWS) | (q_len < MIN_QUERIES) | (row % SEQUENCE_ROWS >= q_len):
             return
         token = (q_first + row % SEQUENCE_ROWS).to(tl.int64)
     wait_for_prior_grid(WAIT_FOR_PRIOR_GRID)
