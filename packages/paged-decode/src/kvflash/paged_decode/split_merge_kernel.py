@@ -95,8 +95,11 @@ def split_merge_kernel(
     # SPLIT_CHUNK parts (decode's usual 2-8 splits) waits for memory once.
     first_rows = _load_part_rows(outs_row_ptr, offs_c, offs_d, d_mask, num_splits, stride_outs_split)
     first_lses = tl.load(lses_row_ptr + offs_c * stride_lses_split, mask=offs_c < num_splits, other=float("-inf"))
-    offs_s = tl.arange(0, SPLITS_PAD)
-    lse_all = tl.load(lses_row_ptr + offs_s * stride_lses_split, mask=offs_s < num_splits, other=float("-inf"))
+    if SPLIT_CHUNK == SPLITS_PAD:  # one step holds every part: its LSEs are all of them
+        lse_all = first_lses
+    else:
+        offs_s = tl.arange(0, SPLITS_PAD)
+        lse_all = tl.load(lses_row_ptr + offs_s * stride_lses_split, mask=offs_s < num_splits, other=float("-inf"))
     sink = float("-inf")
     if USE_SINKS:
         sink = tl.load(sinks_ptr + head)
