@@ -81,6 +81,37 @@ def load_kv_tile(head_ptr, token_offsets, offs_d, mask, KV_FP8: tl.constexpr, FP
 
 
 @triton.jit
+def accumulate_pv(acc, acc_hi, p, v_head_ptr, v_rows, valid, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+                  V_HALVES: tl.constexpr, KV_FP8: tl.constexpr, FP8_V_FENCE: tl.constexpr,
+                  DOT_FP32: tl.constexpr):  # fmt: skip
+    """``acc += p V`` for one KV head's V tile (``v_rows [BLOCK_N]`` int64 token offsets from ``v_head_ptr``,
+    ``valid [BLOCK_N]``), ``p [BLOCK_H, BLOCK_N]`` fp32. ``V_HALVES``: V's columns in two halves, each its own dot, into
+    ``acc [BLOCK_H, HEAD_PAD / 2]`` (the first half) and ``acc_hi`` (the second); otherwise ``acc [BLOCK_H,
+    HEAD_PAD]`` and ``acc_hi`` is returned as it came. An FP8 V tile converted to fp16 reaches the dot's layout through
+    shared memory: rows of 128 fp16 (256 bytes) are stored two wavefronts per quarter warp (a bank conflict: each
+    thread's 16 values span two 16-byte chunks that the swizzle maps to the same banks as its neighbours'), rows of
+    64 in one (H200, ncu: the FP8 decode kernel's shared stores took 2.5x their ideal wavefronts, and its shared-memory
+    pipe is what bounds a 16-key tile)."""
+    COLS: tl.constexpr = HEAD_PAD // 2 if V_HALVES else HEAD_PAD
+    offs = tl.arange(0, COLS)
+    if HEAD_PAD == HEAD_SIZE:
+        mask = valid[:, None]
+    else:
+        mask = valid[:, None] & (offs < HEAD_SIZE)[None, :]
+    v = load_kv_tile(v_head_ptr, v_rows, offs, mask, KV_FP8, FP8_V_FENCE, DOT_FP32)
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    if V_HALVES:
+        offs_hi = COLS + offs
+        if HEAD_PAD == HEAD_SIZE:
+            mask_hi = valid[:, None]
+        else:
+            mask_hi = valid[:, None] & (offs_hi < HEAD_SIZE)[None, :]
+        v_hi = load_kv_tile(v_head_ptr, v_rows, offs_hi, mask_hi, KV_FP8, FP8_V_FENCE, DOT_FP32)
+        acc_hi = tl.dot(p.to(v_hi.dtype), v_hi, acc_hi)
+    return acc, acc_hi
+
+
+@triton.jit
 def paged_decode_kernel(
     q_ptr,  # [total_q, Hq, HEAD_SIZE] fp16/bf16 or fp8 e4m3 (Q_FP8) (total_q == num_seqs without USE_CU_SEQLENS_Q)
     k_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; q dtype or fp8
@@ -166,6 +197,7 @@ def paged_decode_kernel(
     USE_ALIBI: tl.constexpr,
     USE_SINKS: tl.constexpr,
     FP8_V_FENCE: tl.constexpr,  # NVIDIA only: keep the fp8 -> fp16 conversion of V ahead of its relayout
+    V_HALVES: tl.constexpr,  # PV as two dots over V's column halves (accumulate_pv: FP8 V at HEAD_PAD 128)
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
@@ -283,7 +315,9 @@ def paged_decode_kernel(
             q = q.to(tl.float32)
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_H, HEAD_PAD], dtype=tl.float32)
+        # [BLOCK_H, HEAD_PAD], or with V_HALVES its first column half and acc_hi the second (joined after the loop)
+        acc = tl.zeros([BLOCK_H, HEAD_PAD // 2 if V_HALVES else HEAD_PAD], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_H, HEAD_PAD // 2], dtype=tl.float32) if V_HALVES else 0.0
         if PER_TOKEN_SCALES:
             v_exp = tl.full([], -100.0, dtype=tl.float32)  # E: acc holds sum_j p_j * vscale_j * v_j / 2^E
         if IS_PAGED:
@@ -328,7 +362,6 @@ def paged_decode_kernel(
                 kv_mask = valid[:, None] & d_mask[None, :]
             if KV_HEADS == 1:
                 k = load_kv_tile(k_head_ptr, k_rows, offs_d, kv_mask, KV_FP8, False, DOT_FP32)
-                v = load_kv_tile(v_head_ptr, v_rows, offs_d, kv_mask, KV_FP8, FP8_V_FENCE, DOT_FP32)
                 qk = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_N] fp32
             else:
                 # Every row's query against every KV head of the program; each row keeps its own head's scores.
@@ -362,18 +395,23 @@ def paged_decode_kernel(
             m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
             if PER_TOKEN_SCALES:
                 p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
+            acc = acc * alpha[:, None]
+            if V_HALVES:
+                acc_hi = acc_hi * alpha[:, None]
             if KV_HEADS == 1:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                acc, acc_hi = accumulate_pv(acc, acc_hi, p, v_head_ptr, v_rows, valid, HEAD_SIZE, HEAD_PAD, V_HALVES,
+                                            KV_FP8, FP8_V_FENCE, DOT_FP32)  # fmt: skip
             else:
                 # sum_h P_h V_h with P_h the rows of KV head h (other rows zero): each row meets only its own V.
-                acc = acc * alpha[:, None]
                 for h in tl.static_range(KV_HEADS):
                     head_h = tl.minimum(kv_head + h, num_kv_heads - 1).to(tl.int64)
-                    v = load_kv_tile(
-                        v_ptr + head_h * stride_v_head, v_rows, offs_d, kv_mask, KV_FP8, FP8_V_FENCE, DOT_FP32
-                    )
-                    acc = tl.dot(tl.where((row_kv == h)[:, None], p, 0.0).to(v.dtype), v, acc)
+                    acc, acc_hi = accumulate_pv(
+                        acc, acc_hi, tl.where((row_kv == h)[:, None], p, 0.0), v_ptr + head_h * stride_v_head, v_rows,
+                        valid, HEAD_SIZE, HEAD_PAD, V_HALVES, KV_FP8, FP8_V_FENCE, DOT_FP32,
+                    )  # fmt: skip
 
+        if V_HALVES:  # [BLOCK_H, HEAD_PAD]: the halves side by side
+            acc = tl.reshape(tl.permute(tl.join(acc, acc_hi), (0, 2, 1)), [BLOCK_H, HEAD_PAD])
         if USE_SINKS and not IS_SPLIT:
             m_i, l_i, alpha = add_sink_to_denominator(m_i, l_i, sinks)
             acc = acc * alpha[:, None]

@@ -44,6 +44,8 @@ NO_SPLIT_PROGRAMS_PER_SM = 2
 RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM
 MIN_KEYS_PER_SPLIT = 512
 MAX_SPLITS = 256
+# Columns of each V half with v_halves: 64 fp16 values are one 128-byte shared-memory row.
+V_HALF_COLUMNS = 64
 # The interpreter runs programs one after another: small tiles keep the CPU tests short.
 INTERPRETER_BLOCK_N = 16
 
@@ -75,6 +77,9 @@ class PagedDecodeLaunchConfig:
         Splits per (sequence, KV-head block); 1 means no split buffers and no merge kernel.
     num_warps, num_stages : int
         Triton launch settings.
+    v_halves : bool
+        The PV product as two dots over V's column halves (FP8 caches at ``head_pad`` 128: their V tile, converted
+        to fp16, is stored to shared memory for the dot without bank conflicts in 64-column halves).
     """
 
     block_h: int
@@ -87,6 +92,7 @@ class PagedDecodeLaunchConfig:
     num_splits: int
     num_warps: int
     num_stages: int
+    v_halves: bool = False
 
 
 def resolve_num_splits(
@@ -215,6 +221,8 @@ def choose_paged_decode_config(
         # against one query: 4 warps / 3 stages 2.05x (3 programs per SM: 512 programs take two waves), 2 warps /
         # 2 stages 1.57x, 2 warps / 3 stages 1.93x, 4 warps with 128-token tiles 1.68x, 2 splits 1.85x.
         num_warps, num_stages = 2, 2
+    # FP8 V at head_pad 128: two 64-column dots (see PagedDecodeLaunchConfig.v_halves).
+    v_halves = kv_itemsize == 1 and head_pad == 2 * V_HALF_COLUMNS
     return PagedDecodeLaunchConfig(
-        block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages
+        block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves
     )

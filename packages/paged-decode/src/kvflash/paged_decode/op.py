@@ -502,6 +502,7 @@ def launch_paged_decode(
             USE_ALIBI=alibi_slopes is not None,
             USE_SINKS=s_aux is not None,
             FP8_V_FENCE=kv_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
+            V_HALVES=bool(cfg.v_halves),
             OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
             PER_TOKEN_SCALES=is_per_token_descale(k_descale),
