@@ -90,8 +90,8 @@ def accumulate_pv(acc, acc_hi, p, v_head_ptr, v_rows, valid, HEAD_SIZE: tl.const
     HEAD_PAD]`` and ``acc_hi`` is returned as it came. An FP8 V tile converted to fp16 reaches the dot's layout through
     shared memory: rows of 128 fp16 (256 bytes) are stored two wavefronts per quarter warp (a bank conflict: each
     thread's 16 values span two 16-byte chunks that the swizzle maps to the same banks as its neighbours'), rows of
-    64 in one (H200, ncu: the FP8 decode kernel's shared stores took 2.5x their ideal wavefronts, and its shared-memory
-    pipe is what bounds a 16-key tile)."""
+    64 in one. H200, e4m3, 64 x 4096: shared-store wavefronts 11.0 M -> 6.3 M, the LSU pipe 71 % -> 62 % busy, 78.3 ->
+    80.9 % of copy (GQA 1: 81.5 -> 86.0 %)."""
     COLS: tl.constexpr = HEAD_PAD // 2 if V_HALVES else HEAD_PAD
     offs = tl.arange(0, COLS)
     if HEAD_PAD == HEAD_SIZE:

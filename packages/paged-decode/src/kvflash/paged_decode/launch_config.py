@@ -221,7 +221,8 @@ def choose_paged_decode_config(
         # against one query: 4 warps / 3 stages 2.05x (3 programs per SM: 512 programs take two waves), 2 warps /
         # 2 stages 1.57x, 2 warps / 3 stages 1.93x, 4 warps with 128-token tiles 1.68x, 2 splits 1.85x.
         num_warps, num_stages = 2, 2
-    # FP8 V at head_pad 128: two 64-column dots (see PagedDecodeLaunchConfig.v_halves).
+    # FP8 V at head_pad 128: two 64-column dots (see PagedDecodeLaunchConfig.v_halves). H200, e4m3, same run:
+    # 64 x 4096 78.3 -> 80.9 % of copy, 128 x 8192 86.3 -> 88.8 %, 1 x 131072 75.0 -> 76.5 %, q_len 8 57.8 -> 59.2 %.
     v_halves = kv_itemsize == 1 and head_pad == 2 * V_HALF_COLUMNS
     return PagedDecodeLaunchConfig(
         block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves
