@@ -251,11 +251,11 @@ def launch_merge_partial_attentions(
     sink logits are counted once in the merged denominator. ``rows_by_sequence = (cu_seqlens_q, n, min_q)``:
     part row ``r`` is token ``r % n`` of sequence ``r // n`` (``outs [W, num_seqs * n, Hq, D]``), merged into ``out``
     row ``cu_seqlens_q[seq] + token``, for sequences of ``min_q`` to ``n`` queries only (a mixed batch's decode rows,
-    or some of them; the other rows of ``out`` and ``out_lse`` are left alone). Used by :func:`merge_partial_attentions` and by decode's
-    split-KV (:func:`kvflash.paged_decode.op.launch_paged_decode`). ``after_partials_kernel``: the kernel launched
-    just before this one wrote ``outs`` and ``lses`` and let dependents launch early; where the platform has
-    programmatic dependent launch the merge then starts as that kernel finishes and waits for its writes on the
-    device.
+    or some of them; the other rows of ``out`` and ``out_lse`` are left alone). Used by
+    :func:`merge_partial_attentions` and by decode's split-KV (:func:`kvflash.paged_decode.op.launch_paged_decode`).
+    ``after_partials_kernel``: the kernel launched just before this one wrote ``outs`` and ``lses`` and let
+    dependents launch early; where the platform has programmatic dependent launch the merge then starts as that
+    kernel finishes and waits for its writes on the device.
     """
     num_splits, num_tokens, num_q_heads, head_size = outs.shape
     if num_tokens == 0 or num_q_heads == 0:
