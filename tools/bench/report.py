@@ -26,6 +26,7 @@ GROUP_TITLES = {
     "decode": "Paged decode",
     "prefill": "Chunked prefill",
     "cache": "Cache writer",
+    "serving": "Serving batches: speculative decode and mixed steps",
     "host": "Host cost of one eager call (CPU)",
 }
 
