@@ -28,7 +28,9 @@ FP8 caches are loaded as 1-byte tiles and converted to fp16 in registers, and bo
 whatever the query's dtype: every FP8 value is exact in fp16, the conversion is one instruction per two
 elements, and 16-bit V tiles transpose for the dot with ``ldmatrix`` (converting to bf16 instead costs about
 three times the instructions plus byte-wise shared-memory reads, and leaves FP8 decode instruction-bound;
-on NVIDIA ``FP8_V_FENCE`` keeps Triton from folding V's conversion into a byte-wise transposed load).
+on NVIDIA ``FP8_V_FENCE`` keeps Triton from folding V's conversion into a byte-wise transposed load). At a padded
+head size of 128, ``V_HALVES`` takes the PV product as two dots over V's 64-column halves, whose fp16 rows reach
+shared memory without bank conflicts (:func:`accumulate_pv`).
 A bf16 query converts to fp16 exactly while ``|q| < 65504``. The K descale is folded into the score scale
 and the V descale is applied to the output once, so dequantisation costs no per-element multiply.
 

@@ -212,6 +212,8 @@ def choose_paged_decode_config(
         # 64 x 4096, D 256 (2 KV heads per program, 16-token tiles, 2 splits): 4 warps 58 % of copy (154 registers:
         # 3 programs per SM, so 512 programs take 1.3 waves), 2 warps 84 % (242 registers, 4 per SM: one wave).
         num_warps = 2
+    # FP8 V at head_pad 128: two 64-column dots (see PagedDecodeLaunchConfig.v_halves). H200, e4m3, same run:
+    # 64 x 4096 78.3 -> 80.9 % of copy, 128 x 8192 86.3 -> 88.8 %, 1 x 131072 75.0 -> 76.5 %, q_len 8 57.8 -> 59.2 %.
     v_halves = kv_itemsize == 1 and head_pad == 2 * V_HALF_COLUMNS
     if v_halves and kv_heads == 4 and block_h == MIN_BLOCK_H:
         # The FP8 decode config of GQA <= 4 at D 128 (16 rows, 16-token tiles of 4 KV heads), with V in halves: one
@@ -229,8 +231,6 @@ def choose_paged_decode_config(
         # 2 stages 1.57x, 2 warps / 3 stages 1.93x, 4 warps with 128-token tiles 1.68x, 2 splits 1.85x. With V in
         # halves (less shared memory per stage), 3 stages: 64 x 4096 58.7 -> 61.4 % of copy.
         num_warps, num_stages = 2, (3 if v_halves else 2)
-    # FP8 V at head_pad 128: two 64-column dots (see PagedDecodeLaunchConfig.v_halves). H200, e4m3, same run:
-    # 64 x 4096 78.3 -> 80.9 % of copy, 128 x 8192 86.3 -> 88.8 %, 1 x 131072 75.0 -> 76.5 %, q_len 8 57.8 -> 59.2 %.
     return PagedDecodeLaunchConfig(
         block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves
     )
