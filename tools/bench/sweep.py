@@ -1,7 +1,7 @@
 """Launch-config sweeps: one kernel timed over a grid of launch settings, as the bench times it (GPU).
 
     python -m tools.bench sweep decode  [--shapes 64x4096,1x131072] [--kv bf16,e4m3] [--page 16] [--heads 32/8]
-                                        [--head-size 128] [--q-len 1,8] --sweep "kv_heads=1,4;block_n=32,64"
+                                        [--head-size 128] [--q-len 1,8] [--varlen] --sweep "kv_heads=1,4;block_n=32,64"
                                         [--compiled]
     python -m tools.bench sweep prefill [--shapes "4x(2048+2048),1x16384"] [--kv bf16,e4m3] [--page 16,64]
                                         [--fp8-query] --sweep "block_m=64,128;block_n=64,128;warps=4,8;stages=2,3"
@@ -83,7 +83,8 @@ def _decode_cases(args) -> list:
     hq, hkv = (int(x) for x in args.heads.split("/"))
     return [
         DecodeSpec(
-            n, ctx, hq=hq, hkv=hkv, d=args.head_size, block=page, kv_dtype=kv, per_token=args.per_token, q_len=q_len
+            n, ctx, hq=hq, hkv=hkv, d=args.head_size, block=page, kv_dtype=kv, per_token=args.per_token, q_len=q_len,
+            varlen=args.varlen,
         )  # fmt: skip
         for n, ctx in (_pair(s) for s in _split(args.shapes))
         for q_len in (int(x) for x in _split(args.q_len))
@@ -131,7 +132,8 @@ def _decode_measure(spec, config):
 
     from .cases_decode import measure_decode, query_offsets
 
-    cu_q = None if spec.q_len == 1 else query_offsets(spec)
+    # --varlen: the query ranges at q_len 1 too, as flash_attn_varlen_func passes them (the USE_CU_SEQLENS_Q build)
+    cu_q = None if spec.q_len == 1 and not spec.varlen else query_offsets(spec)
 
     def bind(cache, q, out):
         f = _attention_features(cache, q, out, cu_q, spec.q_len, spec.ctx, causal=True)
@@ -316,7 +318,7 @@ def _case_label(spec) -> str:
         return f"{spec.tokens}x{spec.hkv}x{spec.d} p{spec.block} {spec.kv_cache_dtype}{scales}"
     label = f"{spec.shape} {spec.hq}/{spec.hkv} D{spec.d} p{spec.block} {spec.kv_dtype}"
     q_len = getattr(spec, "q_len", 1)
-    label += f" q_len {q_len}" * (q_len > 1)
+    label += f" q_len {q_len}" * (q_len > 1) + " cu_seqlens_q" * getattr(spec, "varlen", False)
     return label + " per-token-head" * getattr(spec, "per_token", False)
 
 
@@ -413,6 +415,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--q-len", default="1", help="queries per sequence, comma-separated (speculative decode: 2..16)"
             )
+            p.add_argument(
+                "--varlen", action="store_true",
+                help="pass cu_seqlens_q at q_len 1 too, as flash_attn_varlen_func does (the kernel build that reads "
+                "each sequence's query range)",
+            )  # fmt: skip
         elif kind == "prefill":
             p.add_argument(
                 "--shapes", default="4x(2048+2048)",
