@@ -44,7 +44,7 @@ from kvflash.flash_attn_interface.varlen import flash_attn_varlen_func
 from kvflash.fp8_utils import kv_cache_torch_dtype, reshape_and_cache_flash
 from kvflash.fp8_utils.cache_dtype import check_kv_cache_dtype, is_per_token_head
 from kvflash.paged_decode import merge_attn_states
-from kvflash.paged_decode.launch_config import MIN_KEYS_PER_SPLIT, choose_paged_decode_config
+from kvflash.paged_decode.launch_config import MIN_KEYS_PER_SPLIT, choose_paged_decode_config, one_query_rows_apart
 
 __all__ = ["warmup", "WarmupReport", "main", "DESCALE_FORMS"]
 
@@ -450,8 +450,9 @@ def _varlen_candidates(
 
     def decode_configs(num_seqs: int, max_q: int, fill_rows: bool) -> dict:
         """``{decode launch configs: a max_seqlen_k that reaches them}``: the split count moves with max_seqlen_k.
-        A mixed batch's decode rows (``fill_rows`` False) may take two launches (the paged-decode op: 1-query rows
-        with the decode config, which may split differently), so their key is the pair of configs."""
+        The key is the tuple of configs a call launches: a mixed batch's decode rows (``fill_rows`` False) may take
+        two launches, its 1-query rows with the decode config, which may split differently
+        (``one_query_rows_apart``)."""
 
         def config(max_k, queries):
             return choose_paged_decode_config(
@@ -462,10 +463,13 @@ def _varlen_candidates(
             )  # fmt: skip
 
         def launched(max_k):
-            return config(max_k, max_q) if fill_rows else (config(max_k, 1), config(max_k, max_q))
+            several = config(max_k, max_q)
+            if fill_rows or not one_query_rows_apart(config(max_k, 1), several):
+                return (several,)
+            return config(max_k, 1), several
 
         bounds = [max_seqlen_k]
-        if any(c.num_splits > 1 for c in (config(max_seqlen_k, max_q), config(max_seqlen_k, 1))):
+        if any(c.num_splits > 1 for c in launched(max_seqlen_k)):
             # every smaller split count is reachable with shorter contexts
             bounds += list(range(1, max_seqlen_k, MIN_KEYS_PER_SPLIT)) + [16, MIN_KEYS_PER_SPLIT]
         configs = {}

@@ -11,7 +11,13 @@ import functools
 
 import triton
 
-__all__ = ["PagedDecodeLaunchConfig", "choose_paged_decode_config", "resolve_num_splits", "MAX_SPLITS"]
+__all__ = [
+    "PagedDecodeLaunchConfig",
+    "choose_paged_decode_config",
+    "one_query_rows_apart",
+    "resolve_num_splits",
+    "MAX_SPLITS",
+]
 
 # Rows per program ((query token, KV head, query head) triples): tl.dot needs at least 16; above 64 a KV head's
 # group is cut into chunks (and the tokens of a sequence into passes) so that the accumulator stays in registers.
@@ -234,3 +240,11 @@ def choose_paged_decode_config(
     return PagedDecodeLaunchConfig(
         block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves
     )
+
+
+def one_query_rows_apart(one_query: PagedDecodeLaunchConfig, several: PagedDecodeLaunchConfig) -> bool:
+    """Whether a mixed batch's decode side runs as two launches: its 1-query rows with ``one_query`` (the config
+    for ``max_seqlen_q = 1``) and its rows of 2..``max_seqlen_q`` queries with ``several``, instead of all of them with
+    ``several``. True when one query per sequence packs more KV heads into a program (FP8 caches, whose 16-row tiles
+    then hold several heads), so the usual decode rows of a serving step run at decode speed."""
+    return one_query.kv_heads > several.kv_heads

@@ -33,7 +33,12 @@ from kvflash.attn_common.descale import descale_kernel_strides, is_per_token_des
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.kernel import paged_decode_kernel
-from kvflash.paged_decode.launch_config import MAX_BLOCK_H, PagedDecodeLaunchConfig, choose_paged_decode_config
+from kvflash.paged_decode.launch_config import (
+    MAX_BLOCK_H,
+    PagedDecodeLaunchConfig,
+    choose_paged_decode_config,
+    one_query_rows_apart,
+)
 from kvflash.paged_decode.merge_states_op import launch_merge_partial_attentions
 
 __all__ = ["paged_decode_attention", "run_paged_decode", "launch_paged_decode"]
@@ -293,23 +298,21 @@ def _paged_decode_impl(
             defer_longer_sequences, output_scale, q_descale, config=config, min_queries=min_queries,
         )  # fmt: skip
 
+    config = None  # launch_paged_decode chooses it
     if defer_longer_sequences and max_seqlen_q > 1:
-        # A mixed batch's decode rows: when one query per sequence packs more KV heads into a program than
-        # max_seqlen_q queries do (FP8 caches, whose loop is instruction-bound), the 1-query rows, the usual decode
-        # rows of a serving step, take the decode config (and its split-KV) in a launch of their own, and the
-        # sequences of 2..max_seqlen_q queries a second launch.
-        interpreter = platform.interpreter_enabled()
+        # A mixed batch's decode rows: the 1-query rows may take the decode config (and its split-KV) in a launch of
+        # their own, the sequences of 2..max_seqlen_q queries a second launch (one_query_rows_apart).
         choose = functools.partial(
             _choose_config, q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale,
             max_seqlen_k=max_seqlen_k, window_left=window_left, num_splits=num_splits,
-            defer_longer_sequences=True, interpreter=interpreter,
+            defer_longer_sequences=True, interpreter=platform.interpreter_enabled(),
         )  # fmt: skip
-        one_query = choose(max_seqlen_q=1)
-        if one_query.kv_heads > choose(max_seqlen_q=max_seqlen_q).kv_heads:
+        one_query, config = choose(max_seqlen_q=1), choose(max_seqlen_q=max_seqlen_q)
+        if one_query_rows_apart(one_query, config):
             launch_rows(1, one_query, 0)
-            launch_rows(max_seqlen_q, None, 2)
+            launch_rows(max_seqlen_q, config, 2)
             return
-    launch_rows(max_seqlen_q, None, 0)
+    launch_rows(max_seqlen_q, config, 0)
 
 
 def _paged_decode_fake(q, k, v, block_table, seqused_k, cu_seqlens_k, cu_seqlens_q, k_descale, v_descale, alibi_slopes,
