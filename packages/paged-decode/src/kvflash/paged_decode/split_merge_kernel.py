@@ -28,6 +28,12 @@ def _load_part_rows(outs_row_ptr, splits, offs_d, d_mask, num_splits, stride_out
 
 
 @triton.jit
+def _load_part_lses(lses_row_ptr, splits, num_splits, stride_lses_split):
+    """``[len(splits)]`` fp32: one row's LSEs in the parts ``splits`` (``-inf``, an empty part, past ``num_splits``)."""
+    return tl.load(lses_row_ptr + splits * stride_lses_split, mask=splits < num_splits, other=float("-inf"))
+
+
+@triton.jit
 def _weighted_sum(rows, lses, m):
     """``sum_i exp(lse_i - m) * rows_i`` (``[BLOCK_D]``; :func:`lse_merge_weights`' weights, a chunk at a time). An
     empty part (lse ``-inf``: weight 0) is dropped by a select, so whatever its row holds (NaN, inf) cannot leak."""
@@ -94,12 +100,11 @@ def split_merge_kernel(
     # The first chunk's rows are loaded beside the LSEs, before the largest LSE is known: a merge of at most
     # SPLIT_CHUNK parts (decode's usual 2-8 splits) waits for memory once.
     first_rows = _load_part_rows(outs_row_ptr, offs_c, offs_d, d_mask, num_splits, stride_outs_split)
-    first_lses = tl.load(lses_row_ptr + offs_c * stride_lses_split, mask=offs_c < num_splits, other=float("-inf"))
+    first_lses = _load_part_lses(lses_row_ptr, offs_c, num_splits, stride_lses_split)
     if SPLIT_CHUNK == SPLITS_PAD:  # one step holds every part: its LSEs are all of them
         lse_all = first_lses
     else:
-        offs_s = tl.arange(0, SPLITS_PAD)
-        lse_all = tl.load(lses_row_ptr + offs_s * stride_lses_split, mask=offs_s < num_splits, other=float("-inf"))
+        lse_all = _load_part_lses(lses_row_ptr, tl.arange(0, SPLITS_PAD), num_splits, stride_lses_split)
     sink = float("-inf")
     if USE_SINKS:
         sink = tl.load(sinks_ptr + head)
@@ -110,7 +115,7 @@ def split_merge_kernel(
         splits = first + offs_c
         # The rows are loaded without waiting for their LSEs (one memory latency per step, not two).
         rows = _load_part_rows(outs_row_ptr, splits, offs_d, d_mask, num_splits, stride_outs_split)
-        lses = tl.load(lses_row_ptr + splits * stride_lses_split, mask=splits < num_splits, other=float("-inf"))
+        lses = _load_part_lses(lses_row_ptr, splits, num_splits, stride_lses_split)
         acc += _weighted_sum(rows, lses, m)
 
     if OUTPUT_FP8:  # one reciprocal of the output scale, folded into the normalisation
