@@ -65,6 +65,20 @@ def test_head_blocks_match_reference(device, kv_dtype, num_q_heads, num_kv_heads
         check_paged_decode(case, num_splits=splits)
 
 
+@pytest.mark.parametrize("kv_dtype", FP8)
+@pytest.mark.parametrize("num_q_heads, num_kv_heads, head_size", [(64, 8, 128), (16, 2, 96)])
+def test_two_head_blocks_at_head_pad_128(device, kv_dtype, num_q_heads, num_kv_heads, head_size):
+    """GQA 8 at a padded head size of 128: two KV heads per program, V in halves (one warp on the GPU); several
+    tiles per sequence, splits off, forced and automatic."""
+    seqs = [(1, 300), (1, 1), (1, 517)]
+    k_descale, v_descale = _descales(device, len(seqs), num_kv_heads, seed=head_size)
+    assert _kv_heads(num_q_heads, num_kv_heads, head_size) == 2
+    case = make_case(seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_size=head_size,
+                     kv_dtype=kv_dtype, k_descale=k_descale, v_descale=v_descale, device=device, seed=40)  # fmt: skip
+    for splits in (1, 3, 0):
+        check_paged_decode(case, num_splits=splits)
+
+
 @pytest.mark.parametrize("block_size", [1, 16])
 def test_head_blocks_with_every_feature(device, block_size):
     seqs = [(1, 50), (1, 0), (1, 23), (1, 71)]

@@ -221,11 +221,13 @@ def choose_paged_decode_config(
     # FP8 V at head_pad 128: two 64-column dots (see PagedDecodeLaunchConfig.v_halves). H200, e4m3, same run:
     # 64 x 4096 78.3 -> 80.9 % of copy, 128 x 8192 86.3 -> 88.8 %, 1 x 131072 75.0 -> 76.5 %, q_len 8 57.8 -> 59.2 %.
     v_halves = kv_itemsize == 1 and head_pad == 2 * V_HALF_COLUMNS
-    if v_halves and kv_heads == 4 and block_h == MIN_BLOCK_H:
-        # The FP8 decode config of GQA <= 4 at D 128 (16 rows, 16-token tiles of 4 KV heads), with V in halves: one
-        # warp holds all 16 rows, so P reaches the PV dot without a trip through shared memory and Q is read once
-        # per tile, not once per warp. H200, e4m3, same run: 64 x 4096 79.8 -> 81.2 % of copy, 128 x 8192 88.1 ->
-        # 88.6 %, 1 x 131072 75.6 -> 77.1 % (4 stages: 80.4 / 90.7 / 74.8 %).
+    if v_halves and kv_heads > 1 and block_h == MIN_BLOCK_H:
+        # The FP8 decode configs of GQA <= 8 at D 128 (16 rows, tiles of 16 tokens x 4 KV heads or 32 x 2), with V
+        # in halves: one warp holds all 16 rows, so P reaches the PV dot without a trip through shared memory and Q
+        # is read once per tile, not once per warp. H200, e4m3, same run, GQA 4: 64 x 4096 79.8 -> 81.2 % of copy,
+        # 128 x 8192 88.1 -> 88.6 %, 1 x 131072 75.6 -> 77.1 % (4 stages: 80.4 / 90.7 / 74.8 %); GQA 8 (64/8): 64 x 4096
+        # 81.2 -> 91.2 %, 128 x 8192 90.9 -> 98.6 %, 1 x 131072 76.4 -> 77.4 %. One KV head with 64-token tiles (q_len 4
+        # at GQA 4) lost with one warp: 83.6 -> 69.6 %; so did D 256 (81.6 -> 69.2 %).
         num_warps = 1
     # With the page ids carried one tile ahead (see the kernel), s stages keep s - 2 K/V tiles in flight.
     # H200, 64 x 4096 and 128 x 8192: FP8 (2 warps) 2 stages 67-69 % of copy, 3 stages 76-78 %, 4 stages 57-67 %
