@@ -196,6 +196,9 @@ def paged_decode_kernel(
     USE_SINKS: tl.constexpr,
     FP8_V_FENCE: tl.constexpr,  # NVIDIA only: keep the fp8 -> fp16 conversion of V ahead of its relayout
     V_HALVES: tl.constexpr,  # PV as two dots over V's column halves (accumulate_pv: FP8 V at HEAD_PAD 128)
+    # (not USE_CU_SEQLENS_Q) the one query per sequence as a runtime value, not the constant 1: the chunk loop then
+    # stays a loop and ptxas schedules the tile loop differently (faster for some configs, slower for others)
+    RUNTIME_QUERY_COUNT: tl.constexpr,
     OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
@@ -223,11 +226,7 @@ def paged_decode_kernel(
         q_len = tl.minimum(tl.maximum(tl.load(cu_seqlens_q_ptr + seq + 1), q_first), total_q) - q_first
     else:
         q_first = seq
-        if KV_FP8:
-            # One query (total_q == num_seqs), as a value the compiler cannot fold: with the constant 1 the chunk
-            # loop below folds away and ptxas schedules the FP8 tile loop differently. H200, op time, same run:
-            # e4m3 64 x 4096 0.157 -> 0.148 ms, 128 x 8192 0.567 -> 0.525 ms, 1 x 131072 0.082 -> 0.079 ms; bf16
-            # took 2 % longer this way (64 x 4096 0.255 -> 0.260 ms), so 16-bit caches keep the constant.
+        if RUNTIME_QUERY_COUNT:  # one query (total_q == num_seqs), as a value the compiler cannot fold
             q_len = tl.minimum(total_q - seq, 1)
         else:
             q_len = 1

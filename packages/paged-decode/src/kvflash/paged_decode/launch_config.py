@@ -86,6 +86,10 @@ class PagedDecodeLaunchConfig:
     v_halves : bool
         The PV product as two dots over V's column halves (FP8 caches at ``head_pad`` 128: their V tile, converted
         to fp16, is stored to shared memory for the dot without bank conflicts in 64-column halves).
+    runtime_query_count : bool
+        Plain decode (no ``cu_seqlens_q``): the kernel takes its one query per sequence as a runtime value instead
+        of the constant 1. The result is the same; the compiled tile loop is scheduled differently, which is measured
+        per config (the FP8 config of 4 KV heads per program at D 128 gains 6-7 %, others lose).
     """
 
     block_h: int
@@ -99,6 +103,7 @@ class PagedDecodeLaunchConfig:
     num_warps: int
     num_stages: int
     v_halves: bool = False
+    runtime_query_count: bool = False
 
 
 def resolve_num_splits(
@@ -229,6 +234,12 @@ def choose_paged_decode_config(
         # 81.2 -> 91.2 %, 128 x 8192 90.9 -> 98.6 %, 1 x 131072 76.4 -> 77.4 %. One KV head with 64-token tiles (q_len 4
         # at GQA 4) lost with one warp: 83.6 -> 69.6 %; so did D 256 (81.6 -> 69.2 %).
         num_warps = 1
+    # The FP8 config of 4 KV heads at D 128 with one warp compiles to a faster tile loop when plain decode's one
+    # query is a runtime value (1213 SASS instructions against 1267, scheduled differently). H200, op time, same
+    # run: e4m3 64 x 4096 0.157 -> 0.148 ms, 128 x 8192 0.567 -> 0.525 ms, 1 x 131072 0.082 -> 0.079 ms. The other
+    # configs lost that way: bf16 64 x 4096 0.255 -> 0.260 ms; full bench of a4cd7d3, e4m3 64 x 4096: GQA 8 (2 KV
+    # heads, one warp) 0.140 (sweep) -> 0.153 ms, D 64 (2 warps) 0.081 -> 0.083 ms, D 256 0.306 -> 0.312 ms.
+    runtime_query_count = num_warps == 1 and kv_heads == 4
     # With the page ids carried one tile ahead (see the kernel), s stages keep s - 2 K/V tiles in flight.
     # H200, 64 x 4096 and 128 x 8192: FP8 (2 warps) 2 stages 67-69 % of copy, 3 stages 76-78 %, 4 stages 57-67 %
     # (3 programs per SM instead of 4); bf16 (4 warps) 3 stages 83-97 %, 4 stages 98-101 %.
@@ -240,7 +251,8 @@ def choose_paged_decode_config(
         # halves (less shared memory per stage), 3 stages: 64 x 4096 58.7 -> 61.4 % of copy.
         num_warps, num_stages = 2, (3 if v_halves else 2)
     return PagedDecodeLaunchConfig(
-        block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves
+        block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves,
+        runtime_query_count,
     )
 
 

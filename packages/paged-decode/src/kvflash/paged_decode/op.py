@@ -506,6 +506,7 @@ def launch_paged_decode(
             USE_SINKS=s_aux is not None,
             FP8_V_FENCE=kv_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
             V_HALVES=bool(cfg.v_halves),
+            RUNTIME_QUERY_COUNT=bool(cfg.runtime_query_count),
             OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
             PER_TOKEN_SCALES=is_per_token_descale(k_descale),
