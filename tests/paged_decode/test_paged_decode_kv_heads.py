@@ -53,6 +53,24 @@ def test_one_kv_head_per_program_when_rows_are_full():
     assert per_token.kv_heads == 1
 
 
+def test_runtime_query_count_only_for_four_head_blocks_at_head_pad_128():
+    """The kernel's two builds of plain decode's query count (a ptxas scheduling choice, measured per config): the
+    4-KV-head FP8 config at D 128 takes the runtime count, GQA 8's 2-head blocks, D 64 and bf16 the constant. The
+    reference tests in this file run both builds (test_each_row_reads_its_own_heads_values and
+    test_two_head_blocks_at_head_pad_128)."""
+
+    def config(num_q_heads, head_size, kv_itemsize=1):
+        return choose_paged_decode_config(
+            num_seqs=3, num_kv_heads=8, group=num_q_heads // 8, head_size=head_size, kv_itemsize=kv_itemsize,
+            max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
+        )  # fmt: skip
+
+    assert config(16, 128).runtime_query_count and config(32, 128).runtime_query_count
+    assert not config(64, 128).runtime_query_count  # 2 KV heads per program
+    assert not config(32, 64).runtime_query_count  # two warps at D 64
+    assert not config(32, 128, kv_itemsize=2).runtime_query_count
+
+
 @pytest.mark.parametrize("kv_dtype", FP8)
 @pytest.mark.parametrize("num_q_heads, num_kv_heads", [(16, 4), (8, 8), (24, 4)])
 def test_head_blocks_match_reference(device, kv_dtype, num_q_heads, num_kv_heads):
