@@ -89,7 +89,7 @@ class PagedDecodeLaunchConfig:
     runtime_query_count : bool
         Plain decode (no ``cu_seqlens_q``): the kernel takes its one query per sequence as a runtime value instead
         of the constant 1. The result is the same; the compiled tile loop is scheduled differently, which is measured
-        per config (the FP8 config of 4 KV heads per program at D 128 gains 6-7 %, others lose).
+        per config (the FP8 config of 4 KV heads per program at D 128 gains 4-7 %, others lose).
     """
 
     block_h: int
