@@ -23,12 +23,17 @@ def _descales(device, num_seqs, num_kv_heads, seed):
     return k.to(device), v.to(device)
 
 
-def _kv_heads(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1):
+def _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1, kv_itemsize=1):
+    """The chooser's decode config for 3 sequences of up to 100 keys (interpreter launch settings)."""
     return choose_paged_decode_config(
         num_seqs=3, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size,
-        kv_itemsize=1, max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
-        max_seqlen_q=max_seqlen_q,
-    ).kv_heads  # fmt: skip
+        kv_itemsize=kv_itemsize, max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
+        interpreter=True, max_seqlen_q=max_seqlen_q,
+    )  # fmt: skip
+
+
+def _kv_heads(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1):
+    return _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q).kv_heads
 
 
 @pytest.mark.parametrize(
@@ -43,10 +48,7 @@ def test_kv_heads_per_program(heads, expected_kv_heads):
 def test_one_kv_head_per_program_when_rows_are_full():
     assert _kv_heads(32, 8, 128, max_seqlen_q=4) == 1  # 4 tokens x 4 heads fill 16 rows
     assert _kv_heads(32, 8, 512, max_seqlen_q=1) == 1  # 4 heads of 512 would leave tiles under 16 tokens
-    bf16 = choose_paged_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=2,
-                                      max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-                                      interpreter=True)  # fmt: skip
-    assert bf16.kv_heads == 1
+    assert _config(32, 8, 128, kv_itemsize=2).kv_heads == 1
     per_token = choose_paged_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=1,
                                            max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
                                            interpreter=True, per_token_scales=True)  # fmt: skip
@@ -58,17 +60,10 @@ def test_runtime_query_count_only_for_four_head_blocks_at_head_pad_128():
     4-KV-head FP8 config at D 128 takes the runtime count, GQA 8's 2-head blocks, D 64 and bf16 the constant. The
     reference tests in this file run both builds (test_each_row_reads_its_own_heads_values and
     test_two_head_blocks_at_head_pad_128)."""
-
-    def config(num_q_heads, head_size, kv_itemsize=1):
-        return choose_paged_decode_config(
-            num_seqs=3, num_kv_heads=8, group=num_q_heads // 8, head_size=head_size, kv_itemsize=kv_itemsize,
-            max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
-        )  # fmt: skip
-
-    assert config(16, 128).runtime_query_count and config(32, 128).runtime_query_count
-    assert not config(64, 128).runtime_query_count  # 2 KV heads per program
-    assert not config(32, 64).runtime_query_count  # two warps at D 64
-    assert not config(32, 128, kv_itemsize=2).runtime_query_count
+    assert _config(16, 8, 128).runtime_query_count and _config(32, 8, 128).runtime_query_count
+    assert not _config(64, 8, 128).runtime_query_count  # 2 KV heads per program
+    assert not _config(32, 8, 64).runtime_query_count  # two warps at D 64
+    assert not _config(32, 8, 128, kv_itemsize=2).runtime_query_count
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
