@@ -326,39 +326,6 @@ def launch_chunk_prefill_with(case: Case, out: torch.Tensor, change: dict, *, q_
     return chosen
 
 
-def launch_paged_decode_with(case: Case, change: dict, *, s_aux=None, output_scale=None):
-    """``launch_paged_decode`` on ``case`` (its ``cu_seqlens_q`` and ``max_seqlen_q``) into a poisoned ``out`` (fp8 e4m3
-    with ``output_scale``) and ``lse``, with the chooser's launch config changed by ``change``
-    (``dataclasses.replace``): how tests reach launch options no chooser picks. Returns ``(out, lse)``."""
-    from kvflash.attn_common import check_attention_call, platform
-    from kvflash.attn_common.descale import is_per_token_descale
-    from kvflash.paged_decode.launch_config import choose_paged_decode_config
-    from kvflash.paged_decode.op import launch_paged_decode
-
-    out = poison(torch.empty_like(case.q, dtype=torch.float8_e4m3fn if output_scale is not None else case.q.dtype))
-    lse = poison(torch.empty(case.q.shape[1], case.q.shape[0], dtype=torch.float32, device=case.q.device))
-    f = check_attention_call(
-        case.q, case.k, case.v, case.num_seqs, cu_seqlens_q=case.cu_seqlens_q, max_seqlen_q=case.max_seqlen_q,
-        max_seqlen_k=case.max_seqlen_k, cu_seqlens_k=None, softmax_scale=None, causal=False, window_size=None,
-        softcap=0.0, alibi_slopes=None, s_aux=s_aux, output_scale=output_scale, kv_descale_per_token=None, out=out,
-        q_descale=None, **case.kwargs,
-    )  # fmt: skip
-    num_kv_heads = case.k.shape[-2]
-    chosen = choose_paged_decode_config(
-        num_seqs=case.num_seqs, num_kv_heads=num_kv_heads, group=case.q.shape[1] // num_kv_heads,
-        head_size=case.q.shape[2], kv_itemsize=case.k.element_size(), max_seqlen_k=case.max_seqlen_k, window_left=-1,
-        num_splits=0, multiprocessor_count=4, interpreter=platform.interpreter_enabled(),
-        max_seqlen_q=case.max_seqlen_q, per_token_scales=is_per_token_descale(f.k_descale),
-    )  # fmt: skip
-    launch_paged_decode(
-        case.q, case.k, case.v, case.kv_args.get("block_table"), case.kv_args.get("seqused_k"), None,
-        case.cu_seqlens_q, f.k_descale, f.v_descale, None, f.s_aux, out, lse, case.max_seqlen_q, case.max_seqlen_k,
-        f.softmax_scale, f.window_left, f.window_right, 0.0, 0, False, f.output_scale,
-        config=dataclasses.replace(chosen, **change),
-    )  # fmt: skip
-    return out, lse
-
-
 P_RELATIVE_ERROR = 2.0**-4  # e4m3 rounding of a probability (3 mantissa bits)
 
 

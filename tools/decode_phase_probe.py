@@ -80,13 +80,13 @@ KERNEL_EDITS = (
         "        tl.store(probe + 4, _probe_now(tl.sum(tl.sum(acc, 1), 0).to(tl.int32, bitcast=True)))\n"
         "        if V_HALVES:  # [BLOCK_H, HEAD_PAD]: the halves side by side\n",
     ),
-    ("        tl.store(lse_ptr + split64 * stride_lse_split + lse_offs, lse, mask=row_mask)\n",
-     "        tl.store(lse_ptr + split64 * stride_lse_split + lse_offs, lse, mask=row_mask)\n"
-     "        tl.store(probe + 5, _probe_now(pid))\n"),
+    ("        tl.store(lse_ptr + lse_offs, lse, mask=row_mask)\n",
+     "        tl.store(lse_ptr + lse_offs, lse, mask=row_mask)\n        tl.store(probe + 5, _probe_now(pid))\n"),
 )
 OP_EDITS = (
-    ("            num_warps=cfg.num_warps,\n",
-     "            probe_stamps_ptr=PROBE_STAMPS,\n            num_warps=cfg.num_warps,\n"),
+    ("            num_warps=cfg.num_warps,\n            num_stages=cfg.num_stages,\n        )",
+     "            probe_stamps_ptr=PROBE_STAMPS,\n            num_warps=cfg.num_warps,\n"
+     "            num_stages=cfg.num_stages,\n        )"),
     ('__all__ = ["paged_decode_attention"', 'PROBE_STAMPS = None  # [programs, 8] int64, set by the probe\n'
      '__all__ = ["paged_decode_attention"'),
 )

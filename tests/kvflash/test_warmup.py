@@ -148,7 +148,7 @@ def test_warmup_reports_what_it_did(warmed_cpu):
     report = warmed_cpu
     kernels = {key[0] for key in report.keys}
     assert kernels == {
-        "paged_decode_kernel", "zero_counters_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel",
+        "paged_decode_kernel", "split_merge_kernel", "chunk_prefill_kernel", "reshape_and_cache_kernel",
         "merge_states_kernel",
     }  # fmt: skip
     assert report.variants == len(report.keys) and 0 < report.calls <= report.variants < report.candidates
@@ -174,7 +174,7 @@ def test_serving_after_warmup_reaches_no_new_kernel_variant(warmed_cpu):
             part, lse = torch.randn(tokens, HQ, D).half(), torch.randn(HQ, tokens)
             merge_attn_states(part, lse, part, lse, out_lse=torch.empty_like(lse))
     keys |= extra
-    assert {k[0] for k in keys} >= {"paged_decode_kernel", "zero_counters_kernel", "chunk_prefill_kernel"}
+    assert {k[0] for k in keys} >= {"paged_decode_kernel", "split_merge_kernel", "chunk_prefill_kernel"}
     assert not _new_keys(keys, warmed_cpu.keys)
 
 
@@ -209,7 +209,7 @@ def test_warmed_features_cover_serving_with_them():
     )  # fmt: skip
     kernels = {k[0] for k in report.keys}
     assert report.compiled is None and {"paged_decode_kernel", "chunk_prefill_kernel"} <= kernels <= {
-        "paged_decode_kernel", "chunk_prefill_kernel", "split_merge_kernel", "zero_counters_kernel"}  # fmt: skip
+        "paged_decode_kernel", "chunk_prefill_kernel", "split_merge_kernel"}  # fmt: skip
     gen = torch.Generator().manual_seed(7)
     k_cache, v_cache = (torch.randn(NUM_BLOCKS, PAGE, HKV, D, generator=gen).to(torch.float8_e5m2).to(DRY_DEVICE)
                         for _ in range(2))  # fmt: skip

@@ -1,19 +1,12 @@
-"""Split-KV: forced split counts give the same answer as no split; sinks are counted once across splits; the two
-merges of split partials (by the last split in the decode kernel, or by the n-way merge kernel) match the
-reference."""
+"""Split-KV: forced split counts give the same answer as no split; sinks are counted once across splits."""
 
 import pytest
 import torch
 
 from kvflash.paged_decode import paged_decode_attention
-from kvflash.paged_decode.launch_config import (
-    MAX_IN_KERNEL_MERGE_SPLITS,
-    RESIDENT_PROGRAMS_PER_SM,
-    choose_paged_decode_config,
-    resolve_num_splits,
-)
+from kvflash.paged_decode.launch_config import RESIDENT_PROGRAMS_PER_SM, choose_paged_decode_config, resolve_num_splits
 
-from ..cases import check_against_reference, check_paged_decode, launch_paged_decode_with, make_case, reference
+from ..cases import check_paged_decode, make_case
 
 
 @pytest.mark.parametrize("with_sinks", [False, True])
@@ -62,48 +55,3 @@ def test_forced_split_count_is_an_upper_bound():
     assert resolve_num_splits(5, max_keys=10**6, **kw) == 5
     assert resolve_num_splits(16, max_keys=100, **kw) == 2  # only two tiles of keys
     assert resolve_num_splits(0, max_keys=0, **kw) == 1
-
-
-def _draft_case(device, kv_dtype=torch.float8_e4m3fn):
-    """A draft of 12 queries (3 passes of 4 tokens below, all merged by the last split), single queries, a sequence
-    without queries and one without keys (its rows: 0, or the sink alone)."""
-    return make_case([(1, 300), (12, 200), (0, 50), (5, 0), (3, 77)], num_q_heads=8, num_kv_heads=2,
-                     kv_dtype=kv_dtype, device=device, seed=24)  # fmt: skip
-
-
-# 4 tokens x GQA 4 = 16 rows per pass; 5 splits read 8 padded partials in the in-kernel merge.
-_PASSES_OF_FOUR = {"q_tokens": 4, "block_h": 16, "kv_heads": 1}
-
-
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-@pytest.mark.parametrize("splits", [3, 5])
-def test_split_merges_match_reference(device, merge_in_kernel, splits):
-    case = _draft_case(device)
-    sinks = torch.tensor([1.5, -0.5, 0.0, 3.0, -2.0, 0.25, 1.0, -1.0], device=device)
-    change = dict(_PASSES_OF_FOUR, num_splits=splits, merge_in_kernel=merge_in_kernel)
-    out, lse = launch_paged_decode_with(case, change, s_aux=sinks)
-    check_against_reference(case, out, lse, lse_rtol=1e-3, s_aux=sinks)
-
-
-@pytest.mark.parametrize("merge_in_kernel", [False, True])
-def test_split_merges_fp8_output(device, merge_in_kernel):
-    case = _draft_case(device, kv_dtype=torch.float8_e5m2)
-    output_scale = torch.tensor([0.02], device=device)
-    change = dict(_PASSES_OF_FOUR, num_splits=3, merge_in_kernel=merge_in_kernel)
-    out, _ = launch_paged_decode_with(case, change, output_scale=output_scale)
-    want = (reference(case)[0] / 0.02).clamp(-448, 448)
-    got = out.double()
-    assert not bool(torch.isnan(got).any())  # every element written
-    # Half an fp8 step (2^-4 relative) plus the fp16 dots' error (2e-3), scaled like the output.
-    assert bool(((got - want).abs() <= want.abs() * 2.0**-4 + 2e-3 / 0.02).all())
-
-
-def test_in_kernel_merge_up_to_eight_splits():
-    common = dict(num_kv_heads=8, group=4, head_size=128, kv_itemsize=1, window_left=-1, multiprocessor_count=132,
-                  interpreter=False, max_seqlen_k=131072)  # fmt: skip
-    for splits in (2, MAX_IN_KERNEL_MERGE_SPLITS):
-        assert choose_paged_decode_config(num_seqs=1, num_splits=splits, **common).merge_in_kernel
-    more = MAX_IN_KERNEL_MERGE_SPLITS + 1
-    assert not choose_paged_decode_config(num_seqs=1, num_splits=more, **common).merge_in_kernel
-    assert not choose_paged_decode_config(num_seqs=1, num_splits=0, **common).merge_in_kernel  # 256 splits
-    assert not choose_paged_decode_config(num_seqs=1, num_splits=1, **common).merge_in_kernel

@@ -33,7 +33,6 @@ from .cases_host import HOST_CASES, build_host_call
 # Module attributes that hold a @triton.jit kernel launched by kvflash: replaced by _NoLaunch here.
 KERNEL_SITES = (
     ("kvflash.paged_decode.op", "paged_decode_kernel"),
-    ("kvflash.paged_decode.op", "zero_counters_kernel"),
     ("kvflash.paged_decode.merge_states_op", "split_merge_kernel"),
     ("kvflash.chunk_prefill.op", "chunk_prefill_kernel"),
     ("kvflash.fp8_utils.op", "reshape_and_cache_kernel"),

@@ -62,7 +62,6 @@ from kvflash.attn_common.jit_helpers import (
     softcap_scores,
     to_e4m3,
 )
-from kvflash.paged_decode.last_split_merge import claim_last_split, merge_split_partials
 
 
 @triton.jit
@@ -111,22 +110,6 @@ def accumulate_pv(acc, acc_hi, p, v_head_ptr, v_rows, valid, HEAD_SIZE: tl.const
 
 
 @triton.jit
-def chunk_rows(t0, row_token, head_mask, q_first, q_len, seq64, Q_TOKENS: tl.constexpr,
-               PARTIAL_ROWS_BY_SEQUENCE: tl.constexpr):  # fmt: skip
-    """The rows of the query chunk starting at token ``t0`` of a sequence, all ``[BLOCK_H]``: ``(token, row_mask,
-    q_rows, part_rows)``, the token within the sequence, whether the row exists, its row of q, out and lse (int64),
-    and its row in a split partial (``q_rows``, or ``seq * Q_TOKENS + token`` with ``PARTIAL_ROWS_BY_SEQUENCE``,
-    whose sequences have one chunk)."""
-    token = t0 + row_token
-    row_mask = head_mask & (token < q_len)
-    q_rows = (q_first + token).to(tl.int64)
-    part_rows = q_rows
-    if PARTIAL_ROWS_BY_SEQUENCE:
-        part_rows = seq64 * Q_TOKENS + token
-    return token, row_mask, q_rows, part_rows
-
-
-@triton.jit
 def paged_decode_kernel(
     q_ptr,  # [total_q, Hq, HEAD_SIZE] fp16/bf16 or fp8 e4m3 (Q_FP8) (total_q == num_seqs without USE_CU_SEQLENS_Q)
     k_ptr,  # [num_blocks, PAGE_SIZE, Hkv, HEAD_SIZE] (IS_PAGED) or [total_k, Hkv, HEAD_SIZE]; q dtype or fp8
@@ -149,9 +132,6 @@ def paged_decode_kernel(
     # [Hq, total_q] fp32, or [num_splits, Hq, total_q] fp32 (IS_SPLIT: a view of a [total_q, Hq, num_splits]
     # buffer, so the split-merge kernel reads a row's LSEs together); natural log
     lse_ptr,
-    merged_out_ptr,  # (MERGE_SPLITS > 0) [total_q, Hq, HEAD_SIZE] q dtype, fp32 or fp8 e4m3 (OUTPUT_FP8)
-    merged_lse_ptr,  # (MERGE_SPLITS > 0) [Hq, total_q] fp32, natural log
-    counters_ptr,  # (MERGE_SPLITS > 0) [grid[0]] int32, one per program's rows (all its splits), zero at the start
     num_kv_heads,
     num_splits,
     total_q,  # q.shape[0]: query ranges are clamped to [0, total_q]
@@ -182,10 +162,6 @@ def paged_decode_kernel(
     stride_lse_split,
     stride_lse_token,
     stride_lse_head,
-    stride_mo_token,
-    stride_mo_head,
-    stride_mlse_token,
-    stride_mlse_head,
     softmax_scale,
     softcap,
     window_left,  # UNBOUNDED_WINDOW when unbounded
@@ -203,12 +179,7 @@ def paged_decode_kernel(
     IS_PAGED: tl.constexpr,
     USE_SEQUSED: tl.constexpr,
     KV_FP8: tl.constexpr,
-    IS_SPLIT: tl.constexpr,  # write fp32 partials, merged by the split-merge kernel or MERGE_SPLITS (sinks there)
-    # (IS_SPLIT) > 0: the split that finishes last merges the partials into merged_out / merged_lse
-    # (last_split_merge.py), reading MERGE_SPLITS >= num_splits of them at once; 0: the split-merge kernel does
-    MERGE_SPLITS: tl.constexpr,
-    # (MERGE_SPLITS > 0) launched with programmatic dependent launch after the counters' zeroing kernel
-    WAIT_FOR_COUNTERS: tl.constexpr,
+    IS_SPLIT: tl.constexpr,  # write fp32 partials for the split-merge kernel (sinks are added there)
     # (IS_SPLIT with DEFER_LONGER_SEQUENCES) partial rows by sequence, row seq * Q_TOKENS + token, so a mixed batch's
     # partial buffers hold its decode rows only (not its prefill chunks' tokens)
     PARTIAL_ROWS_BY_SEQUENCE: tl.constexpr,
@@ -228,8 +199,7 @@ def paged_decode_kernel(
     # (not USE_CU_SEQLENS_Q) the one query per sequence as a runtime value, not the constant 1: the chunk loop then
     # stays a loop and ptxas schedules the tile loop differently (faster for some configs, slower for others)
     RUNTIME_QUERY_COUNT: tl.constexpr,
-    # out = saturate(attention / output_scale) in fp8 e4m3 (IS_SPLIT: merged_out, with MERGE_SPLITS > 0)
-    OUTPUT_FP8: tl.constexpr,
+    OUTPUT_FP8: tl.constexpr,  # out = saturate(attention / output_scale) in fp8 e4m3 (never with IS_SPLIT)
     ROUND_IN_SOFTWARE: tl.constexpr,  # the interpreter: round to the fp8 grid before fp8 casts
     PER_TOKEN_SCALES: tl.constexpr,  # k/v descales per (stored token, KV head) (KV_FP8 only)
     Q_FP8: tl.constexpr,  # fp8 e4m3 q with q_descale (KV_FP8 only): converted to fp16, descale in the score scale
@@ -309,24 +279,21 @@ def paged_decode_kernel(
         score_scale = softmax_scale * k_descale[:, None]
         v_descale = tl.load(v_descale_ptr + seq * stride_vd_seq + row_kv_head * stride_vd_head, mask=head_mask)
         v_descale = v_descale[:, None]
-    if OUTPUT_FP8 and not IS_SPLIT:  # the output scale's reciprocal, loaded once, folds into the V descale
+    if OUTPUT_FP8:  # the output scale's reciprocal, loaded once, folds into the V descale
         v_descale = v_descale * (1.0 / tl.load(output_scale_ptr))
     if USE_ALIBI:
         slopes = tl.load(alibi_slopes_ptr + seq * stride_alibi_seq + q_heads * stride_alibi_head, mask=head_mask)
     if USE_SINKS and not IS_SPLIT:
         sinks = tl.load(sinks_ptr + q_heads, mask=head_mask, other=0.0) * LOG2E
-    if USE_SINKS and MERGE_SPLITS > 0:  # the merge takes them in the natural-log domain of the LSEs
-        merge_sinks = tl.load(sinks_ptr + q_heads, mask=head_mask, other=0.0)
-    else:
-        merge_sinks = 0.0
 
     k_head_ptr = k_ptr + kv_head.to(tl.int64) * stride_k_head
     v_head_ptr = v_ptr + kv_head.to(tl.int64) * stride_v_head
     block_row_ptr = block_table_ptr + seq64 * stride_bt_seq
 
     for t0 in range(0, q_len, Q_TOKENS):
-        token, row_mask, q_rows, part_rows = chunk_rows(t0, row_token, head_mask, q_first, q_len, seq64, Q_TOKENS,
-                                                        PARTIAL_ROWS_BY_SEQUENCE)  # fmt: skip
+        token = t0 + row_token
+        row_mask = head_mask & (token < q_len)
+        q_rows = (q_first + token).to(tl.int64)  # [BLOCK_H] query rows of q, out and lse
         q_pos = kv_len - q_len + token  # [BLOCK_H] bottom-right aligned positions
         # Key range of the chunk (the union of its tokens' windows), then of this split: splits divide it
         # evenly, in whole tiles.
@@ -457,37 +424,20 @@ def paged_decode_kernel(
             out = out * tl.math.exp2(v_exp)
         # V descale applies once to the normalised output: sum_j p_j * (v_j * s) = s * sum_j p_j * v_j.
         out = out * v_descale
-        if OUTPUT_FP8 and not IS_SPLIT:
+        if OUTPUT_FP8:
             out = to_e4m3(out, ROUND_IN_SOFTWARE)
         else:
             out = out.to(out_ptr.dtype.element_ty)
 
-        # [BLOCK_H, HEAD_PAD] and [BLOCK_H]: the rows in one split's partial (or in out and lse, unsplit)
-        row_offs = part_rows[:, None] * stride_o_token + q_heads[:, None] * stride_o_head + offs_d[None, :]
-        lse_offs = part_rows * stride_lse_token + q_heads * stride_lse_head
-        split64 = split.to(tl.int64)
-        tl.store(out_ptr + split64 * stride_o_split + row_offs, out, mask=row_mask[:, None] & d_mask[None, :])
-        tl.store(lse_ptr + split64 * stride_lse_split + lse_offs, lse, mask=row_mask)
-
-    # The split of this program's rows that stores its partials last merges every chunk's (one counter per program:
-    # the chunk count is the sequence's, whatever max_seqlen_q said).
-    if MERGE_SPLITS > 0:
-        if claim_last_split(counters_ptr + pid, num_splits, WAIT_FOR_COUNTERS):
-            for t0 in range(0, q_len, Q_TOKENS):
-                _, row_mask, q_rows, part_rows = chunk_rows(t0, row_token, head_mask, q_first, q_len, seq64, Q_TOKENS,
-                                                            PARTIAL_ROWS_BY_SEQUENCE)  # fmt: skip
-                row_offs = part_rows[:, None] * stride_o_token + q_heads[:, None] * stride_o_head + offs_d[None, :]
-                lse_offs = part_rows * stride_lse_token + q_heads * stride_lse_head
-                out_mask = row_mask[:, None] & d_mask[None, :]
-                merged, denom, merged_lse = merge_split_partials(
-                    out_ptr, lse_ptr, row_offs, lse_offs, out_mask, row_mask, merge_sinks, num_splits,
-                    stride_o_split, stride_lse_split, MERGE_SPLITS, USE_SINKS,
-                )  # fmt: skip
-                if OUTPUT_FP8:  # one reciprocal of the output scale, folded into the normalisation
-                    merged = to_e4m3(merged * (1.0 / (denom * tl.load(output_scale_ptr)))[:, None], ROUND_IN_SOFTWARE)
-                else:
-                    merged = (merged / denom[:, None]).to(merged_out_ptr.dtype.element_ty)
-                mo_offs = q_rows[:, None] * stride_mo_token + q_heads[:, None] * stride_mo_head + offs_d[None, :]
-                tl.store(merged_out_ptr + mo_offs, merged, mask=out_mask)
-                tl.store(merged_lse_ptr + q_rows * stride_mlse_token + q_heads * stride_mlse_head, merged_lse,
-                         mask=row_mask)  # fmt: skip
+        out_rows = q_rows
+        if PARTIAL_ROWS_BY_SEQUENCE:
+            out_rows = seq64 * Q_TOKENS + token  # one pass (DEFER_LONGER_SEQUENCES): token < Q_TOKENS
+        o_offs = split.to(tl.int64) * stride_o_split + out_rows[:, None] * stride_o_token
+        o_offs += q_heads[:, None] * stride_o_head
+        tl.store(
+            out_ptr + o_offs + offs_d[None, :],
+            out,
+            mask=row_mask[:, None] & d_mask[None, :],
+        )
+        lse_offs = split.to(tl.int64) * stride_lse_split + out_rows * stride_lse_token + q_heads * stride_lse_head
+        tl.store(lse_ptr + lse_offs, lse, mask=row_mask)

@@ -50,9 +50,6 @@ NO_SPLIT_PROGRAMS_PER_SM = 2
 RESIDENT_PROGRAMS_PER_SM = {2: 2, 1: 4}  # KV itemsize -> programs per SM
 MIN_KEYS_PER_SPLIT = 512
 MAX_SPLITS = 256
-# Splits up to this many are merged in the decode kernel by the last split to finish (it reads every split's
-# partial rows at once); more go to the n-way merge kernel, whose programs share out the reads.
-MAX_IN_KERNEL_MERGE_SPLITS = 8
 # Columns of each V half with v_halves: 64 fp16 values are one 128-byte shared-memory row.
 V_HALF_COLUMNS = 64
 # The interpreter runs programs one after another: small tiles keep the CPU tests short.
@@ -93,9 +90,6 @@ class PagedDecodeLaunchConfig:
         Plain decode (no ``cu_seqlens_q``): the kernel takes its one query per sequence as a runtime value instead
         of the constant 1. The result is the same; the compiled tile loop is scheduled differently, which is measured
         per config (the FP8 config of 4 KV heads per program at D 128 gains 4-7 %, others lose).
-    merge_in_kernel : bool
-        With ``num_splits > 1``: the split of a program's rows that finishes last merges the partials in the decode
-        kernel (after a kernel that zeroes the counters), instead of the n-way merge kernel launched after it.
     """
 
     block_h: int
@@ -110,7 +104,6 @@ class PagedDecodeLaunchConfig:
     num_stages: int
     v_halves: bool = False
     runtime_query_count: bool = False
-    merge_in_kernel: bool = False
 
 
 def resolve_num_splits(
@@ -257,10 +250,9 @@ def choose_paged_decode_config(
         # 2 stages 1.57x, 2 warps / 3 stages 1.93x, 4 warps with 128-token tiles 1.68x, 2 splits 1.85x. With V in
         # halves (less shared memory per stage), 3 stages: 64 x 4096 58.7 -> 61.4 % of copy.
         num_warps, num_stages = 2, (3 if v_halves else 2)
-    merge_in_kernel = 1 < splits <= MAX_IN_KERNEL_MERGE_SPLITS
     return PagedDecodeLaunchConfig(
         block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves,
-        runtime_query_count, merge_in_kernel,
+        runtime_query_count,
     )
 
 

@@ -33,7 +33,6 @@ from kvflash.attn_common.descale import descale_kernel_strides, is_per_token_des
 from kvflash.attn_common.launch import launch
 from kvflash.attn_common.ops import define_op
 from kvflash.paged_decode.kernel import paged_decode_kernel
-from kvflash.paged_decode.last_split_merge import zero_counters_kernel
 from kvflash.paged_decode.launch_config import (
     MAX_BLOCK_H,
     PagedDecodeLaunchConfig,
@@ -43,9 +42,6 @@ from kvflash.paged_decode.launch_config import (
 from kvflash.paged_decode.merge_states_op import launch_merge_partial_attentions
 
 __all__ = ["paged_decode_attention", "run_paged_decode", "launch_paged_decode"]
-
-ZERO_COUNTERS_BLOCK = 1024  # merge counters zeroed per program of zero_counters_kernel
-_PDL_LAUNCH = {"launch_pdl": True}  # the launch option (only passed where the platform has it)
 
 
 @planned
@@ -381,12 +377,11 @@ def launch_paged_decode(
     config: PagedDecodeLaunchConfig | None = None,
     min_queries: int = 0,
 ) -> None:
-    """The keyword launches of a decode call on the op's normalised arguments: the decode kernel, and when the
-    keys are split, the merge of the fp32 split partials into ``out`` and ``lse`` (sinks and the fp8 output
-    applied there): by the last split of each program's rows in the decode kernel itself, after a kernel that
-    zeroes their counters (``config.merge_in_kernel``), or by the n-way merge kernel launched after it.
-    ``config`` overrides :func:`choose_paged_decode_config` (the tuning sweeps pass it). ``min_queries`` (with
-    ``defer_longer_sequences``): sequences with fewer queries are left alone too (another launch serves them)."""
+    """The keyword launches of a decode call on the op's normalised arguments: the decode kernel, then, when the
+    keys are split, the n-way merge of the fp32 split partials into ``out`` and ``lse`` (sinks and the fp8 output
+    applied there). ``config`` overrides :func:`choose_paged_decode_config` (the tuning sweeps pass it).
+    ``min_queries`` (with ``defer_longer_sequences``): sequences with fewer queries are left alone too (another
+    launch serves them)."""
     interpreter = platform.interpreter_enabled()
     cfg = config
     if cfg is None:
@@ -402,12 +397,9 @@ def launch_paged_decode(
     num_kv_heads = k.shape[-2]
     kv_fp8 = k.dtype in FP8_TORCH_DTYPES  # the pair was validated by paged_decode_attention
     is_split = cfg.num_splits > 1
-    merge_in_kernel = is_split and cfg.merge_in_kernel
-    pdl = platform.programmatic_launch_available(q.device)
     # A mixed batch's partials hold its decode rows only: seq * q_tokens + token (its prefill chunks' tokens would
     # make them total_q rows long).
     rows_by_sequence = is_split and defer_longer_sequences
-    out_strides, lse_out_strides = out.stride(), lse.stride()  # (token, head, d) and (head, token)
     if is_split:
         part_rows = num_seqs * cfg.q_tokens if rows_by_sequence else total_q
         part_out = empty_buffer((cfg.num_splits, part_rows, num_q_heads, head_size), torch.float32, q.device)
@@ -419,8 +411,9 @@ def launch_paged_decode(
         lse_strides = part_lse.stride()
     else:
         dst_out, dst_lse = out, lse
+        out_strides = out.stride()
         o_strides = (0, out_strides[0], out_strides[1])
-        lse_strides = (0,) + lse_out_strides
+        lse_strides = (0,) + lse.stride()
     # o_strides: (split, token, head); lse_strides: (split, head, token).
     # Unused pointers get a valid tensor of the right kind; the constexpr flags keep them unread.
     # Stride tuples read once (each .stride(i) is a separate call into torch).
@@ -433,19 +426,6 @@ def launch_paged_decode(
     index_dummy = seqused_k if seqused_k is not None else cu_seqlens_k
     grid = (num_seqs * triton.cdiv(num_kv_heads, cfg.kv_heads) * cfg.head_chunks, cfg.num_splits)
     kernel_left, kernel_right = kernel_window(window_left, window_right)
-    counters = index_dummy  # the merge counters: one per program's rows (grid[0]), zeroed by their own kernel
-    if merge_in_kernel and grid[0] > 0:
-        counters = empty_buffer((grid[0],), torch.int32, q.device)
-        launch(
-            zero_counters_kernel,
-            (triton.cdiv(counters.shape[0], ZERO_COUNTERS_BLOCK),),
-            interpreter,
-            counters_ptr=counters,
-            n=counters.shape[0],
-            BLOCK=ZERO_COUNTERS_BLOCK,
-            LAUNCH_DEPENDENTS=pdl,
-            num_warps=4,
-        )
     if grid[0] > 0:
         launch(
             paged_decode_kernel,
@@ -466,9 +446,6 @@ def launch_paged_decode(
             q_descale_ptr=q_descale if q_descale is not None else k_descale,
             out_ptr=dst_out,
             lse_ptr=dst_lse,
-            merged_out_ptr=out,
-            merged_lse_ptr=lse,
-            counters_ptr=counters,
             num_kv_heads=num_kv_heads,
             num_splits=cfg.num_splits,
             total_q=total_q,
@@ -499,10 +476,6 @@ def launch_paged_decode(
             stride_lse_split=lse_strides[0],
             stride_lse_token=lse_strides[2],
             stride_lse_head=lse_strides[1],
-            stride_mo_token=out_strides[0],
-            stride_mo_head=out_strides[1],
-            stride_mlse_token=lse_out_strides[1],
-            stride_mlse_head=lse_out_strides[0],
             softmax_scale=softmax_scale,
             softcap=softcap,
             window_left=kernel_left,
@@ -521,8 +494,6 @@ def launch_paged_decode(
             USE_SEQUSED=seqused_k is not None,
             KV_FP8=kv_fp8,
             IS_SPLIT=is_split,
-            MERGE_SPLITS=max(2, triton.next_power_of_2(cfg.num_splits)) if merge_in_kernel else 0,
-            WAIT_FOR_COUNTERS=merge_in_kernel and pdl,
             PARTIAL_ROWS_BY_SEQUENCE=rows_by_sequence,
             USE_CU_SEQLENS_Q=cu_seqlens_q is not None,
             DEFER_LONGER_SEQUENCES=defer_longer_sequences,
@@ -536,18 +507,16 @@ def launch_paged_decode(
             FP8_V_FENCE=kv_fp8 and not interpreter and platform.compiles_to_ptx(q.device),
             V_HALVES=bool(cfg.v_halves),
             RUNTIME_QUERY_COUNT=bool(cfg.runtime_query_count),
-            # split partials stay fp32; the merge applies the output scale
-            OUTPUT_FP8=output_scale is not None and (merge_in_kernel or not is_split),
+            OUTPUT_FP8=output_scale is not None and not is_split,  # split partials stay fp32 for the merge
             ROUND_IN_SOFTWARE=interpreter,
             PER_TOKEN_SCALES=is_per_token_descale(k_descale),
             Q_FP8=q_descale is not None,
             Q_PER_TOKEN=q_descale is not None and q_descale.dim() == 3,
-            LAUNCH_DEPENDENTS=is_split and not merge_in_kernel and pdl,
+            LAUNCH_DEPENDENTS=is_split and platform.programmatic_launch_available(q.device),
             num_warps=cfg.num_warps,
             num_stages=cfg.num_stages,
-            **_PDL_LAUNCH if merge_in_kernel and pdl else {},
         )
-    if is_split and not merge_in_kernel:
+    if is_split:
         launch_merge_partial_attentions(
             part_out, part_lse, out, lse, s_aux=s_aux, output_scale=output_scale,
             rows_by_sequence=(cu_seqlens_q, cfg.q_tokens, min_queries) if rows_by_sequence else None,
