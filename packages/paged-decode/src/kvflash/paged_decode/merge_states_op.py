@@ -39,11 +39,11 @@ MERGE_TILE_ELEMENTS = 8192
 # (down to MIN_MERGE_BLOCK_D columns) across programs. 1 x 131072 decode: 32 rows of 256 splits.
 MERGE_PROGRAMS_PER_SM = 4
 MIN_MERGE_BLOCK_D = 16
-# Warps per n-way merge program: one per this many elements of its step's [SPLIT_CHUNK, BLOCK_D] tile, 1 to 4. A
-# split decode's merge starts while the decode programs still hold the SMs, and small programs all fit beside
-# them at once. H200, e4m3 decode (4 splits: 2048 programs of a [4, 128] tile), op time with the merge at 4 / 2 / 1
-# warps: 64 x 4096 0.1465 / 0.1423 / 0.1415 ms; 4 x 32768 (a [64, 16] tile) 0.0788 / 0.0785 / 0.0783 ms; 1 x 131072
-# (a [256, 16] tile, 4 warps) 0.0782 / 0.0785 / 0.0787 ms; 128 x 8192 within noise.
+# Warps per n-way merge program: one per this many elements of its step's [SPLIT_CHUNK, BLOCK_D] tile, 1 to 4. A split
+# decode's merge starts while the decode programs still hold the SMs; small programs can all fit beside them (the
+# likely reason for the gain, not profiled). H200, e4m3 decode (4 splits: 2048 programs of a [4, 128] tile), op time
+# with the merge at 4 / 2 / 1 warps: 64 x 4096 0.1465 / 0.1423 / 0.1415 ms; 4 x 32768 (a [64, 16] tile) 0.0788 /
+# 0.0785 / 0.0783 ms; 1 x 131072 (a [256, 16] tile, 4 warps) 0.0782 / 0.0785 / 0.0787 ms; 128 x 8192 within noise.
 MERGE_ELEMENTS_PER_WARP = 1024
 
 
