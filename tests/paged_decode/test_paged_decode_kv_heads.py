@@ -23,12 +23,12 @@ def _descales(device, num_seqs, num_kv_heads, seed):
     return k.to(device), v.to(device)
 
 
-def _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1, kv_itemsize=1):
+def _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1, kv_itemsize=1, per_token_scales=False):
     """The chooser's decode config for 3 sequences of up to 100 keys (interpreter launch settings)."""
     return choose_paged_decode_config(
         num_seqs=3, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size,
         kv_itemsize=kv_itemsize, max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-        interpreter=True, max_seqlen_q=max_seqlen_q,
+        interpreter=True, max_seqlen_q=max_seqlen_q, per_token_scales=per_token_scales,
     )  # fmt: skip
 
 
@@ -49,10 +49,7 @@ def test_one_kv_head_per_program_when_rows_are_full():
     assert _kv_heads(32, 8, 128, max_seqlen_q=4) == 1  # 4 tokens x 4 heads fill 16 rows
     assert _kv_heads(32, 8, 512, max_seqlen_q=1) == 1  # 4 heads of 512 would leave tiles under 16 tokens
     assert _config(32, 8, 128, kv_itemsize=2).kv_heads == 1
-    per_token = choose_paged_decode_config(num_seqs=3, num_kv_heads=8, group=4, head_size=128, kv_itemsize=1,
-                                           max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-                                           interpreter=True, per_token_scales=True)  # fmt: skip
-    assert per_token.kv_heads == 1
+    assert _config(32, 8, 128, per_token_scales=True).kv_heads == 1
 
 
 def test_runtime_query_count_only_for_four_head_blocks_at_head_pad_128():
