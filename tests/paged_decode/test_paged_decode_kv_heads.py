@@ -1,7 +1,7 @@
 """FP8 decode with several KV heads per program (``kv_heads > 1``): each row must meet its own head's K, V and
 descales. Distinct, non-unit per-(sequence, head) descales make a head mix-up visible. Covered with the head
 blocks: both formats, pages 1 and 16, the contiguous layout, splits, windows, softcap, sinks, ALiBi, fp8 output and
-draft tokens (``q_tokens > 1``). Per-token-head descales take one KV head per program."""
+draft tokens (``q_tokens > 1``). Per-token-head descales with head blocks: test_paged_decode_per_token.py."""
 
 import pytest
 import torch
@@ -23,12 +23,12 @@ def _descales(device, num_seqs, num_kv_heads, seed):
     return k.to(device), v.to(device)
 
 
-def _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1, kv_itemsize=1, per_token_scales=False):
+def _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1, kv_itemsize=1):
     """The chooser's decode config for 3 sequences of up to 100 keys (interpreter launch settings)."""
     return choose_paged_decode_config(
         num_seqs=3, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size,
         kv_itemsize=kv_itemsize, max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-        interpreter=True, max_seqlen_q=max_seqlen_q, per_token_scales=per_token_scales,
+        interpreter=True, max_seqlen_q=max_seqlen_q,
     )  # fmt: skip
 
 
@@ -49,7 +49,6 @@ def test_one_kv_head_per_program_when_rows_are_full():
     assert _kv_heads(32, 8, 128, max_seqlen_q=4) == 1  # 4 tokens x 4 heads fill 16 rows
     assert _kv_heads(32, 8, 512, max_seqlen_q=1) == 1  # 4 heads of 512 would leave tiles under 16 tokens
     assert _config(32, 8, 128, kv_itemsize=2).kv_heads == 1
-    assert _config(32, 8, 128, per_token_scales=True).kv_heads == 1
 
 
 def test_runtime_query_count_only_for_four_head_blocks_at_head_pad_128():

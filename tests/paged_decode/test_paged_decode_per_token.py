@@ -12,6 +12,7 @@ import torch
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token_kv, poison
 from kvflash.paged_decode import paged_decode_attention
+from kvflash.paged_decode.launch_config import choose_paged_decode_config
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -63,11 +64,21 @@ def test_per_token_paged(device, kv_dtype, block_size, num_splits):
     _check(q, kv, 70, num_splits=num_splits)
 
 
-@pytest.mark.parametrize("heads", [(12, 6), (24, 8)])
-def test_per_token_many_kv_heads(device, heads):
-    """Hkv 6 and 8 (GQA 2 and 3): each KV head's program reads its own head's scales (one reading another head's
-    would be off by the heads' magnitudes)."""
+def _kv_heads_per_program(num_q_heads, num_kv_heads, head_size=32):
+    """KV heads per program of the chooser's decode config (interpreter settings) for these heads."""
+    return choose_paged_decode_config(
+        num_seqs=2, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size, kv_itemsize=1,
+        max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
+    ).kv_heads  # fmt: skip
+
+
+@pytest.mark.parametrize("heads, kv_heads_per_program", [((4, 2), 2), ((12, 6), 2), ((24, 8), 4), ((16, 1), 1)])
+def test_per_token_many_kv_heads(device, heads, kv_heads_per_program):
+    """Hkv 2, 6 and 8 (GQA 2, 2 and 3): several KV heads per program, each row gathering its own head's scales
+    (one reading another head's would be off by the heads' magnitudes); GQA 3 with 4 heads leaves 4 of the 16 rows
+    as padding. GQA 16 over one KV head: one head per program."""
     num_q_heads, num_kv_heads = heads
+    assert _kv_heads_per_program(num_q_heads, num_kv_heads) == kv_heads_per_program
     q, kv = _case(device, [37, 66], torch.float8_e4m3fn, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
                   seed=num_kv_heads)  # fmt: skip
     _check(q, kv, 66, num_splits=2)
@@ -148,8 +159,9 @@ def test_per_token_tiny_and_huge_value_scales_fp32_out(device, factor):
 
 
 def test_per_token_heads_far_apart(device):
-    """Two KV heads whose V scales are 2^40 apart: each head's fp16 operand is taken in units of its own head's
-    scales, so neither head loses its bits to the other's range."""
+    """Two KV heads whose V scales are 2^40 apart, in one program: each row's fp16 operand is taken in units of its
+    own head's scales, so neither head loses its bits to the other's range."""
+    assert _kv_heads_per_program(4, 2) == 2
     q, kv = _case(device, [45, 20], torch.float8_e4m3fn, seed=9)
     head_factor = torch.tensor([2.0**-20, 2.0**20], device=device)
     kv.v_descale = kv.v_descale * head_factor

@@ -259,6 +259,23 @@ def to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
 
 
 @triton.jit
+def column_scale_exponent(v_col_scale, AXIS: tl.constexpr = 0):
+    """``floor(log2(max_j |vscale_j|))`` of a tile's per-key V descales (``v_col_scale [BLOCK_N]`` fp32, 0 for masked
+    keys; or ``[BLOCK_M, BLOCK_N]`` with ``AXIS`` 1, one per row), read from the float's exponent bits (exact, and
+    two integer instructions instead of a log2). An all-zero (all-masked) tile gives -127, and a subnormal maximum
+    at most -127, which :func:`raise_scale_exponent`'s clamp to -100 turns into no change."""
+    v_max = tl.max(tl.abs(v_col_scale), AXIS)
+    return ((v_max.to(tl.int32, bitcast=True) >> 23) - 127).to(tl.float32)
+
+
+@triton.jit
+def raise_scale_exponent(v_exp, tile_exp):
+    """The running exponent ``E`` after a tile whose :func:`column_scale_exponent` is ``tile_exp``: the larger of the
+    two, clamped to ``[-100, 100]`` (any shapes that broadcast)."""
+    return tl.minimum(tl.maximum(tl.maximum(v_exp, tile_exp), -100.0), 100.0)
+
+
+@triton.jit
 def scale_p_columns(p, alpha, v_col_scale, v_exp):
     """Per-token V descales folded into the probabilities before the PV dot.
 
@@ -269,10 +286,7 @@ def scale_p_columns(p, alpha, v_col_scale, v_exp):
     below 2 and, for the tile's largest scales, above fp16's subnormals; the powers of two are exact. Returns
     ``(p * vscale / 2^E, alpha * 2^(E_old - E_new), E_new)``; multiply the final output by ``2^E``.
     """
-    v_max = tl.max(tl.abs(v_col_scale), 0)
-    # An all-zero (all-masked) tile leaves E alone.
-    tile_exp = tl.where(v_max > 0, tl.floor(tl.math.log2(tl.where(v_max > 0, v_max, 1.0))), -100.0)
-    new_exp = tl.minimum(tl.maximum(tl.maximum(v_exp, tile_exp), -100.0), 100.0)
+    new_exp = raise_scale_exponent(v_exp, column_scale_exponent(v_col_scale))
     alpha = alpha * tl.math.exp2(v_exp - new_exp)
     p = p * (v_col_scale * tl.math.exp2(-new_exp))[None, :]
     return p, alpha, new_exp

@@ -150,7 +150,6 @@ def choose_paged_decode_config(
     interpreter: bool,
     max_seqlen_q: int = 1,
     fill_rows: bool = True,
-    per_token_scales: bool = False,
 ) -> PagedDecodeLaunchConfig:
     """Pick the decode launch settings from shapes and Python ints.
 
@@ -179,9 +178,6 @@ def choose_paged_decode_config(
         ``Q_TOKENS`` variants (one per ``block_h``) instead of one per value, so a warm-up has fewer kernels to
         build. False keeps ``q_tokens = max_seqlen_q`` exactly (``defer_longer_sequences`` needs it: the kernel
         leaves sequences longer than ``Q_TOKENS`` to the prefill kernel).
-    per_token_scales : bool
-        Per-token-head descales: one KV head per program (with head blocks, H200, their decode took 1.33x the
-        per-head FP8 time, against 1.16x with one head).
     """
     if group > MAX_BLOCK_H:
         q_tokens, block_h = 1, MAX_BLOCK_H
@@ -194,7 +190,7 @@ def choose_paged_decode_config(
         head_chunks, h_rows = 1, group
     head_pad = max(16, triton.next_power_of_2(head_size))  # tl.dot needs K >= 16 (D = 8); padding is masked
     kv_heads = 1
-    if kv_itemsize == 1 and head_chunks == 1 and not per_token_scales:
+    if kv_itemsize == 1 and head_chunks == 1:
         # FP8 is instruction-bound: rows left as padding take the next KV heads, a power of two dividing Hkv
         # with tiles of at least MIN_BLOCK_N tokens.
         while (
