@@ -11,6 +11,7 @@ import torch
 
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token_kv, poison
+from kvflash.fp8_utils import quantize_query
 from kvflash.paged_decode import paged_decode_attention
 from kvflash.paged_decode.launch_config import choose_paged_decode_config
 
@@ -98,6 +99,25 @@ def test_per_token_contiguous(device, kv_dtype):
     otherwise be ambiguous."""
     q, kv = _case(device, [21, 44], kv_dtype, block_size=None, seed=4)
     _check(q, kv, 44, per_token_kw=True, num_splits=2)
+
+
+@pytest.mark.parametrize("q_granularity", ["per_kv_head", "per_token_head"])
+def test_per_token_kv_with_fp8_query(device, q_granularity):
+    """An fp8 query with its descales (per KV head, or per token and query head: a per-row factor) over per-token-head
+    K/V scales, two KV heads per program: the query's and each row's head's K scales both reach the scores."""
+    q16, kv = _case(device, [41, 70], torch.float8_e5m2, seed=10)
+    assert _kv_heads_per_program(4, 2) == 2
+    cu_q = torch.arange(q16.shape[0] + 1, dtype=torch.int32, device=device)
+    q8, q_descale = quantize_query(q16, 2, granularity=q_granularity, cu_seqlens_q=cu_q)
+    per_token_q = q_granularity == "per_token_head"
+    q_kw = dict(q_descale=q_descale, q_descale_per_token=per_token_q)
+    out = poison(torch.empty(q16.shape, dtype=torch.float16, device=device))
+    got = paged_decode_attention(q8, kv.k, kv.v, 70, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out,
+                                 num_splits=2, **kv.kv_args, **q_kw)  # fmt: skip
+    ref_kw = dict(k_descale=kv.k_descale, v_descale=kv.v_descale, kv_descale_per_token=True, **kv.kv_args, **q_kw)
+    ref, _ = reference_attention(q8, kv.k, kv.v, cu_q, compute_dtype=torch.float64, **ref_kw)
+    ref_lp, _ = reference_attention(q8, kv.k, kv.v, cu_q, compute_dtype=torch.float16, **ref_kw)
+    assert_close_fa_rule(got, ref, ref_lp, atol=2e-3)
 
 
 def test_per_token_scales_matter(device):

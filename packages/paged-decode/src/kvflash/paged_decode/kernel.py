@@ -359,7 +359,7 @@ def paged_decode_kernel(
                     vd_rows = key_token * stride_vd_seq
             if PER_TOKEN_SCALES and KV_HEADS > 1:
                 # [BLOCK_N, KV_HEADS] fp32, the program's heads' scales of each token, gathered to [BLOCK_H, BLOCK_N]:
-                # row r's head's. sm_90 SASS of the tile loop (D 128, 4 heads, one warp): 1468 instructions per
+                # row r's head's. sm_90 SASS of the tile loop (D 128, 4 heads, one warp): 1431 instructions per
                 # 16 KiB of K and V, against 1213 with per-head descales and 2 x 1006 with one head per program.
                 block_heads = tl.minimum(kv_head + tl.arange(0, KV_HEADS), num_kv_heads - 1).to(tl.int64)
                 k_scales = tl.load(k_descale_ptr + kd_rows[:, None] + block_heads[None, :] * stride_kd_head,
@@ -367,9 +367,13 @@ def paged_decode_kernel(
                 v_scales = tl.load(v_descale_ptr + vd_rows[:, None] + block_heads[None, :] * stride_vd_head,
                                    mask=valid[:, None], other=0.0)
                 row_index = tl.broadcast_to(row_kv[:, None], [BLOCK_H, BLOCK_N])
-                k_tok_scale = tl.gather(tl.trans(k_scales), row_index, 0)
                 v_tok_scale = tl.gather(tl.trans(v_scales), row_index, 0)
-                tile_scale = k_tok_scale * chunk_scale
+                # [BLOCK_H]: floor(log2) of the largest V scale of each row's head in the tile
+                row_v_exp = tl.gather(column_scale_exponent(v_scales, 0), row_kv, 0)
+                if Q_FP8:  # chunk_scale [BLOCK_H, 1]: each row's query descale (and the softmax scale)
+                    tile_scale = tl.gather(tl.trans(k_scales), row_index, 0) * chunk_scale
+                else:  # a scalar score scale joins the [BLOCK_N, KV_HEADS] tile: 4 products per token, not 1 per row
+                    tile_scale = tl.gather(tl.trans(k_scales * score_scale), row_index, 0)
             elif PER_TOKEN_SCALES:
                 k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
                 v_tok_scale = tl.load(vd_head_ptr + vd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
@@ -417,8 +421,7 @@ def paged_decode_kernel(
             if PER_TOKEN_SCALES and KV_HEADS == 1:
                 p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
             elif PER_TOKEN_SCALES:  # scale_p_columns with each row's own scales and E
-                # [BLOCK_H]: floor(log2) of each row's largest V scale in the tile, E raised to it
-                new_exp = raise_scale_exponent(v_exp, column_scale_exponent(v_tok_scale, 1))
+                new_exp = raise_scale_exponent(v_exp, row_v_exp)
                 alpha = alpha * tl.math.exp2(v_exp - new_exp)
                 p = p * (v_tok_scale * tl.math.exp2(-new_exp)[:, None])
                 v_exp = new_exp
