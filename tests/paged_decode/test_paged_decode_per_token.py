@@ -87,10 +87,13 @@ def test_per_token_many_kv_heads(device, heads, kv_heads_per_program):
 
 @pytest.mark.parametrize("kv_dtype", FP8)
 def test_per_token_features(device, kv_dtype):
-    """Window, softcap, sinks and GQA 6/2 together, split over the keys."""
+    """Window, softcap, sinks, ALiBi and GQA 6/2 together (both KV heads in one program, in 6 of its 16 rows),
+    split over the keys."""
     q, kv = _case(device, [57, 9, 33], kv_dtype, num_q_heads=6, seed=3)
+    assert _kv_heads_per_program(6, 2) == 2
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0, 1.0, -0.5], device=device)
-    _check(q, kv, 57, num_splits=2, window_size=(20, 0), softcap=15.0, s_aux=sinks)
+    slopes = torch.linspace(0.01, 0.2, 3 * 6, device=device).view(3, 6)
+    _check(q, kv, 57, num_splits=2, window_size=(20, 0), softcap=15.0, s_aux=sinks, alibi_slopes=slopes)
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
