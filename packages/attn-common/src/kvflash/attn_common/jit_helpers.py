@@ -259,12 +259,13 @@ def to_e4m3(x, ROUND_IN_SOFTWARE: tl.constexpr):
 
 
 @triton.jit
-def column_scale_exponent(v_col_scale, AXIS: tl.constexpr = 0):
-    """``floor(log2(max_j |vscale_j|))`` of a tile's per-key V descales (``v_col_scale [BLOCK_N]`` fp32, 0 for masked
-    keys; or ``[BLOCK_M, BLOCK_N]`` with ``AXIS`` 1, one per row), read from the float's exponent bits (exact, and
-    two integer instructions instead of a log2). An all-zero (all-masked) tile gives -127, and a subnormal maximum
-    at most -127, which :func:`raise_scale_exponent`'s clamp to -100 turns into no change."""
-    v_max = tl.max(tl.abs(v_col_scale), AXIS)
+def column_scale_exponent(v_col_scale):
+    """``floor(log2(max_j |vscale_j|))`` over a tile's keys ``j``, the first axis of ``v_col_scale`` (fp32, 0 for
+    masked keys): ``[BLOCK_N]`` gives one exponent, a ``[BLOCK_N, KV_HEADS]`` tile one per KV head. Read from the
+    float's exponent bits (exact, and two integer instructions instead of a log2). An all-zero (all-masked) tile gives
+    -127, and a subnormal maximum at most -127, which :func:`raise_scale_exponent`'s clamp to -100 turns into no
+    change."""
+    v_max = tl.max(tl.abs(v_col_scale), 0)
     return ((v_max.to(tl.int32, bitcast=True) >> 23) - 127).to(tl.float32)
 
 

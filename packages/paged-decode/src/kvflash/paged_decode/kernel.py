@@ -369,7 +369,7 @@ def paged_decode_kernel(
                 row_index = tl.broadcast_to(row_kv[:, None], [BLOCK_H, BLOCK_N])
                 v_tok_scale = tl.gather(tl.trans(v_scales), row_index, 0)
                 # [BLOCK_H]: floor(log2) of the largest V scale of each row's head in the tile
-                row_v_exp = tl.gather(column_scale_exponent(v_scales, 0), row_kv, 0)
+                row_v_exp = tl.gather(column_scale_exponent(v_scales), row_kv, 0)
                 if Q_FP8:  # chunk_scale [BLOCK_H, 1]: each row's query descale (and the softmax scale)
                     tile_scale = tl.gather(tl.trans(k_scales), row_index, 0) * chunk_scale
                 else:  # a scalar score scale joins the [BLOCK_N, KV_HEADS] tile: 4 products per token, not 1 per row
