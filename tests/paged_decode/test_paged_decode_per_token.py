@@ -11,7 +11,6 @@ import torch
 
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token_kv, poison
-from kvflash.fp8_utils import quantize_query
 from kvflash.paged_decode import paged_decode_attention
 from kvflash.paged_decode.launch_config import choose_paged_decode_config
 
@@ -104,15 +103,26 @@ def test_per_token_contiguous(device, kv_dtype):
     _check(q, kv, 44, per_token_kw=True, num_splits=2)
 
 
-@pytest.mark.parametrize("q_granularity", ["per_kv_head", "per_token_head"])
-def test_per_token_kv_with_fp8_query(device, q_granularity):
+def _fp8_query(q16, num_kv_heads, per_token):
+    """``q`` in e4m3 and its descale, ``amax / 448``: ``[Hkv]`` (per KV head) or ``[total_q, Hq]`` (per token and query
+    head). Written here: this package's tests do not import fp8_utils (its ``quantize_query``)."""
+    qf = q16.float()
+    if per_token:
+        descale = qf.abs().amax(-1) / 448
+        return (qf / descale[..., None]).to(torch.float8_e4m3fn), descale
+    group = q16.shape[1] // num_kv_heads
+    descale = qf.abs().view(q16.shape[0], num_kv_heads, group, -1).amax((0, 2, 3)) / 448
+    return (qf / descale.repeat_interleave(group)[None, :, None]).to(torch.float8_e4m3fn), descale
+
+
+@pytest.mark.parametrize("per_token_q", [False, True])
+def test_per_token_kv_with_fp8_query(device, per_token_q):
     """An fp8 query with its descales (per KV head, or per token and query head: a per-row factor) over per-token-head
     K/V scales, two KV heads per program: the query's and each row's head's K scales both reach the scores."""
     q16, kv = _case(device, [41, 70], torch.float8_e5m2, seed=10)
     assert _kv_heads_per_program(4, 2) == 2
     cu_q = torch.arange(q16.shape[0] + 1, dtype=torch.int32, device=device)
-    q8, q_descale = quantize_query(q16, 2, granularity=q_granularity, cu_seqlens_q=cu_q)
-    per_token_q = q_granularity == "per_token_head"
+    q8, q_descale = _fp8_query(q16, 2, per_token_q)
     q_kw = dict(q_descale=q_descale, q_descale_per_token=per_token_q)
     out = poison(torch.empty(q16.shape, dtype=torch.float16, device=device))
     got = paged_decode_attention(q8, kv.k, kv.v, 70, k_descale=kv.k_descale, v_descale=kv.v_descale, out=out,
