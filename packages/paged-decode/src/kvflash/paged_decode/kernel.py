@@ -215,6 +215,8 @@ def paged_decode_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
     tl.static_assert(HEAD_CHUNKS == 1 or KV_HEADS == 1, "a chunked group takes one KV head per program")
+    # (the per-token scale tile is [BLOCK_N, KV_HEADS]: tl.arange needs a power of two)
+    tl.static_assert(not PER_TOKEN_SCALES or (KV_HEADS & (KV_HEADS - 1)) == 0, "per-token descales: KV_HEADS 1, 2, 4..")
     allow_dependent_launch(LAUNCH_DEPENDENTS)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -270,8 +272,9 @@ def paged_decode_kernel(
     if PER_TOKEN_SCALES:  # per-token descales are read per tile (below)
         score_scale = softmax_scale
         v_descale = tl.full([], 1.0, dtype=tl.float32)
-        kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
-        vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
+        if KV_HEADS == 1:  # the head's scales (head blocks index them per tile, below)
+            kd_head_ptr = k_descale_ptr + kv_head.to(tl.int64) * stride_kd_head
+            vd_head_ptr = v_descale_ptr + kv_head.to(tl.int64) * stride_vd_head
     elif KV_HEADS == 1:
         # K descale folds into the score scale: (q . k_stored) * k_descale = q . k_real.
         k_descale = tl.load(k_descale_ptr + seq * stride_kd_seq + kv_head * stride_kd_head)
@@ -363,16 +366,16 @@ def paged_decode_kernel(
                 # 16 KiB of K and V, against 1213 with per-head descales and 2 x 1006 with one head per program.
                 block_heads = tl.minimum(kv_head + tl.arange(0, KV_HEADS), num_kv_heads - 1).to(tl.int64)
                 k_scales = tl.load(k_descale_ptr + kd_rows[:, None] + block_heads[None, :] * stride_kd_head,
-                                   mask=valid[:, None], other=0.0)
+                                   mask=valid[:, None], other=0.0)  # fmt: skip
                 v_scales = tl.load(v_descale_ptr + vd_rows[:, None] + block_heads[None, :] * stride_vd_head,
-                                   mask=valid[:, None], other=0.0)
+                                   mask=valid[:, None], other=0.0)  # fmt: skip
                 row_index = tl.broadcast_to(row_kv[:, None], [BLOCK_H, BLOCK_N])
-                v_tok_scale = tl.gather(tl.trans(v_scales), row_index, 0)
+                v_tok_scale = tl.gather(tl.trans(v_scales), row_index, 0)  # [BLOCK_H, BLOCK_N]
                 # [BLOCK_H]: floor(log2) of the largest V scale of each row's head in the tile
                 row_v_exp = tl.gather(column_scale_exponent(v_scales), row_kv, 0)
                 if Q_FP8:  # chunk_scale [BLOCK_H, 1]: each row's query descale (and the softmax scale)
                     tile_scale = tl.gather(tl.trans(k_scales), row_index, 0) * chunk_scale
-                else:  # a scalar score scale joins the [BLOCK_N, KV_HEADS] tile: 4 products per token, not 1 per row
+                else:  # a scalar score scale joins the [BLOCK_N, KV_HEADS] tile: KV_HEADS products a token, not BLOCK_H
                     tile_scale = tl.gather(tl.trans(k_scales * score_scale), row_index, 0)
             elif PER_TOKEN_SCALES:
                 k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
