@@ -9,9 +9,8 @@ import torch
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, poison
 from kvflash.paged_decode import paged_decode_attention
-from kvflash.paged_decode.launch_config import choose_paged_decode_config
 
-from ..cases import check_paged_decode, make_case, reference
+from ..cases import check_paged_decode, decode_config, make_case, reference
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -23,17 +22,8 @@ def _descales(device, num_seqs, num_kv_heads, seed):
     return k.to(device), v.to(device)
 
 
-def _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1, kv_itemsize=1):
-    """The chooser's decode config for 3 sequences of up to 100 keys (interpreter launch settings)."""
-    return choose_paged_decode_config(
-        num_seqs=3, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size,
-        kv_itemsize=kv_itemsize, max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-        interpreter=True, max_seqlen_q=max_seqlen_q,
-    )  # fmt: skip
-
-
 def _kv_heads(num_q_heads, num_kv_heads, head_size, max_seqlen_q=1):
-    return _config(num_q_heads, num_kv_heads, head_size, max_seqlen_q).kv_heads
+    return decode_config(num_q_heads, num_kv_heads, head_size, max_seqlen_q=max_seqlen_q).kv_heads
 
 
 @pytest.mark.parametrize(
@@ -48,7 +38,7 @@ def test_kv_heads_per_program(heads, expected_kv_heads):
 def test_one_kv_head_per_program_when_rows_are_full():
     assert _kv_heads(32, 8, 128, max_seqlen_q=4) == 1  # 4 tokens x 4 heads fill 16 rows
     assert _kv_heads(32, 8, 512, max_seqlen_q=1) == 1  # 4 heads of 512 would leave tiles under 16 tokens
-    assert _config(32, 8, 128, kv_itemsize=2).kv_heads == 1
+    assert decode_config(32, 8, 128, kv_itemsize=2).kv_heads == 1
 
 
 def test_runtime_query_count_only_for_four_head_blocks_at_head_pad_128():
@@ -56,10 +46,10 @@ def test_runtime_query_count_only_for_four_head_blocks_at_head_pad_128():
     4-KV-head FP8 config at D 128 takes the runtime count, GQA 8's 2-head blocks, D 64 and bf16 the constant. The
     reference tests in this file run both builds (test_each_row_reads_its_own_heads_values and
     test_two_head_blocks_at_head_pad_128)."""
-    assert _config(16, 8, 128).runtime_query_count and _config(32, 8, 128).runtime_query_count
-    assert not _config(64, 8, 128).runtime_query_count  # 2 KV heads per program
-    assert not _config(32, 8, 64).runtime_query_count  # two warps at D 64
-    assert not _config(32, 8, 128, kv_itemsize=2).runtime_query_count
+    assert decode_config(16, 8, 128).runtime_query_count and decode_config(32, 8, 128).runtime_query_count
+    assert not decode_config(64, 8, 128).runtime_query_count  # 2 KV heads per program
+    assert not decode_config(32, 8, 64).runtime_query_count  # two warps at D 64
+    assert not decode_config(32, 8, 128, kv_itemsize=2).runtime_query_count
 
 
 @pytest.mark.parametrize("kv_dtype", FP8)
@@ -154,9 +144,7 @@ def test_head_blocks_with_draft_tokens(device):
     k_descale, v_descale = _descales(device, len(seqs), 4, seed=9)
     case = make_case(seqs, num_q_heads=8, num_kv_heads=4, kv_dtype=torch.float8_e4m3fn, k_descale=k_descale,
                      v_descale=v_descale, device=device, seed=38)  # fmt: skip
-    cfg = choose_paged_decode_config(num_seqs=3, num_kv_heads=4, group=2, head_size=64, kv_itemsize=1, max_seqlen_k=51,
-                                     window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
-                                     max_seqlen_q=2, fill_rows=False)  # fmt: skip
+    cfg = decode_config(8, 4, 64, max_seqlen_q=2, fill_rows=False)
     assert (cfg.q_tokens, cfg.kv_heads) == (2, 4)
     gen = torch.Generator().manual_seed(39)
     q = torch.randn(sum(q_lens), 8, 64, generator=gen).half().to(device)

@@ -12,7 +12,8 @@ import torch
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token_kv, poison
 from kvflash.paged_decode import paged_decode_attention
-from kvflash.paged_decode.launch_config import choose_paged_decode_config
+
+from ..cases import decode_config
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
 
@@ -64,12 +65,9 @@ def test_per_token_paged(device, kv_dtype, block_size, num_splits):
     _check(q, kv, 70, num_splits=num_splits)
 
 
-def _kv_heads_per_program(num_q_heads, num_kv_heads, head_size=32):
-    """KV heads per program of the chooser's decode config (interpreter settings) for these heads."""
-    return choose_paged_decode_config(
-        num_seqs=2, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size, kv_itemsize=1,
-        max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4, interpreter=True,
-    ).kv_heads  # fmt: skip
+def _kv_heads_per_program(num_q_heads, num_kv_heads):
+    """KV heads per program of the chooser's decode config for these heads at this file's head size, 32."""
+    return decode_config(num_q_heads, num_kv_heads, 32).kv_heads
 
 
 @pytest.mark.parametrize("heads, kv_heads_per_program", [((4, 2), 2), ((12, 6), 2), ((24, 8), 4), ((16, 1), 1)])
