@@ -259,7 +259,7 @@ def check_paged_decode(case: Case, *, num_splits: int = 0, atol: float = 2e-3, *
 
 
 def decode_config(num_q_heads: int, num_kv_heads: int, head_size: int, *, max_seqlen_q: int = 1, kv_itemsize: int = 1,
-                  fill_rows: bool = True):  # fmt: skip
+                  fill_rows: bool = True, per_token_scales: bool = False):  # fmt: skip
     """The decode chooser's launch config for 3 sequences of up to 100 keys, with the interpreter's settings: what
     the tests assert of it (KV heads per program, rows, tokens per pass) does not depend on the batch or the device."""
     from kvflash.paged_decode.launch_config import choose_paged_decode_config
@@ -267,7 +267,7 @@ def decode_config(num_q_heads: int, num_kv_heads: int, head_size: int, *, max_se
     return choose_paged_decode_config(
         num_seqs=3, num_kv_heads=num_kv_heads, group=num_q_heads // num_kv_heads, head_size=head_size,
         kv_itemsize=kv_itemsize, max_seqlen_k=100, window_left=-1, num_splits=0, multiprocessor_count=4,
-        interpreter=True, max_seqlen_q=max_seqlen_q, fill_rows=fill_rows,
+        interpreter=True, max_seqlen_q=max_seqlen_q, fill_rows=fill_rows, per_token_scales=per_token_scales,
     )  # fmt: skip
 
 

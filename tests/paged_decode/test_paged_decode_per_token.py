@@ -66,15 +66,25 @@ def test_per_token_paged(device, kv_dtype, block_size, num_splits):
 
 
 def _kv_heads_per_program(num_q_heads, num_kv_heads):
-    """KV heads per program of the chooser's decode config for these heads at this file's head size, 32."""
-    return decode_config(num_q_heads, num_kv_heads, 32).kv_heads
+    """KV heads per program of the chooser's decode config for these heads at this file's head size, 32, with
+    per-token-head descales (at most 2; per-(sequence, head) descales would take up to 4 here)."""
+    return decode_config(num_q_heads, num_kv_heads, 32, per_token_scales=True).kv_heads
 
 
-@pytest.mark.parametrize("heads, kv_heads_per_program", [((4, 2), 2), ((12, 6), 2), ((24, 8), 4), ((16, 1), 1)])
+def test_per_token_takes_at_most_two_kv_heads_per_program():
+    assert decode_config(24, 8, 32).kv_heads == 4
+    assert _kv_heads_per_program(24, 8) == 2
+    assert decode_config(32, 8, 128).kv_heads == 4
+    assert decode_config(32, 8, 128, per_token_scales=True).kv_heads == 2
+    # the wider block's tiles: 16 tokens of 2 heads, not 2 heads' own 32-token tiles
+    assert decode_config(32, 8, 128, per_token_scales=True).block_n == decode_config(32, 8, 128).block_n
+
+
+@pytest.mark.parametrize("heads, kv_heads_per_program", [((4, 2), 2), ((12, 6), 2), ((24, 8), 2), ((16, 1), 1)])
 def test_per_token_many_kv_heads(device, heads, kv_heads_per_program):
-    """Hkv 2, 6 and 8 (GQA 2, 2 and 3): several KV heads per program, each row gathering its own head's scales
-    (one reading another head's would be off by the heads' magnitudes); GQA 3 with 4 heads leaves 4 of the 16 rows
-    as padding. GQA 16 over one KV head: one head per program."""
+    """Hkv 2, 6 and 8 (GQA 2, 2 and 3): two KV heads per program, each row gathering its own head's scales (one
+    reading another head's would be off by the heads' magnitudes); GQA 3 leaves 10 of the 16 rows as padding. GQA
+    16 over one KV head: one head per program."""
     num_q_heads, num_kv_heads = heads
     assert _kv_heads_per_program(num_q_heads, num_kv_heads) == kv_heads_per_program
     q, kv = _case(device, [37, 66], torch.float8_e4m3fn, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,

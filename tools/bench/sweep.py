@@ -119,7 +119,7 @@ def _decode_chosen(spec, setting: dict[str, int]):
     return choose_paged_decode_config(
         num_seqs=spec.num_seqs, num_kv_heads=spec.hkv, group=spec.hq // spec.hkv, head_size=spec.d,
         kv_itemsize=1 if spec.kv_dtype != "bf16" else 2, max_seqlen_k=spec.ctx, window_left=-1,
-        num_splits=setting.get("num_splits", 0), max_seqlen_q=spec.q_len,
+        num_splits=setting.get("num_splits", 0), per_token_scales=spec.per_token, max_seqlen_q=spec.q_len,
         multiprocessor_count=platform.multiprocessor_count(torch.device("cuda")),
         interpreter=platform.interpreter_enabled(),
     )  # fmt: skip

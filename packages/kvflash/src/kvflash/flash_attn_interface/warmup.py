@@ -459,6 +459,7 @@ def _varlen_candidates(
                 num_seqs=num_seqs, num_kv_heads=hkv, group=group, head_size=d, kv_itemsize=itemsize,
                 max_seqlen_k=max_k, window_left=window_left, num_splits=splits, multiprocessor_count=sms,
                 interpreter=interpreter, max_seqlen_q=queries, fill_rows=fill_rows,
+                per_token_scales=token_scales is not None,
             )  # fmt: skip
 
         def launched(max_k):

@@ -33,6 +33,7 @@ TILE_ELEMENTS = 8192
 SMALL_HEAD_TILE_ELEMENTS = 4096
 SMALL_HEAD_PAD = 64
 MIN_BLOCK_N = 16  # tl.dot's smallest N
+PER_TOKEN_MAX_KV_HEADS = 2  # KV heads per program with per-token-head descales (choose_paged_decode_config)
 MAX_BLOCK_N = 128
 # Automatic split-KV: no split when the (sequence, KV-head block) programs alone give NO_SPLIT_PROGRAMS_PER_SM per
 # SM (64 x 4096 at Hkv 8 measured faster unsplit); otherwise as many splits as fit in one wave of the
@@ -150,6 +151,7 @@ def choose_paged_decode_config(
     interpreter: bool,
     max_seqlen_q: int = 1,
     fill_rows: bool = True,
+    per_token_scales: bool = False,
 ) -> PagedDecodeLaunchConfig:
     """Pick the decode launch settings from shapes and Python ints.
 
@@ -178,6 +180,9 @@ def choose_paged_decode_config(
         ``Q_TOKENS`` variants (one per ``block_h``) instead of one per value, so a warm-up has fewer kernels to
         build. False keeps ``q_tokens = max_seqlen_q`` exactly (``defer_longer_sequences`` needs it: the kernel
         leaves sequences longer than ``Q_TOKENS`` to the prefill kernel).
+    per_token_scales : bool
+        Per-token-head K/V descales: at most ``PER_TOKEN_MAX_KV_HEADS`` KV heads per program, on the tiles and
+        split count of the wider head block (see the measurements where it is applied).
     """
     if group > MAX_BLOCK_H:
         q_tokens, block_h = 1, MAX_BLOCK_H
@@ -246,6 +251,13 @@ def choose_paged_decode_config(
         # 2 stages 1.57x, 2 warps / 3 stages 1.93x, 4 warps with 128-token tiles 1.68x, 2 splits 1.85x. With V in
         # halves (less shared memory per stage), 3 stages: 64 x 4096 58.7 -> 61.4 % of copy.
         num_warps, num_stages = 2, (3 if v_halves else 2)
+    if per_token_scales and kv_heads > PER_TOKEN_MAX_KV_HEADS:
+        # Per-token-head descales gather each tile's scales to the program's rows (two layout conversions per tile,
+        # wider with more heads): two KV heads per program, keeping the wider block's tiles and splits (so twice the
+        # programs). H200, e4m3, same call (`sweep decode --per-token`, 4 heads -> 2): 64 x 4096 0.1577 -> 0.1545 ms,
+        # 128 x 8192 0.5909 -> 0.5799 ms, 1 x 131072 0.0864 -> 0.0853 ms, 4 x 32768 0.0860 -> 0.0848 ms; two heads with
+        # their own 32-token tiles or half the splits: 4-17 % slower.
+        kv_heads = PER_TOKEN_MAX_KV_HEADS
     return PagedDecodeLaunchConfig(
         block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves,
         runtime_query_count,

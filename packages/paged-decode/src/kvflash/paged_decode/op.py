@@ -303,7 +303,7 @@ def _paged_decode_impl(
         # A mixed batch's decode rows: the 1-query rows may take the decode config (and its split-KV) in a launch of
         # their own, the sequences of 2..max_seqlen_q queries a second launch (one_query_rows_apart).
         choose = functools.partial(
-            _choose_config, q, k, block_table, cu_seqlens_k, cu_seqlens_q,
+            _choose_config, q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale,
             max_seqlen_k=max_seqlen_k, window_left=window_left, num_splits=num_splits,
             defer_longer_sequences=True, interpreter=platform.interpreter_enabled(),
         )  # fmt: skip
@@ -328,7 +328,7 @@ _PAGED_DECODE_OP = define_op(
 
 
 def _choose_config(
-    q, k, block_table, cu_seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left, num_splits,
+    q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale, max_seqlen_q, max_seqlen_k, window_left, num_splits,
     defer_longer_sequences, interpreter,
 ) -> PagedDecodeLaunchConfig:  # fmt: skip
     """:func:`choose_paged_decode_config` for the op's normalised arguments."""
@@ -346,6 +346,7 @@ def _choose_config(
         interpreter=interpreter,
         max_seqlen_q=max_seqlen_q if cu_seqlens_q is not None else 1,
         fill_rows=not defer_longer_sequences,
+        per_token_scales=is_per_token_descale(k_descale),
     )
 
 
@@ -385,8 +386,8 @@ def launch_paged_decode(
     cfg = config
     if cfg is None:
         cfg = _choose_config(
-            q, k, block_table, cu_seqlens_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, window_left, num_splits,
-            defer_longer_sequences, interpreter,
+            q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale, max_seqlen_q, max_seqlen_k, window_left,
+            num_splits, defer_longer_sequences, interpreter,
         )  # fmt: skip
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
