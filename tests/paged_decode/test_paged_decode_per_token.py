@@ -6,12 +6,15 @@ from token to token and head to head; unused scale slots hold NaN (a kernel read
 poisoned; the references are float64 (exact) and fp16 (the tolerance rule's low-precision baseline).
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 from kvflash.attn_common import reference_attention
 from kvflash.attn_common.testing import assert_close_fa_rule, make_fp8_per_token_kv, poison
 from kvflash.paged_decode import paged_decode_attention
+from kvflash.paged_decode.launch_config import choose_paged_decode_config
 
 from ..cases import decode_config
 
@@ -72,12 +75,15 @@ def _kv_heads_per_program(num_q_heads, num_kv_heads):
 
 
 def test_per_token_takes_at_most_two_kv_heads_per_program():
-    assert decode_config(24, 8, 32).kv_heads == 4
-    assert _kv_heads_per_program(24, 8) == 2
-    assert decode_config(32, 8, 128).kv_heads == 4
-    assert decode_config(32, 8, 128, per_token_scales=True).kv_heads == 2
-    # the wider block's tiles: 16 tokens of 2 heads, not 2 heads' own 32-token tiles
-    assert decode_config(32, 8, 128, per_token_scales=True).block_n == decode_config(32, 8, 128).block_n
+    """Per-token-head descales: two KV heads per program on the four-head block's tiles and split count (twice the
+    programs), where per-(sequence, head) descales take four (the H200's config for 64 x 4096, D 128)."""
+    common = dict(num_seqs=64, num_kv_heads=8, group=4, head_size=128, kv_itemsize=1, max_seqlen_k=4096,
+                  window_left=-1, num_splits=0, multiprocessor_count=132, interpreter=False)  # fmt: skip
+    per_head = choose_paged_decode_config(**common)
+    per_token = choose_paged_decode_config(**common, per_token_scales=True)
+    assert (per_head.kv_heads, per_token.kv_heads) == (4, 2)
+    assert dataclasses.replace(per_token, kv_heads=4) == per_head
+    assert decode_config(24, 8, 32).kv_heads == 4 and _kv_heads_per_program(24, 8) == 2
 
 
 @pytest.mark.parametrize("heads, kv_heads_per_program", [((4, 2), 2), ((12, 6), 2), ((24, 8), 2), ((16, 1), 1)])
