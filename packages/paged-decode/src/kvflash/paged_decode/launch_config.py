@@ -75,7 +75,8 @@ class PagedDecodeLaunchConfig:
     kv_heads : int
         KV heads per program (a power of two dividing Hkv): the rows of several KV heads share one program when
         one head's rows leave ``block_h`` padded (FP8 caches: GQA <= 8 with an even Hkv and tiles of at least 16
-        tokens, D <= 256), so a tile's softmax and page walk serve all of them.
+        tokens, D <= 256; at most ``PER_TOKEN_MAX_KV_HEADS`` with per-token-head descales), so a tile's softmax and
+        page walk serve all of them.
     head_pad : int
         Head size rounded up to a power of two.
     block_n : int
