@@ -5,7 +5,7 @@ A kernel that skips or misapplies the rescaling of its running output or denomin
 import pytest
 import torch
 
-from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES
+from kvflash.attn_common.dtypes import FP8_TORCH_DTYPES, saturate_to_fp8
 
 from ..cases import check_paged_decode, make_case
 
@@ -18,9 +18,9 @@ def ramp_keys(case, top: float) -> None:
         ramp = 1 + top * torch.arange(kv_len, device=case.k.device) / max(kv_len, 1)
         rows = case.k[start : start + kv_len].float() * ramp[:, None, None]
         if case.k.dtype in FP8_TORCH_DTYPES:
-            limit = torch.finfo(case.k.dtype).max
-            rows = rows.clamp(-limit, limit)
-        case.k[start : start + kv_len] = rows.to(case.k.dtype)
+            case.k[start : start + kv_len] = saturate_to_fp8(rows, 1.0, case.k.dtype)
+        else:
+            case.k[start : start + kv_len] = rows.to(case.k.dtype)
         start += kv_len
 
 
