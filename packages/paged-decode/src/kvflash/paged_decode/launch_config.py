@@ -254,10 +254,11 @@ def choose_paged_decode_config(
         num_warps, num_stages = 2, (3 if v_halves else 2)
     if per_token_scales and kv_heads > PER_TOKEN_MAX_KV_HEADS:
         # Per-token-head descales gather each tile's scales to the program's rows (two layout conversions per tile,
-        # wider with more heads): two KV heads per program, keeping the wider block's tiles and splits (so twice the
-        # programs). H200, e4m3, same call (`sweep decode --per-token`, 4 heads -> 2): 64 x 4096 0.1577 -> 0.1545 ms,
-        # 128 x 8192 0.5909 -> 0.5799 ms, 1 x 131072 0.0864 -> 0.0853 ms, 4 x 32768 0.0860 -> 0.0848 ms; two heads with
-        # their own 32-token tiles or half the splits: 4-17 % slower.
+        # wider with more heads): two KV heads per program, every other setting the wider block's (its tiles, splits,
+        # warps and runtime query count: twice the programs, as measured). H200, e4m3, same call (`sweep decode
+        # --per-token`, 4 heads -> 2): 64 x 4096 0.1577 -> 0.1545 ms, 128 x 8192 0.5909 -> 0.5799 ms, 1 x 131072
+        # 0.0864 -> 0.0853 ms, 4 x 32768 0.0860 -> 0.0848 ms; two heads with their own 32-token tiles or half the
+        # splits: 4-17 % slower.
         kv_heads = PER_TOKEN_MAX_KV_HEADS
     return PagedDecodeLaunchConfig(
         block_h, head_chunks, h_rows, q_tokens, kv_heads, head_pad, block_n, splits, num_warps, num_stages, v_halves,
