@@ -211,12 +211,7 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
     """The item's K/V tiles over an FP8 cache when QK^T runs on fp8 operands (an fp8 query, or a bf16 one split in
     two e4m3 terms): K as stored straight into the consumers' fp8 ring, V into the staging ring and widened to fp16
     (with ``PV_FP8``: transposed in fp8, :func:`~kvflash.chunk_prefill.hopper_pv_fp8.transpose_v_tile`); both
-    gathered by cp.async one tile ahead (one commit group per tile), their page ids a tile further ahead.
-
-    Step ``j`` publishes K of tile ``g`` as soon as its copies are in, before it waits for the consumers to free
-    the slot of tile ``g + 1``: that wait lasts until both consumer warpgroups have finished ``S`` of tile ``g - 1``,
-    and publishing behind it held the leading warpgroup for the lagging one (H200, 4 x (2048 + 2048), e4m3, bf16
-    query: 474-480 -> 491 TFLOP/s; docs/chunk_prefill_perf.md, session 19)."""
+    gathered by cp.async one tile ahead (one commit group per tile), their page ids a tile further ahead."""
     g0 = it
     s0 = g0 % STAGES
     pages = _tile_pages(bt_row, 0, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
@@ -230,20 +225,19 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
         s = g % STAGES
         ph = (g // STAGES) & 1
         start_n = j * BLOCK_N
-        async_copy.wait_group(0)  # this thread's copies of tile g (the only group in flight) are in
-        fence_async_shared()  # cp.async (generic proxy) writes before the wgmma (async proxy) reads K
-        gl.thread_barrier()  # and everyone's
-        mbarrier.arrive(k_ready.index(s))
         if j + 1 < n_tiles:
             s1 = (g + 1) % STAGES
-            # the consumers' K slot of tile g + 1 held tile g + 1 - STAGES: released after its QK^T. Its V staging
-            # slot held tile g - 1, transposed or widened at step j - 1 (behind that step's thread barrier).
+            # the consumers' K slot of tile g + 1 held tile g + 1 - STAGES: released after its QK^T
             mbarrier.wait(k_empty.index(s1), (((g + 1) // STAGES) & 1) ^ 1)
             _gather_kv(k_ptr, v_ptr, pages, start_n + BLOCK_N, kv_len, col, stride_block, stride_token,
                        k_smem.index(s1), v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)
-            async_copy.commit_group()
             pages = _tile_pages(bt_row, start_n + 2 * BLOCK_N, kv_len, num_blocks, BLOCK_N, HEAD_D, PAGE,
                                 PRODUCER_WARPS)
+        async_copy.commit_group()
+        async_copy.wait_group(1)  # this thread's copies of tile g are in
+        fence_async_shared()  # cp.async (generic proxy) writes before the wgmma (async proxy) reads K
+        gl.thread_barrier()  # and everyone's
+        mbarrier.arrive(k_ready.index(s))
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         if PV_FP8:  # rows past kv_len are zero in the staging tile (masked cp.async): no tail to fix
             transpose_v_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, HEAD_D, PRODUCER_WARPS)
@@ -255,6 +249,7 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(v_ready.index(s))
+    async_copy.wait_group(0)  # the empty group of the last step
 
 
 @gluon.jit
