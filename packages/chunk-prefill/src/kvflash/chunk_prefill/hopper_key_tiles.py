@@ -130,14 +130,14 @@ def _consumer_step_pv_fp8(j, g, t, q_mma, k_smem, v_smem, k_ready, k_empty, v_re
     ph = (g // STAGES) & 1
     s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
     mbarrier.arrive(k_empty.index(s))
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), t & 1)
     p32, alpha, m_i, l_i = _softmax(s_acc, m_i, l_i, qk_scale, qk_scalar, q_pos, j * BLOCK_N, MASKED, False, P_LOG2)
     p = p_to_e4m3(p32, p_layout, BLOCK_N)
     s1 = (g + 1) % STAGES
     mbarrier.wait(v_ready.index(s), ph)
     if NEXT:
         mbarrier.wait(k_ready.index(s1), ((g + 1) // STAGES) & 1)
+    if PINGPONG:
+        mbarrier.wait(turn.index(WG), t & 1)
     fresh = gl.zeros([p.shape[0], HEAD_D], gl.float32, o_layout)
     t_acc = warpgroup_mma(p, v_smem.index(s).permute((1, 0)), fresh, use_acc=False, is_async=True)
     if PINGPONG:
