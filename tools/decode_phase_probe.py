@@ -23,6 +23,8 @@ import shutil
 import sys
 import tempfile
 
+from tools.source_edits import apply_anchor_edits
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "packages" / "paged-decode" / "src" / "kvflash" / "paged_decode"
 for _pkg in ("attn-common", "chunk-prefill", "fp8-utils", "kvflash"):
@@ -92,15 +94,6 @@ OP_EDITS = (
 )
 
 
-def _edit(text: str, edits: tuple, name: str) -> str:
-    for anchor, replacement in edits:
-        count = text.count(anchor)
-        if count != 1:
-            raise RuntimeError(f"{name}: the probe's anchor occurs {count} times (expected once): {anchor.strip()!r}")
-        text = text.replace(anchor, replacement)
-    return text
-
-
 def build_stamped_package(dest: pathlib.Path) -> pathlib.Path:
     """Copy ``kvflash.paged_decode`` to ``dest/kvflash/paged_decode`` with the stamps written into the kernel;
     returns ``dest`` (the folder to put first on ``sys.path``). Raises if the kernel's source no longer has the
@@ -109,7 +102,7 @@ def build_stamped_package(dest: pathlib.Path) -> pathlib.Path:
     shutil.copytree(PACKAGE, target)
     for name, edits in (("kernel.py", KERNEL_EDITS), ("op.py", OP_EDITS)):
         path = target / name
-        path.write_text(_edit(path.read_text(), edits, name))
+        path.write_text(apply_anchor_edits(path.read_text(), edits, name))
     return dest
 
 

@@ -26,6 +26,8 @@ import shutil
 import sys
 import tempfile
 
+from tools.source_edits import apply_anchor_edits
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "packages" / "chunk-prefill" / "src" / "kvflash" / "chunk_prefill"
 for _pkg in ("attn-common", "paged-decode", "fp8-utils", "kvflash"):
@@ -100,15 +102,6 @@ def _edits(address: int) -> tuple:
     )
 
 
-def _edit(text: str, edits: tuple, name: str) -> str:
-    for anchor, replacement in edits:
-        count = text.count(anchor)
-        if count != 1:
-            raise RuntimeError(f"{name}: the probe's anchor occurs {count} times (expected once): {anchor.strip()!r}")
-        text = text.replace(anchor, replacement)
-    return text
-
-
 def build_stamped_package(dest: pathlib.Path, address: int) -> pathlib.Path:
     """Copy ``kvflash.chunk_prefill`` to ``dest/kvflash/chunk_prefill`` with the stamps written into the consumer
     steps, storing into the int64 buffer at ``address``; returns ``dest`` (the folder to put first on
@@ -116,7 +109,7 @@ def build_stamped_package(dest: pathlib.Path, address: int) -> pathlib.Path:
     target = dest / "kvflash" / "chunk_prefill"
     shutil.copytree(PACKAGE, target)
     path = target / "hopper_key_tiles.py"
-    path.write_text(_edit(path.read_text(), _edits(address), path.name))
+    path.write_text(apply_anchor_edits(path.read_text(), _edits(address), path.name))
     return dest
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tools import decode_phase_probe as probe
+from tools.source_edits import apply_anchor_edits
 
 
 def test_the_stamped_copy_builds_from_the_current_kernel(tmp_path):
@@ -23,7 +24,7 @@ def test_the_stamped_copy_builds_from_the_current_kernel(tmp_path):
 
 def test_a_missing_anchor_is_an_error():
     with pytest.raises(RuntimeError, match="occurs 0 times"):
-        probe._edit("def f():\n    pass\n", probe.KERNEL_EDITS[:1], "kernel.py")
+        apply_anchor_edits("def f():\n    pass\n", probe.KERNEL_EDITS[:1], "kernel.py")
 
 
 def test_the_phase_table_from_synthetic_stamps():

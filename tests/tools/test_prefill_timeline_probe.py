@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tools import prefill_timeline_probe as probe
+from tools.source_edits import apply_anchor_edits
 
 
 def test_the_stamped_copy_builds_from_the_current_source(tmp_path):
@@ -21,7 +22,7 @@ def test_the_stamped_copy_builds_from_the_current_source(tmp_path):
 
 def test_a_missing_anchor_is_an_error():
     with pytest.raises(RuntimeError, match="occurs 0 times"):
-        probe._edit("def f():\n    pass\n", probe._edits(0)[:1], "hopper_key_tiles.py")
+        apply_anchor_edits("def f():\n    pass\n", probe._edits(0)[:1], "hopper_key_tiles.py")
 
 
 def test_the_interval_table_from_synthetic_stamps():
