@@ -12,10 +12,10 @@ ordered by a data dependency on the row sums. The copy is imported in place of t
 launch settings and the bench's inputs (``tools.bench.inputs.make_paged_cache``) are the real ones.
 
 Printed per case (the last of a few calls): p10 / p50 / p90 cycles of each interval between consecutive points,
-per warpgroup, over the unmasked tiles after each item's first; how often the two warpgroups' softmax intervals
-overlap; and the share of the time in which at least one wgmma group was in flight (an upper bound on the tensor
-cores' busy time). The stamps add a few instructions per tile: compare intervals with each other.
-``docs/chunk_prefill_perf.md`` (session 19) reads these tables.
+per warpgroup, over consecutive stamped tiles (steps over twice the median, at item boundaries, left out); how
+often the two warpgroups' softmax intervals overlap; and the share of the time in which at least one wgmma group was
+in flight (an upper bound on the tensor cores' busy time). The stamps add about 50 instructions per tile (the fp8
+step, sm_90): compare intervals with each other. ``docs/chunk_prefill_perf.md`` (session 19) reads these tables.
 """
 
 from __future__ import annotations
