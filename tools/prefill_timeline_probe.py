@@ -174,7 +174,9 @@ def describe(stamps, path: str) -> list[str]:
     for e, name in enumerate(names):
         label = "loop back to step start" if e == 0 else name
         lines.append(f"  {label:32s}  {q(per_wg[0][e])}   {q(per_wg[1][e])}")
-    if span > 0:
+    if span == 0:
+        lines.append("  no stamps: the Hopper kernel's consumer steps did not run (another GPU, KVFLASH_GLUON=0)")
+    else:
         shared = 100 * overlap / max(softmax_total, 1)
         lines.append(f"  softmax of warpgroup 0 overlapping warpgroup 1's: {shared:.0f} %")
         lines.append(f"  a wgmma group in flight (either warpgroup): {100 * mma / span:.0f} % of the stamped span")

@@ -59,3 +59,8 @@ def test_gaps_at_peeled_tiles_are_left_out():
     # in flight: points 1 .. 4 of each tile, [100, 850] + 1000 i and [600, 1350] + 1000 i for the two warpgroups,
     # whose union over tiles 1-3 and 5-7 is 2 x 3250 cycles of the span 1000 .. 8400
     assert "a wgmma group in flight (either warpgroup): 88 %" in "\n".join(lines)
+
+
+def test_no_stamps_say_so():
+    stamps = torch.zeros(probe.PROGRAMS, 2, probe.TILES, 6, dtype=torch.float64)
+    assert "no stamps" in probe.describe(stamps, "pv_fp8")[-1]
