@@ -197,20 +197,20 @@ def main(argv: list[str] | None = None) -> None:
     stamps = torch.zeros(PROGRAMS, 2, TILES, 6, dtype=torch.int64, device="cuda")
     folder = build_stamped_package(pathlib.Path(tempfile.mkdtemp(prefix="kvflash_probe_")), stamps.data_ptr())
     sys.path.insert(0, str(folder))  # before kvflash.chunk_prefill is imported: the stamped copy is the package
-    import kvflash.chunk_prefill.hopper_key_tiles as tiles
+    import kvflash.chunk_prefill.hopper_key_tiles as key_tiles
     from kvflash.chunk_prefill import chunk_prefill_attention
     from kvflash.fp8_utils import quantize_query
     from tools.bench.cases_prefill import HKV, HQ, D, prefill_seqs
-    from tools.bench.inputs import make_paged_cache
+    from tools.bench.inputs import cu_seqlens, make_paged_cache
 
-    if not pathlib.Path(tiles.__file__).is_relative_to(folder):
-        raise SystemExit(f"kvflash.chunk_prefill was imported from {tiles.__file__}, not from the probe's copy")
+    if not pathlib.Path(key_tiles.__file__).is_relative_to(folder):
+        raise SystemExit(f"kvflash.chunk_prefill was imported from {key_tiles.__file__}, not from the probe's copy")
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | {PROGRAMS} programs stamped, {TILES} tiles each at most")
     for shape in filter(None, args.shapes.split(",")):
         seqs = prefill_seqs(shape)
         q_lens = [q for q, _ in seqs]
-        cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        cu = cu_seqlens(q_lens, "cuda")
         for kv in filter(None, args.kv.split(",")):
             cache = make_paged_cache([k for _, k in seqs], HKV, D, args.page, kv.removesuffix("-q"), gen)
             q = torch.randn(sum(q_lens), HQ, D, dtype=torch.bfloat16, device="cuda", generator=gen)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from .case import Case, Measurement
+from .inputs import cu_seqlens
 
 __all__ = ["HOST_CASES", "HostCase", "build_host_call", "host_cases", "HOST_CALLS", "BATCH_CALLS"]
 
@@ -97,7 +98,7 @@ def _varlen_call(case: HostCase, device: torch.device, small: bool) -> tuple[Cal
         pool = torch.randperm(num_blocks, device=device, generator=gen)
         block_table = pool[: num_seqs * max_blocks].view(num_seqs, max_blocks).to(torch.int32)
     seqused_k = torch.tensor(kv_lens, dtype=torch.int32, device=device)
-    cu_q = torch.tensor([0] + list(_cumsum(q_lens)), dtype=torch.int32, device=device)
+    cu_q = cu_seqlens(q_lens, device)
     q = torch.randn(sum(q_lens), HQ, D, device=device, generator=gen).to(torch.bfloat16)
     descales = {}
     if case.kv != "bf16":
@@ -133,13 +134,6 @@ def _varlen_call(case: HostCase, device: torch.device, small: bool) -> tuple[Cal
         "alloc out": functools.partial(torch.empty_like, q, memory_format=torch.contiguous_format),
     }
     return call, layers
-
-
-def _cumsum(xs):
-    total = 0
-    for x in xs:
-        total += x
-        yield total
 
 
 def _cache_call(case: HostCase, device: torch.device, small: bool) -> tuple[Callable, dict[str, Callable]]:

@@ -77,6 +77,14 @@ def make_paged_cache(
     return PagedCache(k, v, block_table, seqused_k, k_descale, v_descale)
 
 
+def cu_seqlens(lengths: list[int], device: torch.device | str) -> torch.Tensor:
+    """``[len(lengths) + 1]`` int32 offsets of each sequence's first token (``cu_seqlens_q``), from 0."""
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    return torch.tensor(offsets, dtype=torch.int32, device=device)
+
+
 def visible_pairs(q_len: int, kv_len: int) -> int:
     """(query, key) pairs a bottom-right causal sequence computes: query ``i`` sees ``kv_len - q_len + i + 1`` keys."""
     return q_len * (kv_len - q_len) + q_len * (q_len + 1) // 2
