@@ -9,7 +9,7 @@ address is baked into the copy. The points differ by path (16-bit PV: ``_consume
 ``_consumer_step_pv_fp8``) and are named in ``EVENTS``. Each stamp reads the clock after the step's previous
 synchronising instruction (the clock read is volatile, as the mbarrier and wgmma waits are); the softmax's end is
 ordered by a data dependency on the row sums. The copy is imported in place of the package, so the op, its
-launch settings and the bench's inputs (``tools.bench.inputs.make_paged_cache``) are the real ones.
+launch settings and the bench's inputs are the real ones (``tools/prefill_case.py``).
 
 Printed per case (the last of a few calls): p10 / p50 / p90 cycles of each interval between consecutive points,
 per warpgroup, over consecutive stamped tiles (steps over twice the median, at item boundaries, left out); how
@@ -197,34 +197,20 @@ def main(argv: list[str] | None = None) -> None:
     stamps = torch.zeros(PROGRAMS, 2, TILES, 6, dtype=torch.int64, device="cuda")
     folder = build_stamped_package(pathlib.Path(tempfile.mkdtemp(prefix="kvflash_probe_")), stamps.data_ptr())
     sys.path.insert(0, str(folder))  # before kvflash.chunk_prefill is imported: the stamped copy is the package
-    import kvflash.chunk_prefill.hopper_key_tiles as key_tiles
-    from kvflash.chunk_prefill import chunk_prefill_attention
-    from kvflash.fp8_utils import quantize_query
-    from tools.bench.cases_prefill import HKV, HQ, D, prefill_seqs
-    from tools.bench.inputs import cu_seqlens, make_paged_cache
+    from tools.prefill_case import imported_from, prefill_case
 
-    if not pathlib.Path(key_tiles.__file__).is_relative_to(folder):
-        raise SystemExit(f"kvflash.chunk_prefill was imported from {key_tiles.__file__}, not from the probe's copy")
+    imported_from(folder)
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | {PROGRAMS} programs stamped, {TILES} tiles each at most")
     for shape in filter(None, args.shapes.split(",")):
-        seqs = prefill_seqs(shape)
-        q_lens = [q for q, _ in seqs]
-        cu = cu_seqlens(q_lens, "cuda")
         for kv in filter(None, args.kv.split(",")):
-            cache = make_paged_cache([k for _, k in seqs], HKV, D, args.page, kv.removesuffix("-q"), gen)
-            q = torch.randn(sum(q_lens), HQ, D, dtype=torch.bfloat16, device="cuda", generator=gen)
-            q_descale = None
-            if kv.endswith("-q"):
-                q, q_descale = quantize_query(q, HKV, granularity="per_sequence_kv_head", cu_seqlens_q=cu)
+            call, _ = prefill_case(shape, kv, args.page, gen)
             for _ in range(4):  # compile and warm up, then keep the last call's stamps
                 stamps.zero_()
-                chunk_prefill_attention(q, cache.k, cache.v, cu, max(q_lens), max(k for _, k in seqs),
-                                        block_table=cache.block_table, seqused_k=cache.seqused_k, causal=True,
-                                        k_descale=cache.k_descale, v_descale=cache.v_descale, q_descale=q_descale)
+                call()
             torch.cuda.synchronize()
             path = "pv_fp8" if kv.endswith("-q") else "pv16"
-            print(f"\nprefill {shape} {HQ}/{HKV} D{D} p{args.page} {kv} ({path} consumer step)")
+            print(f"\nprefill {shape} p{args.page} {kv} ({path} consumer step)")
             print("\n".join(describe(stamps.cpu().double(), path)))
 
 
