@@ -54,15 +54,6 @@ _HANDS_BACK = '''    """Producer alone (tools/prefill_isolation.py): hand tile g
 
 
 '''
-_FIRST_S = """    s0 = it % STAGES
-    mbarrier.wait(k_ready.index(s0), (it // STAGES) & 1)
-    if PINGPONG:
-        mbarrier.wait(turn.index(WG), tc & 1)
-    s_acc = warpgroup_mma(q_mma, k_smem.index(s0).permute((1, 0)), s_acc, use_acc=False, is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(turn.index(1 - WG))
-    if n_tiles > 1:
-"""
 _FIRST_GATHER = ("    _gather_kv(k_ptr, v_ptr, pages, 0, kv_len, col, stride_block, stride_token, k_smem.index(s0), "
                  "v8_smem.index(s0),\n               BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)\n")
 _NEXT_GATHER = ("            _gather_kv(k_ptr, v_ptr, pages, start_n + BLOCK_N, kv_len, col, stride_block, "
@@ -77,17 +68,22 @@ def _indented(block: str, prefix: str = "    ") -> str:
 
 
 def producer_alone_edits(key_tiles_source: str) -> tuple:
-    """(anchor, replacement) pairs for ``hopper_key_tiles.py``: the fp8 consumer step keeps its signature (read
-    from ``key_tiles_source``) and gets :data:`_HANDS_BACK` as its body (the landed body stays, renamed, unused);
-    the item walk no longer issues the first S."""
+    """(anchor, replacement) pairs for ``hopper_key_tiles.py``, read from ``key_tiles_source``: the fp8 consumer step
+    keeps its signature and gets :data:`_HANDS_BACK` as its body (the landed body stays, renamed, unused); the item
+    walk (``item_tiles_pv_fp8``) loses what comes before its steps, the first S's issue and turn."""
     start = key_tiles_source.find(_STEP)
-    if start < 0:
-        raise RuntimeError(f"hopper_key_tiles.py: no {_STEP!r} to rewrite")
+    walk = key_tiles_source.find("def item_tiles_pv_fp8(")
+    if start < 0 or walk < 0:
+        raise RuntimeError(f"hopper_key_tiles.py: no {_STEP!r} or item_tiles_pv_fp8 to rewrite")
     signature = key_tiles_source[start:key_tiles_source.index("):\n", start) + 3]
     landed = signature.replace(_STEP, "def _consumer_step_pv_fp8_landed(", 1)
+    first = key_tiles_source.index("    s0 = it % STAGES\n", walk)
+    first_s = key_tiles_source[first:key_tiles_source.index("    if n_tiles > 1:\n", first)]
+    if "warpgroup_mma(" not in first_s:
+        raise RuntimeError("hopper_key_tiles.py: item_tiles_pv_fp8 no longer starts by issuing the first S")
     return (
         (signature, signature + _HANDS_BACK + "@gluon.jit\n" + landed),
-        (_FIRST_S, "    if n_tiles > 1:\n"),
+        (first_s, ""),
     )
 
 
