@@ -1,24 +1,25 @@
-"""How fast the Hopper prefill kernel's producer and its consumers run, each without the other (GPU; fp8 query).
+"""How fast the Hopper prefill kernel's producer and its consumers run, each without the other (GPU; FP8 cache).
 
-    python3 -m tools.prefill_isolation [--shapes "4x(2048+2048),1x16384"] [--page 16]
+    python3 -m tools.prefill_isolation [--shapes "4x(2048+2048),1x16384"] [--kv e4m3-q,e4m3] [--page 16]
 
-On the fp8-query path (an e4m3 query over an e4m3 cache, PV on fp8 operands) one producer warpgroup gathers the
-K/V tiles by cp.async and transposes V, and two consumer warpgroups run the wgmma and the softmax, on the same SMs
-and through a two-slot ring. To tell which side holds the pair, the tool times three builds of
-``kvflash.chunk_prefill`` on the bench's inputs (``tools/prefill_case.py``):
+Over an e4m3 cache with an fp8 query (``e4m3-q``: PV on fp8 operands) or a bf16 one (``e4m3``: the exact path, the
+query split in two e4m3 terms, PV in fp16), one producer warpgroup gathers the K/V tiles by cp.async and transposes
+(fp8 query) or widens (bf16 query) V, and two consumer warpgroups run the wgmma and the softmax, on the same SMs and
+through a two-slot ring. To tell which side holds the pair, the tool times three builds of ``kvflash.chunk_prefill``
+on the bench's inputs (``tools/prefill_case.py``):
 
 * ``landed``: the package as it is;
-* ``producer alone``: a copy whose consumer step (``_consumer_step_pv_fp8``) only waits for each K and V slot and
-  hands it back (no MMA, no softmax; each item's first S is not issued either);
+* ``producer alone``: a copy whose consumers only wait for each K and V slot and hand it back (no MMA, no softmax:
+  the fp8 step ``_consumer_step_pv_fp8`` and the 16-bit item walk ``item_tiles_pv16`` rewritten);
 * ``consumers alone``: a copy whose producer (``_load_item_k_as_stored``) hands the slots out without loading them
-  (no gathers, no V transpose; the consumers compute on whatever the ring holds).
+  (no gathers, V neither transposed nor widened; the consumers compute on whatever the ring holds).
 
 The last two compute wrong outputs by design: only their times mean something. Each build runs in a subprocess of
 its own (one process imports one ``kvflash.chunk_prefill``) and is timed like the bench (``time_calls``, median of
 CUDA-event times); rates are TFLOP/s over the causal (query, key) pairs, ``4 * Hq * D`` each. The copies are written
-by anchored rewrites (``tools/source_edits.py``): a kernel change that moves an anchor fails loudly, and
-``tests/tools/test_prefill_isolation.py`` builds both copies from the current source. ``docs/chunk_prefill_perf.md``
-(session 20) reads these numbers.
+by rewrites located in the current source (``tools/source_edits.py``): a kernel change that moves what they look
+for fails loudly, and ``tests/tools/test_prefill_isolation.py`` builds both copies from the current source.
+``docs/chunk_prefill_perf.md`` (session 20) reads these numbers.
 """
 
 from __future__ import annotations
@@ -41,8 +42,7 @@ for _pkg in ("attn-common", "paged-decode", "fp8-utils", "kvflash"):
 
 VARIANTS = ("landed", "producer alone", "consumers alone")
 
-_STEP = "def _consumer_step_pv_fp8("
-# The producer-alone step: the landed step's signature, a body that only hands the slots of tile g back.
+# The producer-alone fp8 step: the landed step's signature, a body that only hands the slots of tile g back.
 _HANDS_BACK = '''    """Producer alone (tools/prefill_isolation.py): hand tile g's K and V slots back."""
     s = g % STAGES
     ph = (g // STAGES) & 1
@@ -54,46 +54,86 @@ _HANDS_BACK = '''    """Producer alone (tools/prefill_isolation.py): hand tile g
 
 
 '''
-_FIRST_GATHER = ("    _gather_kv(k_ptr, v_ptr, pages, 0, kv_len, col, stride_block, stride_token, k_smem.index(s0), "
-                 "v8_smem.index(s0),\n               BLOCK_N, HEAD_D, PAGE, PRODUCER_WARPS)\n")
-_NEXT_GATHER = ("            _gather_kv(k_ptr, v_ptr, pages, start_n + BLOCK_N, kv_len, col, stride_block, "
-                "stride_token,\n                       k_smem.index(s1), v8_smem.index(s1), BLOCK_N, HEAD_D, PAGE, "
-                "PRODUCER_WARPS)\n")
-_TRANSPOSE = """            transpose_v_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, HEAD_D, PRODUCER_WARPS)
-"""
+# The producer-alone walk of the 16-bit PV path (a bf16 query over an FP8 cache): the landed walk's signature, a body
+# that hands each of the item's slots back.
+_HANDS_BACK_ITEM = '''    """Producer alone (tools/prefill_isolation.py): hand the item's K and V slots back."""
+    for j in range(n_tiles):
+        g = it + j
+        s = g % STAGES
+        ph = (g // STAGES) & 1
+        mbarrier.wait(k_ready.index(s), ph)
+        mbarrier.arrive(k_empty.index(s))
+        mbarrier.wait(v_ready.index(s), ph)
+        mbarrier.arrive(v_empty.index(s))
+    mbarrier.arrive(q_empty_bar)
+    return o, m_i, l_i
 
 
-def _indented(block: str, prefix: str = "    ") -> str:
-    return "".join(prefix + line if line.strip() else line for line in block.splitlines(keepends=True))
+'''
+
+
+def _function(source: str, name: str) -> tuple[int, int, str]:
+    """``(start, end, signature)`` of the top-level function ``name`` in ``source``: its ``def`` line(s) through
+    ``):`` and its text up to the next top-level decorator (or the end)."""
+    start = source.find(f"def {name}(")
+    if start < 0:
+        raise RuntimeError(f"no function {name!r} to rewrite")
+    end = source.find("\n\n\n@gluon.jit", start)
+    return start, len(source) if end < 0 else end, source[start:source.index("):\n", start) + 3]
+
+
+def _statement(source: str, start: int, end: int, call: str) -> str:
+    """The text of the first statement in ``source[start:end]`` that begins with a call of ``call`` (from its line's
+    start through its closing parenthesis and newline)."""
+    at = source.find(f"{call}(", start, end)
+    if at < 0:
+        raise RuntimeError(f"no call of {call!r} to remove")
+    line = source.rindex("\n", 0, at) + 1
+    depth, i = 0, at
+    while True:
+        depth += {"(": 1, ")": -1}.get(source[i], 0)
+        if source[i] == ")" and depth == 0:
+            return source[line:source.index("\n", i) + 1]
+        i += 1
+
+
+def _replaced_body(source: str, name: str, body: str) -> tuple:
+    """(anchor, replacement): function ``name`` keeps its signature and gets ``body``; the landed one stays,
+    renamed ``<name>_landed`` and unused."""
+    _, _, signature = _function(source, name)
+    landed = signature.replace(f"def {name}(", f"def {name}_landed(", 1)
+    return signature, signature + body + "@gluon.jit\n" + landed
 
 
 def producer_alone_edits(key_tiles_source: str) -> tuple:
     """(anchor, replacement) pairs for ``hopper_key_tiles.py``, read from ``key_tiles_source``: the fp8 consumer step
-    keeps its signature and gets :data:`_HANDS_BACK` as its body (the landed body stays, renamed, unused); the item
-    walk (``item_tiles_pv_fp8``) loses what comes before its steps, the first S's issue and turn."""
-    start = key_tiles_source.find(_STEP)
-    walk = key_tiles_source.find("def item_tiles_pv_fp8(")
-    if start < 0 or walk < 0:
-        raise RuntimeError(f"hopper_key_tiles.py: no {_STEP!r} or item_tiles_pv_fp8 to rewrite")
-    signature = key_tiles_source[start:key_tiles_source.index("):\n", start) + 3]
-    landed = signature.replace(_STEP, "def _consumer_step_pv_fp8_landed(", 1)
-    first = key_tiles_source.index("    s0 = it % STAGES\n", walk)
-    first_s = key_tiles_source[first:key_tiles_source.index("    if n_tiles > 1:\n", first)]
+    gets :data:`_HANDS_BACK` as its body and the fp8 item walk loses what comes before its steps (the first S's issue
+    and turn); the 16-bit item walk (the bf16 query over an FP8 cache) gets :data:`_HANDS_BACK_ITEM`."""
+    walk, walk_end, _ = _function(key_tiles_source, "item_tiles_pv_fp8")
+    first = key_tiles_source.index("    s0 = it % STAGES\n", walk, walk_end)
+    first_s = key_tiles_source[first:key_tiles_source.index("    if n_tiles > 1:\n", first, walk_end)]
     if "warpgroup_mma(" not in first_s:
         raise RuntimeError("hopper_key_tiles.py: item_tiles_pv_fp8 no longer starts by issuing the first S")
     return (
-        (signature, signature + _HANDS_BACK + "@gluon.jit\n" + landed),
+        _replaced_body(key_tiles_source, "_consumer_step_pv_fp8", _HANDS_BACK),
         (first_s, ""),
+        _replaced_body(key_tiles_source, "item_tiles_pv16", _HANDS_BACK_ITEM),
     )
 
 
-def consumers_alone_edits() -> tuple:
-    """(anchor, replacement) pairs for ``hopper_producer.py``: with ``PV_FP8`` the producer issues no gathers and
-    no V transpose (it still waits for each free slot and publishes it)."""
+def consumers_alone_edits(producer_source: str) -> tuple:
+    """(anchor, replacement) pairs for ``hopper_producer.py``, read from ``producer_source``: the K-as-stored FP8
+    producer (``_load_item_k_as_stored``, both query kinds) issues no gathers and leaves V as staged (no transpose,
+    no widening); it still waits for each free slot and publishes it."""
+    start, end, _ = _function(producer_source, "_load_item_k_as_stored")
+    first = _statement(producer_source, start, end, "_gather_kv")  # tile 0's, before the loop
+    second = _statement(producer_source, producer_source.index(first, start) + len(first), end, "_gather_kv")
+    v_start = producer_source.index("        if PV_FP8:", start, end)
+    v_block = producer_source[v_start:producer_source.index("        fence_async_shared()\n", v_start, end)]
     return (
-        (_FIRST_GATHER, "    if not PV_FP8:\n" + _indented(_FIRST_GATHER)),
-        (_NEXT_GATHER, "            if not PV_FP8:\n" + _indented(_NEXT_GATHER)),
-        (_TRANSPOSE, "            pass  # consumers alone: no transpose\n"),
+        (first, ""),
+        (second, ""),
+        (v_block, "        pass  # consumers alone: V neither transposed nor widened\n"),
     )
 
 
@@ -110,12 +150,13 @@ def build_variant(dest: pathlib.Path, variant: str) -> pathlib.Path:
         path.write_text(apply_anchor_edits(text, producer_alone_edits(text), path.name))
     elif variant == "consumers alone":
         path = target / "hopper_producer.py"
-        path.write_text(apply_anchor_edits(path.read_text(), consumers_alone_edits(), path.name))
+        text = path.read_text()
+        path.write_text(apply_anchor_edits(text, consumers_alone_edits(text), path.name))
     return dest
 
 
-def _run_variant(variant: str, shapes: list[str], page: int) -> None:
-    """In this process: build ``variant``, import it, time each shape; print one JSON line per shape."""
+def _run_variant(variant: str, shapes: list[str], kinds: list[str], page: int) -> None:
+    """In this process: build ``variant``, import it, time each shape and kind; print one JSON line each."""
     import torch
 
     folder = build_variant(pathlib.Path(tempfile.mkdtemp(prefix="kvflash_isolation_")), variant)
@@ -126,41 +167,53 @@ def _run_variant(variant: str, shapes: list[str], page: int) -> None:
     imported_from(folder)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for shape in shapes:
-        call, flops = prefill_case(shape, "e4m3-q", page, gen)
-        ms = time_calls([call]).ms
-        print(json.dumps({"variant": variant, "shape": shape, "ms": ms, "tflops": flops / ms / 1e9}), flush=True)
+        for kv in kinds:
+            call, flops = prefill_case(shape, kv, page, gen)
+            ms = time_calls([call]).ms
+            print(json.dumps({"variant": variant, "shape": shape, "kv": kv, "ms": ms, "tflops": flops / ms / 1e9}),
+                  flush=True)
+
+
+KINDS = ("e4m3-q", "e4m3")  # the two queries the K-as-stored FP8 producer serves (tools/prefill_case.py)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="4x(2048+2048),1x16384", help="prefill shapes of tools.bench")
+    parser.add_argument("--kv", default="e4m3-q,e4m3", help="e4m3-q (fp8 query) and/or e4m3 (bf16 query), e4m3 cache")
     parser.add_argument("--page", type=int, default=16, help="page size (default 16)")
     parser.add_argument("--variant", choices=VARIANTS, help="time one build in this process (used by the tool)")
     args = parser.parse_args(argv)
     shapes = [s for s in args.shapes.split(",") if s]
+    kinds = [k for k in args.kv.split(",") if k]
+    if any(k not in KINDS for k in kinds):
+        parser.error(f"--kv: expected some of {KINDS}, got {args.kv!r}")
     if args.variant:
-        _run_variant(args.variant, shapes, args.page)
+        _run_variant(args.variant, shapes, kinds, args.page)
         return
 
     import torch
 
     if not torch.cuda.is_available():
         raise SystemExit("the tool times the Hopper kernel on an NVIDIA GPU; none is visible")
-    print(f"{torch.cuda.get_device_name()} | fp8 query over an e4m3 cache, page {args.page}, TFLOP/s")
-    rates: dict[tuple[str, str], float] = {}
+    print(f"{torch.cuda.get_device_name()} | e4m3 cache, page {args.page}, TFLOP/s")
+    rates: dict[tuple[str, str, str], float] = {}
     for variant in VARIANTS:
         print(f"  timing {variant} ...", flush=True)
         done = subprocess.run([sys.executable, "-m", "tools.prefill_isolation", "--variant", variant, "--shapes",
-                               args.shapes, "--page", str(args.page)], cwd=ROOT, capture_output=True, text=True)
+                               args.shapes, "--kv", args.kv, "--page", str(args.page)], cwd=ROOT, capture_output=True,
+                              text=True)
         if done.returncode != 0:
             raise SystemExit(f"{variant}: the timing run failed\n{done.stdout}{done.stderr}")
         for line in done.stdout.splitlines():
             if re.match(r"^\{.*\}$", line):
                 row = json.loads(line)
-                rates[(row["variant"], row["shape"])] = row["tflops"]
-    print(f"  {'shape':16s}" + "".join(f"{v:>17s}" for v in VARIANTS))
+                rates[(row["variant"], row["shape"], row["kv"])] = row["tflops"]
+    print(f"  {'shape':16s} {'query':8s}" + "".join(f"{v:>17s}" for v in VARIANTS))
     for shape in shapes:
-        print(f"  {shape:16s}" + "".join(f"{rates[(v, shape)]:17.1f}" for v in VARIANTS))
+        for kv in kinds:
+            query = "fp8" if kv.endswith("-q") else "bf16"
+            print(f"  {shape:16s} {query:8s}" + "".join(f"{rates[(v, shape, kv)]:17.1f}" for v in VARIANTS))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """The prefill isolation tool (tools/prefill_isolation.py) off the GPU: both rewritten copies build from the package's
-current source (every anchor found once, the copies valid Python) and do what their names say."""
+current source (everything they look for found, the copies valid Python) and do what their names say."""
 
 import ast
 
 import pytest
 
 from tools import prefill_isolation as isolation
-from tools.source_edits import apply_anchor_edits
 
 
 def _functions(path):
@@ -17,27 +16,30 @@ def _calls(function) -> list[str]:
     return [ast.unparse(c.func) for c in ast.walk(function) if isinstance(c, ast.Call)]
 
 
-def test_the_producer_alone_copy_hands_slots_back_and_keeps_the_signature(tmp_path):
+def test_the_producer_alone_copy_hands_slots_back_and_keeps_the_signatures(tmp_path):
     folder = isolation.build_variant(tmp_path, "producer alone")
     copy = _functions(folder / "kvflash" / "chunk_prefill" / "hopper_key_tiles.py")
     landed = _functions(isolation.PACKAGE / "hopper_key_tiles.py")
-    step = copy["_consumer_step_pv_fp8"]
-    assert ast.unparse(step.args) == ast.unparse(landed["_consumer_step_pv_fp8"].args)
-    calls = _calls(step)
-    assert "warpgroup_mma" not in calls and "_softmax" not in calls
-    assert calls.count("mbarrier.wait") == 2 and calls.count("mbarrier.arrive") == 2
-    # the item walk no longer issues the first S (the landed walk does)
+    for name in ("_consumer_step_pv_fp8", "item_tiles_pv16"):  # the fp8 step, the 16-bit walk
+        assert ast.unparse(copy[name].args) == ast.unparse(landed[name].args)
+        calls = _calls(copy[name])
+        assert not {"warpgroup_mma", "warpgroup_mma_wait", "_softmax", "_consumer_step"} & set(calls), name
+        assert calls.count("mbarrier.wait") == 2 and "mbarrier.arrive" in calls, name
+        assert name + "_landed" in copy  # the landed body stays, renamed and unused
+    # the fp8 walk no longer issues the first S (the landed walk does)
     assert "warpgroup_mma" not in _calls(copy["item_tiles_pv_fp8"])
     assert "warpgroup_mma" in _calls(landed["item_tiles_pv_fp8"])
 
 
-def test_the_consumers_alone_copy_loads_nothing_for_an_fp8_query(tmp_path):
+def test_the_consumers_alone_copy_loads_nothing(tmp_path):
     folder = isolation.build_variant(tmp_path, "consumers alone")
-    load = _functions(folder / "kvflash" / "chunk_prefill" / "hopper_producer.py")["_load_item_k_as_stored"]
-    text = ast.unparse(load)
-    assert "transpose_v_tile" not in _calls(load)
-    assert text.count("if not PV_FP8:") == 2  # both gathers (tile 0 and the next tiles) guarded
-    assert _calls(load).count("_gather_kv") == 2
+    copy = _functions(folder / "kvflash" / "chunk_prefill" / "hopper_producer.py")
+    landed = _functions(isolation.PACKAGE / "hopper_producer.py")
+    calls = _calls(copy["_load_item_k_as_stored"])
+    assert not {"_gather_kv", "transpose_v_tile", "_widen_tile"} & set(calls)
+    assert _calls(landed["_load_item_k_as_stored"]).count("_gather_kv") == 2
+    # it still takes every free slot and publishes it
+    assert {"mbarrier.wait", "mbarrier.arrive"} <= set(calls)
 
 
 def test_the_landed_variant_is_the_package(tmp_path):
@@ -46,10 +48,10 @@ def test_the_landed_variant_is_the_package(tmp_path):
         assert (folder / "kvflash" / "chunk_prefill" / name).read_text() == (isolation.PACKAGE / name).read_text()
 
 
-def test_an_unknown_variant_and_a_missing_anchor_are_errors(tmp_path):
+def test_an_unknown_variant_and_a_changed_source_are_errors(tmp_path):
     with pytest.raises(ValueError, match="variant"):
         isolation.build_variant(tmp_path, "neither")
-    with pytest.raises(RuntimeError, match="occurs 0 times"):
-        apply_anchor_edits("def f():\n    pass\n", isolation.consumers_alone_edits(), "hopper_producer.py")
-    with pytest.raises(RuntimeError, match="_consumer_step_pv_fp8"):
+    with pytest.raises(RuntimeError, match="_load_item_k_as_stored"):
+        isolation.consumers_alone_edits("def f():\n    pass\n")
+    with pytest.raises(RuntimeError, match="item_tiles_pv_fp8"):
         isolation.producer_alone_edits("def f():\n    pass\n")
