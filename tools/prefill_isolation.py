@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 from tools.source_edits import apply_anchor_edits
 
@@ -42,34 +43,20 @@ for _pkg in ("attn-common", "paged-decode", "fp8-utils", "kvflash"):
 
 VARIANTS = ("landed", "producer alone", "consumers alone")
 
-# The producer-alone fp8 step: the landed step's signature, a body that only hands the slots of tile g back.
-_HANDS_BACK = '''    """Producer alone (tools/prefill_isolation.py): hand tile g's K and V slots back."""
-    s = g % STAGES
-    ph = (g // STAGES) & 1
-    mbarrier.wait(k_ready.index(s), ph)
-    mbarrier.arrive(k_empty.index(s))
-    mbarrier.wait(v_ready.index(s), ph)
-    mbarrier.arrive(v_empty.index(s))
-    return s_acc, o, m_i, l_i
-
-
-'''
-# The producer-alone walk of the 16-bit PV path (a bf16 query over an FP8 cache): the landed walk's signature, a body
-# that hands each of the item's slots back.
-_HANDS_BACK_ITEM = '''    """Producer alone (tools/prefill_isolation.py): hand the item's K and V slots back."""
-    for j in range(n_tiles):
-        g = it + j
-        s = g % STAGES
-        ph = (g // STAGES) & 1
-        mbarrier.wait(k_ready.index(s), ph)
-        mbarrier.arrive(k_empty.index(s))
-        mbarrier.wait(v_ready.index(s), ph)
-        mbarrier.arrive(v_empty.index(s))
-    mbarrier.arrive(q_empty_bar)
-    return o, m_i, l_i
-
-
-'''
+# What the producer-alone consumers do with key tile g: wait for its K and V slots and hand them back.
+_HAND_BACK_TILE = """s = g % STAGES
+ph = (g // STAGES) & 1
+mbarrier.wait(k_ready.index(s), ph)
+mbarrier.arrive(k_empty.index(s))
+mbarrier.wait(v_ready.index(s), ph)
+mbarrier.arrive(v_empty.index(s))
+"""
+# The producer-alone fp8 step (the landed step's signature, this body) and 16-bit item walk (likewise).
+_HANDS_BACK = ('    """Producer alone (tools/prefill_isolation.py): hand tile g\'s K and V slots back."""\n'
+               + textwrap.indent(_HAND_BACK_TILE, "    ") + "    return s_acc, o, m_i, l_i\n\n\n")
+_HANDS_BACK_ITEM = ('    """Producer alone (tools/prefill_isolation.py): hand the item\'s K and V slots back."""\n'
+                    "    for j in range(n_tiles):\n        g = it + j\n" + textwrap.indent(_HAND_BACK_TILE, " " * 8)
+                    + "    mbarrier.arrive(q_empty_bar)\n    return o, m_i, l_i\n\n\n")
 
 
 def _function(source: str, name: str) -> tuple[int, int, str]:
