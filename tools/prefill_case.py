@@ -1,21 +1,46 @@
-"""One prefill case of the bench as a zero-argument call, for the probes that run a rewritten copy of
-``kvflash.chunk_prefill`` (``tools/prefill_timeline_probe.py``, ``tools/prefill_isolation.py``).
+"""One prefill case of the bench as a zero-argument call, and the rewritten copies of ``kvflash.chunk_prefill`` it runs
+on, for the probes (``tools/prefill_timeline_probe.py``, ``tools/prefill_isolation.py``).
 
-A probe puts its copy first on ``sys.path`` and then imports the package only through :func:`prefill_case` (and
-checks with :func:`imported_from` that the copy is what Python found), so the op, its launch settings and the bench's
-inputs (``tools.bench.cases_prefill`` shapes, ``tools.bench.inputs.make_paged_cache``) are the real ones.
+A probe writes its copy with :func:`copy_package`, puts it first on ``sys.path`` with :func:`use_copy` (which checks
+that the copy is what Python then imports) and imports the package only through :func:`prefill_case`, so the op,
+its launch settings and the bench's inputs (``tools.bench.cases_prefill`` shapes,
+``tools.bench.inputs.make_paged_cache``) are the real ones.
 """
 
 from __future__ import annotations
 
 import pathlib
+import shutil
+import sys
 from collections.abc import Callable
+
+from tools.source_edits import apply_anchor_edits
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "packages" / "chunk-prefill" / "src" / "kvflash" / "chunk_prefill"
+for _pkg in ("attn-common", "paged-decode", "fp8-utils", "kvflash"):
+    sys.path.insert(0, str(ROOT / "packages" / _pkg / "src"))
 
 KV_KINDS = ("bf16", "e4m3", "e4m3-q")  # bf16 cache; e4m3 cache with a bf16 query; e4m3 cache with an fp8 query
 
 
-def imported_from(folder: pathlib.Path) -> None:
-    """Import ``kvflash.chunk_prefill`` and exit with a message unless it came from ``folder`` (a probe's copy)."""
+def copy_package(dest: pathlib.Path, rewrites: dict[str, Callable[[str], tuple]]) -> pathlib.Path:
+    """Copy ``kvflash.chunk_prefill`` to ``dest/kvflash/chunk_prefill``, each file named in ``rewrites`` rewritten by
+    the ``(anchor, replacement)`` pairs its function returns for the file's text (``tools/source_edits.py``: an anchor
+    that moved is an error); returns ``dest``, the folder to put first on ``sys.path``."""
+    target = dest / "kvflash" / "chunk_prefill"
+    shutil.copytree(PACKAGE, target)
+    for name, edits in rewrites.items():
+        path = target / name
+        text = path.read_text()
+        path.write_text(apply_anchor_edits(text, edits(text), name))
+    return dest
+
+
+def use_copy(folder: pathlib.Path) -> None:
+    """Put ``folder`` (from :func:`copy_package`) first on ``sys.path``, import ``kvflash.chunk_prefill`` and exit
+    with a message unless it came from ``folder``. Call it before anything imports the package."""
+    sys.path.insert(0, str(folder))
     import kvflash.chunk_prefill.hopper_key_tiles as key_tiles
 
     if not pathlib.Path(key_tiles.__file__).is_relative_to(folder):

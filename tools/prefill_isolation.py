@@ -28,18 +28,12 @@ import argparse
 import json
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
 
-from tools.source_edits import apply_anchor_edits
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "packages" / "chunk-prefill" / "src" / "kvflash" / "chunk_prefill"
-for _pkg in ("attn-common", "paged-decode", "fp8-utils", "kvflash"):
-    sys.path.insert(0, str(ROOT / "packages" / _pkg / "src"))
+from tools.prefill_case import ROOT, copy_package, prefill_case, use_copy
 
 VARIANTS = ("landed", "producer alone", "consumers alone")
 
@@ -129,17 +123,9 @@ def build_variant(dest: pathlib.Path, variant: str) -> pathlib.Path:
     :data:`VARIANTS`); returns ``dest`` (the folder to put first on ``sys.path``). Raises if an anchor moved."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-    target = dest / "kvflash" / "chunk_prefill"
-    shutil.copytree(PACKAGE, target)
-    if variant == "producer alone":
-        path = target / "hopper_key_tiles.py"
-        text = path.read_text()
-        path.write_text(apply_anchor_edits(text, producer_alone_edits(text), path.name))
-    elif variant == "consumers alone":
-        path = target / "hopper_producer.py"
-        text = path.read_text()
-        path.write_text(apply_anchor_edits(text, consumers_alone_edits(text), path.name))
-    return dest
+    rewrites = {"landed": {}, "producer alone": {"hopper_key_tiles.py": producer_alone_edits},
+                "consumers alone": {"hopper_producer.py": consumers_alone_edits}}
+    return copy_package(dest, rewrites[variant])
 
 
 def _run_variant(variant: str, shapes: list[str], kinds: list[str], page: int) -> None:
@@ -147,11 +133,9 @@ def _run_variant(variant: str, shapes: list[str], kinds: list[str], page: int) -
     import torch
 
     folder = build_variant(pathlib.Path(tempfile.mkdtemp(prefix="kvflash_isolation_")), variant)
-    sys.path.insert(0, str(folder))  # before kvflash.chunk_prefill is imported: the copy is the package
+    use_copy(folder)  # before kvflash.chunk_prefill is imported: the copy is the package
     from tools.bench.timing import time_calls
-    from tools.prefill_case import imported_from, prefill_case
 
-    imported_from(folder)
     gen = torch.Generator(device="cuda").manual_seed(0)
     for shape in shapes:
         for kv in kinds:

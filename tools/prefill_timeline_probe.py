@@ -22,16 +22,9 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import shutil
-import sys
 import tempfile
 
-from tools.source_edits import apply_anchor_edits
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-PACKAGE = ROOT / "packages" / "chunk-prefill" / "src" / "kvflash" / "chunk_prefill"
-for _pkg in ("attn-common", "paged-decode", "fp8-utils", "kvflash"):
-    sys.path.insert(0, str(ROOT / "packages" / _pkg / "src"))
+from tools.prefill_case import copy_package, prefill_case, use_copy
 
 PROGRAMS = 8  # programs stamped (the first ones of the persistent grid)
 TILES = 1024  # key tiles stamped per program and warpgroup (its ring counter g; later tiles are not stamped)
@@ -106,11 +99,7 @@ def build_stamped_package(dest: pathlib.Path, address: int) -> pathlib.Path:
     """Copy ``kvflash.chunk_prefill`` to ``dest/kvflash/chunk_prefill`` with the stamps written into the consumer
     steps, storing into the int64 buffer at ``address``; returns ``dest`` (the folder to put first on
     ``sys.path``). Raises if the source no longer has the anchors the stamps go to."""
-    target = dest / "kvflash" / "chunk_prefill"
-    shutil.copytree(PACKAGE, target)
-    path = target / "hopper_key_tiles.py"
-    path.write_text(apply_anchor_edits(path.read_text(), _edits(address), path.name))
-    return dest
+    return copy_package(dest, {"hopper_key_tiles.py": lambda text: _edits(address)})
 
 
 def _covered(intervals: list[tuple[float, float]]) -> float:
@@ -196,10 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("the probe reads %clock64 on an NVIDIA GPU; none is visible")
     stamps = torch.zeros(PROGRAMS, 2, TILES, 6, dtype=torch.int64, device="cuda")
     folder = build_stamped_package(pathlib.Path(tempfile.mkdtemp(prefix="kvflash_probe_")), stamps.data_ptr())
-    sys.path.insert(0, str(folder))  # before kvflash.chunk_prefill is imported: the stamped copy is the package
-    from tools.prefill_case import imported_from, prefill_case
-
-    imported_from(folder)
+    use_copy(folder)  # before kvflash.chunk_prefill is imported: the stamped copy is the package
     gen = torch.Generator(device="cuda").manual_seed(0)
     print(f"{torch.cuda.get_device_name()} | {PROGRAMS} programs stamped, {TILES} tiles each at most")
     for shape in filter(None, args.shapes.split(",")):

@@ -6,6 +6,7 @@ import ast
 import pytest
 
 from tools import prefill_isolation as isolation
+from tools.prefill_case import PACKAGE
 
 
 def _functions(path):
@@ -19,7 +20,7 @@ def _calls(function) -> list[str]:
 def test_the_producer_alone_copy_hands_slots_back_and_keeps_the_signatures(tmp_path):
     folder = isolation.build_variant(tmp_path, "producer alone")
     copy = _functions(folder / "kvflash" / "chunk_prefill" / "hopper_key_tiles.py")
-    landed = _functions(isolation.PACKAGE / "hopper_key_tiles.py")
+    landed = _functions(PACKAGE / "hopper_key_tiles.py")
     for name in ("_consumer_step_pv_fp8", "item_tiles_pv16"):  # the fp8 step, the 16-bit walk
         assert ast.unparse(copy[name].args) == ast.unparse(landed[name].args)
         calls = _calls(copy[name])
@@ -34,7 +35,7 @@ def test_the_producer_alone_copy_hands_slots_back_and_keeps_the_signatures(tmp_p
 def test_the_consumers_alone_copy_loads_nothing(tmp_path):
     folder = isolation.build_variant(tmp_path, "consumers alone")
     copy = _functions(folder / "kvflash" / "chunk_prefill" / "hopper_producer.py")
-    landed = _functions(isolation.PACKAGE / "hopper_producer.py")
+    landed = _functions(PACKAGE / "hopper_producer.py")
     calls = _calls(copy["_load_item_k_as_stored"])
     assert not {"_gather_kv", "transpose_v_tile", "_widen_tile"} & set(calls)
     assert _calls(landed["_load_item_k_as_stored"]).count("_gather_kv") == 2
@@ -45,7 +46,7 @@ def test_the_consumers_alone_copy_loads_nothing(tmp_path):
 def test_the_landed_variant_is_the_package(tmp_path):
     folder = isolation.build_variant(tmp_path, "landed")
     for name in ("hopper_key_tiles.py", "hopper_producer.py"):
-        assert (folder / "kvflash" / "chunk_prefill" / name).read_text() == (isolation.PACKAGE / name).read_text()
+        assert (folder / "kvflash" / "chunk_prefill" / name).read_text() == (PACKAGE / name).read_text()
 
 
 def test_an_unknown_variant_and_a_changed_source_are_errors(tmp_path):
