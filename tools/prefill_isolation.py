@@ -3,16 +3,19 @@
     python3 -m tools.prefill_isolation [--shapes "4x(2048+2048),1x16384"] [--kv e4m3-q,e4m3] [--page 16]
 
 Over an e4m3 cache with an fp8 query (``e4m3-q``: PV on fp8 operands) or a bf16 one (``e4m3``: the exact path, the
-query split in two e4m3 terms, PV in fp16), one producer warpgroup gathers the K/V tiles by cp.async and transposes
-(fp8 query) or widens (bf16 query) V, and two consumer warpgroups run the wgmma and the softmax, on the same SMs and
-through a two-slot ring. To tell which side holds the pair, the tool times three builds of ``kvflash.chunk_prefill``
+query split in two e4m3 terms, PV in fp16), a producer fills a two-slot K/V ring and two consumer warpgroups run the
+wgmma and the softmax, on the same SMs. For the fp8 query the producer is one warpgroup that gathers the K/V tiles by
+cp.async and transposes V; for the bf16 query (D 64 / 128) a one-warp TMA loader and a 4-warp V widener
+(``hopper_tma_loader``). To tell which side holds the pair, the tool times three builds of ``kvflash.chunk_prefill``
 on the bench's inputs (``tools/prefill_case.py``):
 
 * ``landed``: the package as it is;
 * ``producer alone``: a copy whose consumers only wait for each K and V slot and hand it back (no MMA, no softmax:
   the fp8 step ``_consumer_step_pv_fp8`` and the 16-bit item walk ``item_tiles_pv16`` rewritten);
-* ``consumers alone``: a copy whose producer (``_load_item_k_as_stored``) hands the slots out without loading them
-  (no gathers, V neither transposed nor widened; the consumers compute on whatever the ring holds).
+* ``consumers alone``: a copy whose producer hands the slots out without loading them (no gathers, V neither
+  transposed nor widened; the consumers compute on whatever the ring holds): the cp.async producer's
+  ``_load_item_k_as_stored`` rewritten, and both queries sent to it (``hopper_op`` chooses no TMA loader), so the
+  bf16 query's consumers are timed beside an idle producer too.
 
 The last two compute wrong outputs by design: only their times mean something. Each build runs in a subprocess of
 its own (one process imports one ``kvflash.chunk_prefill``) and is timed like the bench (``time_calls``, median of
@@ -104,8 +107,8 @@ def producer_alone_edits(key_tiles_source: str) -> tuple:
 
 def consumers_alone_edits(producer_source: str) -> tuple:
     """(anchor, replacement) pairs for ``hopper_producer.py``, read from ``producer_source``: the K-as-stored FP8
-    producer (``_load_item_k_as_stored``, both query kinds) issues no gathers and leaves V as staged (no transpose,
-    no widening); it still waits for each free slot and publishes it."""
+    producer (``_load_item_k_as_stored``) issues no gathers and leaves V as staged (no transpose, no widening); it
+    still waits for each free slot and publishes it. :func:`no_tma_loader_edits` sends the bf16 query to it."""
     start, end, _ = _function(producer_source, "_load_item_k_as_stored")
     first = _statement(producer_source, start, end, "_gather_kv")  # tile 0's, before the loop
     second = _statement(producer_source, producer_source.index(first, start) + len(first), end, "_gather_kv")
@@ -118,13 +121,26 @@ def consumers_alone_edits(producer_source: str) -> tuple:
     )
 
 
+_TMA_LOADER_CHOICE = "    tma_loader = q_split and head_size in TMA_LOADER_HEAD_SIZES\n"
+
+
+def no_tma_loader_edits(op_source: str) -> tuple:
+    """(anchor, replacement) pairs for ``hopper_op.py``: the bf16 query over an FP8 cache takes the cp.async producer
+    (whose consumers-alone rewrite is :func:`consumers_alone_edits`) instead of the TMA loader; the consumers'
+    registers are 208 either way."""
+    if _TMA_LOADER_CHOICE not in op_source:
+        raise RuntimeError("hopper_op.py: the TMA loader is no longer chosen by " + repr(_TMA_LOADER_CHOICE.strip()))
+    replacement = "    tma_loader = False  # consumers alone: every FP8 query on the cp.async producer\n"
+    return ((_TMA_LOADER_CHOICE, replacement),)
+
+
 def build_variant(dest: pathlib.Path, variant: str) -> pathlib.Path:
     """Copy ``kvflash.chunk_prefill`` to ``dest/kvflash/chunk_prefill``, rewritten for ``variant`` (one of
     :data:`VARIANTS`); returns ``dest`` (the folder to put first on ``sys.path``). Raises if an anchor moved."""
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     rewrites = {"landed": {}, "producer alone": {"hopper_key_tiles.py": producer_alone_edits},
-                "consumers alone": {"hopper_producer.py": consumers_alone_edits}}
+                "consumers alone": {"hopper_producer.py": consumers_alone_edits, "hopper_op.py": no_tma_loader_edits}}
     return copy_package(dest, rewrites[variant])
 
 
@@ -145,7 +161,7 @@ def _run_variant(variant: str, shapes: list[str], kinds: list[str], page: int) -
                   flush=True)
 
 
-KINDS = ("e4m3-q", "e4m3")  # the two queries the K-as-stored FP8 producer serves (tools/prefill_case.py)
+KINDS = ("e4m3-q", "e4m3")  # the two queries that keep K fp8 for the fp8 QK^T dot (tools/prefill_case.py)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -37,15 +37,20 @@ def test_the_consumers_alone_copy_loads_nothing(tmp_path):
     copy = _functions(folder / "kvflash" / "chunk_prefill" / "hopper_producer.py")
     landed = _functions(PACKAGE / "hopper_producer.py")
     calls = _calls(copy["_load_item_k_as_stored"])
-    assert not {"_gather_kv", "transpose_v_tile", "_widen_tile"} & set(calls)
+    assert not {"_gather_kv", "transpose_v_tile", "widen_tile"} & set(calls)
     assert _calls(landed["_load_item_k_as_stored"]).count("_gather_kv") == 2
     # it still takes every free slot and publishes it
     assert {"mbarrier.wait", "mbarrier.arrive"} <= set(calls)
+    # and the bf16 query comes to it: the copy's launcher chooses no TMA loader (the landed one does)
+    chooses = "tma_loader = q_split and head_size in TMA_LOADER_HEAD_SIZES"
+    assert chooses in (PACKAGE / "hopper_op.py").read_text()
+    op_copy = (folder / "kvflash" / "chunk_prefill" / "hopper_op.py").read_text()
+    assert chooses not in op_copy and "    tma_loader = False" in op_copy
 
 
 def test_the_landed_variant_is_the_package(tmp_path):
     folder = isolation.build_variant(tmp_path, "landed")
-    for name in ("hopper_key_tiles.py", "hopper_producer.py"):
+    for name in ("hopper_key_tiles.py", "hopper_producer.py", "hopper_op.py"):
         assert (folder / "kvflash" / "chunk_prefill" / name).read_text() == (PACKAGE / name).read_text()
 
 
@@ -56,3 +61,5 @@ def test_an_unknown_variant_and_a_changed_source_are_errors(tmp_path):
         isolation.consumers_alone_edits("def f():\n    pass\n")
     with pytest.raises(RuntimeError, match="item_tiles_pv_fp8"):
         isolation.producer_alone_edits("def f():\n    pass\n")
+    with pytest.raises(RuntimeError, match="TMA loader"):
+        isolation.no_tma_loader_edits("def f():\n    pass\n")

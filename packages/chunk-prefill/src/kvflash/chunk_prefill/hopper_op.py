@@ -5,8 +5,9 @@ The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call 
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
 into a shared-memory ring, two consumer warpgroups run wgmma and the online softmax in turns. An FP8 cache the
 producer gathers by cp.async; it widens V to fp16, and K too for an fp16 query; with a bf16 query (split in two e4m3
-terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. An fp8 query at D 64 / 128 runs PV on fp8 operands
-too (P rounded to e4m3; the producer transposes V in fp8 instead of widening it). Figures: BENCHMARKS.md and
+terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. A bf16 query at D 64 / 128 takes a one-warp TMA
+loader and a 4-warp V widener instead of that producer (``hopper_tma_loader``). An fp8 query at D 64 / 128 runs PV on
+fp8 operands too (P rounded to e4m3; the producer transposes V in fp8 instead of widening it). Figures: BENCHMARKS.md and
 docs/chunk_prefill_perf.md. Every other call, and every call with an explicit launch config (the tuning sweeps),
 takes the portable kernel. Nothing here reads a tensor value: the choice comes from dtypes, shapes, strides and
 Python scalars.
@@ -47,6 +48,15 @@ REGISTER_SPLIT = {False: (232, 40), True: (208, 88)}  # KV_FP8 -> (consumer, pro
 # 216/72 (433-435 against 424-426).
 REGISTER_SPLIT_PV_FP8 = {64: (216, 72), 128: (208, 88)}  # head size -> (consumer, producer)
 PV_FP8_HEAD_SIZES = (64, 128)  # D 256: O (128 registers per thread) and a PV accumulator spill whatever the split
+# A bf16 query over an FP8 cache (the exact path) at D 64 / 128: K and V's staging tile loaded by a one-warp TMA
+# loader, V widened by four warps (hopper_tma_loader), instead of the 4-warp cp.async producer, whose gathers cost the
+# consumers 12-18 % (tools/prefill_isolation.py). 16 warps: 128 registers each at launch (64K / 512 threads), re-split
+# 208 consumer / 56 widener / 40 loader warpgroup. At D 256 the consumers' 64 x 256 wgmma needs 158 at launch. H200,
+# e4m3 page 16, 4 x (2048 + 2048) / 1 x 16384: 476-480 / 507 -> 520-526 / 554-558 TFLOP/s; page 64 477 / 520 ->
+# 539 / 560. (An fp8 query would need its transpose to read the TMA-swizzled staging tile: 639 / 699 -> 512 / 563.)
+TMA_LOADER_HEAD_SIZES = (64, 128)
+TMA_LOADER_REGISTERS = (208, 56, 40)  # consumer, widener, loader warpgroup
+TMA_LOADER_MAX_REGISTERS = 128
 WIDEN_ROWS = 128  # FP8 caches: K/V rows the producer's warps widen per step, at most a tile (at D 128: 16 pieces of
 # 8 elements per thread, an 8-byte shared load and a 16-byte store each)
 SHARED_MEMORY_LIMIT = 227 * 1024
@@ -123,7 +133,7 @@ def hopper_prefill_applies(
 @functools.lru_cache(maxsize=64)
 def _shared_layouts(head_size: int, page: int, q_dtype: torch.dtype, kv_dtype: torch.dtype, block_n: int):
     """TMA box shapes and their shared-memory layouts: Q ``[BLOCK_M, D]``, K/V ``[min(page, BLOCK_N), D]`` (over an
-    FP8 cache the K/V descriptors only lend the fp8 staging ring its layout: cp.async fills it)."""
+    FP8 cache the fp8 staging ring's layout: cp.async fills it, or with the TMA loader these boxes)."""
     from triton.experimental.gluon import language as gl
 
     gl_dtypes = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv,
@@ -195,7 +205,13 @@ def launch_hopper_prefill(
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
     two_buffers = _shared_bytes(2, head_size, q.element_size(), kv_fp8, q_fp8 or q_split, pv_fp8)
     q_buffers = 2 if two_buffers <= SHARED_MEMORY_LIMIT else 1
-    registers = REGISTER_SPLIT_PV_FP8[head_size] if pv_fp8 else REGISTER_SPLIT[kv_fp8]
+    tma_loader = q_split and head_size in TMA_LOADER_HEAD_SIZES
+    if tma_loader:
+        registers = TMA_LOADER_REGISTERS
+    elif pv_fp8:
+        registers = REGISTER_SPLIT_PV_FP8[head_size]
+    else:
+        registers = REGISTER_SPLIT[kv_fp8]
     rows, width = num_blocks * page, num_kv_heads * head_size
     q_desc = TensorDescriptor(q, [total_q, num_q_heads * head_size], [q.stride(0), 1], q_box, q_layout)
     k_desc = TensorDescriptor(k, [rows, width], [width, 1], kv_box, kv_layout)
@@ -255,9 +271,11 @@ def launch_hopper_prefill(
         Q_FP8=q_fp8,
         PV_FP8=pv_fp8,
         WIDEN_ROWS=min(WIDEN_ROWS, block_n),
+        TMA_LOADER=tma_loader,
         CONSUMER_REGS=registers[0],
         PRODUCER_REGS=registers[1],
-        PRODUCER_WARPS=4 if kv_fp8 else 1,  # FP8: the producer's warps also widen the tiles
+        LOADER_REGS=registers[2] if tma_loader else 0,
+        PRODUCER_WARPS=4 if kv_fp8 else 1,  # FP8: the producer's (or widener's) warps also widen the tiles
         num_warps=4,
-        maxnreg=MAX_REGISTERS,
+        maxnreg=TMA_LOADER_MAX_REGISTERS if tma_loader else MAX_REGISTERS,
     )

@@ -24,7 +24,7 @@ from kvflash.chunk_prefill.hopper_schedule import work_item
 
 
 @gluon.jit
-def _box_rows(bt_row_ptr, start_n, kv_len, num_blocks, PAGE: gl.constexpr, BOX: gl.constexpr, NBOX: gl.constexpr,
+def box_rows(bt_row_ptr, start_n, kv_len, num_blocks, PAGE: gl.constexpr, BOX: gl.constexpr, NBOX: gl.constexpr,
               NUM_WARPS: gl.constexpr):
     """Rows of the flattened ``[num_blocks * PAGE, Hkv * D]`` cache where the ``NBOX`` page boxes of the key tile
     starting at ``start_n`` begin: ``[NBOX]`` int32, every thread holding all of them (one vector load of page ids
@@ -55,7 +55,7 @@ def _zero_tail(buf, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARP
 
 
 @gluon.jit
-def _widen_tile(src, dst, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARPS: gl.constexpr,
+def widen_tile(src, dst, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARPS: gl.constexpr,
                 MASK_TAIL: gl.constexpr, ROWS: gl.constexpr):
     """``dst [BLOCK_N, HEAD_D]`` fp16 = ``src`` fp8 (e4m3 or e5m2; exact: one hardware conversion per pair), ``ROWS``
     rows at a time, 8 elements per thread per piece: an 8-byte shared load in, a 16-byte store out, so a warp's
@@ -73,8 +73,8 @@ def _widen_tile(src, dst, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NU
 
 
 @gluon.jit
-def _load_tile(desc, rows, col, bar, buf, BOX: gl.constexpr, NBOX: gl.constexpr):
-    """TMA loads of a key tile's ``NBOX`` page boxes (first rows ``rows``, from :func:`_box_rows`) into ``buf`` on
+def load_tile(desc, rows, col, bar, buf, BOX: gl.constexpr, NBOX: gl.constexpr):
+    """TMA loads of a key tile's ``NBOX`` page boxes (first rows ``rows``, from :func:`box_rows`) into ``buf`` on
     ``bar``. Each box's row is picked out of the thread's own registers (no shuffles)."""
     box = gl.arange(0, NBOX, layout=rows.type.layout)
     for b in gl.static_range(NBOX):
@@ -95,19 +95,19 @@ def _load_item_16bit(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, 
         s = g % STAGES
         ph = ((g // STAGES) & 1) ^ 1  # fresh barriers: phase 1 counts as done
         start_n = j * BLOCK_N
-        rows = _box_rows(bt_row, start_n, kv_len, num_blocks, PAGE, BOX, NBOX, PRODUCER_WARPS)
+        rows = box_rows(bt_row, start_n, kv_len, num_blocks, PAGE, BOX, NBOX, PRODUCER_WARPS)
         mbarrier.wait(k_empty.index(s), ph)
         mbarrier.expect(k_ready.index(s), TILE_BYTES)
-        _load_tile(k_desc, rows, col, k_ready.index(s), k_smem.index(s), BOX, NBOX)
+        load_tile(k_desc, rows, col, k_ready.index(s), k_smem.index(s), BOX, NBOX)
         mbarrier.wait(v_empty.index(s), ph)
         if start_n + BLOCK_N <= kv_len:
             mbarrier.expect(v_ready.index(s), TILE_BYTES)
-            _load_tile(v_desc, rows, col, v_ready.index(s), v_smem.index(s), BOX, NBOX)
+            load_tile(v_desc, rows, col, v_ready.index(s), v_smem.index(s), BOX, NBOX)
         else:
             # the sequence's last tile: land V on a private barrier, zero the rows past kv_len (unused slots of the
             # last page may hold anything, NaN included), then publish
             mbarrier.expect(v_fix, TILE_BYTES)
-            _load_tile(v_desc, rows, col, v_fix, v_smem.index(s), BOX, NBOX)
+            load_tile(v_desc, rows, col, v_fix, v_smem.index(s), BOX, NBOX)
             mbarrier.wait(v_fix, vfc & 1)
             vfc += 1
             _zero_tail(v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS)
@@ -187,15 +187,15 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
         async_copy.wait_group(1)  # this thread's copies of tile j are in
         gl.thread_barrier()  # and everyone's
         mbarrier.wait(k_empty.index(s), ph ^ 1)
-        _widen_tile(k8_smem.index(s), k_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
+        widen_tile(k8_smem.index(s), k_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(k_ready.index(s))
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         if start_n + BLOCK_N <= kv_len:
-            _widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
+            widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
         else:
-            _widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
+            widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
                         WIDEN_ROWS)
         fence_async_shared()
         gl.thread_barrier()
@@ -242,9 +242,9 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
         if PV_FP8:  # rows past kv_len are zero in the staging tile (masked cp.async): no tail to fix
             transpose_v_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, HEAD_D, PRODUCER_WARPS)
         elif start_n + BLOCK_N <= kv_len:
-            _widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
+            widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
         else:
-            _widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
+            widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
                         WIDEN_ROWS)
         fence_async_shared()
         gl.thread_barrier()

@@ -1,0 +1,100 @@
+"""The exact FP8 path's producer as two partitions of the Hopper prefill kernel (Gluon; jit only): a one-warp TMA
+loader and a 4-warp V widener (``TMA_LOADER``).
+
+For a bf16 query over an FP8 cache (``Q_SPLIT``, D 64 and 128), the 4-warp producer of
+:mod:`kvflash.chunk_prefill.hopper_producer` gathers K and V by cp.async, 16 copies per thread and tile with their
+per-row address arithmetic, and the consumers lose 12-18 % to those gathers running beside them on the same
+schedulers (``tools/prefill_isolation.py``). Here one warp loads Q, K (straight into the consumers' fp8 ring) and V
+(into the fp8 staging ring) by TMA, one box per page (:func:`~kvflash.chunk_prefill.hopper_producer.load_tile`,
+without the 128-thread barrier Triton puts before each TMA issue of a 4-warp partition), and four warps widen each
+staged V tile to fp16 into the consumers' ring. A box at or past ``kv_len`` reads the out-of-bounds row (zeros); the
+unused slots of a sequence's last, partly valid page come in as stored: K's are masked scores, V's rows past
+``kv_len`` are zeroed by the widening. ``staged_ready`` / ``staged_empty`` hand the staging slots from the loader to
+the widener.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+)
+
+from kvflash.chunk_prefill.hopper_producer import box_rows, load_tile, widen_tile
+from kvflash.chunk_prefill.hopper_schedule import work_item
+
+
+@gluon.jit
+def loader_partition(
+    q_desc, k_desc, v_desc, q_smem, k_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, staged_ready, staged_empty,
+    cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q,
+    kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
+):
+    """One warp: per work item Q into one of ``Q_BUFS`` buffers, then each key tile's K into the consumers' ring slot
+    (``k_ready`` completes on its bytes) and V into the staging slot (``staged_ready``), one TMA box per page."""
+    BOX: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
+    NBOX: gl.constexpr = BLOCK_N // BOX
+    TILE_BYTES: gl.constexpr = BLOCK_N * HEAD_D  # fp8
+    it = 0  # K/V tiles loaded so far (ring position)
+    qc = 0  # Q tiles loaded so far
+    for w in range(pid, num_q_tiles * num_heads, nprog):
+        valid, head, seq, q_start, q_len, tok0, kv_len, n_tiles, n_full = work_item(
+            w, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len,
+            BLOCK_M, BLOCK_N)
+        if n_tiles > 0:
+            qb = qc % Q_BUFS
+            mbarrier.wait(q_empty.index(qb), ((qc // Q_BUFS) & 1) ^ 1)  # fresh barriers: phase 1 counts as done
+            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [q_start + tok0, head * HEAD_D], q_ready.index(qb),
+                                            q_smem.index(qb))
+            bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt_seq
+            col = (head // GROUP) * HEAD_D
+            for j in range(n_tiles):
+                g = it + j
+                s = g % STAGES
+                ph = ((g // STAGES) & 1) ^ 1
+                rows = box_rows(bt_row, j * BLOCK_N, kv_len, num_blocks, PAGE, BOX, NBOX, 1)
+                mbarrier.wait(k_empty.index(s), ph)
+                mbarrier.expect(k_ready.index(s), TILE_BYTES)
+                load_tile(k_desc, rows, col, k_ready.index(s), k_smem.index(s), BOX, NBOX)
+                mbarrier.wait(staged_empty.index(s), ph)
+                mbarrier.expect(staged_ready.index(s), TILE_BYTES)
+                load_tile(v_desc, rows, col, staged_ready.index(s), v8_smem.index(s), BOX, NBOX)
+            it += n_tiles
+            qc += 1
+
+
+@gluon.jit
+def widener_partition(
+    v_smem, v8_smem, v_ready, v_empty, staged_ready, staged_empty, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs,
+    num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, WIDENER_WARPS: gl.constexpr,
+    WIDEN_ROWS: gl.constexpr,
+):
+    """Four warps: each staged fp8 V tile widened to fp16 into the consumers' ring slot (rows past ``kv_len`` of a
+    sequence's last tile zeroed), then ``v_ready`` published and the staging slot handed back to the loader."""
+    it = 0
+    for w in range(pid, num_q_tiles * num_heads, nprog):
+        valid, head, seq, q_start, q_len, tok0, kv_len, n_tiles, n_full = work_item(
+            w, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len,
+            BLOCK_M, BLOCK_N)
+        for j in range(n_tiles):
+            g = it + j
+            s = g % STAGES
+            ph = (g // STAGES) & 1
+            start_n = j * BLOCK_N
+            mbarrier.wait(staged_ready.index(s), ph)
+            mbarrier.wait(v_empty.index(s), ph ^ 1)
+            if start_n + BLOCK_N <= kv_len:
+                widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, WIDENER_WARPS, False,
+                           WIDEN_ROWS)
+            else:
+                widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, WIDENER_WARPS, True,
+                           WIDEN_ROWS)
+            fence_async_shared()  # generic stores before the consumers' wgmma reads them
+            gl.thread_barrier()  # every warp's rows are in (and every warp has read the staging slot)
+            mbarrier.arrive(v_ready.index(s))
+            mbarrier.arrive(staged_empty.index(s))
+        it += n_tiles
