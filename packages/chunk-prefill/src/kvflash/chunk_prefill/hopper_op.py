@@ -6,11 +6,11 @@ softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a produ
 into a shared-memory ring, two consumer warpgroups run wgmma and the online softmax in turns. An FP8 cache the
 producer gathers by cp.async; it widens V to fp16, and K too for an fp16 query; with a bf16 query (split in two e4m3
 terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. A bf16 query at D 64 / 128 takes a one-warp TMA
-loader and a 4-warp V widener instead of that producer (``hopper_tma_loader``). An fp8 query at D 64 / 128 runs PV on
-fp8 operands too (P rounded to e4m3; the producer transposes V in fp8 instead of widening it). Figures: BENCHMARKS.md and
-docs/chunk_prefill_perf.md. Every other call, and every call with an explicit launch config (the tuning sweeps),
-takes the portable kernel. Nothing here reads a tensor value: the choice comes from dtypes, shapes, strides and
-Python scalars.
+loader and a 4-warp V widener instead of that producer (``hopper_tma_loader``). An fp8 query at D 64 / 128 runs PV
+on fp8 operands too (P rounded to e4m3; the producer transposes V in fp8 instead of widening it). Figures:
+BENCHMARKS.md and docs/chunk_prefill_perf.md. Every other call, and every call with an explicit launch config (the
+tuning sweeps), takes the portable kernel. Nothing here reads a tensor value: the choice comes from dtypes, shapes,
+strides and Python scalars.
 """
 
 from __future__ import annotations

@@ -253,6 +253,16 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
 
 
 @gluon.jit
+def load_query_tile(q_desc, q_smem, q_ready, q_empty, qc, row, col, Q_BUFS: gl.constexpr):
+    """The ``qc``-th work item's Q tile (``[BLOCK_M, D]`` at ``[row, col]`` of the ``[total_q, Hq * D]`` view) by TMA
+    into buffer ``qc % Q_BUFS`` once the consumers have released it; ``q_ready`` completes on its bytes."""
+    qb = qc % Q_BUFS
+    mbarrier.wait(q_empty.index(qb), ((qc // Q_BUFS) & 1) ^ 1)  # fresh barriers: phase 1 counts as done
+    mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [row, col], q_ready.index(qb), q_smem.index(qb))
+
+
+@gluon.jit
 def producer_partition(
     q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
     v_empty, v_fix, k_ptr, v_ptr, stride_kv_block, stride_kv_token, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr,
@@ -269,11 +279,7 @@ def producer_partition(
             w, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len,
             BLOCK_M, BLOCK_N)
         if n_tiles > 0:
-            qb = qc % Q_BUFS
-            mbarrier.wait(q_empty.index(qb), ((qc // Q_BUFS) & 1) ^ 1)  # fresh barriers: phase 1 counts as done
-            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_start + tok0, head * HEAD_D], q_ready.index(qb),
-                                            q_smem.index(qb))
+            load_query_tile(q_desc, q_smem, q_ready, q_empty, qc, q_start + tok0, head * HEAD_D, Q_BUFS)
             bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt_seq
             col = (head // GROUP) * HEAD_D
             if K_AS_STORED:

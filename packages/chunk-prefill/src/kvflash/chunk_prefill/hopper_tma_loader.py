@@ -18,10 +18,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
 )
 
-from kvflash.chunk_prefill.hopper_producer import box_rows, load_tile, widen_tile
+from kvflash.chunk_prefill.hopper_producer import box_rows, load_query_tile, load_tile, widen_tile
 from kvflash.chunk_prefill.hopper_schedule import work_item
 
 
@@ -44,11 +43,7 @@ def loader_partition(
             w, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len,
             BLOCK_M, BLOCK_N)
         if n_tiles > 0:
-            qb = qc % Q_BUFS
-            mbarrier.wait(q_empty.index(qb), ((qc // Q_BUFS) & 1) ^ 1)  # fresh barriers: phase 1 counts as done
-            mbarrier.expect(q_ready.index(qb), q_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [q_start + tok0, head * HEAD_D], q_ready.index(qb),
-                                            q_smem.index(qb))
+            load_query_tile(q_desc, q_smem, q_ready, q_empty, qc, q_start + tok0, head * HEAD_D, Q_BUFS)
             bt_row = block_table_ptr + seq.to(gl.int64) * stride_bt_seq
             col = (head // GROUP) * HEAD_D
             for j in range(n_tiles):
