@@ -5,7 +5,7 @@
 Over an e4m3 cache with an fp8 query (``e4m3-q``: PV on fp8 operands) or a bf16 one (``e4m3``: the exact path, the
 query split in two e4m3 terms, PV in fp16), a producer fills a two-slot K/V ring and two consumer warpgroups run the
 wgmma and the softmax, on the same SMs. For the fp8 query the producer is one warpgroup that gathers the K/V tiles by
-cp.async and transposes V; for the bf16 query (D 64 / 128) a one-warp TMA loader and a 4-warp V widener
+cp.async and transposes V; for the bf16 query (D 128) a one-warp TMA loader and a 4-warp V widener
 (``hopper_tma_loader``). To tell which side holds the pair, the tool times three builds of ``kvflash.chunk_prefill``
 on the bench's inputs (``tools/prefill_case.py``):
 
@@ -121,7 +121,7 @@ def consumers_alone_edits(producer_source: str) -> tuple:
     )
 
 
-_TMA_LOADER_CHOICE = "    tma_loader = q_split and head_size in TMA_LOADER_HEAD_SIZES\n"
+_TMA_LOADER_CHOICE = "    tma_loader = kv_fp8 and head_size in TMA_LOADER_HEAD_SIZES.get(q.dtype, ())\n"
 
 
 def no_tma_loader_edits(op_source: str) -> tuple:

@@ -67,13 +67,13 @@ def test_hopper_path_fp16_gqa_and_descales(heads):
 @pytest.mark.parametrize(
     "q_dtype, head_size, block_size",
     [(torch.bfloat16, 128, 16), (torch.bfloat16, 64, 8), (torch.float16, 128, 64), (torch.bfloat16, 128, 256),
-     (torch.bfloat16, 64, 64), (torch.bfloat16, 256, 16), (torch.float16, 256, 64)],
-    ids=["bf16-d128-p16", "bf16-d64-p8", "fp16-d128-p64", "bf16-d128-p256", "bf16-d64-p64", "bf16-d256-p16",
-         "fp16-d256-p64"],
+     (torch.bfloat16, 64, 64), (torch.float16, 64, 16), (torch.bfloat16, 256, 16), (torch.float16, 256, 64)],
+    ids=["bf16-d128-p16", "bf16-d64-p8", "fp16-d128-p64", "bf16-d128-p256", "bf16-d64-p64", "fp16-d64-p16",
+         "bf16-d256-p16", "fp16-d256-p64"],
 )
 def test_hopper_path_fp8_cache(kv_dtype, q_dtype, head_size, block_size):
-    # V (and an fp16 query's K) widened to fp16 by the producer, or at D 64 / 128 with a bf16 query loaded by the TMA
-    # loader and widened by its widener (V rows past the end zeroed: NaN in unused slots; pages of 8 to 256: 16 boxes
+    # V (and an fp16 query's K) widened to fp16 by the producer, or at D 64 / 128 loaded by the TMA loader and
+    # widened by its widener (V rows past the end zeroed: NaN in unused slots; pages of 8 to 256: 16 boxes
     # to one per tile); a bf16 query split per row in two e4m3 terms against K as stored; distinct per-(sequence, KV
     # head) descales, one of K's negative and one zero (uniform attention over the visible keys).
     k_descale = torch.rand(len(MIX), 2, device="cuda") * 0.5 + 0.1

@@ -9,10 +9,11 @@ from kvflash.chunk_prefill import hopper_op
 
 @pytest.mark.parametrize(
     "q_dtype, head_size, loader",
-    [(torch.bfloat16, 128, True), (torch.bfloat16, 64, True), (torch.bfloat16, 256, False),
-     (torch.float16, 128, False), (torch.float8_e4m3fn, 128, False)],
+    [(torch.bfloat16, 128, True), (torch.bfloat16, 64, False), (torch.bfloat16, 256, False),
+     (torch.float16, 128, True), (torch.float16, 64, True), (torch.float16, 256, False),
+     (torch.float8_e4m3fn, 128, False)],
 )
-def test_the_exact_fp8_path_takes_the_tma_loader(monkeypatch, q_dtype, head_size, loader):
+def test_which_exact_fp8_calls_take_the_tma_loader(monkeypatch, q_dtype, head_size, loader):
     captured = {}
     monkeypatch.setattr(hopper_op, "launch", lambda kernel, grid, _, **kwargs: captured.update(kwargs))
     monkeypatch.setattr(hopper_op, "multiprocessor_count", lambda device: 132)

@@ -42,7 +42,7 @@ def test_the_consumers_alone_copy_loads_nothing(tmp_path):
     # it still takes every free slot and publishes it
     assert {"mbarrier.wait", "mbarrier.arrive"} <= set(calls)
     # and the bf16 query comes to it: the copy's launcher chooses no TMA loader (the landed one does)
-    chooses = "tma_loader = q_split and head_size in TMA_LOADER_HEAD_SIZES"
+    chooses = "tma_loader = kv_fp8 and head_size in TMA_LOADER_HEAD_SIZES.get(q.dtype, ())"
     assert chooses in (PACKAGE / "hopper_op.py").read_text()
     op_copy = (folder / "kvflash" / "chunk_prefill" / "hopper_op.py").read_text()
     assert chooses not in op_copy and "    tma_loader = False" in op_copy

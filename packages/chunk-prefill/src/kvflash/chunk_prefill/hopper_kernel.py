@@ -41,9 +41,9 @@ widens only V; QK^T runs on the fp8 tensor cores, QGMMA) for
   the rows' score scales. The portable kernel's ``Q_SPLIT`` arithmetic;
 * an fp8 query (``Q_FP8``, e4m3 with a per-(sequence, KV head) ``q_descale``): Q as loaded; q's descale joins K's in
   the score scale.
-With ``TMA_LOADER`` (a bf16 query at D 64 / 128) that producer is two partitions instead
-(``hopper_tma_loader``): one warp loads Q, K and V's staging tile by TMA, one box per page, and four warps widen V;
-16 warps in all.
+With ``TMA_LOADER`` (a 16-bit query at D 128, an fp16 one at D 64) that producer is two partitions instead
+(``hopper_tma_loader``): one warp loads Q, K and V by TMA, one box per page, and four warps widen V (and an fp16
+query's K); 16 warps in all.
 PV runs in fp16 (P not rounded to fp8) on the FP8 paths, except an fp8 query's at D 64 / 128 (``PV_FP8``): there the
 producer transposes V in fp8 instead of widening it, and P, rounded to e4m3, meets it on the fp8 tensor cores
 (``hopper_pv_fp8``). The fp8 tensor cores accumulate a dot below fp32 precision (about 2^-14 relative per step),
@@ -128,7 +128,7 @@ def hopper_prefill_kernel(
     Q_FP8: gl.constexpr,  # (KV_FP8) an fp8 e4m3 query: QK^T on fp8 operands (K as stored), PV in fp16
     PV_FP8: gl.constexpr,  # (Q_FP8) PV on fp8 operands too: the producer writes V^T in fp8 instead of widening V; P in
     # e4m3 (times 2^7, keys relabelled: hopper_pv_fp8), a fresh accumulator per tile added in fp32
-    TMA_LOADER: gl.constexpr,  # (Q_SPLIT) a one-warp TMA loader and a 4-warp V widener instead of the producer
+    TMA_LOADER: gl.constexpr,  # (KV_FP8, 16-bit q) a one-warp TMA loader and a 4-warp widener instead of the producer
     # (hopper_tma_loader): 16 warps
     CONSUMER_REGS: gl.constexpr,
     PRODUCER_REGS: gl.constexpr,  # with TMA_LOADER: the widener's
@@ -139,7 +139,7 @@ def hopper_prefill_kernel(
     gl.static_assert(BLOCK_M == 128)
     gl.static_assert(num_warps == 4)
     gl.static_assert(STAGES >= 2)  # FP8: the staging prefetch of tile g + 1 reuses the slot widened at g + 1 - STAGES
-    gl.static_assert(not TMA_LOADER or (Q_SPLIT and not PV_FP8))
+    gl.static_assert(not TMA_LOADER or (KV_FP8 and not Q_FP8))
     pid = gl.program_id(0)
     nprog = gl.num_programs(0)
     qk_scale = softmax_scale * 1.4426950408889634
@@ -182,7 +182,8 @@ def hopper_prefill_kernel(
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    # TMA_LOADER: V's staging slots, loaded (staged_ready, by TMA) and widened (staged_empty)
+    # TMA_LOADER: the staging slots (V's, and K's unless K_AS_STORED), loaded (staged_ready, by TMA) and widened
+    # (staged_empty)
     staged_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     staged_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     # Q_SPLIT: the powers of two of the query rows, 64 per consumer warpgroup (hopper_consumer._query_to_fp8_pair)
@@ -224,15 +225,15 @@ def hopper_prefill_kernel(
                 Q_SPLIT, Q_FP8, q_row_scales, PV_FP8
             )),
             (widener_partition, (
-                v_smem, v8_smem, v_ready, v_empty, staged_ready, staged_empty, cu_seqlens_q_ptr, seqused_k_ptr,
-                num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len, pid, nprog, BLOCK_M, BLOCK_N,
-                HEAD_D, STAGES, PRODUCER_WARPS, WIDEN_ROWS
+                k_smem, v_smem, k8_smem, v8_smem, k_ready, k_empty, v_ready, v_empty, staged_ready, staged_empty,
+                cu_seqlens_q_ptr, seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len,
+                pid, nprog, BLOCK_M, BLOCK_N, HEAD_D, STAGES, PRODUCER_WARPS, WIDEN_ROWS, K_AS_STORED
             )),
             (loader_partition, (
-                q_desc, k_desc, v_desc, q_smem, k_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, staged_ready,
-                staged_empty, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles,
-                num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M, BLOCK_N, HEAD_D, PAGE,
-                GROUP, STAGES, Q_BUFS
+                q_desc, k_desc, v_desc, q_smem, k_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty,
+                staged_ready, staged_empty, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs,
+                num_q_tiles, num_heads, total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M, BLOCK_N,
+                HEAD_D, PAGE, GROUP, STAGES, Q_BUFS, K_AS_STORED
             )),
         ], [4, PRODUCER_WARPS, 1], [CONSUMER_REGS, PRODUCER_REGS, LOADER_REGS])
     else:

@@ -5,12 +5,12 @@ The default on sm_90 GPUs with Triton 3.6 (``KVFLASH_GLUON=0`` keeps every call 
 softcap, ALiBi, sinks or a window takes a FlashAttention-3-style kernel: a producer loads Q and the K/V pages by TMA
 into a shared-memory ring, two consumer warpgroups run wgmma and the online softmax in turns. An FP8 cache the
 producer gathers by cp.async; it widens V to fp16, and K too for an fp16 query; with a bf16 query (split in two e4m3
-terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. A bf16 query at D 64 / 128 takes a one-warp TMA
-loader and a 4-warp V widener instead of that producer (``hopper_tma_loader``). An fp8 query at D 64 / 128 runs PV
-on fp8 operands too (P rounded to e4m3; the producer transposes V in fp8 instead of widening it). Figures:
-BENCHMARKS.md and docs/chunk_prefill_perf.md. Every other call, and every call with an explicit launch config (the
-tuning sweeps), takes the portable kernel. Nothing here reads a tensor value: the choice comes from dtypes, shapes,
-strides and Python scalars.
+terms, exact) or an fp8 one, K stays fp8 for the fp8 QK^T wgmma. A 16-bit query at D 128 (an fp16 one at D 64 too)
+takes a one-warp TMA loader and a 4-warp widener instead of that producer (``hopper_tma_loader``). An fp8 query at D
+64 / 128 runs PV on fp8 operands too (P rounded to e4m3; the producer transposes V in fp8 instead of widening it).
+Figures: BENCHMARKS.md and docs/chunk_prefill_perf.md. Every other call, and every call with an explicit launch
+config (the tuning sweeps), takes the portable kernel. Nothing here reads a tensor value: the choice comes from
+dtypes, shapes, strides and Python scalars.
 """
 
 from __future__ import annotations
@@ -48,13 +48,18 @@ REGISTER_SPLIT = {False: (232, 40), True: (208, 88)}  # KV_FP8 -> (consumer, pro
 # 216/72 (433-435 against 424-426).
 REGISTER_SPLIT_PV_FP8 = {64: (216, 72), 128: (208, 88)}  # head size -> (consumer, producer)
 PV_FP8_HEAD_SIZES = (64, 128)  # D 256: O (128 registers per thread) and a PV accumulator spill whatever the split
-# A bf16 query over an FP8 cache (the exact path) at D 64 / 128: K and V's staging tile loaded by a one-warp TMA
-# loader, V widened by four warps (hopper_tma_loader), instead of the 4-warp cp.async producer, whose gathers cost the
-# consumers 12-18 % (tools/prefill_isolation.py). 16 warps: 128 registers each at launch (64K / 512 threads), re-split
-# 208 consumer / 56 widener / 40 loader warpgroup. At D 256 the consumers' 64 x 256 wgmma needs 158 at launch. H200,
-# e4m3 page 16, 4 x (2048 + 2048) / 1 x 16384: 476-480 / 507 -> 520-526 / 554-558 TFLOP/s; page 64 477 / 520 ->
-# 539 / 560. (An fp8 query would need its transpose to read the TMA-swizzled staging tile: 639 / 699 -> 512 / 563.)
-TMA_LOADER_HEAD_SIZES = (64, 128)
+# A 16-bit query over an FP8 cache (the exact path): K and V loaded by a one-warp TMA loader, V (and an fp16 query's K)
+# widened by four warps (hopper_tma_loader), instead of the 4-warp cp.async producer, whose gathers cost the consumers
+# 12-18 % (tools/prefill_isolation.py). 16 warps: 128 registers each at launch (64K / 512 threads), re-split 208
+# consumer / 56 widener / 40 loader warpgroup; at D 256 the consumers' 64 x 256 wgmma needs 158 at launch. H200,
+# e4m3, TFLOP/s at 4 x (2048 + 2048) / 1 x 16384, cp.async producer -> loader, same device call:
+#   bf16 q, D 128: page 16 476 / 509 -> 524 / 560, page 64 481 / 520 -> 534 / 565
+#   fp16 q, D 128: page 16 499 / 523 -> 512 / 541, page 64 492 / 525 -> 528 / 551
+#   fp16 q, D 64: page 16 366 / 406 -> 377 / 411, page 64 365 / 403 -> 377 / 417
+#   bf16 q, D 64: page 16 343 / 389 -> 332 / 375, page 64 346 / 391 -> 349 / 393 (loses or ties: not taken)
+# (An fp8 query would need its transpose to read the TMA-swizzled staging tile: 639 / 699 -> 512 / 563 in session
+# 20's prototype.)
+TMA_LOADER_HEAD_SIZES = {torch.bfloat16: (128,), torch.float16: (64, 128)}  # query dtype -> head sizes
 TMA_LOADER_REGISTERS = (208, 56, 40)  # consumer, widener, loader warpgroup
 TMA_LOADER_MAX_REGISTERS = 128
 WIDEN_ROWS = 128  # FP8 caches: K/V rows the producer's warps widen per step, at most a tile (at D 128: 16 pieces of
@@ -205,7 +210,7 @@ def launch_hopper_prefill(
     # A second Q buffer lets the next work item's Q load while this one finishes, where shared memory allows.
     two_buffers = _shared_bytes(2, head_size, q.element_size(), kv_fp8, q_fp8 or q_split, pv_fp8)
     q_buffers = 2 if two_buffers <= SHARED_MEMORY_LIMIT else 1
-    tma_loader = q_split and head_size in TMA_LOADER_HEAD_SIZES
+    tma_loader = kv_fp8 and head_size in TMA_LOADER_HEAD_SIZES.get(q.dtype, ())
     if tma_loader:
         registers = TMA_LOADER_REGISTERS
     elif pv_fp8:

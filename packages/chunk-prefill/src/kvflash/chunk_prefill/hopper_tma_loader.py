@@ -1,16 +1,16 @@
 """The exact FP8 path's producer as two partitions of the Hopper prefill kernel (Gluon; jit only): a one-warp TMA
-loader and a 4-warp V widener (``TMA_LOADER``).
+loader and a 4-warp widener (``TMA_LOADER``).
 
-For a bf16 query over an FP8 cache (``Q_SPLIT``, D 64 and 128), the 4-warp producer of
+For a 16-bit query over an FP8 cache (D 128; D 64 with an fp16 query: hopper_op), the 4-warp producer of
 :mod:`kvflash.chunk_prefill.hopper_producer` gathers K and V by cp.async, 16 copies per thread and tile with their
 per-row address arithmetic, and the consumers lose 12-18 % to those gathers running beside them on the same
-schedulers (``tools/prefill_isolation.py``). Here one warp loads Q, K (straight into the consumers' fp8 ring) and V
-(into the fp8 staging ring) by TMA, one box per page (:func:`~kvflash.chunk_prefill.hopper_producer.load_tile`,
-without the 128-thread barrier Triton puts before each TMA issue of a 4-warp partition), and four warps widen each
-staged V tile to fp16 into the consumers' ring. A box at or past ``kv_len`` reads the out-of-bounds row (zeros); the
-unused slots of a sequence's last, partly valid page come in as stored: K's are masked scores, V's rows past
-``kv_len`` are zeroed by the widening. ``staged_ready`` / ``staged_empty`` hand the staging slots from the loader to
-the widener.
+schedulers (``tools/prefill_isolation.py``). Here one warp loads Q, K and V by TMA, one box per page
+(:func:`~kvflash.chunk_prefill.hopper_producer.load_tile`, without the 128-thread barrier Triton puts before each TMA
+issue of a 4-warp partition), and four warps widen the staged fp8 tiles to fp16 into the consumers' ring: V for a
+bf16 query (split in two e4m3 terms, ``K_AS_STORED``: K goes straight into the consumers' fp8 ring), K and V for an
+fp16 one. A box at or past ``kv_len`` reads the out-of-bounds row (zeros); the unused slots of a sequence's last,
+partly valid page come in as stored: K's give scores the consumers mask, V's rows past ``kv_len`` are zeroed by the
+widening. ``staged_ready`` / ``staged_empty`` hand the staging slots from the loader to the widener.
 """
 
 from triton.experimental import gluon
@@ -26,13 +26,15 @@ from kvflash.chunk_prefill.hopper_schedule import work_item
 
 @gluon.jit
 def loader_partition(
-    q_desc, k_desc, v_desc, q_smem, k_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, staged_ready, staged_empty,
-    cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles, num_heads, total_q,
-    kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    q_desc, k_desc, v_desc, q_smem, k_smem, k8_smem, v8_smem, q_ready, q_empty, k_ready, k_empty, staged_ready,
+    staged_empty, cu_seqlens_q_ptr, seqused_k_ptr, block_table_ptr, stride_bt_seq, num_seqs, num_q_tiles, num_heads,
+    total_q, kv_capacity, num_blocks, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     HEAD_D: gl.constexpr, PAGE: gl.constexpr, GROUP: gl.constexpr, STAGES: gl.constexpr, Q_BUFS: gl.constexpr,
+    K_AS_STORED: gl.constexpr,
 ):
-    """One warp: per work item Q into one of ``Q_BUFS`` buffers, then each key tile's K into the consumers' ring slot
-    (``k_ready`` completes on its bytes) and V into the staging slot (``staged_ready``), one TMA box per page."""
+    """One warp: per work item Q into one of ``Q_BUFS`` buffers, then each key tile's K and V by TMA, one box per
+    page: with ``K_AS_STORED`` K into the consumers' fp8 ring (``k_ready`` completes on its bytes) and V into the
+    staging slot (``staged_ready``); otherwise both into their staging slots, on ``staged_ready``."""
     BOX: gl.constexpr = PAGE if PAGE < BLOCK_N else BLOCK_N
     NBOX: gl.constexpr = BLOCK_N // BOX
     TILE_BYTES: gl.constexpr = BLOCK_N * HEAD_D  # fp8
@@ -51,11 +53,16 @@ def loader_partition(
                 s = g % STAGES
                 ph = ((g // STAGES) & 1) ^ 1
                 rows = box_rows(bt_row, j * BLOCK_N, kv_len, num_blocks, PAGE, BOX, NBOX, 1)
-                mbarrier.wait(k_empty.index(s), ph)
-                mbarrier.expect(k_ready.index(s), TILE_BYTES)
-                load_tile(k_desc, rows, col, k_ready.index(s), k_smem.index(s), BOX, NBOX)
-                mbarrier.wait(staged_empty.index(s), ph)
-                mbarrier.expect(staged_ready.index(s), TILE_BYTES)
+                if K_AS_STORED:
+                    mbarrier.wait(k_empty.index(s), ph)
+                    mbarrier.expect(k_ready.index(s), TILE_BYTES)
+                    load_tile(k_desc, rows, col, k_ready.index(s), k_smem.index(s), BOX, NBOX)
+                    mbarrier.wait(staged_empty.index(s), ph)
+                    mbarrier.expect(staged_ready.index(s), TILE_BYTES)
+                else:
+                    mbarrier.wait(staged_empty.index(s), ph)
+                    mbarrier.expect(staged_ready.index(s), 2 * TILE_BYTES)
+                    load_tile(k_desc, rows, col, staged_ready.index(s), k8_smem.index(s), BOX, NBOX)
                 load_tile(v_desc, rows, col, staged_ready.index(s), v8_smem.index(s), BOX, NBOX)
             it += n_tiles
             qc += 1
@@ -63,13 +70,14 @@ def loader_partition(
 
 @gluon.jit
 def widener_partition(
-    v_smem, v8_smem, v_ready, v_empty, staged_ready, staged_empty, cu_seqlens_q_ptr, seqused_k_ptr, num_seqs,
-    num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len, pid, nprog, BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, WIDENER_WARPS: gl.constexpr,
-    WIDEN_ROWS: gl.constexpr,
+    k_smem, v_smem, k8_smem, v8_smem, k_ready, k_empty, v_ready, v_empty, staged_ready, staged_empty, cu_seqlens_q_ptr,
+    seqused_k_ptr, num_seqs, num_q_tiles, num_heads, total_q, kv_capacity, skip_q_len, pid, nprog,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+    WIDENER_WARPS: gl.constexpr, WIDEN_ROWS: gl.constexpr, K_AS_STORED: gl.constexpr,
 ):
-    """Four warps: each staged fp8 V tile widened to fp16 into the consumers' ring slot (rows past ``kv_len`` of a
-    sequence's last tile zeroed), then ``v_ready`` published and the staging slot handed back to the loader."""
+    """Four warps: each staged fp8 tile widened to fp16 into the consumers' ring slot: K first (unless
+    ``K_AS_STORED``; ``k_ready`` published), then V (rows past ``kv_len`` of a sequence's last tile zeroed;
+    ``v_ready``), then the staging slot handed back to the loader."""
     it = 0
     for w in range(pid, num_q_tiles * num_heads, nprog):
         valid, head, seq, q_start, q_len, tok0, kv_len, n_tiles, n_full = work_item(
@@ -81,6 +89,13 @@ def widener_partition(
             ph = (g // STAGES) & 1
             start_n = j * BLOCK_N
             mbarrier.wait(staged_ready.index(s), ph)
+            if not K_AS_STORED:  # K's rows past kv_len give scores the consumers mask: no tail to zero
+                mbarrier.wait(k_empty.index(s), ph ^ 1)
+                widen_tile(k8_smem.index(s), k_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, WIDENER_WARPS, False,
+                           WIDEN_ROWS)
+                fence_async_shared()
+                gl.thread_barrier()
+                mbarrier.arrive(k_ready.index(s))
             mbarrier.wait(v_empty.index(s), ph ^ 1)
             if start_n + BLOCK_N <= kv_len:
                 widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, WIDENER_WARPS, False,
