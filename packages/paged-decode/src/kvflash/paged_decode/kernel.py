@@ -47,8 +47,10 @@ fp16 operand ``p_j * vscale_j`` neither underflows nor loses bits, it is taken i
 running maximum over the tiles of ``floor(log2(max_j |vscale_j|))`` (a power of two: exact); the accumulator is
 rescaled by ``2^(E_old - E_new) <= 1`` when ``E`` grows and multiplied by ``2^E`` once at the end. With
 ``KV_HEADS > 1`` a tile's scales of the program's heads are read as one ``[BLOCK_N, KV_HEADS]`` tile (one address per
-token) and gathered to the rows, ``[BLOCK_H, BLOCK_N]``; ``E`` is then kept per row, so heads whose scales lie far
-apart each keep their fp16 range.
+token), split into one column per head in the layout of the score tile's columns and selected into each head's rows,
+``[BLOCK_H, BLOCK_N]``; ``E`` is then kept per row, so heads whose scales lie far apart each keep their fp16 range.
+With a scalar score scale (no fp8 query, softcap or ALiBi) the scores are the dots times the K scales and the score
+scale goes into the softmax's exp2 argument.
 """
 
 import triton
@@ -61,6 +63,7 @@ from kvflash.attn_common.jit_helpers import (
     column_scale_exponent,
     finalize_softmax,
     online_softmax_step,
+    online_softmax_step_scaled,
     raise_scale_exponent,
     scale_p_columns,
     softcap_scores,
@@ -84,6 +87,24 @@ def load_kv_tile(head_ptr, token_offsets, offs_d, mask, KV_FP8: tl.constexpr, FP
     if DOT_FP32:
         tile = tile.to(tl.float32)
     return tile
+
+
+@triton.jit
+def head_columns(tile, KV_HEADS: tl.constexpr):
+    """The ``KV_HEADS`` columns of a ``[BLOCK_N, KV_HEADS]`` tile as a tuple of ``[BLOCK_N]`` vectors. ``tl.split``
+    separates a dimension held in each thread's registers, so every column keeps the tile's layout of the tokens: a
+    tile read in the layout of the score tile's columns yields columns that scale score columns with no layout
+    conversion."""
+    tl.static_assert(KV_HEADS == 2 or KV_HEADS == 4, "head_columns: 2 or 4 KV heads")
+    if KV_HEADS == 2:
+        c0, c1 = tl.split(tile)
+        cols = (c0, c1)
+    else:
+        even, odd = tl.split(tl.reshape(tile, [tile.shape[0], 2, 2]))  # [BLOCK_N, 2, 2]: (token, h // 2, h % 2)
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        cols = (c0, c1, c2, c3)
+    return cols
 
 
 @triton.jit
@@ -218,6 +239,10 @@ def paged_decode_kernel(
     # (the per-token scale tile is [BLOCK_N, KV_HEADS]: tl.arange needs a power of two)
     tl.static_assert(not PER_TOKEN_SCALES or (KV_HEADS & (KV_HEADS - 1)) == 0, "per-token descales: KV_HEADS 1, 2, 4..")
     allow_dependent_launch(LAUNCH_DEPENDENTS)
+    # Per-token descales over head blocks, a scalar score scale, no softcap or ALiBi: the scores are the dots times the
+    # K scales, and the score scale (times log2(e)) goes into the softmax's exp2 (online_softmax_step_scaled), as in the
+    # chunked-prefill kernel.
+    SCALE_IN_EXP2: tl.constexpr = PER_TOKEN_SCALES and KV_HEADS > 1 and not Q_FP8 and not (USE_SOFTCAP or USE_ALIBI)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_head_blocks = tl.cdiv(num_kv_heads, KV_HEADS)
@@ -324,6 +349,8 @@ def paged_decode_kernel(
         if DOT_FP32:
             q = q.to(tl.float32)
         m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+        if SCALE_IN_EXP2:  # [BLOCK_H]: the factor of the softmax's exp2 argument
+            exp2_scale = tl.full([BLOCK_H], score_scale * LOG2E, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
         # [BLOCK_H, HEAD_PAD], or with V_HALVES its first column half and acc_hi the second (joined after the loop)
         acc = tl.zeros([BLOCK_H, HEAD_PAD // 2 if V_HALVES else HEAD_PAD], dtype=tl.float32)
@@ -361,22 +388,32 @@ def paged_decode_kernel(
                     kd_rows = key_token * stride_kd_seq
                     vd_rows = key_token * stride_vd_seq
             if PER_TOKEN_SCALES and KV_HEADS > 1:
-                # [BLOCK_N, KV_HEADS] fp32, the program's heads' scales of each token, gathered to [BLOCK_H, BLOCK_N]:
-                # row r's head's. sm_90 SASS of the tile loop (D 128, 4 heads, one warp): 1431 instructions per
-                # 16 KiB of K and V, against 1213 with per-head descales and 2 x 1006 with one head per program.
+                # [BLOCK_N, KV_HEADS] fp32, the program's heads' scales of each token (one address per token), taken
+                # to [BLOCK_H, BLOCK_N] (row r's head's) by selects, below. sm_90 SASS of the tile loop (D 128, one
+                # warp): 915 instructions per tile of 2 heads (8 KiB of K and V), 1370 per tile of 4 (16 KiB), against
+                # 795 and 1213 with per-head descales (993 and 1457 when the tile was gathered to the rows).
                 block_heads = tl.minimum(kv_head + tl.arange(0, KV_HEADS), num_kv_heads - 1).to(tl.int64)
                 k_scales = tl.load(k_descale_ptr + kd_rows[:, None] + block_heads[None, :] * stride_kd_head,
                                    mask=valid[:, None], other=0.0)  # fmt: skip
                 v_scales = tl.load(v_descale_ptr + vd_rows[:, None] + block_heads[None, :] * stride_vd_head,
                                    mask=valid[:, None], other=0.0)  # fmt: skip
-                row_index = tl.broadcast_to(row_kv[:, None], [BLOCK_H, BLOCK_N])
-                v_tok_scale = tl.gather(tl.trans(v_scales), row_index, 0)  # [BLOCK_H, BLOCK_N]
                 # [BLOCK_H]: floor(log2) of the largest V scale of each row's head in the tile
                 row_v_exp = tl.gather(column_scale_exponent(v_scales), row_kv, 0)
+                if not (Q_FP8 or SCALE_IN_EXP2):  # a scalar score scale joins the [BLOCK_N, KV_HEADS] tile
+                    # (KV_HEADS products a token, not BLOCK_H)
+                    k_scales = k_scales * score_scale
+                # Each head's [BLOCK_N] column in the layout of the score tile's columns (head_columns), selected
+                # into the rows of that head. A tl.gather of the tile to the rows came out in a blocked layout and
+                # took two conversions to the MMA layout a tile (shared-memory stores, loads and barriers).
+                k_cols = head_columns(k_scales, KV_HEADS)
+                v_cols = head_columns(v_scales, KV_HEADS)
+                tile_scale = tl.broadcast_to(k_cols[0][None, :], [BLOCK_H, BLOCK_N])
+                v_tok_scale = tl.broadcast_to(v_cols[0][None, :], [BLOCK_H, BLOCK_N])
+                for h in tl.static_range(1, KV_HEADS):
+                    tile_scale = tl.where((row_kv == h)[:, None], k_cols[h][None, :], tile_scale)
+                    v_tok_scale = tl.where((row_kv == h)[:, None], v_cols[h][None, :], v_tok_scale)
                 if Q_FP8:  # chunk_scale [BLOCK_H, 1]: each row's query descale (and the softmax scale)
-                    tile_scale = tl.gather(tl.trans(k_scales), row_index, 0) * chunk_scale
-                else:  # a scalar score scale joins the [BLOCK_N, KV_HEADS] tile: KV_HEADS products a token, not BLOCK_H
-                    tile_scale = tl.gather(tl.trans(k_scales * score_scale), row_index, 0)
+                    tile_scale = tile_scale * chunk_scale
             elif PER_TOKEN_SCALES:
                 k_tok_scale = tl.load(kd_head_ptr + kd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
                 v_tok_scale = tl.load(vd_head_ptr + vd_rows, mask=valid, other=0.0)  # [BLOCK_N] fp32
@@ -399,7 +436,9 @@ def paged_decode_kernel(
                     head_h = tl.minimum(kv_head + h, num_kv_heads - 1).to(tl.int64)
                     k = load_kv_tile(k_ptr + head_h * stride_k_head, k_rows, offs_d, kv_mask, KV_FP8, False, DOT_FP32)
                     qk = tl.where((row_kv == h)[:, None], tl.dot(q, tl.trans(k)), qk)
-            if USE_SOFTCAP or USE_ALIBI:
+            if SCALE_IN_EXP2:  # the K scales only: the score scale joins the softmax's exp2 argument (one FMA)
+                scores = qk * tile_scale
+            elif USE_SOFTCAP or USE_ALIBI:
                 scores = qk * tile_scale
                 if USE_SOFTCAP:
                     scores = softcap_scores(scores, softcap)
@@ -420,7 +459,10 @@ def paged_decode_kernel(
                     scores = tl.where(visible & valid[None, :], scores, float("-inf"))
             else:
                 scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
+            if SCALE_IN_EXP2:
+                m_i, l_i, p, alpha = online_softmax_step_scaled(m_i, l_i, scores, exp2_scale)
+            else:
+                m_i, l_i, p, alpha = online_softmax_step(m_i, l_i, scores)
             if PER_TOKEN_SCALES and KV_HEADS == 1:
                 p, alpha, v_exp = scale_p_columns(p, alpha, v_tok_scale, v_exp)
             elif PER_TOKEN_SCALES:  # scale_p_columns with each row's own scales and E
