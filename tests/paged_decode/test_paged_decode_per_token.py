@@ -216,3 +216,24 @@ def test_per_token_heads_far_apart(device):
     for head in range(q.shape[1]):  # query heads 0, 1 read KV head 0; 2, 3 read KV head 1
         rel = float((out[:, head] - ref[:, head]).abs().max() / ref[:, head].abs().max())
         assert rel < 2e-3, (head, rel)
+
+
+@pytest.mark.parametrize("kv_heads", [8, 3])
+def test_an_explicit_config_with_another_head_count_for_per_token_scales_is_an_error(kv_heads):
+    """The kernel splits a tile's per-token scales into 1, 2 or 4 head columns: an explicit launch config (as the
+    tuning sweeps pass) with another head count is refused before anything is launched, naming ``config``."""
+    from kvflash.paged_decode.op import launch_paged_decode
+
+    common = dict(num_seqs=2, num_kv_heads=8, group=1, head_size=64, kv_itemsize=1, max_seqlen_k=64,
+                  window_left=-1, num_splits=0, multiprocessor_count=132, interpreter=False)  # fmt: skip
+    config = dataclasses.replace(choose_paged_decode_config(**common), kv_heads=kv_heads)
+    q = torch.zeros(2, 8, 64, dtype=torch.float16)
+    k = torch.zeros(4, 16, 8, 64).to(torch.float8_e4m3fn)
+    per_token = torch.ones(4, 16, 8)
+    with pytest.raises(ValueError, match="config: per-token-head descales take 1, 2 or 4 KV heads"):
+        launch_paged_decode(
+            q, k, k, torch.zeros(2, 4, dtype=torch.int32), torch.full((2,), 64, dtype=torch.int32), None, None,
+            per_token, per_token, None, None, torch.empty_like(q), torch.empty(8, 2), max_seqlen_q=1, max_seqlen_k=64,
+            softmax_scale=0.125, window_left=-1, window_right=-1, softcap=0.0, num_splits=0,
+            defer_longer_sequences=False, output_scale=None, config=config,
+        )  # fmt: skip

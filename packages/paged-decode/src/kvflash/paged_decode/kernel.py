@@ -236,8 +236,9 @@ def paged_decode_kernel(
     LOG2E: tl.constexpr = 1.4426950408889634
     tl.static_assert(Q_TOKENS * KV_HEADS * H_ROWS <= BLOCK_H, "the rows of a pass must fit BLOCK_H")
     tl.static_assert(HEAD_CHUNKS == 1 or KV_HEADS == 1, "a chunked group takes one KV head per program")
-    # (the per-token scale tile is [BLOCK_N, KV_HEADS]: tl.arange needs a power of two)
-    tl.static_assert(not PER_TOKEN_SCALES or (KV_HEADS & (KV_HEADS - 1)) == 0, "per-token descales: KV_HEADS 1, 2, 4..")
+    # (the per-token scale tile is [BLOCK_N, KV_HEADS], split into its columns by head_columns)
+    tl.static_assert(not PER_TOKEN_SCALES or KV_HEADS == 1 or KV_HEADS == 2 or KV_HEADS == 4,
+                     "per-token descales: KV_HEADS 1, 2 or 4")  # fmt: skip
     allow_dependent_launch(LAUNCH_DEPENDENTS)
     # Per-token descales over head blocks, a scalar score scale, no softcap or ALiBi: the scores are the dots times the
     # K scales, and the score scale (times log2(e)) goes into the softmax's exp2 (online_softmax_step_scaled), as in the

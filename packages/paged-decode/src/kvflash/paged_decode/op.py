@@ -389,6 +389,8 @@ def launch_paged_decode(
             q, k, block_table, cu_seqlens_k, cu_seqlens_q, k_descale, max_seqlen_q, max_seqlen_k, window_left,
             num_splits, defer_longer_sequences, interpreter,
         )  # fmt: skip
+    if config is not None and is_per_token_descale(k_descale) and cfg.kv_heads not in (1, 2, 4):
+        raise ValueError(f"config: per-token-head descales take 1, 2 or 4 KV heads per program, got {cfg.kv_heads}")
     if defer_longer_sequences and cfg.q_tokens != max_seqlen_q:
         raise ValueError(f"max_seqlen_q: {max_seqlen_q} queries do not fit one pass of the decode kernel")
     total_q, num_q_heads, head_size = q.shape
