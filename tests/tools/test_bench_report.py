@@ -26,6 +26,7 @@ TARGET_KEYS = [
     "prefill-fp8",
     "prefill-q-fp8",
     "decode-q-fp8",
+    "decode-per-token",
     "spec-decode",
     "mixed-batch",
     "cache-writer",
@@ -58,12 +59,13 @@ def _host_row(name: str, us: float) -> dict:
 
 def _synthetic(
     decode=None, prefill=None, cudnn=600.0, cache=0.87, fp8_work=0.5, variant=None, spec=1.2, mixed=1.1, host=None,
-    q_fp8_prefill=1.35, q_fp8_decode=1.0,
+    q_fp8_prefill=1.35, q_fp8_decode=1.0, per_token_decode=1.08,
 ) -> dict:  # fmt: skip
     """All targets met unless an override says otherwise. ``decode``: {(shape, dtype): frac of copy};
     ``prefill``: {(shape, dtype): TFLOP/s}; ``cache``: fraction of copy of the e4m3 writer; ``host``:
     {row: µs per call}; ``q_fp8_prefill``: fp8-query prefill rate over the bf16-KV rate (its spot check at 3 %, inside
-    the row's own 5 %); ``q_fp8_decode``: fp8-query decode time over the e4m3 row's."""
+    the row's own 5 %); ``q_fp8_decode``: fp8-query decode time over the e4m3 row's; ``per_token_decode``: the
+    per-token-head decode time over the e4m3 row's (its bytes 3 % more: the scales)."""
     dtypes = ("bf16", "e4m3", "e5m2")
     fracs = {(s, t): (0.95 if t == "bf16" else 0.93) for s in ("64x4096", "128x8192") for t in dtypes}
     fracs |= {(s, t): (0.90 if t == "bf16" else 0.86) for s in ("1x131072", "4x32768") for t in dtypes}
@@ -78,6 +80,10 @@ def _synthetic(
     rows.append(_row("decode 64x4096 e4m3 q-e4m3", "decode", "kvflash-q-fp8", "64x4096", "e4m3", "bytes",
                      DECODE_WORK * fp8_work, fracs[("64x4096", "e4m3")] * COPY_GBPS / q_fp8_decode,
                      primary=False))  # fmt: skip
+    ms_per_head = DECODE_WORK * fp8_work / (fracs[("128x8192", "e4m3")] * COPY_GBPS * 1e9) * 1e3
+    rows.append(_row("decode 128x8192 e4m3 per-token-head", "decode", "kvflash-per-token", "128x8192", "e4m3", "bytes",
+                     DECODE_WORK * fp8_work * 1.03, DECODE_WORK * fp8_work * 1.03 / (ms_per_head * per_token_decode
+                     * 1e-3) / 1e9, primary=False))  # fmt: skip
     for t in ("bf16", "e4m3"):  # a GQA-8 variant row (64/8 heads): off the primary heads, in decode-variants
         work = DECODE_WORK * (1 if t == "bf16" else fp8_work)
         frac = (variant or {}).get(t, 0.85)
@@ -162,6 +168,7 @@ def test_all_targets_met(tmp_path):
         ({"host": {"reshape_and_cache_flash": 40.0}}, set()),  # 40 µs is within the limit
         ({"q_fp8_prefill": 1.25}, {"prefill-q-fp8"}),  # an fp8 query at 1.25x the bf16-KV rate
         ({"q_fp8_decode": 1.05}, {"decode-q-fp8"}),  # 5 % slower than the bf16-query FP8 decode
+        ({"per_token_decode": 1.12}, {"decode-per-token"}),  # per-token-head descales 12 % slower than per head
     ],
 )
 def test_one_target_missed(tmp_path, override, not_met):

@@ -313,6 +313,17 @@ TARGETS = [
         max,
     ),
     _Target(
+        "decode-per-token",
+        "Decode with per-token-head FP8 descales (scale bytes counted): time / the per-(sequence, head) descale time "
+        "of the same case",
+        "<= 1.10x",
+        lambda r: r["group"] == "decode" and r["impl"] == "kvflash-per-token",
+        _time_vs_ref,
+        _times,
+        lambda v: v <= 1.10,
+        max,
+    ),
+    _Target(
         "spec-decode",
         "Speculative decode, q_len 2/4/8 time / q_len 1 time over the same cache (64x4096, 1x131072)",
         "<= 1.25x",
