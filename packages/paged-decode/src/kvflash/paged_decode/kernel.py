@@ -239,11 +239,11 @@ def paged_decode_kernel(
     # (the per-token scale tile is [BLOCK_N, KV_HEADS], split into its columns by head_columns)
     tl.static_assert(not PER_TOKEN_SCALES or KV_HEADS == 1 or KV_HEADS == 2 or KV_HEADS == 4,
                      "per-token descales: KV_HEADS 1, 2 or 4")  # fmt: skip
-    allow_dependent_launch(LAUNCH_DEPENDENTS)
     # Per-token descales over head blocks, a scalar score scale, no softcap or ALiBi: the scores are the dots times the
     # K scales, and the score scale (times log2(e)) goes into the softmax's exp2 (online_softmax_step_scaled), as in the
     # chunked-prefill kernel.
     SCALE_IN_EXP2: tl.constexpr = PER_TOKEN_SCALES and KV_HEADS > 1 and not Q_FP8 and not (USE_SOFTCAP or USE_ALIBI)
+    allow_dependent_launch(LAUNCH_DEPENDENTS)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     kv_head_blocks = tl.cdiv(num_kv_heads, KV_HEADS)
