@@ -73,6 +73,18 @@ def widen_tile(src, dst, valid, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM
 
 
 @gluon.jit
+def widen_v_tile(src, dst, start_n, kv_len, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, NUM_WARPS: gl.constexpr,
+                 ROWS: gl.constexpr):
+    """:func:`widen_tile` for the V tile of keys ``start_n ..``: on a sequence's last, partly valid tile the rows at or
+    past ``kv_len`` are zeroed (the unused slots of its last page may hold anything, NaN included); full tiles take
+    the unmasked form."""
+    if start_n + BLOCK_N <= kv_len:
+        widen_tile(src, dst, BLOCK_N, BLOCK_N, HEAD_D, NUM_WARPS, False, ROWS)
+    else:
+        widen_tile(src, dst, kv_len - start_n, BLOCK_N, HEAD_D, NUM_WARPS, True, ROWS)
+
+
+@gluon.jit
 def load_tile(desc, rows, col, bar, buf, BOX: gl.constexpr, NBOX: gl.constexpr):
     """TMA loads of a key tile's ``NBOX`` page boxes (first rows ``rows``, from :func:`box_rows`) into ``buf`` on
     ``bar``. Each box's row is picked out of the thread's own registers (no shuffles)."""
@@ -192,11 +204,7 @@ def _load_item_fp8(k_ptr, v_ptr, stride_block, stride_token, k8_smem, v8_smem, k
         gl.thread_barrier()
         mbarrier.arrive(k_ready.index(s))
         mbarrier.wait(v_empty.index(s), ph ^ 1)
-        if start_n + BLOCK_N <= kv_len:
-            widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
-        else:
-            widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
-                        WIDEN_ROWS)
+        widen_v_tile(v8_smem.index(s), v_smem.index(s), start_n, kv_len, BLOCK_N, HEAD_D, PRODUCER_WARPS, WIDEN_ROWS)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(v_ready.index(s))
@@ -241,11 +249,9 @@ def _load_item_k_as_stored(k_ptr, v_ptr, stride_block, stride_token, v8_smem, k_
         mbarrier.wait(v_empty.index(s), ph ^ 1)
         if PV_FP8:  # rows past kv_len are zero in the staging tile (masked cp.async): no tail to fix
             transpose_v_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, HEAD_D, PRODUCER_WARPS)
-        elif start_n + BLOCK_N <= kv_len:
-            widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, PRODUCER_WARPS, False, WIDEN_ROWS)
         else:
-            widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, PRODUCER_WARPS, True,
-                        WIDEN_ROWS)
+            widen_v_tile(v8_smem.index(s), v_smem.index(s), start_n, kv_len, BLOCK_N, HEAD_D, PRODUCER_WARPS,
+                         WIDEN_ROWS)
         fence_async_shared()
         gl.thread_barrier()
         mbarrier.arrive(v_ready.index(s))

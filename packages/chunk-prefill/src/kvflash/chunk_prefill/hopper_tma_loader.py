@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
 )
 
-from kvflash.chunk_prefill.hopper_producer import box_rows, load_query_tile, load_tile, widen_tile
+from kvflash.chunk_prefill.hopper_producer import box_rows, load_query_tile, load_tile, widen_tile, widen_v_tile
 from kvflash.chunk_prefill.hopper_schedule import work_item
 
 
@@ -97,12 +97,8 @@ def widener_partition(
                 gl.thread_barrier()
                 mbarrier.arrive(k_ready.index(s))
             mbarrier.wait(v_empty.index(s), ph ^ 1)
-            if start_n + BLOCK_N <= kv_len:
-                widen_tile(v8_smem.index(s), v_smem.index(s), BLOCK_N, BLOCK_N, HEAD_D, WIDENER_WARPS, False,
-                           WIDEN_ROWS)
-            else:
-                widen_tile(v8_smem.index(s), v_smem.index(s), kv_len - start_n, BLOCK_N, HEAD_D, WIDENER_WARPS, True,
-                           WIDEN_ROWS)
+            widen_v_tile(v8_smem.index(s), v_smem.index(s), start_n, kv_len, BLOCK_N, HEAD_D, WIDENER_WARPS,
+                         WIDEN_ROWS)
             fence_async_shared()  # generic stores before the consumers' wgmma reads them
             gl.thread_barrier()  # every warp's rows are in (and every warp has read the staging slot)
             mbarrier.arrive(v_ready.index(s))
